@@ -1,0 +1,328 @@
+"""Configuration dataclasses shared by both stages.
+
+One root config per stage, made of per-part dataclasses. Every field carries a docstring under it,
+which doubles as help text. Presets are named functions; overrides are dotted ``key=value`` strings
+(``cache.topk=32``). The resolved config is saved with every artifact (manifest, checkpoint, export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CacheConfig",
+    "StudentConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "BuildJobConfig",
+    "TrainJobConfig",
+    "ConfigError",
+    "apply_overrides",
+    "to_dict",
+    "from_dict",
+    "load_config",
+    "save_config",
+]
+
+LOGIT_MODES = ("topk", "sampled", "hidden", "none")
+ACTIVATION_MODES = ("residual", "targets", "none")
+FORMATS = ("zarr", "webdataset")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8")
+CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ConfigError(ValueError):
+    """A user's configuration is invalid; the message names the field and the fix."""
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if (value < 0) if allow_zero else (value <= 0):
+        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class CacheConfig:
+    """What the teacher cache holds and how it is laid out (stage 1)."""
+
+    teacher: str = "tiny-random:llama"
+    """Teacher: a Hugging Face directory, a .gguf file, or a built-in name (tiny-random:llama, smollm2-135m)."""
+    corpus: str = "tiny-text"
+    """Corpus: text/JSONL/Parquet file, folder or glob, or a built-in name (wiki-en, tiny-text)."""
+    text_field: str = "text"
+    """Field holding the text in JSON Lines and Parquet corpora."""
+    heldout_docs: int = 0
+    """Number of documents kept apart from the cache (taken from the end of the corpus) for evaluation."""
+    seq_len: int = 64
+    """Tokens per packed sequence."""
+    max_sequences: int | None = None
+    """Cap on the number of packed sequences (None: the whole corpus)."""
+    sequences_per_shard: int = 64
+    """Packed sequences per shard; shard i holds sequences [i*S, (i+1)*S)."""
+    format: str = "zarr"
+    """Shard file format: zarr (one Zarr v3 group per shard) or webdataset (one tar per shard)."""
+    logit_mode: str = "topk"
+    """Logit signal: topk (ids + log-probs), sampled (ids + counts), hidden (final normed hidden state) or none."""
+    topk: int = 64
+    """k for logit_mode=topk."""
+    temperature: float = 1.0
+    """Temperature tau at which top-k log-probs and samples are taken (hidden mode is temperature-free)."""
+    num_draws: int = 64
+    """N, the number of teacher draws per token for logit_mode=sampled."""
+    logprob_dtype: str = "float32"
+    """Storage dtype of top-k log-probs."""
+    activation_mode: str = "residual"
+    """Clone-loss activations: residual (layer input and attention output), targets (all seven) or none."""
+    act_layers: list[int] | None = None
+    """Teacher layers whose activations are stored (None: every layer)."""
+    act_positions: int = 16
+    """P, token positions per sequence at which activations are stored (>= seq_len stores every position)."""
+    include_sink: bool = True
+    """Always include position 0 (the attention sink, with massive activations) among the sampled positions."""
+    act_dtype: str = "bfloat16"
+    """Storage dtype of activations and hidden states (float8 is lossy, with a per-row scale)."""
+    seed: int = 0
+    """Seed for position sampling and sampled-KD draws; a rebuild with the same seed is identical."""
+    batch_size: int = 8
+    """Sequences per teacher forward."""
+    device: str = "auto"
+    """Teacher device: auto (cuda if present), cpu or cuda[:N]."""
+    compute_dtype: str = "auto"
+    """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
+    backend: str = "hf"
+    """Teacher backend: hf (transformers with hooks)."""
+
+    def __post_init__(self) -> None:
+        s = "cache"
+        _check_choice(s, "format", self.format, FORMATS)
+        _check_choice(s, "logit_mode", self.logit_mode, LOGIT_MODES)
+        _check_choice(s, "activation_mode", self.activation_mode, ACTIVATION_MODES)
+        _check_choice(s, "logprob_dtype", self.logprob_dtype, ("float32", "float16", "bfloat16"))
+        _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
+        _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice(s, "backend", self.backend, ("hf",))
+        for name in ("seq_len", "sequences_per_shard", "topk", "num_draws", "act_positions", "batch_size"):
+            _check_positive(s, name, getattr(self, name))
+        _check_positive(s, "max_sequences", self.max_sequences)
+        _check_positive(s, "heldout_docs", self.heldout_docs, allow_zero=True)
+        if self.temperature <= 0:
+            raise ConfigError(f"cache.temperature={self.temperature} must be > 0")
+        if self.seq_len < 2:
+            raise ConfigError("cache.seq_len must be at least 2 (next-token targets need two tokens)")
+
+
+@dataclass
+class StudentConfig:
+    """The LRC student: only the hidden size shrinks."""
+
+    hidden_size: int = 32
+    """d_S, the student's hidden size."""
+    init: str = "random"
+    """Projection init: random (N(0, init_std), as in the paper)."""
+    init_std: float = 0.02
+    """Standard deviation of the random projection init."""
+    seed: int = 0
+    """Seed of the projection init."""
+
+    def __post_init__(self) -> None:
+        _check_positive("student", "hidden_size", self.hidden_size)
+        _check_choice("student", "init", self.init, ("random",))
+
+
+@dataclass
+class LossConfig:
+    """L = L_KD + beta * L_CE + alpha * L_clone."""
+
+    alpha: float = 0.5
+    """Weight of the clone loss."""
+    beta: float = 1.0
+    """Weight of the next-token cross-entropy."""
+    kd_weight: float = 1.0
+    """Weight of the KD term."""
+    temperature: float = 1.0
+    """KD temperature (no T^2 factor, as in the official code)."""
+    clone_terms: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in CLONE_TERMS})
+    """Per-term clone weights over q, k, v, o, gate, up, down."""
+    clone_normalize: bool = True
+    """Divide each clone term by its target's mean square (detached) so massive activations do not dominate."""
+    clone_reduce: str = "mean"
+    """Combine clone terms over layers and terms by their mean or their sum."""
+    o_space: str = "student"
+    """Compare the o term in student space (paper, P_o^T a_T) or teacher space (official code)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("loss", "alpha", self.alpha, allow_zero=True)
+        _check_positive("loss", "beta", self.beta, allow_zero=True)
+        _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
+        _check_positive("loss", "temperature", self.temperature)
+        _check_choice("loss", "clone_reduce", self.clone_reduce, ("mean", "sum"))
+        _check_choice("loss", "o_space", self.o_space, ("student", "teacher"))
+        unknown = set(self.clone_terms) - set(CLONE_TERMS)
+        if unknown:
+            raise ConfigError(f"loss.clone_terms has unknown terms {sorted(unknown)}; use {list(CLONE_TERMS)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear decay."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim", "lr", self.lr)
+        _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Sequences per optimiser step (per process, before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    seq_len: int = 64
+    """Tokens per sequence (online training; offline training takes the cache's)."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    seed: int = 0
+    """Seed of data order and sampling."""
+    device: str = "auto"
+    """Device: auto, cpu or cuda[:N]."""
+    mixed_precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+            _check_positive("train", name, getattr(self, name))
+        _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+
+
+@dataclass
+class BuildJobConfig:
+    """Root config of `lrc-cache build`."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class TrainJobConfig:
+    """Root config of `lrc-train` (and the online reference trainer)."""
+
+    teacher: str = "tiny-random:llama"
+    """Teacher (as in cache.teacher); its weights generate the student."""
+    corpus: str = "tiny-text"
+    """Corpus for online training (offline training reads the cache)."""
+    text_field: str = "text"
+    """Field holding the text in JSON Lines and Parquet corpora."""
+    heldout_docs: int = 0
+    """Documents kept apart for evaluation (taken from the end of the corpus)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict round trip, files, dotted overrides
+# ---------------------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown keys with the path that holds them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """Return a copy of `config` with dotted `key=value` overrides applied and validated."""
+    data = to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown key {parts[-1]!r}; known: {sorted(node)}")
+        node[parts[-1]] = _parse_value(raw)
+    return from_dict(type(config), data)
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """Load a JSON or YAML config file into `cls` (defaults when `path` is None), then apply overrides."""
+    config = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        config = from_dict(cls, data, str(path))
+    return apply_overrides(config, list(overrides))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON."""
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
