@@ -1,0 +1,285 @@
+"""The Low-Rank Clone student (DESIGN section 1).
+
+Only the hidden size shrinks, d_T -> d_S. Per layer seven trainable projections P_m (d_T x d_S),
+trainable RMSNorm weights of size d_S, one embedding projection P_e (and P_lm for an untied head).
+Student weights are generated from the frozen teacher weights in every forward:
+
+    W^S_m = W^T_m P_m  (q, k, v, gate, up)      W^S_o = P_o^T W^T_o,  W^S_down = P_down^T W^T_down
+    E^S   = E^T P_e                              lm_head^S = E^S (tied) or W^T_lm P_lm
+
+The teacher's tensors are registered as non-persistent buffers that share the teacher's storage: they
+move with the module, receive no gradient and stay out of the state dict (checkpoints hold only
+what trains).
+
+Legend: B batch, T tokens, P clone positions, D d_T, S d_S, V vocabulary, H/G heads, K head_dim.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
+from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
+
+__all__ = ["LRCStudent", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
+
+CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+READ_TERMS = ("q", "k", "v", "gate", "up")
+"""Projections that read the residual stream: W^S = W^T P."""
+WRITE_TERMS = ("o", "down")
+"""Projections that write it: W^S = P^T W^T; their clone targets are compared in student space."""
+_TEACHER_TENSORS = ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm")
+
+
+@dataclass
+class StudentOutput:
+    """logits_BTV, and for the clone layers asked for: term -> [L, B, P, W] student activations."""
+
+    logits_BTV: torch.Tensor
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _FrozenLayer(nn.Module):
+    """One teacher layer's tensors as non-persistent buffers (shared storage, no gradient)."""
+
+    def __init__(self, weights: LayerWeights):
+        super().__init__()
+        for name in _TEACHER_TENSORS:
+            self.register_buffer(name, getattr(weights, name), persistent=False)
+        for name, bias in weights.biases.items():
+            self.register_buffer(f"{name}_bias", bias, persistent=False)
+        self.bias_names = tuple(sorted(weights.biases))
+        self.has_qk_norm = weights.q_norm is not None
+        if self.has_qk_norm:
+            self.register_buffer("q_norm", weights.q_norm, persistent=False)
+            self.register_buffer("k_norm", weights.k_norm, persistent=False)
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        return getattr(self, f"{name}_bias") if name in self.bias_names else None
+
+
+class _StudentLayer(nn.Module):
+    """One layer's trainable parameters."""
+
+    def __init__(self, d_teacher: int, d_student: int):
+        super().__init__()
+        self.proj = nn.ParameterDict({m: nn.Parameter(torch.empty(d_teacher, d_student)) for m in CLONE_TERMS})
+        self.input_norm = nn.Parameter(torch.ones(d_student))
+        self.post_norm = nn.Parameter(torch.ones(d_student))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _gather(x_BTW: torch.Tensor, positions_BP: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x_BTW, 1, positions_BP.long().unsqueeze(-1).expand(-1, -1, x_BTW.shape[-1]))
+
+
+class LRCStudent(nn.Module):
+    """An LRC student over a frozen `transformers` teacher of a supported family.
+
+    Args:
+        teacher_model: the teacher (its parameters are shared, never copied or trained).
+        hidden_size: d_S.
+        init_std: standard deviation of the N(0, init_std) projection init (the paper's 0.02).
+        seed: seed of the projection init.
+    """
+
+    def __init__(self, teacher_model: nn.Module, hidden_size: int, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        weights: TeacherWeights = teacher_weights(teacher_model)
+        self.teacher_config = copy.deepcopy(teacher_model.config)
+        self.d_teacher, self.d_student = weights.hidden_size, hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = weights.num_heads, weights.num_kv_heads, weights.head_dim
+        self.eps, self.sliding_window, self.tied = weights.rms_norm_eps, weights.sliding_window, weights.tied
+        self.num_layers = len(weights.layers)
+        self.teacher_layers = nn.ModuleList(_FrozenLayer(lw) for lw in weights.layers)
+        self.register_buffer("teacher_embed", weights.embed, persistent=False)
+        self.register_buffer("teacher_final_norm", weights.final_norm, persistent=False)
+        if not self.tied:
+            self.register_buffer("teacher_lm_head", weights.lm_head, persistent=False)
+        # RoPE depends only on head_dim and the rope parameters, which the student keeps.
+        self.rotary = copy.deepcopy(teacher_model.model.rotary_emb)
+        self.layers = nn.ModuleList(_StudentLayer(self.d_teacher, hidden_size) for _ in range(self.num_layers))
+        self.proj_embed = nn.Parameter(torch.empty(self.d_teacher, hidden_size))
+        self.proj_lm_head = None if self.tied else nn.Parameter(torch.empty(self.d_teacher, hidden_size))
+        self.final_norm = nn.Parameter(torch.ones(hidden_size))
+        self.init_random(init_std, seed)
+
+    # ------------------------------------------------------------------------------------------------
+    # init
+    # ------------------------------------------------------------------------------------------------
+
+    def projections(self) -> list[nn.Parameter]:
+        """Every projection matrix, in a fixed order."""
+        out = [layer.proj[m] for layer in self.layers for m in CLONE_TERMS] + [self.proj_embed]
+        return out + ([self.proj_lm_head] if self.proj_lm_head is not None else [])
+
+    @torch.no_grad()
+    def init_random(self, std: float, seed: int) -> None:
+        """The paper's init: every projection N(0, std), norms 1; deterministic in `seed`."""
+        gen = torch.Generator().manual_seed(seed)
+        for p in self.projections():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for norm in self.norm_weights():
+            norm.fill_(1.0)
+
+    def norm_weights(self) -> list[nn.Parameter]:
+        return [w for layer in self.layers for w in (layer.input_norm, layer.post_norm)] + [self.final_norm]
+
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """P = I and student norms = teacher norms (needs d_S = d_T): the student then is the teacher."""
+        assert self.d_student == self.d_teacher, "identity projections need hidden_size == teacher hidden size"
+        eye = torch.eye(self.d_teacher)
+        for p in self.projections():
+            p.copy_(eye)
+        for layer, frozen in zip(self.layers, self.teacher_layers):
+            layer.input_norm.copy_(frozen.input_norm)
+            layer.post_norm.copy_(frozen.post_norm)
+        self.final_norm.copy_(self.teacher_final_norm)
+
+    # ------------------------------------------------------------------------------------------------
+    # weight generation
+    # ------------------------------------------------------------------------------------------------
+
+    def layer_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Student weights of layer `index` ([out, in] like nn.Linear), biases under `<name>_bias`."""
+        frozen, proj = self.teacher_layers[index], self.layers[index].proj
+        dtype = proj["q"].dtype
+        out = {}
+        for m in READ_TERMS:
+            out[m] = getattr(frozen, m).to(dtype) @ proj[m]
+            bias = frozen.bias(m)
+            if bias is not None:
+                out[f"{m}_bias"] = bias.to(dtype)
+        for m in WRITE_TERMS:
+            out[m] = proj[m].t() @ getattr(frozen, m).to(dtype)
+            bias = frozen.bias(m)
+            if bias is not None:
+                out[f"{m}_bias"] = bias.to(dtype) @ proj[m]
+        return out
+
+    def embedding_weight(self) -> torch.Tensor:
+        """E^S = E^T P_e  [V, S]."""
+        return self.teacher_embed.to(self.proj_embed.dtype) @ self.proj_embed
+
+    def head_weight(self) -> torch.Tensor:
+        """The student's output head [V, S]: E^S when tied, else W^T_lm P_lm."""
+        if self.tied:
+            return self.embedding_weight()
+        return self.teacher_lm_head.to(self.proj_lm_head.dtype) @ self.proj_lm_head
+
+    # ------------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        attention_mask_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+        clone_positions_BP: torch.Tensor | None = None,
+        clone_layers: list[int] | None = None,
+        document_mask: bool = False,
+        o_space: str = "student",
+    ) -> StudentOutput:
+        """Student logits and, at `clone_positions_BP` of `clone_layers`, the seven clone activations.
+
+        Args:
+            input_ids_BT: token ids.
+            attention_mask_BT: 1 for real tokens, 0 for padding.
+            position_ids_BT: RoPE positions (default 0..T-1); with `document_mask`, a 0 starts a document.
+            clone_positions_BP: positions at which activations are returned (None: no activations).
+            clone_layers: layers whose activations are returned (None: all, when positions are given).
+            document_mask: forbid attention across packed-document boundaries.
+            o_space: `student` returns a_S for the o term; `teacher` returns W^T_o applied to the student's
+                attention context (the official code's variant), compared with a_T in teacher space.
+        """
+        batch, tokens = input_ids_BT.shape
+        device = input_ids_BT.device
+        rope_positions = position_ids_BT
+        if rope_positions is None or document_mask:
+            rope_positions = torch.arange(tokens, device=device).expand(batch, -1)
+        if document_mask and position_ids_BT is not None:
+            rope_positions = position_ids_BT
+        mask = attention_bias(
+            attention_mask_BT, position_ids_BT, tokens, device, document_mask=document_mask,
+            sliding_window=self.sliding_window,
+        )  # fmt: skip
+        want = set()
+        if clone_positions_BP is not None:
+            want = set(range(self.num_layers) if clone_layers is None else clone_layers)
+        acts: dict[str, list[torch.Tensor]] = {m: [] for m in CLONE_TERMS} if want else {}
+
+        h = (self.teacher_embed[input_ids_BT].to(self.proj_embed.dtype)) @ self.proj_embed
+        cos, sin = self.rotary(h, rope_positions)
+        scale = self.head_dim**-0.5
+        for index in range(self.num_layers):
+            layer, frozen = self.layers[index], self.teacher_layers[index]
+            w = self.layer_weights(index)
+            x = rms_norm(h, layer.input_norm, self.eps)
+            q = _linear(x, w["q"], w.get("q_bias"))
+            k = _linear(x, w["k"], w.get("k_bias"))
+            v = _linear(x, w["v"], w.get("v_bias"))
+            q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
+            k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
+            if frozen.has_qk_norm:
+                q_h = rms_norm(q_h, frozen.q_norm.to(q.dtype), self.eps)
+                k_h = rms_norm(k_h, frozen.k_norm.to(k.dtype), self.eps)
+            q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
+            k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
+            v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            ctx = attention(q_h, k_h, v_h, mask, scale)
+            a = _linear(ctx, w["o"], w.get("o_bias"))
+            h = h + a
+            x2 = rms_norm(h, layer.post_norm, self.eps)
+            gate = _linear(x2, w["gate"], w.get("gate_bias"))
+            up = _linear(x2, w["up"], w.get("up_bias"))
+            f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
+            h = h + f
+            if index in want:
+                if o_space == "teacher":
+                    a_out = _linear(ctx, frozen.o.to(ctx.dtype), frozen.bias("o"))
+                else:
+                    a_out = a
+                for term, value in zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)):
+                    acts[term].append(_gather(value, clone_positions_BP))
+        logits = rms_norm(h, self.final_norm, self.eps) @ self.head_weight().t()
+        return StudentOutput(logits, {m: torch.stack(v) for m, v in acts.items()})
+
+    # ------------------------------------------------------------------------------------------------
+    # clone targets
+    # ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_targets_from_residual(self, index: int, h_BPD: torch.Tensor, a_BPD: torch.Tensor) -> dict:
+        """All seven teacher clone targets of layer `index`, recomputed from the layer input h_i and the
+        attention output a_T at the cached positions (teacher space; q/k/v before RoPE)."""
+        frozen = self.teacher_layers[index]
+        dtype = frozen.q.dtype
+        h, a = h_BPD.to(dtype), a_BPD.to(dtype)
+        x = rms_norm(h, frozen.input_norm, self.eps)
+        out = {m: _linear(x, getattr(frozen, m), frozen.bias(m)) for m in ("q", "k", "v")}
+        x2 = rms_norm(h + a, frozen.post_norm, self.eps)
+        out["gate"] = _linear(x2, frozen.gate, frozen.bias("gate"))
+        out["up"] = _linear(x2, frozen.up, frozen.bias("up"))
+        out["down"] = _linear(swiglu(out["gate"], out["up"]), frozen.down, frozen.bias("down"))
+        out["o"] = a
+        return out
+
+    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int]) -> dict:
+        """Project the o and down targets ([L, B, P, D] each) into student space: P_m^T t, i.e. t @ P_m.
+
+        Gradients flow into P_o and P_down through this projection, as in the paper's loss."""
+        out = dict(targets)
+        for m in WRITE_TERMS:
+            if m in targets:
+                proj = torch.stack([self.layers[i].proj[m] for i in layers])  # [L, D, S]
+                out[m] = torch.einsum("lbpd,lds->lbps", targets[m].to(proj.dtype), proj)
+        return out
