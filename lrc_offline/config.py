@@ -212,6 +212,12 @@ class TrainConfig:
     """Tokens per sequence (online training; offline training takes the cache's)."""
     log_every: int = 10
     """Write a metrics line every N steps."""
+    eval_every: int = 0
+    """Evaluate held-out loss every N steps (0: only at the end)."""
+    eval_sequences: int = 32
+    """Held-out sequences per evaluation."""
+    clone_positions: int | None = None
+    """Online training: positions per sequence for the clone loss (None: every position; the sink is always in)."""
     seed: int = 0
     """Seed of data order and sampling."""
     device: str = "auto"
@@ -220,8 +226,10 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
             _check_positive("train", name, getattr(self, name))
+        _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
+        _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
 
 
