@@ -9,6 +9,7 @@ Built-in names:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -116,15 +117,28 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def _load_hf(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
     adapter_for(config)  # refuse unsupported architectures before loading any weight
     model = AutoModelForCausalLM.from_pretrained(
         path, gguf_file=gguf_file, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
-    return model, tokenizer
+    return model, _load_tokenizer(path, gguf_file)
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None):
+    """The checkpoint's tokenizer. A `tokenizer.json` saved as a generic fast tokenizer is loaded as such:
+    `AutoTokenizer` would otherwise pick the family's class from config.json and rebuild its
+    normaliser and pre-tokeniser, silently changing the tokenisation."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = path / "tokenizer_config.json"
+    if gguf_file is None and config_file.is_file() and (path / "tokenizer.json").is_file():
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
 
 
 def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> Teacher:

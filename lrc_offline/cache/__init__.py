@@ -1,0 +1,49 @@
+"""The teacher cache: the on-disk contract between capture (stage 1) and training (stage 2).
+
+A cache is a directory holding ``manifest.json`` and ``shards/`` (Zarr v3 groups or WebDataset tars,
+each with a completion record). See docs/cache_format.md for the layout and how to read it without
+this package. This package knows nothing of teachers' forward passes or of training.
+"""
+
+from lrc_offline.cache.dtypes import FLOAT8_MAX, dequantize_float8, quantize_float8
+from lrc_offline.cache.manifest import (
+    FINGERPRINT_KEYS,
+    make_manifest,
+    manifest_differences,
+    read_manifest,
+)
+from lrc_offline.cache.schema import (
+    SCHEMA_VERSION,
+    CacheFormatError,
+    FieldSpec,
+    TeacherGeometry,
+    act_layers,
+    cache_fields,
+    num_act_positions,
+)
+from lrc_offline.cache.store import CacheMismatchError, CacheReader, CacheWriter, clean_stale
+from lrc_offline.cache.verify import VerifyReport, inspect_cache, verify_cache
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FINGERPRINT_KEYS",
+    "FLOAT8_MAX",
+    "CacheFormatError",
+    "CacheMismatchError",
+    "TeacherGeometry",
+    "FieldSpec",
+    "cache_fields",
+    "num_act_positions",
+    "act_layers",
+    "make_manifest",
+    "manifest_differences",
+    "read_manifest",
+    "CacheWriter",
+    "CacheReader",
+    "clean_stale",
+    "VerifyReport",
+    "verify_cache",
+    "inspect_cache",
+    "quantize_float8",
+    "dequantize_float8",
+]

@@ -1,0 +1,162 @@
+"""Cache layout on disk, durable writes, checksums and completion records.
+
+A cache directory::
+
+    manifest.json                   what the cache holds (see `manifest.py`)
+    shards/shard-00000.zarr/        or shards/shard-00000.tar: the shard's data
+    shards/shard-00000.done.json    completion record, written last: the shard is complete iff it exists
+    shards/.tmp-*                   work in progress of a running (or crashed) build; never read
+
+A completion record::
+
+    {"index": 0, "first_sequence": 0, "num_sequences": 64, "num_tokens": 131072,
+     "files": {"shards/shard-00000.zarr/zarr.json": {"bytes": 312, "sha256": "..."}, ...},
+     "field_bytes": {"input_ids": 70021, ...}, "stats": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lrc_offline.cache.schema import CacheFormatError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SHARDS_DIR",
+    "TMP_PREFIX",
+    "shard_name",
+    "record_path",
+    "temp_path",
+    "fsync_tree",
+    "write_json_atomic",
+    "file_digests",
+    "sha256_file",
+    "read_record",
+    "remove_path",
+]
+
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+TMP_PREFIX = ".tmp-"
+_SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
+_RECORD_KEYS = ("index", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
+_HASH_BLOCK = 1 << 20
+
+
+def shard_name(index: int, fmt: str) -> str:
+    """File or directory name of shard `index` in format `fmt` (zarr or webdataset)."""
+    return f"shard-{index:05d}{_SHARD_SUFFIX[fmt]}"
+
+
+def record_path(root: Path, index: int) -> Path:
+    """Completion record of shard `index`."""
+    return Path(root) / SHARDS_DIR / f"shard-{index:05d}.done.json"
+
+
+def temp_path(final: Path) -> Path:
+    """A unique sibling of `final` that `clean_stale` recognises as work in progress.
+
+    The pid and a random tag keep concurrent writers (retries, duplicate array tasks) apart; the name
+    never enters the data files, so it does not affect byte-identical rebuilds.
+    """
+    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and directories on some platforms) do not support fsync
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and directory under `path`, to stable storage."""
+    path = Path(path)
+    if path.is_dir():
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                _fsync(Path(dirpath) / name)
+            _fsync(Path(dirpath))
+    else:
+        _fsync(path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see either the old file or the whole new one, never a partial one."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as file:
+            file.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(path: Path, name: str) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a shard at `path`, keyed by its path as `name` (root-relative).
+
+    `path` may be a temporary location: keys use `name`, the shard's final root-relative path, so the
+    record describes the shard after it is renamed into place.
+    """
+    path = Path(path)
+    if path.is_file():
+        return {name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        files[f"{name}/{rel}"] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+    return files
+
+
+def read_record(root: Path, index: int) -> dict[str, Any] | None:
+    """The completion record of shard `index`, or None when the shard is not complete.
+
+    Raises:
+        CacheFormatError: the record exists but is not valid JSON or lacks keys.
+    """
+    path = record_path(root, index)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CacheFormatError(f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}") from err
+    if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
+        raise CacheFormatError(f"{path}: completion record lacks keys {list(_RECORD_KEYS)}; delete it and rebuild shard {index}")
+    if record["index"] != index:
+        raise CacheFormatError(f"{path}: completion record is for shard {record['index']}, not {index}")
+    return record
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

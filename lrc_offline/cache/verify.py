@@ -1,0 +1,150 @@
+"""Checking a cache against its completion records, and summarising what it holds.
+
+`verify_cache` re-reads every byte (sha256 of each file listed in each completion record) and also
+flags files in a shard that no record lists. `inspect_cache` reads only the manifest and the records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrc_offline.cache.dtypes import logical_itemsize
+from lrc_offline.cache.records import SHARDS_DIR, sha256_file, read_record
+from lrc_offline.cache.schema import CacheFormatError
+from lrc_offline.cache.store import CacheReader
+
+__all__ = ["VerifyReport", "verify_cache", "inspect_cache"]
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `verify_cache`."""
+
+    num_shards: int
+    """Shards the manifest declares."""
+    complete: list[int] = field(default_factory=list)
+    """Shards whose record exists and whose every file matches it."""
+    missing: list[int] = field(default_factory=list)
+    """Shards without a completion record (never built, or still being built)."""
+    bad: dict[int, str] = field(default_factory=dict)
+    """Shards whose record or files are damaged, with the first problem found."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every shard is complete and intact."""
+        return not self.missing and not self.bad
+
+
+def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str | None:
+    """First problem with shard `index` against its record, or None."""
+    first, end = reader.shard_range(index)
+    if (record["first_sequence"], record["num_sequences"]) != (first, end - first):
+        return f"record says sequences [{record['first_sequence']}, +{record['num_sequences']}), manifest says [{first}, {end})"
+    shard = reader.shard_path(index)
+    prefix = f"{SHARDS_DIR}/{shard.name}"
+    listed = record["files"]
+    if not listed or any(rel != prefix and not rel.startswith(prefix + "/") for rel in listed):
+        return f"record lists files outside {prefix}"
+    for rel, info in sorted(listed.items()):
+        path = reader.root / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        if path.stat().st_size != info["bytes"]:
+            return f"size mismatch in {rel}: {path.stat().st_size} bytes, record says {info['bytes']}"
+        if sha256_file(path) != info["sha256"]:
+            return f"checksum mismatch in {rel}"
+    if shard.is_dir():
+        present = {f"{prefix}/{p.relative_to(shard).as_posix()}" for p in shard.rglob("*") if p.is_file()}
+        extra = sorted(present - set(listed))
+        if extra:
+            return f"unexpected file {extra[0]} not in the completion record"
+    return None
+
+
+def verify_cache(root: str | Path) -> VerifyReport:
+    """Recompute every checksum of every complete shard of the cache at `root`.
+
+    Returns:
+        A report listing complete, missing and bad shards (with the reason, naming the file).
+    """
+    reader = CacheReader(root)
+    report = VerifyReport(num_shards=reader.num_shards)
+    for index in range(reader.num_shards):
+        try:
+            record = read_record(reader.root, index)
+        except CacheFormatError as err:
+            report.bad[index] = str(err)
+            continue
+        if record is None:
+            report.missing.append(index)
+            continue
+        problem = _check_shard(reader, index, record)
+        if problem is None:
+            report.complete.append(index)
+        else:
+            report.bad[index] = problem
+    return report
+
+
+def _weighted_stats(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted mean of each numeric stat over the records that report it."""
+    totals: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for record in records:
+        for key, value in record["stats"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                totals[key] = totals.get(key, 0.0) + value * record["num_tokens"]
+                weights[key] = weights.get(key, 0) + record["num_tokens"]
+    return {key: totals[key] / weights[key] for key in sorted(totals) if weights[key] > 0}
+
+
+def inspect_cache(root: str | Path) -> dict[str, Any]:
+    """Summary of the cache at `root` from its manifest and completion records (no data is read).
+
+    Returns:
+        A JSON-ready dict: sequences and tokens (declared and complete), complete/total shards, stored
+        bytes and bytes per token (total and per field), per-field compression ratio (bytes before
+        compression / stored bytes; float8 counts 1 byte per element, scales excluded), fingerprints,
+        config, and ``stats``: each numeric completion-record stat, token-weighted over complete shards.
+    """
+    reader = CacheReader(root)
+    manifest = reader.manifest
+    records = [reader.shard_record(i) for i in reader.complete_shards()]
+    seq_len = manifest["config"]["seq_len"]
+    complete_sequences = sum(r["num_sequences"] for r in records)
+    complete_tokens = sum(r["num_tokens"] for r in records)
+    stored_bytes = sum(info["bytes"] for r in records for info in r["files"].values())
+    per_token = (lambda b: b / complete_tokens) if complete_tokens else (lambda b: None)
+    fields = {}
+    for spec in reader.fields:
+        stored = sum(r["field_bytes"].get(spec.name, 0) for r in records)
+        logical = complete_sequences * math.prod(spec.shape) * logical_itemsize(spec.dtype)
+        fields[spec.name] = {
+            "shape": list(spec.shape),
+            "dtype": spec.dtype,
+            "codec": spec.codec,
+            "stored_bytes": stored,
+            "logical_bytes": logical,
+            "bytes_per_token": per_token(stored),
+            "compression_ratio": logical / stored if stored else None,
+        }
+    return {
+        "root": str(reader.root),
+        "format": reader.format,
+        "schema_version": manifest["schema_version"],
+        "sequences": manifest["num_sequences"],
+        "tokens": manifest["num_sequences"] * seq_len,
+        "complete_sequences": complete_sequences,
+        "complete_tokens": complete_tokens,
+        "complete_shards": len(records),
+        "total_shards": reader.num_shards,
+        "stored_bytes": stored_bytes,
+        "bytes_per_token": per_token(stored_bytes),
+        "fields": fields,
+        "fingerprints": manifest["fingerprints"],
+        "config": manifest["config"],
+        "stats": _weighted_stats(records),
+    }

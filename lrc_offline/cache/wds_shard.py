@@ -1,0 +1,160 @@
+"""One shard as a WebDataset tar: one sample per sequence, one ``.npy`` member per stored array.
+
+Members are named ``<key>.<array>.<suffix>`` with ``key = f"{global_sequence_index:010d}"``,
+``array`` a field name (or ``<field>__scale`` for float8 scales) and ``suffix`` ``npy``, ``npy.zst``
+or ``npy.blosc`` depending on the field's codec (see `compression.py`). Each member holds that one
+sequence's slice, so ``webdataset.WebDataset`` yields one sample per sequence and plain
+``tarfile`` + ``numpy`` (+ ``numcodecs`` for compressed members) can read it.
+
+Written with fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644, USTAR headers) in sorted
+member order, so a rebuild is byte-identical. Reading is defensive: no unpickling, no extraction to
+disk, and any member that is not a regular file with a plain ``<key>.<known array>.<suffix>`` name is
+refused with an error naming the tar and the member.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrc_offline.cache.compression import compress_npy, decompress_npy, npy_suffix
+from lrc_offline.cache.dtypes import decode, encode, stored_arrays
+from lrc_offline.cache.schema import CacheFormatError, FieldSpec
+
+__all__ = ["KEY_DIGITS", "member_name", "write_to_dir", "read"]
+
+KEY_DIGITS = 10
+"""Digits of a sample key (the global sequence index, zero-padded)."""
+
+_MEMBER = re.compile(r"^(\d{%d})\.([A-Za-z0-9_]+)(\.npy(?:\.zst|\.blosc)?)$" % KEY_DIGITS)
+
+
+def member_name(sequence_index: int, array_name: str, codec: str) -> str:
+    """Tar member name of one sequence's slice of a stored array."""
+    return f"{sequence_index:0{KEY_DIGITS}d}.{array_name}{npy_suffix(codec)}"
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_to_dir(
+    path: str | Path, arrays: dict[str, torch.Tensor], specs: Sequence[FieldSpec], first_sequence: int
+) -> dict[str, int]:
+    """Write one shard as a new tar file at `path`.
+
+    Args:
+        path: Tar file to create; it must not exist.
+        arrays: Field name -> tensor [n, *spec.shape], already checked by `dtypes.check_input`.
+        specs: The cache's fields.
+        first_sequence: Global index of the shard's first sequence (the first sample key).
+
+    Returns:
+        Stored bytes per field: the sum of its members' sizes (tar headers not counted).
+    """
+    num_sequences = int(next(iter(arrays.values())).shape[0])
+    encoded = {spec.name: encode(spec, arrays[spec.name]) for spec in specs}
+    field_bytes = {spec.name: 0 for spec in specs}
+    with open(path, "xb") as file, tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(num_sequences):
+            # Sorted names within a fixed-width key give a globally sorted tar with each sample contiguous.
+            members = sorted(
+                (member_name(first_sequence + i, name, spec.codec), spec, array[i])
+                for spec in specs
+                for name, array in encoded[spec.name].items()
+            )
+            for name, spec, array in members:
+                data = compress_npy(array, spec.codec)
+                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                field_bytes[spec.name] += len(data)
+    return field_bytes
+
+
+def _check_member(member: tarfile.TarInfo, where: str) -> None:
+    name = member.name
+    if name.startswith("/") or "/" in name or "\\" in name or ".." in name:
+        raise CacheFormatError(f"{where}: refusing member with a path in its name (only flat names are written)")
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        raise CacheFormatError(f"{where}: refusing member that is not a regular file (link, directory or device)")
+
+
+def read(
+    path: str | Path,
+    specs: Sequence[FieldSpec],
+    fields: Sequence[str] | None = None,
+    first_sequence: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a whole shard, decoded to logical dtypes (float8 -> float32).
+
+    Every member is checked (name, type, field, suffix) even when its field is not requested; only
+    requested fields are decompressed.
+
+    Args:
+        path: The shard's tar file.
+        specs: The cache's fields.
+        fields: Names to read (default: all).
+        first_sequence: When given, the first sample key must equal it.
+
+    Raises:
+        CacheFormatError: an unsafe, unknown, duplicate, missing or malformed member, or keys that are
+            not one contiguous run; the message names the tar and the member.
+    """
+    path = Path(path)
+    stored = {name: (spec, dtype, shape) for spec in specs for name, dtype, shape in stored_arrays(spec)}
+    wanted = {s.name for s in specs if fields is None or s.name in fields}
+    present: dict[int, set[str]] = {}
+    values: dict[str, dict[int, np.ndarray]] = {name: {} for name, (spec, _, _) in stored.items() if spec.name in wanted}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                where = f"{path}: member {member.name!r}"
+                _check_member(member, where)
+                match = _MEMBER.match(member.name)
+                if match is None:
+                    raise CacheFormatError(f"{where}: not a <{KEY_DIGITS}-digit key>.<field>.npy[.zst|.blosc] name")
+                key, name, suffix = int(match.group(1)), match.group(2), match.group(3)
+                if name not in stored:
+                    raise CacheFormatError(f"{where}: unknown field {name!r}; this cache stores {sorted(stored)}")
+                spec, dtype, shape = stored[name]
+                if suffix != npy_suffix(spec.codec):
+                    raise CacheFormatError(f"{where}: field {spec.name} uses codec {spec.codec}, expected suffix {npy_suffix(spec.codec)}")
+                if name in present.setdefault(key, set()):
+                    raise CacheFormatError(f"{where}: duplicate member")
+                present[key].add(name)
+                if name not in values:
+                    continue
+                data = tar.extractfile(member).read()
+                array = decompress_npy(data, spec.codec, math.prod(shape) * dtype.itemsize, where)
+                if array.dtype != dtype or array.shape != shape:
+                    raise CacheFormatError(f"{where}: holds {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+                values[name][key] = array
+    except (tarfile.TarError, OSError) as err:
+        raise CacheFormatError(f"{path}: not a readable tar ({err})") from err
+    keys = sorted(present)
+    if not keys:
+        raise CacheFormatError(f"{path}: the tar holds no samples")
+    if keys != list(range(keys[0], keys[0] + len(keys))):
+        raise CacheFormatError(f"{path}: sample keys are not contiguous (from {keys[0]} to {keys[-1]}, {len(keys)} keys)")
+    if first_sequence is not None and keys[0] != first_sequence:
+        raise CacheFormatError(f"{path}: first sample is {keys[0]}, expected {first_sequence}; the shard was moved or renamed")
+    for key in keys:
+        missing = sorted(set(stored) - present[key])
+        if missing:
+            raise CacheFormatError(f"{path}: sample {key:0{KEY_DIGITS}d} lacks members for {missing}")
+    out = {}
+    for spec in specs:
+        if spec.name in wanted:
+            arrays = {name: np.stack([values[name][k] for k in keys]) for name, _, _ in stored_arrays(spec)}
+            out[spec.name] = decode(spec, arrays, where=f"{path}: field {spec.name}")
+    return out

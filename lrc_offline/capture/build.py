@@ -1,0 +1,222 @@
+"""`lrc-cache build`: corpus -> packed sequences -> one teacher forward with hooks -> cache shards.
+
+Shard i is a fixed slice of the packed corpus, so any shard can be built, rebuilt or verified on its
+own: a rerun skips complete shards, several processes (a Slurm array, `accelerate launch`) split the
+shards between them, and a rebuild with the same config is byte-identical.
+
+Legend: B batch, T tokens (seq_len), P positions, L activation layers, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import CacheWriter, TeacherGeometry, act_layers, make_manifest, num_act_positions
+from ..config import CLONE_TERMS, CacheConfig
+from ..teacher.fingerprint import teacher_fingerprints
+from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
+from ..teacher.load import Teacher, load_teacher, resolve_device
+from .corpus import PackedCorpus, corpus_fingerprint, load_documents, pack_documents, split_heldout
+from .positions import position_seed, sample_positions_batch
+from .signals import entropy_and_tail, sampled_signal, topk_signal
+
+__all__ = ["BuildReport", "build_cache", "teacher_geometry", "my_shards", "capture_batch"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildReport:
+    """What one build process did."""
+
+    out: str
+    num_shards: int
+    built: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def teacher_geometry(config) -> TeacherGeometry:
+    """The shapes a cache needs from a teacher config."""
+    heads = config.num_attention_heads
+    return TeacherGeometry(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+    )
+
+
+def my_shards(num_shards: int, shard_index: int | None = None, num_workers: int | None = None) -> list[int]:
+    """The shards this process builds: all; shard I alone; or with N workers, I, I+N, I+2N, ..."""
+    if shard_index is None:
+        return list(range(num_shards))
+    if num_workers is None:
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"--shard-index {shard_index} is outside [0, {num_shards}) for this cache")
+        return [shard_index]
+    if not 0 <= shard_index < num_workers:
+        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_workers})")
+    return list(range(shard_index, num_shards, num_workers))
+
+
+@torch.no_grad()
+def capture_batch(
+    teacher: Teacher, cfg: CacheConfig, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
+    sequence_indices: list[int], layers: list[int],
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """Run the teacher on one batch; return the cache fields (CPU, logical dtypes) and summed stats."""
+    device = next(teacher.model.parameters()).device
+    ids = input_ids_BT.to(device).long()
+    batch, tokens = ids.shape
+    positions = None
+    terms: tuple[str, ...] = ()
+    if cfg.activation_mode != "none":
+        positions = sample_positions_batch(
+            sequence_indices, tokens, num_act_positions(cfg, tokens), cfg.seed, cfg.include_sink, position_ids_BT
+        ).to(device)
+        terms = RESIDUAL_TERMS if cfg.activation_mode == "residual" else CLONE_TERMS
+    captured = capture_teacher(
+        teacher.model, ids, positions_BP=positions, layers=layers, terms=terms,
+        want_logits=cfg.logit_mode in ("topk", "sampled"), want_hidden=cfg.logit_mode == "hidden",
+    )  # fmt: skip
+    out = {"input_ids": input_ids_BT.to(torch.int32), "position_ids": position_ids_BT.to(torch.int32)}
+    stats = {"tokens": float(batch * tokens)}
+    if captured.logits_BTV is not None:
+        # One sequence at a time keeps the fp32 softmax at [T, V], never [B, T, V].
+        parts: dict[str, list[torch.Tensor]] = {}
+        entropy_sum, tail_sum = 0.0, 0.0
+        for row, sequence_index in enumerate(sequence_indices):
+            logits = captured.logits_BTV[row]
+            if cfg.logit_mode == "topk":
+                values = topk_signal(logits, cfg.topk, cfg.temperature)
+                names = ("topk_ids", "topk_logprobs")
+            else:
+                gen = torch.Generator(device=device).manual_seed(position_seed(cfg.seed + 1, sequence_index))
+                values = sampled_signal(logits, cfg.num_draws, cfg.temperature, gen)
+                names = ("sampled_ids", "sampled_counts")
+            for name, value in zip(names, values):
+                parts.setdefault(name, []).append(value)
+            entropy, tail = entropy_and_tail(logits, cfg.temperature, cfg.topk if cfg.logit_mode == "topk" else None)
+            entropy_sum = entropy_sum + entropy.sum()
+            tail_sum = tail_sum + tail.sum()
+        out.update({name: torch.stack(values).cpu() for name, values in parts.items()})
+        stats["teacher_entropy_sum"] = float(entropy_sum)
+        if cfg.logit_mode == "topk":
+            stats["topk_tail_mass_sum"] = float(tail_sum)
+        else:
+            stats["sampled_unique_sum"] = float((out["sampled_counts"] > 0).sum())
+    if captured.hidden_BTD is not None:
+        out["hidden"] = captured.hidden_BTD.float().cpu()
+    if positions is not None:
+        out["act_positions"] = positions.to(torch.int32).cpu()
+        names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
+            m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
+        for term, name in names.items():
+            out[name] = captured.acts[term].transpose(0, 1).float().cpu()  # [B, L, P, W]
+    return out, stats
+
+
+def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: list[dict]) -> dict[str, torch.Tensor]:
+    """Cast each field to the logical dtype the manifest declares (float8 is quantised by the store)."""
+    dtypes = {f["name"]: f["dtype"] for f in fields}
+    out = {}
+    for name, value in arrays.items():
+        dtype = dtypes[name]
+        out[name] = value if dtype == "float8" else value.to(getattr(torch, dtype))
+    return out
+
+
+def build_cache(
+    cfg: CacheConfig,
+    out: str | Path,
+    shard_index: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    teacher: Teacher | None = None,
+) -> BuildReport:
+    """Build (or complete) the cache at `out`.
+
+    Args:
+        cfg: what to capture and how to store it.
+        out: cache directory.
+        shard_index, num_workers: build a subset (see `my_shards`); None builds every shard.
+        progress: show a progress bar.
+        teacher: an already loaded teacher (must be the one `cfg.teacher` names); loaded when None.
+
+    Raises:
+        CacheMismatchError: `out` holds a cache built with a different config (the message lists what differs).
+        CorpusError, TeacherLoadError: bad corpus or teacher.
+    """
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.compute_dtype, device=device)
+    docs = load_documents(cfg.corpus, cfg.text_field)
+    train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)
+    packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)
+    geometry = teacher_geometry(teacher.config)
+    layers = act_layers(cfg, geometry)
+    fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
+    fingerprints["corpus"] = corpus_fingerprint(train_docs)
+    extra = {
+        "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
+                    "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
+                    "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
+        "backend": {"name": cfg.backend, "transformers": __import__("transformers").__version__},
+        "teacher_name": cfg.teacher,
+    }  # fmt: skip
+    manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra)
+    writer = CacheWriter(out, manifest)
+    shards = my_shards(manifest["num_shards"], shard_index, num_workers)
+    report = BuildReport(out=str(out), num_shards=manifest["num_shards"])
+    todo = [i for i in shards if not writer.is_complete(i)]
+    report.skipped = [i for i in shards if i not in todo]
+    total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
+    bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
+    bytes_written = 0
+    for index in todo:
+        first, end = writer.shard_range(index)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        sums: dict[str, float] = {}
+        for lo in range(first, end, cfg.batch_size):
+            hi = min(lo + cfg.batch_size, end)
+            arrays, stats = capture_batch(
+                teacher, cfg, packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)), layers
+            )
+            for name, value in arrays.items():
+                pieces.setdefault(name, []).append(value)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update((hi - lo) * cfg.seq_len)
+        arrays = _storage_dtypes({n: torch.cat(v) for n, v in pieces.items()}, manifest["fields"])
+        record = writer.write_shard(index, arrays, _shard_stats(sums))
+        bytes_written += sum(f["bytes"] for f in record["files"].values())
+        report.built.append(index)
+        report.tokens += (end - first) * cfg.seq_len
+        bar.set_postfix(shards=f"{len(report.built)}/{len(todo)}", written=f"{bytes_written / 2**20:.1f}MiB")
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _shard_stats(sums: dict[str, float]) -> dict[str, float]:
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    stats = {}
+    for key, value in sums.items():
+        if key.endswith("_sum"):
+            stats[key[: -len("_sum")] + "_mean"] = value / tokens
+    return stats

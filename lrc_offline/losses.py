@@ -1,0 +1,398 @@
+"""Distillation losses: pure functions over tensors.
+
+Every loss upcasts its inputs to at least fp32, ignores masked tokens (their values may be anything
+finite) and divides by the number of valid tokens. When no token is valid the loss is exactly 0.0 and
+still carries a graph, so a step over an all-padding batch backpropagates zeros instead of NaN. No
+function reads a value back to the host (no `.item()`, no boolean indexing), so none of them stalls a
+CUDA stream.
+
+Shape suffixes: B batch, T tokens, V vocab, K teacher top-k, N sampled ids per token, L layers,
+P sampled positions, W activation width, D teacher hidden size, C tokens in one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "kl_full",
+    "kl_from_hidden",
+    "kl_topk",
+    "kd_sampled",
+    "cross_entropy_next",
+    "clone_loss",
+]
+
+_TAIL_FLOOR = 1e-6
+"""Smallest student tail mass kl_topk trusts. The tail is 1 - (sum of top-k probs), which fp32 resolves
+only to about 1e-7 absolute (worse with large logits); below the floor the value, and a gradient scaled
+by 1/tail, would be rounding noise."""
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """`x` in fp32, or fp64 when it already is: fp64 inputs keep their precision (tests use it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_mask(mask_BT: Tensor, shape: torch.Size, name: str) -> Tensor:
+    if tuple(mask_BT.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask_BT.shape)}; expected {tuple(shape)} to match the inputs")
+    return mask_BT.to(torch.bool)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; set loss.temperature to a positive value")
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    logits = _upcast(logits)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _masked_mean(values_BT: Tensor, valid_BT: Tensor) -> Tensor:
+    """Mean of `values_BT` over valid entries; exactly 0.0 (with a graph) when none is valid."""
+    num_valid = valid_BT.sum()
+    total = torch.where(valid_BT, values_BT, torch.zeros((), dtype=values_BT.dtype, device=values_BT.device)).sum()
+    return total / num_valid.clamp(min=1) * (num_valid > 0)
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum_v p (log p - log q) over the last dim, with 0 log 0 = 0 where the teacher has no mass."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def kl_full(
+    student_logits_BTV: Tensor,
+    teacher_logits_BTV: Tensor,
+    mask_BT: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Forward KL(p_teacher || p_student) over the full vocabulary, mean over valid tokens.
+
+    Args:
+        student_logits_BTV: Student logits [B, T, V].
+        teacher_logits_BTV: Teacher logits [B, T, V]; no gradient is wanted through them.
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+        temperature: Both distributions are softmax(logits / temperature). No T^2 factor.
+
+    Returns:
+        Scalar fp32 loss (fp64 for fp64 inputs).
+    """
+    _check_temperature(temperature)
+    if student_logits_BTV.shape != teacher_logits_BTV.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits_BTV.shape)} and teacher logits "
+            f"{tuple(teacher_logits_BTV.shape)} must have the same shape"
+        )
+    valid_BT = _check_mask(mask_BT, student_logits_BTV.shape[:-1], "mask_BT")
+    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
+    log_p_BTV = torch.log_softmax(_scaled(teacher_logits_BTV.detach(), temperature), dim=-1)
+    return _masked_mean(_kl_rows(log_p_BTV, log_q_BTV), valid_BT)
+
+
+class _ChunkedHiddenKL(torch.autograd.Function):
+    """KL from teacher hidden states, one chunk of teacher logits alive at a time.
+
+    The gradient (q - p) / temperature is computed in the forward pass, chunk by chunk, into one buffer
+    the size of the student logits (the gradient needs that much memory anyway). Letting autograd
+    record each chunk instead would keep every chunk's teacher probabilities alive for the backward
+    pass, which is the full teacher logits again.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits_BTV, teacher_hidden_BTD, head_weight_VD, valid_BT, temperature, chunk_tokens):
+        vocab = student_logits_BTV.shape[-1]
+        student_NV = student_logits_BTV.reshape(-1, vocab)
+        hidden_ND = teacher_hidden_BTD.reshape(-1, teacher_hidden_BTD.shape[-1])
+        valid_N = valid_BT.reshape(-1)
+        num_tokens = student_NV.shape[0]
+
+        acc_dtype = torch.promote_types(student_NV.dtype, torch.float32)
+        num_valid = valid_N.sum()
+        # 1 / count, or 0 when nothing is valid: the all-masked loss and gradient are exact zeros.
+        scale = (num_valid > 0) / num_valid.clamp(min=1).to(acc_dtype)
+        # The matmul runs in the inputs' common dtype, as the teacher's own head does; upcasting a
+        # bf16 head to fp32 would cost a V x D fp32 copy per call.
+        mm_dtype = torch.promote_types(hidden_ND.dtype, head_weight_VD.dtype)
+        weight_VD = head_weight_VD.to(mm_dtype)
+
+        need_grad = ctx.needs_input_grad[0]
+        grad_NV = torch.empty_like(student_NV) if need_grad else None
+        total = torch.zeros((), dtype=acc_dtype, device=student_NV.device)
+        # Chunks cover all B*T rows, masked ones included: picking the valid rows out first would need
+        # their count on the host (a sync). Packed caches have little padding, so little is wasted.
+        for start in range(0, num_tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, num_tokens)
+            log_q_CV = torch.log_softmax(_scaled(student_NV[start:stop], temperature), dim=-1)
+            teacher_CV = (hidden_ND[start:stop].to(mm_dtype) @ weight_VD.T).to(acc_dtype)
+            log_p_CV = torch.log_softmax(_scaled(teacher_CV, temperature), dim=-1)
+            del teacher_CV
+            valid_C = valid_N[start:stop]
+            total += torch.where(valid_C, _kl_rows(log_p_CV, log_q_CV), 0.0).sum()
+            if need_grad:
+                row_scale_C1 = (valid_C * scale / temperature)[:, None]
+                grad_NV[start:stop] = (log_q_CV.exp_() - log_p_CV.exp_()) * row_scale_C1
+        ctx.save_for_backward(grad_NV)
+        ctx.student_shape = student_logits_BTV.shape
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_NV,) = ctx.saved_tensors
+        grad_BTV = None
+        if grad_NV is not None:
+            grad_BTV = (grad_NV * grad_out.to(grad_NV.dtype)).reshape(ctx.student_shape)
+        return grad_BTV, None, None, None, None, None
+
+
+def kl_from_hidden(
+    student_logits_BTV: Tensor,
+    teacher_hidden_BTD: Tensor,
+    head_weight_VD: Tensor,
+    mask_BT: Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 512,
+) -> Tensor:
+    """Exact forward KL with teacher logits rebuilt as ``teacher_hidden @ head_weight.T``, chunk by chunk.
+
+    Equals ``kl_full(student, teacher_hidden @ head_weight.T, mask)`` to fp32 precision while holding
+    only `chunk_tokens` rows of teacher logits at a time. Gradients flow to the student logits only.
+    Double backward is not supported.
+
+    Args:
+        student_logits_BTV: Student logits [B, T, V].
+        teacher_hidden_BTD: Teacher final hidden states (after the final norm) [B, T, D].
+        head_weight_VD: Teacher lm_head weight [V, D].
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+        temperature: Both distributions are softmax(logits / temperature). No T^2 factor.
+        chunk_tokens: Rows of B*T processed at once; peak extra memory is about 6 * chunk_tokens * V fp32.
+
+    Returns:
+        Scalar fp32 loss (fp64 for fp64 student logits).
+    """
+    _check_temperature(temperature)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    batch_shape = student_logits_BTV.shape[:-1]
+    if teacher_hidden_BTD.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"teacher hidden {tuple(teacher_hidden_BTD.shape)} does not match student logits "
+            f"{tuple(student_logits_BTV.shape)} in the leading dims"
+        )
+    if tuple(head_weight_VD.shape) != (student_logits_BTV.shape[-1], teacher_hidden_BTD.shape[-1]):
+        raise ValueError(
+            f"head weight {tuple(head_weight_VD.shape)} must be [V, D] = "
+            f"[{student_logits_BTV.shape[-1]}, {teacher_hidden_BTD.shape[-1]}]"
+        )
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    return _ChunkedHiddenKL.apply(
+        student_logits_BTV, teacher_hidden_BTD.detach(), head_weight_VD.detach(), valid_BT, temperature, chunk_tokens
+    )
+
+
+def kl_topk(
+    student_logits_BTV: Tensor,
+    topk_ids_BTK: Tensor,
+    topk_logprobs_BTK: Tensor,
+    mask_BT: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Forward KL against a teacher stored as its top-k log-probs plus one tail bucket.
+
+    The teacher's tail is p_tail = max(1 - sum exp(logprobs), 0); the student's is q_tail = 1 - sum of
+    its probs at the same ids. KL = sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail),
+    with 0 log 0 = 0. With K = V this equals `kl_full` (both tails are zero). The student tail is
+    floored at 1e-6, below which fp32 cannot resolve it.
+
+    Args:
+        student_logits_BTV: Student logits [B, T, V].
+        topk_ids_BTK: Teacher top-k token ids [B, T, K], unique per token; ids at masked tokens are ignored.
+        topk_logprobs_BTK: Teacher log-probs at those ids [B, T, K], taken at `temperature`.
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+        temperature: Student distribution is softmax(logits / temperature). No T^2 factor.
+
+    Returns:
+        Scalar fp32 loss (fp64 for fp64 student logits).
+    """
+    _check_temperature(temperature)
+    batch_shape = student_logits_BTV.shape[:-1]
+    if topk_ids_BTK.shape != topk_logprobs_BTK.shape or topk_ids_BTK.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"top-k ids {tuple(topk_ids_BTK.shape)} and log-probs {tuple(topk_logprobs_BTK.shape)} must both be "
+            f"[B, T, K] with B, T = {tuple(batch_shape)}"
+        )
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    vocab = student_logits_BTV.shape[-1]
+    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
+    # Garbage ids at masked tokens must not trip an out-of-range gather (a device assert on CUDA).
+    ids_BTK = topk_ids_BTK.long().clamp(0, vocab - 1)
+    log_q_BTK = log_q_BTV.gather(-1, ids_BTK)
+    log_p_BTK = topk_logprobs_BTK.detach().to(log_q_BTK.dtype)
+
+    p_BTK = log_p_BTK.exp()
+    head_BT = torch.where(p_BTK > 0, p_BTK * (log_p_BTK - log_q_BTK), 0.0).sum(-1)
+
+    p_tail_BT = (1.0 - p_BTK.sum(-1)).clamp(min=0.0)
+    # log(1 - sum_k q_k) via log1p(-exp(lse)); the clamp keeps log and its gradient finite when the
+    # student puts (numerically) all its mass on the top-k ids.
+    log_mass_BT = torch.logsumexp(log_q_BTK, dim=-1)
+    q_tail_BT = (-torch.expm1(log_mass_BT)).clamp(min=_TAIL_FLOOR)
+    tail_BT = torch.xlogy(p_tail_BT, p_tail_BT) - p_tail_BT * torch.log(q_tail_BT)
+    return _masked_mean(head_BT + tail_BT, valid_BT)
+
+
+def kd_sampled(
+    student_logits_BTV: Tensor,
+    sampled_ids_BTN: Tensor,
+    sampled_counts_BTN: Tensor,
+    mask_BT: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Random-sampling KD (Anshumann et al., ACL 2025): KL(t || q) against the empirical draw distribution.
+
+    t_i = count_i / sum(counts) over the unique sampled ids. The gradient w.r.t. the student logits is
+    (q - t) / temperature, whose expectation over draws is the full-KL gradient (q - p) / temperature,
+    so the gradient is unbiased (the loss value is not: it estimates KL(t || q), not KL(p || q)).
+
+    Args:
+        student_logits_BTV: Student logits [B, T, V].
+        sampled_ids_BTN: Unique sampled ids per token [B, T, N], padded with -1.
+        sampled_counts_BTN: Draw counts [B, T, N], 0 in padding.
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+        temperature: Student distribution is softmax(logits / temperature); the teacher was sampled at
+            the same temperature. No T^2 factor.
+
+    Returns:
+        Scalar fp32 loss (fp64 for fp64 student logits).
+    """
+    _check_temperature(temperature)
+    batch_shape = student_logits_BTV.shape[:-1]
+    if sampled_ids_BTN.shape != sampled_counts_BTN.shape or sampled_ids_BTN.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"sampled ids {tuple(sampled_ids_BTN.shape)} and counts {tuple(sampled_counts_BTN.shape)} must both "
+            f"be [B, T, N] with B, T = {tuple(batch_shape)}"
+        )
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    vocab = student_logits_BTV.shape[-1]
+    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
+    log_q_BTN = log_q_BTV.gather(-1, sampled_ids_BTN.long().clamp(0, vocab - 1))
+    counts_BTN = sampled_counts_BTN.detach().to(log_q_BTN.dtype)
+    # Padding has count 0, so its (clamped) id contributes 0 to both terms.
+    t_BTN = counts_BTN / counts_BTN.sum(-1, keepdim=True).clamp(min=1.0)
+    kl_BT = (torch.xlogy(t_BTN, t_BTN) - t_BTN * log_q_BTN).sum(-1)
+    return _masked_mean(kl_BT, valid_BT)
+
+
+def cross_entropy_next(logits_BTV: Tensor, input_ids_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Next-token cross-entropy: position t predicts input_ids[t + 1]; mean over valid pairs.
+
+    A pair is valid where mask[t] and mask[t + 1] both hold, so predictions across padding or the end
+    of a sequence are ignored.
+
+    Args:
+        logits_BTV: Logits [B, T, V].
+        input_ids_BT: Token ids [B, T]; ids at masked tokens are ignored.
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+
+    Returns:
+        Scalar fp32 loss (fp64 for fp64 logits).
+    """
+    batch_shape = logits_BTV.shape[:-1]
+    if input_ids_BT.shape != batch_shape:
+        raise ValueError(f"input ids {tuple(input_ids_BT.shape)} must match logits {tuple(logits_BTV.shape)}[:-1]")
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    vocab = logits_BTV.shape[-1]
+    pair_valid_BT = valid_BT[:, :-1] & valid_BT[:, 1:]
+    targets_BT = torch.where(pair_valid_BT, input_ids_BT[:, 1:].long(), 0).clamp(0, vocab - 1)
+    logits_BTV = _upcast(logits_BTV[:, :-1])
+    nll_BT = F.cross_entropy(logits_BTV.reshape(-1, vocab), targets_BT.reshape(-1), reduction="none")
+    return _masked_mean(nll_BT.reshape(targets_BT.shape), pair_valid_BT)
+
+
+def clone_loss(
+    student_acts: Mapping[str, Tensor],
+    teacher_targets: Mapping[str, Tensor],
+    mask_BP: Tensor | None = None,
+    weights: Mapping[str, float] | None = None,
+    normalize: bool = True,
+    reduce: str = "mean",
+    eps: float = 1e-6,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """LRC clone loss: per-layer, per-term MSE between student activations and teacher targets.
+
+    mse[l, term] = mean over valid (b, p) and all W of (s - t)^2. With `normalize`, each is divided by
+    the mean of t^2 over the same elements (detached, clamped to >= eps), so the attention sink's
+    massive activations do not dominate. Terms are then combined as
+    ``sum w * mse / (L * sum w)`` ("mean") or ``sum w * mse`` ("sum", the paper's raw recipe with
+    normalize=False).
+
+    Args:
+        student_acts: term -> [L, B, P, W_term] student activations (terms among q, k, v, o, gate, up,
+            down; widths may differ between terms).
+        teacher_targets: Same keys and shapes; o and down already projected to the student space.
+        mask_BP: Valid positions [B, P], bool or 0/1; None means all valid.
+        weights: term -> weight; a missing term weighs 1.0, a zero weight drops the term entirely
+            (it is neither computed nor logged).
+        normalize: Divide each term by its target's mean square.
+        reduce: "mean" or "sum", as above.
+        eps: Floor on the normaliser.
+
+    Returns:
+        (total, per_term): the scalar fp32 loss, and term -> mean over layers of its (normalised) MSE,
+        detached, for logging. With every position masked the total is exactly 0.0 and per_term is zeros.
+    """
+    if set(student_acts) != set(teacher_targets):
+        raise ValueError(
+            f"clone_loss: student terms {sorted(student_acts)} and teacher terms {sorted(teacher_targets)} differ; "
+            "pass the same terms in both"
+        )
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"clone_loss: reduce must be 'mean' or 'sum', got {reduce!r}")
+    weights = dict(weights or {})
+    negative = {term: w for term, w in weights.items() if w < 0}
+    if negative:
+        raise ValueError(f"clone_loss: weights must be >= 0, got {negative}")
+    terms = [term for term in student_acts if weights.get(term, 1.0) > 0]
+    if not terms:
+        raise ValueError("clone_loss: no term with a positive weight; enable at least one of the clone terms")
+
+    num_layers = None
+    weighted_terms = []
+    per_term: dict[str, Tensor] = {}
+    for term in terms:
+        s_LBPW, t_LBPW = student_acts[term], teacher_targets[term]
+        if s_LBPW.shape != t_LBPW.shape or s_LBPW.dim() != 4:
+            raise ValueError(
+                f"clone_loss[{term!r}]: student {tuple(s_LBPW.shape)} and target {tuple(t_LBPW.shape)} must both "
+                "be [L, B, P, W]"
+            )
+        if num_layers is None:
+            num_layers = s_LBPW.shape[0]
+        elif s_LBPW.shape[0] != num_layers:
+            raise ValueError(f"clone_loss[{term!r}]: {s_LBPW.shape[0]} layers, other terms have {num_layers}")
+        if mask_BP is None:
+            valid_BP = torch.ones(s_LBPW.shape[1:3], dtype=torch.bool, device=s_LBPW.device)
+        else:
+            valid_BP = _check_mask(mask_BP, s_LBPW.shape[1:3], "mask_BP")
+        valid_11BP1 = valid_BP[None, :, :, None]
+        s_LBPW, t_LBPW = _upcast(s_LBPW), _upcast(t_LBPW.detach())
+        num_elems = valid_BP.sum() * s_LBPW.shape[-1]
+        inv_count = (num_elems > 0) / num_elems.clamp(min=1).to(s_LBPW.dtype)
+        sq_err_LBPW = torch.where(valid_11BP1, (s_LBPW - t_LBPW).square(), 0.0)
+        mse_L = sq_err_LBPW.sum(dim=(1, 2, 3)) * inv_count
+        if normalize:
+            target_ms_L = torch.where(valid_11BP1, t_LBPW.square(), 0.0).sum(dim=(1, 2, 3)) * inv_count
+            mse_L = mse_L / target_ms_L.clamp(min=eps)
+        per_term[term] = mse_L.detach().mean()
+        weighted_terms.append(weights.get(term, 1.0) * mse_L.sum())
+
+    total = torch.stack(weighted_terms).sum()
+    if reduce == "mean":
+        total = total / (num_layers * sum(weights.get(term, 1.0) for term in terms))
+    return total, per_term

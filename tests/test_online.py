@@ -1,0 +1,45 @@
+"""The online reference trainer learns, logs and exports."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrc_offline.config import LossConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.online import train_online
+from lrc_offline.training.metrics import read_metrics
+
+
+def test_online_training_lowers_loss_and_exports(tmp_path):
+    cfg = TrainJobConfig(
+        teacher="tiny-random:qwen3", corpus="tiny-text", heldout_docs=2,
+        student=StudentConfig(hidden_size=32),
+        train=TrainConfig(steps=150, batch_size=4, seq_len=32, log_every=10, clone_positions=8),
+    )  # fmt: skip
+    summary = train_online(cfg, tmp_path, progress=False)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(10, 151, 10))
+    for key in ("loss", "kd", "ce", "clone", "clone/q", "clone/down", "lr", "tokens_per_s", "tokens"):
+        assert key in records[0], key
+    first = sum(r["loss"] for r in records[:2]) / 2
+    final = sum(r["loss"] for r in records[-2:]) / 2
+    # A 32-wide student of a random 64-wide teacher: the total falls by well over 10% in 150 steps
+    # (measured: ~7.4 -> ~5.8); CE alone must also improve on the held-out text.
+    assert final < 0.9 * first, (first, final)
+    assert summary["student_heldout"]["ce"] < records[0]["ce"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert model.config.hidden_size == 32
+    saved = json.loads((tmp_path / "student" / "lrc_config.json").read_text())
+    assert saved["config"]["student"]["hidden_size"] == 32
+
+
+def test_kd_only_recipe_skips_clone(tmp_path):
+    cfg = TrainJobConfig(
+        teacher="tiny-random:llama", corpus="tiny-text", loss=LossConfig(alpha=0.0),
+        student=StudentConfig(hidden_size=16), train=TrainConfig(steps=3, batch_size=2, seq_len=16, log_every=1),
+    )  # fmt: skip
+    train_online(cfg, tmp_path, progress=False)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 3 and "clone" not in records[0] and torch.isfinite(torch.tensor(records[-1]["loss"]))
