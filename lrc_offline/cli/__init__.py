@@ -1,0 +1,1 @@
+"""Thin entry points: parse, log the resolved config, build, run, report."""

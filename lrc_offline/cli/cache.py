@@ -1,0 +1,105 @@
+"""`lrc-cache`: build, inspect and verify a teacher cache.
+
+    lrc-cache build --config FILE --out DIR [--shard-index I [--num-shards N]] [key=value ...]
+    lrc-cache inspect DIR [--json]
+    lrc-cache verify DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .common import launcher_rank, run_main
+
+__all__ = ["main"]
+
+log = logging.getLogger("lrc-cache")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrc-cache", description="Run the teacher once; store its signal in a sharded cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or complete) a cache")
+    build.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
+    build.add_argument("--out", required=True, help="cache directory")
+    build.add_argument("--shard-index", type=int, help="build only this shard (with --num-shards: shards I, I+N, ...)")
+    build.add_argument("--num-shards", type=int, help="number of parallel workers splitting the shards")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. topk=32 format=webdataset")
+    inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
+    inspect.add_argument("cache")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    verify = sub.add_parser("verify", help="recompute every checksum; non-zero exit on a bad or missing shard")
+    verify.add_argument("cache")
+    return parser
+
+
+def _build(args) -> int:
+    from ..capture.build import build_cache
+    from ..config import CacheConfig, load_config, to_dict
+
+    overrides = [o[len("cache."):] if o.startswith("cache.") else o for o in args.overrides]
+    cfg = load_config(CacheConfig, args.config, overrides)
+    shard_index, num_workers = args.shard_index, args.num_shards
+    if shard_index is None:
+        shard_index, num_workers = launcher_rank()
+        if shard_index is not None and cfg.device == "auto" and "LOCAL_RANK" in os.environ:
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}" if _has_cuda() else "cpu"
+    log.info("config: %s", json.dumps(to_dict(cfg)))
+    report = build_cache(cfg, args.out, shard_index, num_workers, progress=not args.no_progress)
+    log.info("built %d shard(s), skipped %d complete; %d tokens at %.0f tokens/s",
+             len(report.built), len(report.skipped), report.tokens, report.tokens_per_s)  # fmt: skip
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _inspect(args) -> int:
+    from ..cache import inspect_cache
+
+    info = inspect_cache(args.cache)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"cache {args.cache}")
+    for key in ("sequences", "tokens", "complete_shards", "num_shards", "total_bytes", "bytes_per_token"):
+        if key in info:
+            print(f"  {key:<18} {info[key]}")
+    for name, value in sorted(info.get("fields", {}).items()):
+        print(f"  field {name:<16} {value}")
+    for key, value in sorted(info.get("stats", {}).items()):
+        print(f"  stat  {key:<16} {value:.4g}")
+    for key, value in sorted(info.get("fingerprints", {}).items()):
+        print(f"  fingerprint {key:<16} {value}")
+    return 0
+
+
+def _verify(args) -> int:
+    from ..cache import verify_cache
+
+    report = verify_cache(args.cache)
+    for index, reason in sorted(report.bad.items()):
+        print(f"BAD     shard {index}: {reason}")
+    for index in report.missing:
+        print(f"MISSING shard {index}")
+    print(f"{len(report.complete)}/{report.num_shards} shards complete and verified" if report.ok else
+          f"cache {args.cache} FAILED verification")  # fmt: skip
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"build": _build, "inspect": _inspect, "verify": _verify}[args.command]
+    return run_main(lambda: handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
