@@ -316,7 +316,9 @@ def test_inspect_reports_sizes_ratios_and_weighted_stats(tmp_path):
     assert info["tokens"] == info["complete_tokens"] == NUM_SEQUENCES * 16
     assert info["fingerprints"] == FINGERPRINTS and info["config"]["topk"] == 8
     fields = info["fields"]
-    assert set(fields) == {"input_ids", "position_ids", "topk_ids", "topk_logprobs", "act_positions", "act_input", "act_attn"}
+    assert list(fields) == [
+        "input_ids", "position_ids", "topk_ids", "topk_logprobs", "act_positions", "act_input", "act_attn"
+    ]  # fmt: skip
     for name, field in fields.items():
         assert field["bytes_per_token"] == pytest.approx(field["stored_bytes"] / info["complete_tokens"])
         assert field["compression_ratio"] == pytest.approx(field["logical_bytes"] / field["stored_bytes"])
@@ -401,8 +403,8 @@ def test_partial_cache_reading(tmp_path):
     reader = CacheReader(tmp_path)
     with pytest.raises(CacheFormatError, match="shard 1 .* is not complete"):
         list(reader.iter_sequences())
-    indices = [s["sequence_index"] for s in reader.iter_sequences(shards=reader.complete_shards(), fields=["input_ids"])]
-    assert indices == [0, 1, 2, 6]
+    partial = reader.iter_sequences(shards=reader.complete_shards(), fields=["input_ids"])
+    assert [s["sequence_index"] for s in partial] == [0, 1, 2, 6]
     with pytest.raises(KeyError, match="topk_idz"):
         reader.read_shard(0, fields=["topk_idz"])
 
@@ -441,6 +443,9 @@ def test_plain_zarr_reads_a_shard(tmp_path):
     assert torch.allclose(values, written[0]["act_input"], rtol=0.07, atol=0.05)
 
 
+MEMBER = "0000000000.input_ids.npy.blosc"
+
+
 def _craft_tar(path: Path, add) -> Path:
     with tarfile.open(path, "w") as tar:
         add(tar)
@@ -464,8 +469,8 @@ def _pickled_member(tar):
     [
         (lambda t: _member(t, "../0000000000.input_ids.npy.blosc"), "../0000000000", "path in its name"),
         (lambda t: _member(t, "/etc/0000000000.input_ids.npy.blosc"), "/etc/", "path in its name"),
-        (lambda t: _member(t, "0000000000.input_ids.npy.blosc", kind=tarfile.SYMTYPE, link="/etc/passwd"), "0000000000.input_ids", "not a regular file"),
-        (lambda t: _member(t, "0000000000.input_ids.npy.blosc", kind=tarfile.LNKTYPE, link="x"), "0000000000.input_ids", "not a regular file"),
+        (lambda t: _member(t, MEMBER, kind=tarfile.SYMTYPE, link="/etc/passwd"), MEMBER, "not a regular file"),
+        (lambda t: _member(t, MEMBER, kind=tarfile.LNKTYPE, link="x"), MEMBER, "not a regular file"),
         (lambda t: _member(t, "0000000000.bogus.npy.blosc"), "bogus", "unknown field 'bogus'"),
         (lambda t: _member(t, "0000000000.input_ids.npy"), "0000000000.input_ids.npy", "expected suffix .npy.blosc"),
         (_pickled_member, "0000000000.input_ids", "not a valid .npy"),
@@ -478,3 +483,14 @@ def test_unsafe_or_unknown_tar_members_are_refused(tmp_path, add, member, messag
     with pytest.raises(CacheFormatError, match=message) as err:
         wds_shard.read(tar, specs)
     assert str(tar) in str(err.value) and member in str(err.value)
+
+
+def test_zarr_shard_with_a_foreign_codec_is_refused(tmp_path):
+    build(tmp_path, make_cfg(format="zarr"), shards=[0])
+    meta_path = tmp_path / "shards" / "shard-00000.zarr" / "input_ids" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"].append({"name": "gzip", "configuration": {"level": 1}})
+    meta_path.write_text(json.dumps(meta))
+    specs = CacheReader(tmp_path).fields
+    with pytest.raises(CacheFormatError, match=r"input_ids: refusing codecs \['gzip'\]"):
+        zarr_shard.read(tmp_path / "shards" / "shard-00000.zarr", specs)

@@ -26,7 +26,11 @@ __all__ = ["BLOSC_CLEVEL", "ZSTD_LEVEL", "zarr_compressors", "npy_suffix", "comp
 BLOSC_CLEVEL = 3
 ZSTD_LEVEL = 3
 
-_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+_SHUFFLE = {
+    "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+    "shuffle": numcodecs.Blosc.SHUFFLE,
+    "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+}
 _BLOSC_MAGIC_LEN = 16
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # A .npy header is padded to a multiple of 64 bytes and is rarely over 128; anything declaring far

@@ -166,7 +166,8 @@ def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.
         array = np.ascontiguousarray(stored[name])
         if array.dtype != dtype or tuple(array.shape[1:]) != shape or array.ndim != len(shape) + 1:
             raise CacheFormatError(
-                f"{where}: array {name} is {array.dtype}{list(array.shape)}, expected {dtype}[n, {', '.join(map(str, shape))}]"
+                f"{where}: array {name} is {array.dtype}{list(array.shape)}, "
+                f"expected {dtype}[n, {', '.join(map(str, shape))}]"
             )
         if num is not None and array.shape[0] != num:
             raise CacheFormatError(f"{where}: array {name} has {array.shape[0]} sequences, expected {num}")

@@ -127,6 +127,9 @@ def manifest_differences(existing: dict[str, Any], requested: dict[str, Any]) ->
     for manifest, flat in ((existing, flat_existing), (requested, flat_requested)):
         kept = {k: v for k, v in manifest.items() if k not in _VOLATILE_KEYS}
         _flatten(_json_ready(kept, "manifest"), "", flat)
+    # Where a worker runs does not change what it writes: ranks of one build may use different devices.
+    for flat in (flat_existing, flat_requested):
+        flat.pop("config.device", None)
     absent = object()
     lines = []
     for key in sorted(set(flat_existing) | set(flat_requested)):

@@ -145,9 +145,13 @@ def read_record(root: Path, index: int) -> dict[str, Any] | None:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise CacheFormatError(f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}") from err
+        raise CacheFormatError(
+            f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}"
+        ) from err
     if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
-        raise CacheFormatError(f"{path}: completion record lacks keys {list(_RECORD_KEYS)}; delete it and rebuild shard {index}")
+        raise CacheFormatError(
+            f"{path}: completion record lacks keys {list(_RECORD_KEYS)}; delete it and rebuild shard {index}"
+        )
     if record["index"] != index:
         raise CacheFormatError(f"{path}: completion record is for shard {record['index']}, not {index}")
     return record

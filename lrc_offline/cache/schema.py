@@ -198,7 +198,10 @@ def cache_fields(cfg: CacheConfig, geometry: TeacherGeometry) -> list[FieldSpec]
             raise CacheFormatError(
                 f"cache.topk={cfg.topk} exceeds the teacher's vocabulary ({geometry.vocab_size}); lower cache.topk"
             )
-        fields += [_field("topk_ids", (L, cfg.topk), "int32"), _field("topk_logprobs", (L, cfg.topk), cfg.logprob_dtype)]
+        fields += [
+            _field("topk_ids", (L, cfg.topk), "int32"),
+            _field("topk_logprobs", (L, cfg.topk), cfg.logprob_dtype),
+        ]
     elif cfg.logit_mode == "sampled":
         N = cfg.num_draws
         if N > 65535:

@@ -46,10 +46,10 @@ class CacheMismatchError(ValueError):
 class _Layout:
     """What writer and reader share: the manifest, its fields and the shard arithmetic."""
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: str | Path, manifest: dict[str, Any], where: str) -> None:
         self.root = Path(root)
         self.manifest = manifest
-        self.fields: list[FieldSpec] = validate_manifest(manifest, str(self.root / "manifest.json"))
+        self.fields: list[FieldSpec] = validate_manifest(manifest, where)
         self.num_shards: int = manifest["num_shards"]
         self.format: str = manifest["format"]
         self._shard_format = _FORMATS[self.format]
@@ -90,7 +90,7 @@ class CacheWriter(_Layout):
     """
 
     def __init__(self, root: str | Path, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest)
+        super().__init__(root, manifest, f"manifest requested for {root}")
         shards = self.root / SHARDS_DIR
         try:
             shards.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,8 @@ class CacheWriter(_Layout):
         missing, unknown = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
         if missing or unknown:
             raise ValueError(
-                f"{where}: arrays must hold exactly the manifest's fields {expected}; missing {missing}, unexpected {unknown}"
+                f"{where}: arrays must hold exactly the manifest's fields {expected}; "
+                f"missing {missing}, unexpected {unknown}"
             )
         checked = {s.name: check_input(s, arrays[s.name], end - first, where) for s in self.fields}
         stats = dict(stats or {})
@@ -190,7 +191,7 @@ class CacheReader(_Layout):
     """
 
     def __init__(self, root: str | Path) -> None:
-        super().__init__(root, read_manifest(root))
+        super().__init__(root, read_manifest(root), str(Path(root) / "manifest.json"))
 
     def complete_shards(self) -> list[int]:
         """Indices of shards with a completion record (not checksummed: see `verify_cache`)."""
@@ -259,13 +260,17 @@ def clean_stale(root: str | Path) -> int:
     Returns:
         Number of entries removed.
     """
-    shards = Path(root) / SHARDS_DIR
-    if not shards.is_dir():
-        return 0
+    root = Path(root)
+    shards = root / SHARDS_DIR
     removed = 0
+    for entry in sorted(root.glob(TMP_PREFIX + "*")):  # an interrupted manifest creation
+        remove_path(entry)
+        removed += 1
+    if not shards.is_dir():
+        return removed
     for entry in sorted(shards.iterdir()):
         match = _SHARD_DATA.match(entry.name)
-        orphan = match is not None and not record_path(Path(root), int(match.group(1))).exists()
+        orphan = match is not None and not record_path(root, int(match.group(1))).exists()
         if entry.name.startswith(TMP_PREFIX) or orphan:
             remove_path(entry)
             removed += 1

@@ -42,7 +42,10 @@ def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str
     """First problem with shard `index` against its record, or None."""
     first, end = reader.shard_range(index)
     if (record["first_sequence"], record["num_sequences"]) != (first, end - first):
-        return f"record says sequences [{record['first_sequence']}, +{record['num_sequences']}), manifest says [{first}, {end})"
+        return (
+            f"record says {record['num_sequences']} sequences from {record['first_sequence']}, "
+            f"manifest says [{first}, {end})"
+        )
     shard = reader.shard_path(index)
     prefix = f"{SHARDS_DIR}/{shard.name}"
     listed = record["files"]

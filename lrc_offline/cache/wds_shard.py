@@ -114,7 +114,7 @@ def read(
     stored = {name: (spec, dtype, shape) for spec in specs for name, dtype, shape in stored_arrays(spec)}
     wanted = {s.name for s in specs if fields is None or s.name in fields}
     present: dict[int, set[str]] = {}
-    values: dict[str, dict[int, np.ndarray]] = {name: {} for name, (spec, _, _) in stored.items() if spec.name in wanted}
+    values: dict[str, dict[int, np.ndarray]] = {n: {} for n, (spec, _, _) in stored.items() if spec.name in wanted}
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -128,7 +128,9 @@ def read(
                     raise CacheFormatError(f"{where}: unknown field {name!r}; this cache stores {sorted(stored)}")
                 spec, dtype, shape = stored[name]
                 if suffix != npy_suffix(spec.codec):
-                    raise CacheFormatError(f"{where}: field {spec.name} uses codec {spec.codec}, expected suffix {npy_suffix(spec.codec)}")
+                    raise CacheFormatError(
+                        f"{where}: field {spec.name} uses codec {spec.codec}, expected suffix {npy_suffix(spec.codec)}"
+                    )
                 if name in present.setdefault(key, set()):
                     raise CacheFormatError(f"{where}: duplicate member")
                 present[key].add(name)
@@ -137,7 +139,9 @@ def read(
                 data = tar.extractfile(member).read()
                 array = decompress_npy(data, spec.codec, math.prod(shape) * dtype.itemsize, where)
                 if array.dtype != dtype or array.shape != shape:
-                    raise CacheFormatError(f"{where}: holds {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+                    raise CacheFormatError(
+                        f"{where}: holds {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+                    )
                 values[name][key] = array
     except (tarfile.TarError, OSError) as err:
         raise CacheFormatError(f"{path}: not a readable tar ({err})") from err
@@ -145,9 +149,11 @@ def read(
     if not keys:
         raise CacheFormatError(f"{path}: the tar holds no samples")
     if keys != list(range(keys[0], keys[0] + len(keys))):
-        raise CacheFormatError(f"{path}: sample keys are not contiguous (from {keys[0]} to {keys[-1]}, {len(keys)} keys)")
+        raise CacheFormatError(f"{path}: sample keys are not contiguous ({len(keys)} from {keys[0]} to {keys[-1]})")
     if first_sequence is not None and keys[0] != first_sequence:
-        raise CacheFormatError(f"{path}: first sample is {keys[0]}, expected {first_sequence}; the shard was moved or renamed")
+        raise CacheFormatError(
+            f"{path}: first sample is {keys[0]}, expected {first_sequence}; the shard was moved or renamed"
+        )
     for key in keys:
         missing = sorted(set(stored) - present[key])
         if missing:

@@ -27,6 +27,9 @@ from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
 __all__ = ["write_to_dir", "read", "chunk_sequences"]
 
+_ALLOWED_CODECS = {"bytes", "blosc", "zstd"}
+"""Codecs this format writes; anything else in a shard's metadata is refused before decoding."""
+
 _CHUNK_TARGET_BYTES = 4 << 20
 """Uncompressed bytes aimed at per chunk: large enough for good compression and few files, small
 enough that reading one sequence does not decode a whole shard."""
@@ -63,7 +66,11 @@ def write_to_dir(
         store=str(path),
         mode="w-",
         zarr_format=3,
-        attributes={"lrc_offline_schema": SCHEMA_VERSION, "first_sequence": first_sequence, "num_sequences": num_sequences},
+        attributes={
+            "lrc_offline_schema": SCHEMA_VERSION,
+            "first_sequence": first_sequence,
+            "num_sequences": num_sequences,
+        },
     )
     field_bytes = {}
     for spec in specs:
@@ -125,10 +132,16 @@ def read(
             except KeyError as err:
                 raise CacheFormatError(f"{where}: array missing from the shard") from err
             if not isinstance(node, zarr.Array) or np.dtype(node.dtype) != dtype or node.shape[1:] != shape:
-                # Checked before touching the data, so a hand-edited shard cannot make us decode
-                # something other than plain numbers.
                 raise CacheFormatError(f"{where}: expected a {dtype} array [n, {', '.join(map(str, shape))}]")
-            stored[name] = node[...]
+            # Checked before touching the data, so a hand-edited shard cannot make us run an
+            # arbitrary codec (numcodecs has pickle-based ones) on what it holds.
+            codecs = {codec.to_dict()["name"] for codec in node.metadata.codecs}
+            if not codecs <= _ALLOWED_CODECS:
+                raise CacheFormatError(f"{where}: refusing codecs {sorted(codecs - _ALLOWED_CODECS)}")
+            try:
+                stored[name] = node[...]
+            except Exception as err:  # codec errors surface as RuntimeError/ValueError variants
+                raise CacheFormatError(f"{where}: cannot decode ({err}); run verify_cache") from err
         out[spec.name] = decode(spec, stored, where=f"{path}/{spec.name}")
     expected_n = attrs.get("num_sequences")
     for name, tensor in out.items():

@@ -1,0 +1,174 @@
+"""Training checkpoints: everything needed to continue a run exactly, in `out/checkpoints/step-000123/`.
+
+A checkpoint directory holds
+
+    student.safetensors   the student's trainable parameters (the teacher's weights are never saved)
+    trainer.pt            optimizer and scheduler state and RNG states: plain tensors and numbers,
+                          loaded with `torch.load(weights_only=True)`
+    state.json            version, step, every rank's reader position, the resolved config, extras
+
+It is written into a temporary sibling and renamed into place, so a directory named `step-*` is
+always complete: a crash while saving leaves only a temporary directory, which `latest_checkpoint`
+ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_state",
+    "rng_state",
+    "set_rng_state",
+]
+
+CHECKPOINT_VERSION = 1
+"""Version of the checkpoint layout; a checkpoint of another version is refused."""
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STUDENT_FILE, _TRAINER_FILE, _STATE_FILE = "student.safetensors", "trainer.pt", "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, of another version, or does not fit the run resuming from it."""
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    """`out_dir/checkpoints/step-000123`."""
+    return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest step under `out_dir/checkpoints`, or None when there is none."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch CPU and CUDA generator states, as tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state` (CUDA states are restored only where CUDA is present)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    reader_states: list[dict[str, Any]],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of `step` (replacing one of the same step) and return its directory.
+
+    Args:
+        out_dir: Run directory; the checkpoint goes to `checkpoint_dir(out_dir, step)`.
+        step: Optimizer steps taken.
+        student: The unwrapped student; only its parameters are saved.
+        optimizer, scheduler: Their `state_dict()`s are saved.
+        reader_states: Every rank's `CacheDataset.state_dict()`, in rank order.
+        config: The resolved run config (JSON-ready).
+        extra: More JSON-ready facts (e.g. the cache's fingerprints).
+    """
+    final = checkpoint_dir(out_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        params = {name: p.detach().to("cpu").contiguous() for name, p in student.named_parameters()}
+        save_file(params, str(tmp / _STUDENT_FILE))
+        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        torch.save(trainer, tmp / _TRAINER_FILE)
+        state = {"version": CHECKPOINT_VERSION, "step": step, "reader": reader_states, "config": config,
+                 "extra": extra or {}}  # fmt: skip
+        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """`state.json` of the checkpoint at `path`, with its version checked."""
+    path = Path(path)
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no {_STATE_FILE}); pass a `step-*` directory")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_file}: not valid JSON ({err}); resume from an earlier checkpoint") from err
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{state_file}: checkpoint version {state.get('version')!r}, this lrc_offline reads version "
+            f"{CHECKPOINT_VERSION}; resume with the lrc_offline that wrote it, or start a new run"
+        )
+    return state
+
+
+def load_checkpoint(
+    path: str | Path,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into `student`, `optimizer` and `scheduler` (in place) and restore the RNG states.
+
+    Returns:
+        The checkpoint's `state.json` (step, reader states, config, extra); the caller restores the reader.
+
+    Raises:
+        CheckpointError: missing files, another version, or parameters that do not fit `student`.
+    """
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    for name in (_STUDENT_FILE, _TRAINER_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} lacks {name}; resume from an earlier checkpoint")
+    params = load_file(str(path / _STUDENT_FILE))
+    own = dict(student.named_parameters())
+    if set(params) != set(own) or any(params[n].shape != own[n].shape for n in own):
+        raise CheckpointError(
+            f"{path / _STUDENT_FILE} holds a student of another shape (missing {sorted(set(own) - set(params))}, "
+            f"unexpected {sorted(set(params) - set(own))}); resume with the student config that saved it"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(params[name])
+    trainer = torch.load(path / _TRAINER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    if restore_rng:
+        set_rng_state(trainer["rng"])
+    return state

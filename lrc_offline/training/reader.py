@@ -1,0 +1,208 @@
+"""Streaming the cache into training: whole shards split across ranks and workers, shuffled in memory.
+
+Rank r of w reads the complete shards r, r + w, r + 2w, ... (by position in the list of complete
+shards), so the ranks of one job read disjoint shards and together read every complete sequence
+exactly once per epoch. Shards are read whole (one decompression per shard, never per sequence) and
+shuffled in memory: the shard order and each shard's sequence order are fixed by (seed, epoch).
+
+The reading position is `(epoch, consumed)`: how many of this rank's sequences of the current epoch
+have been handed out. Resuming recomputes the epoch order and skips exactly `consumed` sequences,
+skipping whole shards without reading them. That is exact when the dataset is iterated in the
+training process (`num_workers=0`, the default path). With DataLoader workers each worker reads its
+own share of the rank's shards and the main process's copy never advances, so `state_dict()` then
+says nothing about the position; workers are for throughput only and refuse a mid-epoch resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..cache import CacheReader
+
+__all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches"]
+
+log = logging.getLogger(__name__)
+
+READER_STATE_VERSION = 1
+"""Version of `CacheDataset.state_dict()`; a state of another version is refused."""
+
+
+class ReaderStateError(ValueError):
+    """A saved reading position does not fit this cache, world size or seed."""
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class CacheDataset(IterableDataset):
+    """Per-sequence dicts of a cache's fields (plus ``sequence_index``), in a seeded order, epoch after epoch.
+
+    Args:
+        cache_dir: Cache directory (holding ``manifest.json``).
+        rank: This process's rank.
+        world_size: Number of processes reading the cache.
+        seed: Seed of the shard and sequence order.
+        num_epochs: Epochs to read before stopping (None: endless).
+        fields: Fields to read (default: all the manifest's).
+
+    Raises:
+        ValueError: bad rank/world size, or this rank gets no complete shard.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_epochs: int | None = None,
+        fields: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.reader = CacheReader(cache_dir)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_epochs, self.fields = num_epochs, fields
+        complete = self.reader.complete_shards()
+        self.skipped_shards = sorted(set(range(self.reader.num_shards)) - set(complete))
+        if self.skipped_shards:
+            log.warning(
+                "%s: %d of %d shards are incomplete and skipped: %s (finish them with `lrc-cache build`)",
+                self.reader.root, len(self.skipped_shards), self.reader.num_shards, self.skipped_shards,
+            )  # fmt: skip
+        self.shards = complete[rank::world_size]
+        if not self.shards:
+            raise ValueError(
+                f"{self.reader.root}: rank {rank} of {world_size} gets no shard: the cache has {len(complete)} "
+                "complete shards; use fewer processes or build more shards"
+            )
+        self.shard_sizes = {i: len(range(*self.reader.shard_range(i))) for i in self.shards}
+        self.num_sequences = sum(self.shard_sizes.values())
+        """Sequences this rank reads per epoch."""
+        self.epoch, self.consumed = 0, 0
+
+    # ---- order ---------------------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, torch.Tensor]]:
+        """This rank's shards in the epoch's order, each with the order of its local sequence offsets."""
+        shard_perm = torch.randperm(len(self.shards), generator=_generator(self.seed, epoch))
+        order = []
+        for position in shard_perm.tolist():
+            shard = self.shards[position]
+            local = torch.randperm(self.shard_sizes[shard], generator=_generator(self.seed, epoch, shard + 1))
+            order.append((shard, local))
+        return order
+
+    def _read_epoch(self, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        first_of_shard = {i: self.reader.shard_range(i)[0] for i in self.shards}
+        for slot, (shard, local) in enumerate(self.epoch_order(epoch)):
+            if slot % num_workers != worker:
+                continue
+            if skip >= len(local):
+                skip -= len(local)
+                continue
+            data = self.reader.read_shard(shard, self.fields)
+            for offset in local[skip:].tolist():
+                sample = {name: tensor[offset] for name, tensor in data.items()}
+                sample["sequence_index"] = first_of_shard[shard] + offset
+                yield sample
+            skip = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if num_workers > 1 and self.consumed:
+            raise ReaderStateError(
+                f"resuming mid-epoch ({self.consumed} sequences consumed) needs num_workers=0; "
+                "DataLoader workers only start at an epoch boundary"
+            )
+        while self.num_epochs is None or self.epoch < self.num_epochs:
+            for sample in self._read_epoch(self.epoch, self.consumed, worker, num_workers):
+                self.consumed += 1
+                yield sample
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    # ---- resume state --------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        manifest = self.reader.manifest
+        return {"fingerprints": manifest["fingerprints"], "num_sequences": manifest["num_sequences"],
+                "sequences_per_shard": manifest["sequences_per_shard"]}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reading position (JSON-ready): version, cache identity, rank layout, seed, epoch, consumed."""
+        return {
+            "version": READER_STATE_VERSION,
+            "cache": self._identity(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "shards": list(self.shards),
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; the next sequence is the first one not consumed then.
+
+        Raises:
+            ReaderStateError: the state has another version, or was saved for another cache, world size,
+                rank, seed or set of complete shards.
+        """
+        where = f"reader state for {self.reader.root}"
+        if state.get("version") != READER_STATE_VERSION:
+            raise ReaderStateError(
+                f"{where}: version {state.get('version')!r}, this lrc_offline reads version {READER_STATE_VERSION}; "
+                "resume with the lrc_offline that saved it, or start a new run"
+            )
+        expected = self.state_dict()
+        for key, fix in (
+            ("cache", "resume with the cache the run started from"),
+            ("world_size", "resume with the same number of processes"),
+            ("rank", "resume each rank from its own state"),
+            ("seed", "resume with the same train.seed"),
+            ("shards", "the set of complete shards changed; finish the run on the old set or start a new run"),
+        ):
+            if state.get(key) != expected[key]:
+                raise ReaderStateError(f"{where}: {key} was {state.get(key)!r}, now {expected[key]!r}; {fix}")
+        if not 0 <= state["consumed"] <= self.num_sequences:
+            raise ReaderStateError(f"{where}: consumed={state['consumed']} is outside [0, {self.num_sequences}]")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack per-sequence samples into a batch; uint16 counts widen to int32 (uint16 supports few ops)."""
+    batch = {}
+    for name in samples[0]:
+        if name == "sequence_index":
+            batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
+            continue
+        stacked = torch.stack([s[name] for s in samples])
+        batch[name] = stacked.to(torch.int32) if stacked.dtype == torch.uint16 else stacked
+    return batch
+
+
+def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `batch_size` samples; pulls exactly one batch of samples per batch, so the dataset's
+    position after a batch counts exactly the sequences handed out so far (a short tail is dropped)."""
+    iterator = iter(samples)
+    while True:
+        chunk = []
+        for sample in iterator:
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                break
+        if len(chunk) < batch_size:
+            return
+        yield collate(chunk)
