@@ -16,16 +16,16 @@ def test_online_training_lowers_loss_and_exports(tmp_path):
     cfg = TrainJobConfig(
         teacher="tiny-random:qwen3", corpus="tiny-text", heldout_docs=2,
         student=StudentConfig(hidden_size=32),
-        train=TrainConfig(steps=150, batch_size=4, seq_len=32, log_every=10, clone_positions=8),
+        train=TrainConfig(steps=200, batch_size=4, seq_len=32, log_every=10, clone_positions=8),
     )  # fmt: skip
     summary = train_online(cfg, tmp_path, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(10, 151, 10))
+    assert [r["step"] for r in records] == list(range(10, 201, 10))
     for key in ("loss", "kd", "ce", "clone", "clone/q", "clone/down", "lr", "tokens_per_s", "tokens"):
         assert key in records[0], key
     first = sum(r["loss"] for r in records[:2]) / 2
     final = sum(r["loss"] for r in records[-2:]) / 2
-    # A 32-wide student of a random 64-wide teacher: the total falls by well over 10% in 150 steps
+    # A 32-wide student of a random 64-wide teacher: the total falls by well over 10% in 200 steps
     # (measured: ~7.4 -> ~5.8); CE alone must also improve on the held-out text.
     assert final < 0.9 * first, (first, final)
     assert summary["student_heldout"]["ce"] < records[0]["ce"]

@@ -87,6 +87,8 @@ class CacheDataset(IterableDataset):
                 f"{self.reader.root}: rank {rank} of {world_size} gets no shard: the cache has {len(complete)} "
                 "complete shards; use fewer processes or build more shards"
             )
+        self.num_complete_sequences = sum(len(range(*self.reader.shard_range(i))) for i in complete)
+        """Sequences all ranks together read per epoch."""
         self.shard_sizes = {i: len(range(*self.reader.shard_range(i))) for i in self.shards}
         self.num_sequences = sum(self.shard_sizes.values())
         """Sequences this rank reads per epoch."""
@@ -137,8 +139,7 @@ class CacheDataset(IterableDataset):
 
     def _identity(self) -> dict[str, Any]:
         manifest = self.reader.manifest
-        return {"fingerprints": manifest["fingerprints"], "num_sequences": manifest["num_sequences"],
-                "sequences_per_shard": manifest["sequences_per_shard"]}  # fmt: skip
+        return {key: manifest[key] for key in ("fingerprints", "config", "num_sequences", "sequences_per_shard")}
 
     def state_dict(self) -> dict[str, Any]:
         """The reading position (JSON-ready): version, cache identity, rank layout, seed, epoch, consumed."""

@@ -1,0 +1,282 @@
+"""`lrc-train`: train an LRC student from a teacher cache; the teacher's forward pass never runs.
+
+The loop mirrors the online reference trainer (`lrc_offline.online`) step for step: same objective
+(`lrc_loss`), optimiser and schedule; only the teacher signal comes from cache shards instead of a
+hooked teacher forward. On top of it: ranks through `accelerate` (each reads its own shards), exact
+resume from `out/checkpoints/step-*`, and a refusal to train on a cache built by another teacher.
+
+Writes to `out_dir`: `config.json` (resolved), `metrics.jsonl`, `checkpoints/step-*/`, `student/`
+(the exported HF checkpoint) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..cache import read_manifest
+from ..config import TrainJobConfig, TrainConfig, save_config, to_dict
+from ..student.export import export_student
+from ..student.lrc import LRCStudent
+from ..teacher.fingerprint import teacher_fingerprints
+from ..teacher.load import load_teacher
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsWriter, read_metrics
+from .objective import lrc_loss
+from .optim import build_optimizer
+from .reader import CacheDataset, iter_batches
+
+__all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
+
+log = logging.getLogger(__name__)
+
+_TEACHER_KEYS = ("teacher_config", "teacher_weights", "tokenizer")
+_RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_sequences",
+                      "train.device", "train.mixed_precision")  # fmt: skip
+"""Config fields a resumed run may change; any other change would make the resumed run a different run."""
+
+
+class TeacherMismatchError(ValueError):
+    """The teacher given to the trainer is not the one the cache was built with."""
+
+
+def cache_teacher_name(manifest: dict) -> str:
+    """The teacher name the cache was built with."""
+    return manifest.get("extra", {}).get("teacher_name") or manifest["config"]["teacher"]
+
+
+def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: dict, cache_dir: str | Path) -> None:
+    """Refuse a teacher (or tokenizer) whose fingerprints differ from those in the cache's manifest.
+
+    Raises:
+        TeacherMismatchError: naming both teachers and every fingerprint that differs.
+    """
+    ours = teacher_fingerprints(model, tokenizer)
+    theirs = manifest["fingerprints"]
+    differ = [key for key in _TEACHER_KEYS if ours[key] != theirs.get(key)]
+    if differ:
+        raise TeacherMismatchError(
+            f"the cache at {cache_dir} was built with teacher {cache_teacher_name(manifest)!r}, but training was "
+            f"given teacher {teacher_name!r}; their fingerprints differ in {differ} (cache {[theirs.get(k) for k in differ]}, "
+            f"given {[ours[k] for k in differ]}). Train with the cache's teacher, or build a cache with this one."
+        )
+
+
+def _resolve_teacher(cfg: TrainJobConfig, manifest: dict, teacher: str | None) -> str:
+    """Explicit argument, else `cfg.teacher` when set away from its default, else the cache's teacher."""
+    if teacher is not None:
+        return teacher
+    default = TrainJobConfig.__dataclass_fields__["teacher"].default
+    return cfg.teacher if cfg.teacher != default else cache_teacher_name(manifest)
+
+
+def _accelerator(tc: TrainConfig) -> Accelerator:
+    """CPU without a GPU (or with train.device=cpu); bf16 autocast on GPU with mixed_precision auto."""
+    cpu = tc.device == "cpu" or not torch.cuda.is_available()
+    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and not cpu)
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) and key != "clone_terms" else {name: value})
+    return out
+
+
+def _resume_from(resume: str | Path, out_dir: Path) -> Path | None:
+    """The checkpoint to continue from: latest (`auto`), none (`never`) or a given `step-*` directory."""
+    latest = latest_checkpoint(out_dir)
+    if resume == "never":
+        if latest is not None:
+            raise CheckpointError(
+                f"{out_dir} already holds checkpoints (latest {latest.name}) and resume='never'; "
+                "use another out_dir, delete its checkpoints/, or pass resume='auto'"
+            )
+        return None
+    if resume == "auto":
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={str(resume)!r} is neither 'auto', 'never' nor a checkpoint directory")
+    return path
+
+
+def _check_resumable(saved: dict, now: dict, path: Path) -> None:
+    old, new = _flatten(saved), _flatten(now)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES]
+    if changed:
+        lines = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in changed]
+        raise CheckpointError(
+            f"{path} was saved by a run with another configuration:\n  " + "\n  ".join(lines)
+            + "\nResume with the same configuration, or start a new run in another out_dir."
+        )
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Cache tensors onto `device`; pinned first on CUDA so the copy overlaps compute."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            for k, v in batch.items() if k != "sequence_index"}  # fmt: skip
+
+
+class _DistributedStudent:
+    """`lrc_loss` calls the student (which must go through the DDP wrapper so gradients sync) and reads
+    its attributes (which only the wrapped module has)."""
+
+    def __init__(self, wrapped: torch.nn.Module, module: LRCStudent):
+        self._wrapped, self._module = wrapped, module
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def train_from_cache(
+    cfg: TrainJobConfig,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    resume: str | Path = "auto",
+    progress: bool = True,
+    max_steps_this_run: int | None = None,
+    checkpoint_every: int = 0,
+    teacher: str | None = None,
+) -> dict:
+    """Train an LRC student from the cache at `cache_dir`; export it; return a summary.
+
+    Args:
+        cfg: The run config (`cfg.train.seq_len` is taken from the cache).
+        cache_dir: A cache built by `lrc-cache build`; only its complete shards are read.
+        out_dir: Run directory (see the module docstring).
+        resume: `auto` continues from the latest checkpoint in `out_dir` (if any), `never` starts afresh
+            (refusing an `out_dir` that has checkpoints), or a `step-*` directory to continue from.
+        progress: Show a progress bar.
+        max_steps_this_run: Stop after this many steps without a final checkpoint or export, as a
+            killed job would (for time-limited jobs, make it a multiple of `checkpoint_every`).
+        checkpoint_every: Save a checkpoint every N steps (0: only at the end).
+        teacher: Teacher to load; default `cfg.teacher` when changed from its default, else the cache's.
+
+    Raises:
+        TeacherMismatchError: the teacher is not the one the cache was built with (checked before step 0).
+        CheckpointError, ReaderStateError: the checkpoint does not fit this run.
+    """
+    start_time = time.perf_counter()
+    out_dir, tc = Path(out_dir), cfg.train
+    accelerator = _accelerator(tc)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    # ---- cache and teacher: refuse a teacher the cache was not built with ---------------------------
+    manifest = read_manifest(cache_dir)
+    teacher_name = _resolve_teacher(cfg, manifest, teacher)
+    loaded = load_teacher(teacher_name, dtype="auto", device=device)
+    check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest, cache_dir)
+    seq_len = manifest["config"]["seq_len"]
+    cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
+    tc = cfg.train
+    clone_layers = manifest["config"]["act_layers"] or list(range(manifest["geometry"]["num_layers"]))
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.json")
+
+    # ---- data, student, optimiser, resume ------------------------------------------------------------
+    dataset = CacheDataset(cache_dir, rank=rank, world_size=world, seed=tc.seed)
+    torch.manual_seed(tc.seed)
+    student = LRCStudent(loaded.model, cfg.student.hidden_size, cfg.student.init_std, cfg.student.seed).to(device)
+    optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
+    start_step, resumed_from = 0, _resume_from(resume, out_dir)
+    if resumed_from is not None:
+        state = load_checkpoint(resumed_from, student, optimizer, scheduler)
+        _check_resumable(state["config"], to_dict(cfg), resumed_from)
+        if len(state["reader"]) != world:
+            raise CheckpointError(f"{resumed_from} was saved by {len(state['reader'])} processes, now {world}; "
+                                  "resume with the same number of processes")  # fmt: skip
+        dataset.load_state_dict(state["reader"][rank])
+        start_step = state["step"]
+    model, optimizer = accelerator.prepare(student, optimizer)
+    loss_student = student if model is student else _DistributedStudent(model, student)
+    extra = {"cache": str(cache_dir), "cache_fingerprints": manifest["fingerprints"]}
+
+    def checkpoint(step: int) -> None:
+        states = gather_object([dataset.state_dict()]) if world > 1 else [dataset.state_dict()]
+        if accelerator.is_main_process:
+            save_checkpoint(out_dir, step, student, optimizer, scheduler, states, to_dict(cfg), extra)
+        accelerator.wait_for_everyone()
+
+    # ---- loop ------------------------------------------------------------------------------------------
+    metrics = None
+    if accelerator.is_main_process:
+        old = out_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(old) if r["step"] <= start_step] if start_step and old.is_file() else []
+        metrics = MetricsWriter(out_dir / "metrics.jsonl")
+        for record in kept:  # steps after the checkpoint are redone: drop their lines
+            metrics.write(record)
+    batches = iter_batches(dataset, tc.batch_size)
+    tokens_per_step = tc.batch_size * tc.grad_accum * seq_len * world
+    end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
+    bar = tqdm(total=tc.steps, initial=start_step, desc="LRC from cache", unit="step",
+               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+    window_start, window_tokens, last = time.perf_counter(), 0, {}
+    for step in range(start_step, end_step):
+        parts_sum: dict[str, torch.Tensor] = {}
+        for micro in range(tc.grad_accum):
+            batch = _to_device(next(batches), device)
+            sync = micro == tc.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss, parts = lrc_loss(loss_student, batch, cfg.loss, clone_layers)
+                accelerator.backward(loss / tc.grad_accum)
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / tc.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += tokens_per_step
+        bar.update(1)
+
+        is_last = step + 1 == tc.steps
+        if (step + 1) % tc.log_every == 0 or is_last:
+            names = sorted(parts_sum)
+            values = accelerator.reduce(torch.stack([parts_sum[k] for k in names]), reduction="mean")
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, **dict(zip(names, values)),
+                      "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                      "epoch": dataset.epoch + dataset.consumed / dataset.num_sequences,
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}  # fmt: skip
+            if metrics is not None:
+                last = metrics.write(record)
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if is_last or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+            checkpoint(step + 1)
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    summary = {"final": last, "start_step": start_step, "end_step": end_step,
+               "resumed_from": str(resumed_from) if resumed_from else None, "cache": str(cache_dir),
+               "sequences_per_epoch": dataset.num_complete_sequences, "skipped_shards": dataset.skipped_shards,
+               "seconds": time.perf_counter() - start_time}  # fmt: skip
+    if end_step < tc.steps:
+        summary["stopped_early"] = True
+        return summary
+
+    # ---- export ----------------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        export_dir = export_student(student, out_dir / "student", loaded.tokenizer, to_dict(cfg),
+                                    extra_info={"trainer": "offline", "steps": tc.steps, **extra})  # fmt: skip
+        summary["export"] = str(export_dir)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
