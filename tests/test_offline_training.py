@@ -257,7 +257,8 @@ def test_cache_of_another_teacher_is_refused_before_any_step(caches, tmp_path):
     modified.model.save_pretrained(tmp_path / "llama-b")
     modified.tokenizer.save_pretrained(tmp_path / "llama-b")
     with pytest.raises(TeacherMismatchError, match="teacher_weights") as err:
-        train_from_cache(_job(2), caches["residual"], tmp_path / "out", progress=False, teacher=str(tmp_path / "llama-b"))
+        train_from_cache(_job(2), caches["residual"], tmp_path / "out", progress=False,
+                         teacher=str(tmp_path / "llama-b"))  # fmt: skip
     assert "llama-b" in str(err.value) and "tiny-random:llama" in str(err.value)
 
 

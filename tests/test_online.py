@@ -43,3 +43,21 @@ def test_kd_only_recipe_skips_clone(tmp_path):
     train_online(cfg, tmp_path, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert len(records) == 3 and "clone" not in records[0] and torch.isfinite(torch.tensor(records[-1]["loss"]))
+
+
+def test_compare_models_against_naive_metrics():
+    from lrc_offline.evaluation import compare_models
+
+    gen = torch.Generator().manual_seed(0)
+    table_s, table_t = torch.randn(11, 11, generator=gen), torch.randn(11, 11, generator=gen)
+    ids = torch.randint(0, 11, (3, 5), generator=gen)
+    metrics = compare_models(lambda x: table_s[x] * 1.0, lambda x: table_t[x] * 1.0, ids, batch_size=2)
+    s, t = table_s[ids].double(), table_t[ids].double()
+    ce = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1)).item()
+    p, logq = t.softmax(-1), s.log_softmax(-1)
+    kl = (p * (p.log() - logq)).sum(-1).mean().item()
+    agree = (s.argmax(-1) == t.argmax(-1)).double().mean().item()
+    assert abs(metrics["student_ce"] - ce) < 1e-5 and abs(metrics["kl"] - kl) < 1e-5
+    assert abs(metrics["top1_agreement"] - agree) < 1e-9 and metrics["tokens"] == 12
+    same = compare_models(lambda x: table_t[x] * 1.0, lambda x: table_t[x] * 1.0, ids)
+    assert abs(same["kl"]) < 1e-6 and same["top1_agreement"] == 1.0

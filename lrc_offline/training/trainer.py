@@ -66,8 +66,9 @@ def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: d
     if differ:
         raise TeacherMismatchError(
             f"the cache at {cache_dir} was built with teacher {cache_teacher_name(manifest)!r}, but training was "
-            f"given teacher {teacher_name!r}; their fingerprints differ in {differ} (cache {[theirs.get(k) for k in differ]}, "
-            f"given {[ours[k] for k in differ]}). Train with the cache's teacher, or build a cache with this one."
+            f"given teacher {teacher_name!r}; their fingerprints differ in {differ} "
+            f"(cache {[theirs.get(k) for k in differ]}, given {[ours[k] for k in differ]}). "
+            "Train with the cache's teacher, or build a cache with this one."
         )
 
 

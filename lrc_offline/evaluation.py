@@ -1,0 +1,101 @@
+"""Student against teacher on held-out text: perplexities, top-1 agreement and KL to the teacher.
+
+Evaluation runs the teacher's forward on the held-out sequences (a few, once), which is why it lives
+outside `training/`.
+
+Legend: N sequences, B batch, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import losses
+from .capture.corpus import load_documents, pack_documents, split_heldout
+
+__all__ = ["compare_models", "heldout_sequences", "evaluate_export", "format_table"]
+
+
+@torch.no_grad()
+def compare_models(
+    student_fn: Callable[[torch.Tensor], torch.Tensor],
+    teacher_fn: Callable[[torch.Tensor], torch.Tensor],
+    input_ids_NT: torch.Tensor,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Token-weighted metrics over held-out sequences.
+
+    Returns:
+        student_ce / teacher_ce (nats per predicted token), student_ppl / teacher_ppl, kl (mean per token
+        of KL(teacher || student) at temperature 1), top1_agreement (fraction of positions where the
+        argmaxes agree), tokens.
+    """
+    sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agreement": 0.0}
+    num_pred, num_pos = 0, 0
+    for lo in range(0, input_ids_NT.shape[0], batch_size):
+        ids = input_ids_NT[lo : lo + batch_size].to(device).long()
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        s_logits, t_logits = student_fn(ids).float(), teacher_fn(ids).float()
+        pred = ids.shape[0] * (ids.shape[1] - 1)
+        pos = ids.numel()
+        sums["student_ce"] += losses.cross_entropy_next(s_logits, ids, mask).item() * pred
+        sums["teacher_ce"] += losses.cross_entropy_next(t_logits, ids, mask).item() * pred
+        sums["kl"] += losses.kl_full(s_logits, t_logits, mask).item() * pos
+        sums["top1_agreement"] += (s_logits.argmax(-1) == t_logits.argmax(-1)).float().sum().item()
+        num_pred, num_pos = num_pred + pred, num_pos + pos
+    out = {
+        "student_ce": sums["student_ce"] / num_pred,
+        "teacher_ce": sums["teacher_ce"] / num_pred,
+        "kl": sums["kl"] / num_pos,
+        "top1_agreement": sums["top1_agreement"] / num_pos,
+        "tokens": num_pred,
+    }
+    out["student_ppl"] = math.exp(min(out["student_ce"], 50.0))
+    out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 50.0))
+    return out
+
+
+def heldout_sequences(corpus: str, text_field: str, heldout_docs: int, tokenizer, seq_len: int,
+                      max_sequences: int | None) -> torch.Tensor:  # fmt: skip
+    """The packed held-out sequences: the last `heldout_docs` documents of the corpus, which a cache
+    built with the same `heldout_docs` never saw."""
+    if heldout_docs < 1:
+        raise ValueError("evaluation on held-out text needs heldout_docs >= 1 (documents kept out of the cache)")
+    _, heldout = split_heldout(load_documents(corpus, text_field), heldout_docs)
+    return pack_documents(heldout, tokenizer, seq_len, max_sequences).input_ids
+
+
+def evaluate_export(
+    student_dir: str | Path,
+    teacher,
+    corpus: str,
+    heldout_docs: int,
+    seq_len: int,
+    max_sequences: int | None = 32,
+    text_field: str = "text",
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Load an exported student with plain `transformers` and compare it with `teacher` (a loaded Teacher)."""
+    from transformers import AutoModelForCausalLM
+
+    device = next(teacher.model.parameters()).device
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    ids = heldout_sequences(corpus, text_field, heldout_docs, teacher.tokenizer, seq_len, max_sequences)
+    return compare_models(lambda x: student(input_ids=x).logits, lambda x: teacher.model(input_ids=x).logits,
+                          ids, batch_size, device)  # fmt: skip
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A short two-column table of the metrics."""
+    rows = [("", "student", "teacher"),
+            ("cross-entropy (nats)", f"{metrics['student_ce']:.4f}", f"{metrics['teacher_ce']:.4f}"),
+            ("perplexity", f"{metrics['student_ppl']:.2f}", f"{metrics['teacher_ppl']:.2f}"),
+            ("KL(teacher||student)", f"{metrics['kl']:.4f}", ""),
+            ("top-1 agreement", f"{metrics['top1_agreement']:.3f}", ""),
+            ("tokens", str(metrics["tokens"]), "")]  # fmt: skip
+    return "\n".join(f"{a:<22}{b:>12}{c:>12}" for a, b, c in rows)
