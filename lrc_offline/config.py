@@ -212,6 +212,8 @@ class TrainConfig:
     """Tokens per sequence (online training; offline training takes the cache's)."""
     log_every: int = 10
     """Write a metrics line every N steps."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
     eval_every: int = 0
     """Evaluate held-out loss every N steps (0: only at the end)."""
     eval_sequences: int = 32
@@ -229,6 +231,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
             _check_positive("train", name, getattr(self, name))
         _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
+        _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
 
@@ -244,14 +247,16 @@ class BuildJobConfig:
 class TrainJobConfig:
     """Root config of `lrc-train` (and the online reference trainer)."""
 
-    teacher: str = "tiny-random:llama"
-    """Teacher (as in cache.teacher); its weights generate the student."""
+    teacher: str | None = None
+    """Teacher whose weights generate the student. None: offline training takes the cache's teacher
+    (online training needs it set)."""
     corpus: str = "tiny-text"
-    """Corpus for online training (offline training reads the cache)."""
+    """Corpus for online training and held-out evaluation (offline training reads the cache)."""
     text_field: str = "text"
     """Field holding the text in JSON Lines and Parquet corpora."""
     heldout_docs: int = 0
-    """Documents kept apart for evaluation (taken from the end of the corpus)."""
+    """Documents kept apart for evaluation (taken from the end of the corpus; offline training takes the
+    cache's corpus and held-out count when this is 0)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .capture.corpus import load_documents, pack_documents, split_heldout
 from .capture.positions import sample_positions_batch
-from .config import CLONE_TERMS, TrainJobConfig, save_config, to_dict
+from .config import CLONE_TERMS, ConfigError, TrainJobConfig, save_config, to_dict
 from .student.export import export_student
 from .student.lrc import LRCStudent
 from .teacher.hooks import capture_teacher
@@ -68,6 +68,8 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
     torch.manual_seed(tc.seed)
 
     # ---- teacher, data, student -----------------------------------------------------------------
+    if cfg.teacher is None:
+        raise ConfigError("online training runs the teacher: set teacher=<name or path>")
     teacher = load_teacher(cfg.teacher, dtype="auto", device=device)
     docs = load_documents(cfg.corpus, cfg.text_field)
     train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)

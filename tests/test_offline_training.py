@@ -140,16 +140,16 @@ def seen(monkeypatch) -> list[list[int]]:
 
 
 def test_killed_run_resumes_with_same_losses_and_no_repeated_sequence(caches, tmp_path, seen):
-    cfg = _job(NUM_SEQ // 4)  # exactly one epoch
-    train_from_cache(cfg, caches["residual"], tmp_path / "full", progress=False, checkpoint_every=4)
+    cfg = _job(NUM_SEQ // 4, checkpoint_every=4)  # exactly one epoch
+    train_from_cache(cfg, caches["residual"], tmp_path / "full", progress=False)
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     (order,) = seen
     assert sorted(order) == list(range(NUM_SEQ))
 
-    killed = train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False, checkpoint_every=4,
+    killed = train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False,
                               max_steps_this_run=6)  # fmt: skip
     assert killed["stopped_early"] and ckpt.latest_checkpoint(tmp_path / "b").name == "step-000004"
-    resumed = train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False, checkpoint_every=4)
+    resumed = train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False)
     assert resumed["start_step"] == 4
     _, before_kill, after_resume = seen
     assert len(before_kill) == 24 and len(after_resume) == NUM_SEQ - 16

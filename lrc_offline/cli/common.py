@@ -17,9 +17,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..teacher.adapters import UnsupportedArchitectureError
     from ..teacher.load import TeacherLoadError
+    from ..training.checkpoint import CheckpointError
+    from ..training.reader import ReaderStateError
+    from ..training.trainer import TeacherMismatchError
 
     return (ConfigError, CorpusError, TeacherLoadError, UnsupportedArchitectureError, CacheFormatError,
-            CacheMismatchError, FileNotFoundError, PermissionError)  # fmt: skip
+            CacheMismatchError, CheckpointError, ReaderStateError, TeacherMismatchError, FileNotFoundError,
+            PermissionError)  # fmt: skip
 
 
 def run_main(body: Callable[[], int | None]) -> int:

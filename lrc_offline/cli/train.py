@@ -1,6 +1,12 @@
-"""`lrc-train`: train LRC students.
+"""`lrc-train`: train LRC students from a cache, sweep sizes, evaluate and export.
 
-    lrc-train online --config FILE --out DIR [section.key=value ...]   the online reference (teacher in the step)
+    lrc-train train  --cache DIR --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]
+    lrc-train sweep  --cache DIR --out DIR --hidden-sizes 128,192,256 [--config FILE] [section.key=value ...]
+    lrc-train eval   --student DIR [--teacher NAME] (--cache DIR | --corpus NAME --heldout-docs N) [--json]
+    lrc-train export --checkpoint DIR --out DIR
+    lrc-train online --out DIR [--config FILE] [section.key=value ...]   (the online reference trainer)
+
+Multi-GPU / multi-node: `accelerate launch --config_file train/accelerate/<file>.yaml -m lrc_offline.cli.train train ...`.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .common import run_main
 
@@ -17,31 +24,146 @@ __all__ = ["main"]
 log = logging.getLogger("lrc-train")
 
 
+def _add_job_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
+    if cache:
+        parser.add_argument("--cache", required=True, help="cache directory built by lrc-cache build")
+    parser.add_argument("--config", help="JSON or YAML TrainJobConfig; defaults if omitted")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.hidden_size=256 train.steps=500")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrc-train", description="Train Low-Rank Clone students.")
+    parser = argparse.ArgumentParser(prog="lrc-train", description="Train Low-Rank Clone students from a teacher cache.")
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one student from a cache")
+    _add_job_args(train)
+    train.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), never, or a step-* dir")
+    sweep = sub.add_parser("sweep", help="train one student per hidden size from the same cache")
+    _add_job_args(sweep)
+    sweep.add_argument("--hidden-sizes", required=True, help="comma-separated student hidden sizes, e.g. 128,192,256")
+    evaluate = sub.add_parser("eval", help="student vs teacher on held-out text: perplexity, KL, top-1 agreement")
+    evaluate.add_argument("--student", required=True, help="exported student directory")
+    evaluate.add_argument("--teacher", help="teacher (default: the one the student was trained from)")
+    evaluate.add_argument("--cache", help="take the corpus and held-out documents from this cache's manifest")
+    evaluate.add_argument("--corpus", help="corpus whose last --heldout-docs documents are the held-out text")
+    evaluate.add_argument("--text-field", default="text")
+    evaluate.add_argument("--heldout-docs", type=int, help="documents at the end of the corpus kept out of training")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per sequence (default: the cache's, else 256)")
+    evaluate.add_argument("--max-sequences", type=int, default=32, help="held-out sequences to evaluate")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = sub.add_parser("export", help="export a checkpoint as a plain Hugging Face model")
+    export.add_argument("--checkpoint", required=True, help="a checkpoints/step-* directory")
+    export.add_argument("--out", required=True, help="export directory")
     online = sub.add_parser("online", help="online reference trainer: the teacher runs in every step")
-    online.add_argument("--config", help="JSON or YAML TrainJobConfig; defaults if omitted")
-    online.add_argument("--out", required=True, help="run directory (metrics, export, summary)")
-    online.add_argument("--no-progress", action="store_true", help="no progress bar")
-    online.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.hidden_size=32 train.steps=50")
+    _add_job_args(online, cache=False)
     return parser
 
 
-def _online(args) -> int:
+def _job_config(args):
     from ..config import TrainJobConfig, load_config, to_dict
-    from ..online import train_online
 
     cfg = load_config(TrainJobConfig, args.config, args.overrides)
     log.info("config: %s", json.dumps(to_dict(cfg)))
-    summary = train_online(cfg, args.out, progress=not args.no_progress)
+    return cfg
+
+
+def _teacher_and_heldout(cfg, cache: str):
+    """The teacher (the config's, else the cache's) and the packed held-out sequences, if any."""
+    from ..cache import read_manifest
+    from ..evaluation import heldout_sequences
+    from ..teacher.load import load_teacher, resolve_device
+    from ..training.trainer import cache_teacher_name
+
+    manifest = read_manifest(cache)
+    teacher = load_teacher(cfg.teacher or cache_teacher_name(manifest), dtype="auto",
+                           device=resolve_device(cfg.train.device))  # fmt: skip
+    built = manifest["config"]
+    if cfg.heldout_docs:
+        corpus, field, docs = cfg.corpus, cfg.text_field, cfg.heldout_docs
+    else:
+        corpus, field, docs = built["corpus"], built["text_field"], built["heldout_docs"]
+    if not docs:
+        log.info("no held-out documents (cache built with heldout_docs=0): held-out loss is not logged")
+        return teacher, None
+    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built["seq_len"], cfg.train.eval_sequences)
+    return teacher, ids
+
+
+def _train(args) -> int:
+    from ..training.trainer import train_from_cache
+
+    cfg = _job_config(args)
+    teacher, heldout = _teacher_and_heldout(cfg, args.cache)
+    summary = train_from_cache(cfg, args.cache, args.out, resume=args.resume, progress=not args.no_progress,
+                               teacher=teacher, heldout_ids=heldout)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sweep(args) -> int:
+    from ..training.sweep import parse_sizes, run_sweep
+
+    cfg = _job_config(args)
+    sizes = parse_sizes(args.hidden_sizes)
+    teacher, heldout = _teacher_and_heldout(cfg, args.cache)
+    run_sweep(cfg, args.cache, args.out, sizes, teacher=teacher, heldout_ids=heldout, progress=not args.no_progress)
+    print((Path(args.out) / "sweep.md").read_text())
+    return 0
+
+
+def _eval(args) -> int:
+    from ..cache import read_manifest
+    from ..evaluation import evaluate_export, format_table
+    from ..teacher.load import load_teacher
+
+    info_file = Path(args.student) / "lrc_config.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    teacher_name = args.teacher or (info.get("config") or {}).get("teacher")
+    corpus, field, docs, seq_len = args.corpus, args.text_field, args.heldout_docs, args.seq_len
+    if args.cache:
+        built = read_manifest(args.cache)["config"]
+        teacher_name = teacher_name or built["teacher"]
+        corpus, field = corpus or built["corpus"], built["text_field"]
+        docs, seq_len = docs or built["heldout_docs"], seq_len or built["seq_len"]
+    if not teacher_name:
+        raise FileNotFoundError(f"{info_file} does not name the teacher; pass --teacher")
+    if not corpus or not docs:
+        raise FileNotFoundError("no held-out text: pass --cache (built with heldout_docs > 0) or --corpus and --heldout-docs")
+    teacher = load_teacher(teacher_name, dtype="auto", device="auto")
+    metrics = evaluate_export(args.student, teacher, corpus, docs, seq_len or 256, args.max_sequences, field)
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    return 0
+
+
+def _export(args) -> int:
+    from ..config import TrainJobConfig, from_dict
+    from ..student.export import export_student
+    from ..student.lrc import LRCStudent
+    from ..teacher.load import load_teacher
+    from ..training.checkpoint import load_student_weights, read_checkpoint_state
+
+    state = read_checkpoint_state(args.checkpoint)
+    cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
+    teacher = load_teacher(cfg.teacher, dtype="float32", device="cpu")
+    student = LRCStudent(teacher.model, cfg.student.hidden_size, cfg.student.init_std, cfg.student.seed)
+    load_student_weights(args.checkpoint, student)
+    extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint), **state.get("extra", {})}
+    print(export_student(student, args.out, teacher.tokenizer, state["config"], extra_info=extra))
+    return 0
+
+
+def _online(args) -> int:
+    from ..online import train_online
+
+    summary = train_online(_job_config(args), args.out, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"online": _online}[args.command]
+    handler = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}[args.command]
     return run_main(lambda: handler(args))
 
 

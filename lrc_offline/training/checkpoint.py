@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "load_student_weights",
     "checkpoint_dir",
     "latest_checkpoint",
     "save_checkpoint",
@@ -136,6 +137,32 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_student_weights(path: str | Path, student: torch.nn.Module) -> dict[str, Any]:
+    """Load only the trained parameters of a checkpoint into `student` (for export or evaluation).
+
+    Returns:
+        The checkpoint's `state.json`.
+
+    Raises:
+        CheckpointError: missing files, another version, or parameters that do not fit `student`.
+    """
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    if not (path / _STUDENT_FILE).is_file():
+        raise CheckpointError(f"{path} lacks {_STUDENT_FILE}; use an earlier checkpoint")
+    params = load_file(str(path / _STUDENT_FILE))
+    own = dict(student.named_parameters())
+    if set(params) != set(own) or any(params[n].shape != own[n].shape for n in own):
+        raise CheckpointError(
+            f"{path / _STUDENT_FILE} holds a student of another shape (missing {sorted(set(own) - set(params))}, "
+            f"unexpected {sorted(set(params) - set(own))}); use the student config that saved it"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(params[name])
+    return state
+
+
 def load_checkpoint(
     path: str | Path,
     student: torch.nn.Module,
@@ -152,20 +179,9 @@ def load_checkpoint(
         CheckpointError: missing files, another version, or parameters that do not fit `student`.
     """
     path = Path(path)
-    state = read_checkpoint_state(path)
-    for name in (_STUDENT_FILE, _TRAINER_FILE):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} lacks {name}; resume from an earlier checkpoint")
-    params = load_file(str(path / _STUDENT_FILE))
-    own = dict(student.named_parameters())
-    if set(params) != set(own) or any(params[n].shape != own[n].shape for n in own):
-        raise CheckpointError(
-            f"{path / _STUDENT_FILE} holds a student of another shape (missing {sorted(set(own) - set(params))}, "
-            f"unexpected {sorted(set(params) - set(own))}); resume with the student config that saved it"
-        )
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(params[name])
+    if not (path / _TRAINER_FILE).is_file():
+        raise CheckpointError(f"{path} lacks {_TRAINER_FILE}; resume from an earlier checkpoint")
+    state = load_student_weights(path, student)
     trainer = torch.load(path / _TRAINER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from ..cache import read_manifest
@@ -28,7 +28,8 @@ from ..config import TrainJobConfig, TrainConfig, save_config, to_dict
 from ..student.export import export_student
 from ..student.lrc import LRCStudent
 from ..teacher.fingerprint import teacher_fingerprints
-from ..teacher.load import load_teacher
+from ..teacher.load import Teacher, load_teacher
+from .evaluate import heldout_ce
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
@@ -73,18 +74,18 @@ def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: d
 
 
 def _resolve_teacher(cfg: TrainJobConfig, manifest: dict, teacher: str | None) -> str:
-    """Explicit argument, else `cfg.teacher` when set away from its default, else the cache's teacher."""
-    if teacher is not None:
-        return teacher
-    default = TrainJobConfig.__dataclass_fields__["teacher"].default
-    return cfg.teacher if cfg.teacher != default else cache_teacher_name(manifest)
+    """Explicit argument, else `cfg.teacher`, else the teacher the cache was built with."""
+    return teacher or cfg.teacher or cache_teacher_name(manifest)
 
 
 def _accelerator(tc: TrainConfig) -> Accelerator:
     """CPU without a GPU (or with train.device=cpu); bf16 autocast on GPU with mixed_precision auto."""
     cpu = tc.device == "cpu" or not torch.cuda.is_available()
     bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and not cpu)
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    # The frozen teacher tensors are buffers of the student: identical on every rank, never to be
+    # re-broadcast by DDP before each forward.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -124,6 +125,14 @@ def _check_resumable(saved: dict, now: dict, path: Path) -> None:
         )
 
 
+def _heldout_ce(student: LRCStudent, ids: torch.Tensor, batch_size: int, device, accelerator) -> float:
+    student.eval()
+    with accelerator.autocast():
+        result = heldout_ce(lambda x: student(x).logits_BTV, ids, batch_size, device)
+    student.train()
+    return result["ce"]
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     """Cache tensors onto `device`; pinned first on CUDA so the copy overlaps compute."""
     pin = device.type == "cuda"
@@ -152,8 +161,8 @@ def train_from_cache(
     resume: str | Path = "auto",
     progress: bool = True,
     max_steps_this_run: int | None = None,
-    checkpoint_every: int = 0,
-    teacher: str | None = None,
+    teacher: str | Teacher | None = None,
+    heldout_ids: torch.Tensor | None = None,
 ) -> dict:
     """Train an LRC student from the cache at `cache_dir`; export it; return a summary.
 
@@ -166,8 +175,9 @@ def train_from_cache(
         progress: Show a progress bar.
         max_steps_this_run: Stop after this many steps without a final checkpoint or export, as a
             killed job would (for time-limited jobs, make it a multiple of `checkpoint_every`).
-        checkpoint_every: Save a checkpoint every N steps (0: only at the end).
-        teacher: Teacher to load; default `cfg.teacher` when changed from its default, else the cache's.
+        teacher: A loaded teacher, or the teacher to load; default `cfg.teacher`, else the cache's.
+        heldout_ids: Packed held-out sequences [N, T]; when given, the student's held-out CE is logged
+            every `train.eval_every` steps and at the end (see `lrc_offline.evaluation.heldout_sequences`).
 
     Raises:
         TeacherMismatchError: the teacher is not the one the cache was built with (checked before step 0).
@@ -180,8 +190,12 @@ def train_from_cache(
 
     # ---- cache and teacher: refuse a teacher the cache was not built with ---------------------------
     manifest = read_manifest(cache_dir)
-    teacher_name = _resolve_teacher(cfg, manifest, teacher)
-    loaded = load_teacher(teacher_name, dtype="auto", device=device)
+    if isinstance(teacher, Teacher):
+        loaded, teacher_name = teacher, teacher.name
+        loaded.model.to(device)
+    else:
+        teacher_name = _resolve_teacher(cfg, manifest, teacher)
+        loaded = load_teacher(teacher_name, dtype="auto", device=device)
     check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest, cache_dir)
     seq_len = manifest["config"]["seq_len"]
     cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
@@ -256,11 +270,14 @@ def train_from_cache(
                       "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                       "epoch": dataset.epoch + dataset.consumed / dataset.num_sequences,
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}  # fmt: skip
+            if heldout_ids is not None and accelerator.is_main_process and (
+                    is_last or (tc.eval_every and (step + 1) % tc.eval_every == 0)):
+                record["heldout_ce"] = _heldout_ce(student, heldout_ids, tc.batch_size, device, accelerator)
             if metrics is not None:
                 last = metrics.write(record)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
             window_start, window_tokens = time.perf_counter(), 0
-        if is_last or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+        if is_last or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
             checkpoint(step + 1)
     bar.close()
     if metrics is not None:

@@ -1,0 +1,61 @@
+"""PNG plots of training runs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_curves", "plot_sweep"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: dict[str, list[dict]], out_png: str | Path, key: str = "loss", title: str = "") -> Path:
+    """One line per run: `key` against training tokens (held-out points drawn as markers if present)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, records in runs.items():
+        rows = [r for r in records if key in r]
+        line = ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], label=f"{label} {key}")[0]
+        held = [r for r in records if "heldout_ce" in r]
+        if held:
+            ax.plot([r["tokens"] for r in held], [r["heldout_ce"] for r in held], "o--", color=line.get_color(),
+                    label=f"{label} held-out CE")  # fmt: skip
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("nats")
+    ax.set_title(title or key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_sweep(rows: list[dict], runs: dict[str, list[dict]], out_png: str | Path, metric: str) -> Path:
+    """Left: final `metric` against student hidden size. Right: training loss against tokens per size."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    sizes = [r["hidden_size"] for r in rows]
+    left.plot(sizes, [r[metric] for r in rows], "o-")
+    left.set_xlabel("student hidden size d_S")
+    left.set_ylabel(metric)
+    left.set_title(f"{metric} against student size")
+    left.grid(alpha=0.3)
+    for label, records in runs.items():
+        right.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=label)
+    right.set_xlabel("training tokens")
+    right.set_ylabel("training loss")
+    right.set_title("loss against tokens")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

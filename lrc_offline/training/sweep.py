@@ -1,0 +1,63 @@
+"""A sweep of student sizes trained from one cache: one run per hidden size, then a table and a plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import TrainJobConfig
+from .metrics import read_metrics
+from .plots import plot_sweep
+from .trainer import train_from_cache
+
+__all__ = ["run_sweep", "parse_sizes"]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """`128,192,256` -> [128, 192, 256], refusing anything but distinct positive integers."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise ValueError(f"--hidden-sizes {text!r} must be comma-separated integers, e.g. 128,192,256") from err
+    if not sizes or any(s <= 0 for s in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"--hidden-sizes {text!r} must list distinct positive integers")
+    return sizes
+
+
+def run_sweep(
+    cfg: TrainJobConfig,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    hidden_sizes: list[int],
+    teacher=None,
+    heldout_ids: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train one student per size (runs in `out_dir/d<size>/`, each resumable), then write
+    `sweep.json`, `sweep.md` and `sweep.png` to `out_dir`. Returns the table rows."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, runs = [], {}
+    for size in hidden_sizes:
+        run_cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, hidden_size=size))
+        run_dir = out_dir / f"d{size}"
+        summary = train_from_cache(run_cfg, cache_dir, run_dir, resume="auto", progress=progress,
+                                   teacher=teacher, heldout_ids=heldout_ids)  # fmt: skip
+        records = read_metrics(run_dir / "metrics.jsonl")
+        runs[f"d_S={size}"] = records
+        final = records[-1]
+        rows.append({"hidden_size": size, "final_loss": final["loss"], "heldout_ce": final.get("heldout_ce"),
+                     "tokens": final["tokens"], "tokens_per_s": final["tokens_per_s"],
+                     "export": summary.get("export"), "run": str(run_dir)})  # fmt: skip
+    metric = "heldout_ce" if all(r["heldout_ce"] is not None for r in rows) else "final_loss"
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| d_S | final train loss | held-out CE | tokens | tokens/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        held = "" if r["heldout_ce"] is None else f"{r['heldout_ce']:.4f}"
+        lines.append(f"| {r['hidden_size']} | {r['final_loss']:.4f} | {held} | {r['tokens']} | {r['tokens_per_s']:.0f} |")
+    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_sweep(rows, runs, out_dir / "sweep.png", metric)
+    return rows
