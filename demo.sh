@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the built-in tiny teacher: build a teacher cache once, inspect and verify
-# it, train an LRC student with the online reference trainer, export it. Outputs go to runs/demo/.
+# it, train an LRC student from the cache (the teacher's forward never runs again), evaluate it against
+# the teacher on held-out text, export it. Safe to rerun: a complete cache is reused, training resumes.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh
@@ -11,5 +12,6 @@ mkdir -p "$out"
 lrc-cache build --config cache_jobs/tiny_cpu.yaml --out "$out/cache"
 lrc-cache inspect "$out/cache"
 lrc-cache verify "$out/cache"
-lrc-train online --config train/tiny_cpu_online.yaml --out "$out/online"
-echo "done: cache in $out/cache, student in $out/online/student, metrics in $out/online/metrics.jsonl"
+lrc-train train --config train/tiny_cpu.yaml --cache "$out/cache" --out "$out/train"
+lrc-train eval --student "$out/train/student" --cache "$out/cache"
+echo "done: cache in $out/cache, student in $out/train/student, metrics in $out/train/metrics.jsonl"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainJobConfig
+from ..config import ConfigError, TrainJobConfig
 from .metrics import read_metrics
 from .plots import plot_sweep
 from .trainer import train_from_cache
@@ -21,9 +21,9 @@ def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
-        raise ValueError(f"--hidden-sizes {text!r} must be comma-separated integers, e.g. 128,192,256") from err
+        raise ConfigError(f"--hidden-sizes {text!r} must be comma-separated integers, e.g. 128,192,256") from err
     if not sizes or any(s <= 0 for s in sizes) or len(set(sizes)) != len(sizes):
-        raise ValueError(f"--hidden-sizes {text!r} must list distinct positive integers")
+        raise ConfigError(f"--hidden-sizes {text!r} must list distinct positive integers")
     return sizes
 
 

@@ -1,0 +1,66 @@
+"""`lrc-train` end to end on a tiny cache: train, sweep, eval, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrc_offline.capture.build import build_cache
+from lrc_offline.cli.train import main as train_main
+from lrc_offline.config import CacheConfig
+from lrc_offline.training.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "cache"
+    build_cache(CacheConfig(seq_len=32, max_sequences=24, sequences_per_shard=8, heldout_docs=3, topk=16,
+                            act_positions=8), out, progress=False)  # fmt: skip
+    return out
+
+
+COMMON = ["--no-progress", "train.steps=4", "train.batch_size=4", "train.log_every=1", "train.eval_sequences=4"]
+
+
+def test_train_eval_and_export(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["train", "--cache", str(cache), "--out", str(run), *COMMON, "student.hidden_size=16",
+                       "train.checkpoint_every=2"]) == 0  # fmt: skip
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "heldout_ce" in records[-1]
+    assert (run / "checkpoints" / "step-000002").is_dir() and (run / "student" / "config.json").is_file()
+    capsys.readouterr()
+    assert train_main(["eval", "--student", str(run / "student"), "--cache", str(cache), "--json",
+                       "--max-sequences", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["tokens"] > 0 and 0.0 <= metrics["top1_agreement"] <= 1.0 and metrics["kl"] > 0
+    # the student's held-out CE as trained equals what plain transformers gives for the export
+    assert abs(metrics["student_ce"] - records[-1]["heldout_ce"]) < 1e-4
+    assert train_main(["export", "--checkpoint", str(run / "checkpoints" / "step-000004"), "--out",
+                       str(tmp_path / "exp")]) == 0  # fmt: skip
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "exp")
+    b = AutoModelForCausalLM.from_pretrained(run / "student")
+    ids = torch.randint(0, 256, (1, 10))
+    torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_sweep_over_three_sizes_writes_table_and_plot(cache, tmp_path):
+    out = tmp_path / "sweep"
+    assert train_main(["sweep", "--cache", str(cache), "--out", str(out), "--hidden-sizes", "8,16,24", *COMMON]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["hidden_size"] for r in rows] == [8, 16, 24] and all(r["heldout_ce"] > 0 for r in rows)
+    assert (out / "sweep.md").read_text().count("\n") == 5
+    assert (out / "sweep.png").stat().st_size > 10_000
+    for size in (8, 16, 24):
+        assert AutoModelForCausalLM.from_pretrained(out / f"d{size}" / "student").config.hidden_size == size
+
+
+def test_user_errors_exit_2(cache, tmp_path, capsys):
+    assert train_main(["sweep", "--cache", str(cache), "--out", str(tmp_path / "s"), "--hidden-sizes", "8,x"]) == 2
+    assert train_main(["train", "--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert train_main(["train", "--cache", str(cache), "--out", str(tmp_path / "r"), "teacher=tiny-random:qwen2"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden-sizes" in err and "manifest" in err and "tiny-random:qwen2" in err
