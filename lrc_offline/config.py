@@ -130,7 +130,15 @@ class StudentConfig:
     hidden_size: int = 32
     """d_S, the student's hidden size."""
     init: str = "random"
-    """Projection init: random (N(0, init_std), as in the paper)."""
+    """Projection init: random (N(0, init_std), as in the paper) or pca (top principal directions of the
+    teacher's residual stream, from the cache's residual activations or, online, a short teacher pass)."""
+    head: str = "auto"
+    """Output head: auto (tied exactly when the teacher's is) or untied (its own W_lm P_lm, vocab x d_S more
+    parameters; with pca init it folds in the teacher's final-norm weight)."""
+    pca_exclude_sink: bool = False
+    """PCA init: leave document-start (attention-sink) positions out of the second moment."""
+    pca_sequences: int = 64
+    """PCA init without a cache (online): sequences of the short teacher pass."""
     init_std: float = 0.02
     """Standard deviation of the random projection init."""
     seed: int = 0
@@ -138,7 +146,9 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check_positive("student", "hidden_size", self.hidden_size)
-        _check_choice("student", "init", self.init, ("random",))
+        _check_choice("student", "init", self.init, ("random", "pca"))
+        _check_choice("student", "head", self.head, ("auto", "untied"))
+        _check_positive("student", "pca_sequences", self.pca_sequences)
 
 
 @dataclass

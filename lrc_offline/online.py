@@ -20,7 +20,8 @@ from .capture.corpus import load_documents, pack_documents, split_heldout
 from .capture.positions import sample_positions_batch
 from .config import CLONE_TERMS, ConfigError, TrainJobConfig, save_config, to_dict
 from .student.export import export_student
-from .student.lrc import LRCStudent
+from .student.init import SecondMoment, init_pca, pca_basis
+from .student.lrc import build_student
 from .teacher.hooks import capture_teacher
 from .teacher.load import load_teacher, resolve_device
 from .training.evaluate import heldout_ce
@@ -54,6 +55,20 @@ def _batches(num_sequences: int, batch_size: int, seed: int):
         epoch += 1
 
 
+def _pca_from_teacher(model, input_ids_NT: torch.Tensor, cfg: TrainJobConfig, device) -> dict:
+    """The residual-stream second moment from a short teacher pass over the first training sequences."""
+    num = min(cfg.student.pca_sequences, input_ids_NT.shape[0])
+    moment = SecondMoment(model.config.hidden_size)
+    positions = torch.arange(cfg.train.seq_len, device=device)
+    for lo in range(0, num, cfg.train.batch_size):
+        ids = input_ids_NT[lo : min(lo + cfg.train.batch_size, num)].to(device).long()
+        keep = positions[1:] if cfg.student.pca_exclude_sink else positions
+        captured = capture_teacher(model, ids, positions_BP=keep.expand(ids.shape[0], -1), terms=("input",),
+                                   want_logits=False)  # fmt: skip
+        moment.update(captured.acts["input"])
+    return {"moment": moment, "source": f"teacher pass over {num} training sequences", "vectors": moment.count}
+
+
 def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train an LRC student with the teacher run in every step; export it; return a summary.
 
@@ -80,7 +95,11 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
             f"corpus {cfg.corpus!r} packs into {train.num_sequences} sequences, fewer than train.batch_size="
             f"{tc.batch_size}; lower the batch size or sequence length"
         )
-    student = LRCStudent(teacher.model, cfg.student.hidden_size, cfg.student.init_std, cfg.student.seed).to(device)
+    student = build_student(teacher.model, cfg.student).to(device)
+    init_info = {"kind": cfg.student.init}
+    if cfg.student.init == "pca":
+        init_info.update(_pca_from_teacher(teacher.model, train.input_ids, cfg, device))
+        init_pca(student, pca_basis(init_info.pop("moment"), cfg.student.hidden_size))
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     use_clone = cfg.loss.alpha > 0
     clone_positions = tc.clone_positions or tc.seq_len
@@ -149,7 +168,7 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
 
     # ---- export -------------------------------------------------------------------------------------
     export_dir = export_student(student, out_dir / "student", teacher.tokenizer, to_dict(cfg),
-                                extra_info={"trainer": "online", "steps": tc.steps})  # fmt: skip
+                                extra_info={"trainer": "online", "steps": tc.steps, "init": init_info})  # fmt: skip
     summary = {"final": last, "export": str(export_dir), "train_sequences": train.num_sequences,
                "teacher_heldout": teacher_eval, "student_heldout": evaluate() if heldout is not None else None}  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

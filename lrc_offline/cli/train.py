@@ -139,14 +139,14 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from ..config import TrainJobConfig, from_dict
     from ..student.export import export_student
-    from ..student.lrc import LRCStudent
+    from ..student.lrc import build_student
     from ..teacher.load import load_teacher
     from ..training.checkpoint import load_student_weights, read_checkpoint_state
 
     state = read_checkpoint_state(args.checkpoint)
     cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
     teacher = load_teacher(cfg.teacher, dtype="float32", device="cpu")
-    student = LRCStudent(teacher.model, cfg.student.hidden_size, cfg.student.init_std, cfg.student.seed)
+    student = build_student(teacher.model, cfg.student)
     load_student_weights(args.checkpoint, student)
     extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint), **state.get("extra", {})}
     print(export_student(student, args.out, teacher.tokenizer, state["config"], extra_info=extra))

@@ -25,7 +25,7 @@ from torch import nn
 from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
 from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
 
-__all__ = ["LRCStudent", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
+__all__ = ["LRCStudent", "build_student", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
 
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
 READ_TERMS = ("q", "k", "v", "gate", "up")
@@ -88,21 +88,26 @@ class LRCStudent(nn.Module):
         hidden_size: d_S.
         init_std: standard deviation of the N(0, init_std) projection init (the paper's 0.02).
         seed: seed of the projection init.
+        untie_head: give the student its own head W^T_lm P_lm even when the teacher ties its head to the
+            embedding (costs vocab x d_S parameters; lets PCA init fold in the final-norm weight).
     """
 
-    def __init__(self, teacher_model: nn.Module, hidden_size: int, init_std: float = 0.02, seed: int = 0):
+    def __init__(self, teacher_model: nn.Module, hidden_size: int, init_std: float = 0.02, seed: int = 0,
+                 untie_head: bool = False):  # fmt: skip
         super().__init__()
         weights: TeacherWeights = teacher_weights(teacher_model)
         self.teacher_config = copy.deepcopy(teacher_model.config)
         self.d_teacher, self.d_student = weights.hidden_size, hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = weights.num_heads, weights.num_kv_heads, weights.head_dim
-        self.eps, self.sliding_window, self.tied = weights.rms_norm_eps, weights.sliding_window, weights.tied
+        self.eps, self.sliding_window = weights.rms_norm_eps, weights.sliding_window
+        self.tied = weights.tied and not untie_head
         self.num_layers = len(weights.layers)
         self.teacher_layers = nn.ModuleList(_FrozenLayer(lw) for lw in weights.layers)
         self.register_buffer("teacher_embed", weights.embed, persistent=False)
         self.register_buffer("teacher_final_norm", weights.final_norm, persistent=False)
         if not self.tied:
-            self.register_buffer("teacher_lm_head", weights.lm_head, persistent=False)
+            head = weights.embed if weights.tied else weights.lm_head
+            self.register_buffer("teacher_lm_head", head, persistent=False)
         # RoPE depends only on head_dim and the rope parameters, which the student keeps.
         self.rotary = copy.deepcopy(teacher_model.model.rotary_emb)
         self.layers = nn.ModuleList(_StudentLayer(self.d_teacher, hidden_size) for _ in range(self.num_layers))
@@ -283,3 +288,9 @@ class LRCStudent(nn.Module):
                 proj = torch.stack([self.layers[i].proj[m] for i in layers])  # [L, D, S]
                 out[m] = torch.einsum("lbpd,lds->lbps", targets[m].to(proj.dtype), proj)
         return out
+
+
+def build_student(teacher_model: nn.Module, cfg) -> LRCStudent:
+    """An LRC student from a `StudentConfig` (random init; PCA init is applied on top by the caller,
+    which has the data: see `student.init.init_pca`)."""
+    return LRCStudent(teacher_model, cfg.hidden_size, cfg.init_std, cfg.seed, untie_head=cfg.head == "untied")

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ..cache import read_manifest
 from ..config import TrainJobConfig, TrainConfig, save_config, to_dict
 from ..student.export import export_student
-from ..student.lrc import LRCStudent
+from ..student.init import init_pca, pca_basis
+from ..student.lrc import LRCStudent, build_student
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.load import Teacher, load_teacher
 from .evaluate import heldout_ce
@@ -34,6 +35,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sav
 from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
 from .optim import build_optimizer
+from .pca import cache_second_moment
 from .reader import CacheDataset, iter_batches
 
 __all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
@@ -208,7 +210,12 @@ def train_from_cache(
     # ---- data, student, optimiser, resume ------------------------------------------------------------
     dataset = CacheDataset(cache_dir, rank=rank, world_size=world, seed=tc.seed)
     torch.manual_seed(tc.seed)
-    student = LRCStudent(loaded.model, cfg.student.hidden_size, cfg.student.init_std, cfg.student.seed).to(device)
+    student = build_student(loaded.model, cfg.student).to(device)
+    init_info = {"kind": cfg.student.init}
+    if cfg.student.init == "pca":
+        moment = cache_second_moment(cache_dir, cfg.student.pca_exclude_sink)
+        init_pca(student, pca_basis(moment, cfg.student.hidden_size))
+        init_info.update(source=f"cache {cache_dir}", vectors=moment.count, exclude_sink=cfg.student.pca_exclude_sink)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     start_step, resumed_from = 0, _resume_from(resume, out_dir)
     if resumed_from is not None:
@@ -221,7 +228,7 @@ def train_from_cache(
         start_step = state["step"]
     model, optimizer = accelerator.prepare(student, optimizer)
     loss_student = student if model is student else _DistributedStudent(model, student)
-    extra = {"cache": str(cache_dir), "cache_fingerprints": manifest["fingerprints"]}
+    extra = {"cache": str(cache_dir), "cache_fingerprints": manifest["fingerprints"], "init": init_info}
 
     def checkpoint(step: int) -> None:
         states = gather_object([dataset.state_dict()]) if world > 1 else [dataset.state_dict()]

@@ -1,0 +1,71 @@
+"""The PCA basis of a cache: one streaming pass over its cached residual vectors, stored beside it.
+
+Every student size of a sweep reuses the same d_T x d_T second moment and takes its own top d_S
+directions, so the pass runs once per cache (per sink setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..cache import CacheReader
+from ..student.init import SecondMoment
+
+__all__ = ["cache_second_moment", "second_moment_path"]
+
+log = logging.getLogger(__name__)
+
+
+def second_moment_path(cache_dir: str | Path, exclude_sink: bool) -> Path:
+    return Path(cache_dir) / "pca" / f"second_moment{'-nosink' if exclude_sink else ''}.safetensors"
+
+
+def _accumulate(reader: CacheReader, exclude_sink: bool) -> SecondMoment:
+    names = {f["name"] for f in reader.manifest["fields"]}
+    if "act_input" not in names:
+        raise ValueError(
+            f"PCA init needs residual activations, but the cache at {reader.root} has none "
+            f"(activation_mode={reader.manifest['config']['activation_mode']!r}); build it with "
+            "activation_mode=residual, or use student.init=random"
+        )
+    moment = SecondMoment(reader.manifest["geometry"]["hidden_size"])
+    for index in reader.complete_shards():
+        shard = reader.read_shard(index, ["act_input", "act_positions", "position_ids"])
+        h_NLPD = shard["act_input"]
+        if exclude_sink:
+            # a sink is a sampled position that starts a document (position id 0), the sequence start included
+            starts_NP = torch.gather(shard["position_ids"].long(), 1, shard["act_positions"].long()) == 0
+            h_NLPD = h_NLPD.transpose(1, 2)[~starts_NP]  # [kept, L, D]
+        moment.update(h_NLPD)
+    return moment
+
+
+def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False) -> SecondMoment:
+    """The second moment of the cache's RMS-normalised residual vectors (all layers and positions),
+    read from `CACHE/pca/` when present, else computed and saved there (atomically)."""
+    path = second_moment_path(cache_dir, exclude_sink)
+    reader = CacheReader(cache_dir)
+    fingerprint = reader.manifest["fingerprints"]["corpus"] + ":" + str(reader.complete_shards())
+    if path.is_file():
+        data = load_file(str(path))
+        stored = bytes(data.pop("fingerprint").tolist()).decode()
+        if stored == fingerprint:
+            return SecondMoment.from_state_dict(data)
+        log.info("%s is stale (the cache's complete shards changed); recomputing", path)
+    moment = _accumulate(reader, exclude_sink)
+    state = moment.state_dict() | {"fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}
+    try:
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".second_moment-", dir=path.parent)
+        os.close(fd)
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache still trains; the pass just is not reused
+        log.warning("could not store the PCA second moment beside the cache (%s); using it in memory", err)
+    return moment

@@ -1,0 +1,109 @@
+"""PCA initialisation: the accumulator, the folding (a rotation reproduces the teacher), the cache pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrc_offline.cache import verify_cache
+from lrc_offline.capture.build import build_cache
+from lrc_offline.config import CacheConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.student.export import export_student
+from lrc_offline.student.init import SecondMoment, init_pca, pca_basis
+from lrc_offline.student.lrc import LRCStudent
+from lrc_offline.training.metrics import read_metrics
+from lrc_offline.training.pca import cache_second_moment, second_moment_path
+from lrc_offline.training.trainer import train_from_cache
+
+
+def test_streaming_second_moment_matches_direct_eigendecomposition():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=gen) @ torch.randn(12, 12, generator=gen)
+    x[::7] *= 1000.0  # massive-activation rows: RMS normalisation stops them owning the basis
+    moment = SecondMoment(12)
+    for chunk in x.split(37):
+        moment.update(chunk)
+    normed = (x / x.pow(2).mean(-1, keepdim=True).sqrt()).double()
+    direct = normed.t() @ normed / len(x)
+    torch.testing.assert_close(moment.matrix_DD / moment.count, direct)
+    basis = pca_basis(moment, 5)
+    values, vectors = torch.linalg.eigh(direct)
+    top = vectors[:, values.argsort(descending=True)[:5]].float()
+    torch.testing.assert_close(basis.abs(), top.abs(), rtol=1e-4, atol=1e-5)  # equal up to sign
+    assert torch.allclose(basis.t() @ basis, torch.eye(5), atol=1e-5)
+    assert torch.equal(pca_basis(SecondMoment.from_state_dict(moment.state_dict()), 5), basis)
+
+
+def _ids():
+    return torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_any_rotation_with_folding_reproduces_the_teacher(teacher):
+    d = teacher.config.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(2)))
+    student = LRCStudent(teacher, d, untie_head=True)
+    init_pca(student, q)
+    torch.testing.assert_close(student(_ids()).logits_BTV, teacher(input_ids=_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pca_student_exports_untied_head_over_a_tied_teacher(tmp_path, tokenizer):
+    from lrc_offline.teacher.tiny import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    assert teacher.config.tie_word_embeddings
+    student = LRCStudent(teacher, 24, untie_head=True)
+    init_pca(student, torch.linalg.qr(torch.randn(64, 24))[0])
+    out = export_student(student, tmp_path / "s", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight.shape == (teacher.config.vocab_size, 24)
+    torch.testing.assert_close(model(input_ids=_ids()).logits, student(_ids()).logits_BTV, rtol=1e-5, atol=1e-5)
+    tied = LRCStudent(teacher, 24)
+    init_pca(tied, torch.linalg.qr(torch.randn(64, 24))[0])  # tied: final norm approximated per channel
+    assert tied.proj_lm_head is None and torch.isfinite(tied(_ids()).logits_BTV).all()
+
+
+@pytest.fixture(scope="module")
+def residual_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pca") / "cache"
+    build_cache(CacheConfig(seq_len=32, max_sequences=16, sequences_per_shard=8, act_positions=8, topk=8,
+                            act_dtype="float32"), out, progress=False)  # fmt: skip
+    return out
+
+
+def test_cache_pass_accumulates_every_cached_residual_vector_and_is_reused(residual_cache):
+    from lrc_offline.cache import CacheReader
+
+    moment = cache_second_moment(residual_cache)
+    reader = CacheReader(residual_cache)
+    vectors = torch.cat([reader.read_shard(i)["act_input"].reshape(-1, 64) for i in reader.complete_shards()])
+    direct = SecondMoment(64)
+    direct.update(vectors)
+    assert moment.count == 16 * 2 * 8 == direct.count
+    torch.testing.assert_close(moment.matrix_DD, direct.matrix_DD)
+    assert second_moment_path(residual_cache, False).is_file()
+    again = cache_second_moment(residual_cache)
+    assert torch.equal(again.matrix_DD, moment.matrix_DD)
+    no_sink = cache_second_moment(residual_cache, exclude_sink=True)
+    assert 0 < no_sink.count < moment.count and no_sink.count % 2 == 0  # both layers of each kept position
+    assert verify_cache(residual_cache).ok  # the stored basis does not disturb the cache
+
+
+def test_pca_init_starts_closer_to_the_teacher_than_random(residual_cache, tmp_path):
+    first = {}
+    for init in ("random", "pca"):
+        cfg = TrainJobConfig(student=StudentConfig(hidden_size=32, init=init, head="untied"),
+                             train=TrainConfig(steps=1, batch_size=8, log_every=1))  # fmt: skip
+        train_from_cache(cfg, residual_cache, tmp_path / init, progress=False)
+        first[init] = read_metrics(tmp_path / init / "metrics.jsonl")[0]
+    assert first["pca"]["kd"] < 0.5 * first["random"]["kd"], first
+    info = __import__("json").loads((tmp_path / "pca" / "student" / "lrc_config.json").read_text())
+    assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 256
+
+
+def test_pca_needs_residual_activations(tmp_path):
+    out = tmp_path / "c"
+    build_cache(CacheConfig(seq_len=16, max_sequences=8, sequences_per_shard=8, activation_mode="none", topk=4),
+                out, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="activation_mode=residual"):
+        cache_second_moment(out)
