@@ -30,8 +30,9 @@ from lrc_offline.cache import (
     quantize_float8,
     read_manifest,
     verify_cache,
+    wds_shard,
+    zarr_shard,
 )
-from lrc_offline.cache import wds_shard, zarr_shard
 from lrc_offline.config import CacheConfig
 
 GEOMETRY = TeacherGeometry(

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from lrc_offline.config import CacheConfig, ConfigError, TrainJobConfig, apply_overrides, load_config, to_dict
+from lrc_offline.config import (
+    CacheConfig,
+    ConfigError,
+    TrainJobConfig,
+    apply_overrides,
+    load_config,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from lrc_offline.losses import clone_loss, cross_entropy_next, kd_sampled, kl_from_hidden, kl_full, kl_topk
+from lrc_offline.losses import (
+    clone_loss,
+    cross_entropy_next,
+    kd_sampled,
+    kl_from_hidden,
+    kl_full,
+    kl_topk,
+)
 
 B, T, V, D = 2, 5, 7, 4
 F64 = torch.float64

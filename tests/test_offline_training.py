@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 from lrc_offline.cache import CacheReader
 from lrc_offline.cache.records import record_path
 from lrc_offline.capture.build import build_cache
-from lrc_offline.config import CLONE_TERMS, CacheConfig, LossConfig, OptimConfig, TrainConfig, TrainJobConfig
+from lrc_offline.config import (
+    CLONE_TERMS,
+    CacheConfig,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import load_teacher
@@ -26,7 +33,12 @@ from lrc_offline.training import checkpoint as ckpt
 from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.objective import lrc_loss
 from lrc_offline.training.optim import build_optimizer
-from lrc_offline.training.reader import CacheDataset, ReaderStateError, collate, iter_batches
+from lrc_offline.training.reader import (
+    CacheDataset,
+    ReaderStateError,
+    collate,
+    iter_batches,
+)
 from lrc_offline.training.trainer import TeacherMismatchError, train_from_cache
 
 SEQ_LEN, NUM_SEQ, PER_SHARD = 32, 48, 8

@@ -21,7 +21,12 @@ from lrc_offline.cache.schema import (
     cache_fields,
     num_act_positions,
 )
-from lrc_offline.cache.store import CacheMismatchError, CacheReader, CacheWriter, clean_stale
+from lrc_offline.cache.store import (
+    CacheMismatchError,
+    CacheReader,
+    CacheWriter,
+    clean_stale,
+)
 from lrc_offline.cache.verify import VerifyReport, inspect_cache, verify_cache
 
 __all__ = [

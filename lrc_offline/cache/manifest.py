@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.records import MANIFEST_NAME, temp_path
-from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec, TeacherGeometry, cache_fields
+from lrc_offline.cache.schema import (
+    SCHEMA_VERSION,
+    CacheFormatError,
+    FieldSpec,
+    TeacherGeometry,
+    cache_fields,
+)
 from lrc_offline.config import FORMATS, CacheConfig, to_dict
 
 __all__ = [

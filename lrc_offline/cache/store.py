@@ -18,7 +18,12 @@ import torch
 
 from lrc_offline.cache import wds_shard, zarr_shard
 from lrc_offline.cache.dtypes import check_input
-from lrc_offline.cache.manifest import create_manifest, manifest_differences, read_manifest, validate_manifest
+from lrc_offline.cache.manifest import (
+    create_manifest,
+    manifest_differences,
+    read_manifest,
+    validate_manifest,
+)
 from lrc_offline.cache.records import (
     SHARDS_DIR,
     TMP_PREFIX,

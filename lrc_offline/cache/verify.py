@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.dtypes import logical_itemsize
-from lrc_offline.cache.records import SHARDS_DIR, sha256_file, read_record
+from lrc_offline.cache.records import SHARDS_DIR, read_record, sha256_file
 from lrc_offline.cache.schema import CacheFormatError
 from lrc_offline.cache.store import CacheReader
 

@@ -17,12 +17,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import CacheWriter, TeacherGeometry, act_layers, make_manifest, num_act_positions
+from ..cache import (
+    CacheWriter,
+    TeacherGeometry,
+    act_layers,
+    make_manifest,
+    num_act_positions,
+)
 from ..config import CLONE_TERMS, CacheConfig
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
 from ..teacher.load import Teacher, load_teacher, resolve_device
-from .corpus import PackedCorpus, corpus_fingerprint, load_documents, pack_documents, split_heldout
+from .corpus import (
+    PackedCorpus,
+    corpus_fingerprint,
+    load_documents,
+    pack_documents,
+    split_heldout,
+)
 from .positions import position_seed, sample_positions_batch
 from .signals import entropy_and_tail, sampled_signal, topk_signal
 

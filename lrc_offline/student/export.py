@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_dir
 from .lrc import LRCStudent
 
 __all__ = ["student_config", "student_state_dict", "export_student"]
@@ -75,7 +73,6 @@ def export_student(
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = student_config(student)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -89,8 +86,7 @@ def export_student(
     if student.tied:
         model.tie_weights()
     model.config.dtype = dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -98,10 +94,4 @@ def export_student(
         info.update(extra_info or {})
         info["config"] = run_config
         (tmp / "lrc_config.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

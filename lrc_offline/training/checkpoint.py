@@ -15,15 +15,14 @@ ignores.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..fsutil import atomic_dir
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -100,9 +99,7 @@ def save_checkpoint(
         extra: More JSON-ready facts (e.g. the cache's fingerprints).
     """
     final = checkpoint_dir(out_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         params = {name: p.detach().to("cpu").contiguous() for name, p in student.named_parameters()}
         save_file(params, str(tmp / _STUDENT_FILE))
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
@@ -110,12 +107,6 @@ def save_checkpoint(
         state = {"version": CHECKPOINT_VERSION, "step": step, "reader": reader_states, "config": config,
                  "extra": extra or {}}  # fmt: skip
         (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

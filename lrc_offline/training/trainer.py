@@ -24,14 +24,19 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from ..cache import read_manifest
-from ..config import TrainJobConfig, TrainConfig, save_config, to_dict
+from ..config import TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_student
 from ..student.init import init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.load import Teacher, load_teacher
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .evaluate import heldout_ce
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
 from .optim import build_optimizer
