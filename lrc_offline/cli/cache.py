@@ -70,11 +70,13 @@ def _inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"cache {args.cache}")
-    for key in ("sequences", "tokens", "complete_shards", "num_shards", "total_bytes", "bytes_per_token"):
+    for key in ("sequences", "tokens", "complete_shards", "total_shards", "stored_bytes", "bytes_per_token"):
         if key in info:
             print(f"  {key:<18} {info[key]}")
-    for name, value in sorted(info.get("fields", {}).items()):
-        print(f"  field {name:<16} {value}")
+    print(f"  {'field':<16}{'dtype':>10}{'codec':>24}{'bytes/token':>14}{'ratio':>8}")
+    for name, field in sorted(info.get("fields", {}).items()):
+        print(f"  {name:<16}{field['dtype']:>10}{field['codec']:>24}{field['bytes_per_token']:>14.1f}"
+              f"{field['compression_ratio']:>8.2f}")
     for key, value in sorted(info.get("stats", {}).items()):
         print(f"  stat  {key:<16} {value:.4g}")
     for key, value in sorted(info.get("fingerprints", {}).items()):

@@ -1,0 +1,136 @@
+"""The main job end to end, in one process: cache -> train from the cache -> export -> evaluate -> sample.
+
+    python -m lrc_offline.demo --out runs/demo                       # SmolLM2-135M on wiki-en (default)
+    python -m lrc_offline.demo --out runs/tiny --preset tiny         # the tiny random teacher, seconds
+
+Safe to rerun: a complete cache is reused (only missing shards are built) and training resumes from
+its latest checkpoint. Writes `summary.json` and `loss_curve.png` into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cache import inspect_cache, verify_cache
+from .capture.build import build_cache
+from .config import CacheConfig, TrainJobConfig, load_config, to_dict
+from .evaluation import compare_models, format_table, heldout_sequences
+from .teacher.load import load_teacher
+from .training.metrics import read_metrics
+from .training.plots import plot_curves
+from .training.trainer import train_from_cache
+
+__all__ = ["PRESETS", "run_demo", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    "smollm2": (ROOT / "cache_jobs" / "smollm2_demo.yaml", ROOT / "train" / "smollm2_demo.yaml"),
+    "tiny": (ROOT / "cache_jobs" / "tiny_cpu.yaml", ROOT / "train" / "tiny_cpu.yaml"),
+}
+PROMPT = "The history of the Roman Empire"
+
+
+def _generate(student_dir: Path, tokenizer, device, max_new_tokens: int = 40) -> str:
+    """A greedy continuation of PROMPT by the exported student, loaded with plain `transformers`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = torch.tensor([ids + tokenizer(PROMPT, add_special_tokens=False).input_ids], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3,
+                             pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progress: bool = True) -> dict:
+    """Every stage of the job; returns (and writes) the summary."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    print(f"[1/5] loading teacher {cache_cfg.teacher}", flush=True)
+    teacher = load_teacher(cache_cfg.teacher, dtype=cache_cfg.compute_dtype, device=cache_cfg.device)
+    device = next(teacher.model.parameters()).device
+
+    print(f"[2/5] building the teacher cache in {out / 'cache'} (complete shards are reused)", flush=True)
+    t0 = time.perf_counter()
+    report = build_cache(cache_cfg, out / "cache", progress=progress, teacher=teacher)
+    timings["cache_build_s"] = time.perf_counter() - t0
+    assert verify_cache(out / "cache").ok, "the cache failed verification"
+    info = inspect_cache(out / "cache")
+
+    print(f"[3/5] training a d_S={train_cfg.student.hidden_size} student from the cache", flush=True)
+    heldout = heldout_sequences(cache_cfg.corpus, cache_cfg.text_field, cache_cfg.heldout_docs, teacher.tokenizer,
+                                cache_cfg.seq_len, train_cfg.train.eval_sequences)  # fmt: skip
+    t0 = time.perf_counter()
+    summary = train_from_cache(train_cfg, out / "cache", out / "train", resume="auto", progress=progress,
+                               teacher=teacher, heldout_ids=heldout)  # fmt: skip
+    timings["train_s"] = time.perf_counter() - t0
+    records = read_metrics(out / "train" / "metrics.jsonl")
+    plot_curves({"LRC from cache": records}, out / "loss_curve.png", key="loss",
+                title=f"{cache_cfg.teacher} -> d_S {train_cfg.student.hidden_size}: training loss and held-out CE")  # fmt: skip
+
+    print("[4/5] evaluating the exported student against the teacher on held-out text", flush=True)
+    from transformers import AutoModelForCausalLM
+
+    student_dir = out / "train" / "student"
+    exported = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    metrics = compare_models(lambda x: exported(input_ids=x).logits, lambda x: teacher.model(input_ids=x).logits,
+                             heldout, train_cfg.train.batch_size, device)  # fmt: skip
+    print(format_table(metrics), flush=True)
+
+    print("[5/5] sampling from the exported student (plain transformers)", flush=True)
+    sample = _generate(student_dir, teacher.tokenizer, device)
+    print(f"  {PROMPT}{sample}", flush=True)
+
+    timed = [r["tokens_per_s"] for r in records if r["step"] > summary["start_step"]]
+    result = {
+        "teacher": cache_cfg.teacher,
+        "student_hidden_size": train_cfg.student.hidden_size,
+        "student_init": train_cfg.student.init,
+        "heldout": metrics,
+        "student_heldout_ppl": metrics["student_ppl"],
+        "teacher_heldout_ppl": metrics["teacher_ppl"],
+        "cache": {"path": str(out / "cache"), "bytes": info["stored_bytes"], "tokens": info["tokens"],
+                  "bytes_per_token": info["bytes_per_token"],
+                  "fields_bytes_per_token": {k: v["bytes_per_token"] for k, v in info["fields"].items()},
+                  "built_shards_this_run": len(report.built), "reused_shards": len(report.skipped)},
+        "train": {"steps": train_cfg.train.steps, "tokens": records[-1]["tokens"],
+                  "tokens_per_s": sum(timed) / len(timed) if timed else None,
+                  "final_loss": records[-1]["loss"], "resumed_from_step": summary["start_step"]},
+        "sample": {"prompt": PROMPT, "continuation": sample},
+        "timings_s": timings | {"total": time.perf_counter() - start},
+        "export": str(student_dir),
+        "loss_curve": str(out / "loss_curve.png"),
+        "config": {"cache": to_dict(cache_cfg), "train": to_dict(train_cfg)},
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lrc_offline.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo", help="output folder")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cache_file, train_file = PRESETS[args.preset]
+    result = run_demo(Path(args.out), load_config(CacheConfig, cache_file), load_config(TrainJobConfig, train_file),
+                      progress=not args.no_progress)  # fmt: skip
+    keys = ("student_heldout_ppl", "teacher_heldout_ppl")
+    print("\nsummary: " + ", ".join(f"{k} {result[k]:.2f}" for k in keys)
+          + f", cache {result['cache']['bytes'] / 2**20:.1f} MiB ({result['cache']['bytes_per_token']:.0f} B/token)"
+          + f", training {result['train']['tokens_per_s'] or 0:.0f} tokens/s"
+          + f", total {result['timings_s']['total'] / 60:.1f} min; details in {args.out}/summary.json")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
