@@ -1,0 +1,56 @@
+"""Smoke runs of the benchmark scripts on the tiny teacher, so they keep working (the real runs are
+documented in benchmarks/README.md and stay out of the test tier)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--teacher", "tiny-random:llama", "--corpus", "tiny-text"]
+
+
+def _run(script: str, args: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(BENCH / script), run_name="__main__")
+
+
+def test_speed_train_smoke(tmp_path, monkeypatch):
+    _run("speed_train.py", [*TINY, "--hidden-size", "16", "--batch-size", "2", "--seq-len", "32", "--rounds", "1",
+                            "--out", str(tmp_path)], monkeypatch)  # fmt: skip
+    result = json.loads((tmp_path / "speed_train.json").read_text())
+    assert set(result["tokens_per_s"]) == {"offline", "online", "plain"} and result["ratio_offline_vs_online"] > 0
+    assert (tmp_path / "speed_train.png").is_file()
+
+
+def test_fidelity_smoke(tmp_path, monkeypatch):
+    _run("fidelity.py", [*TINY, "--heldout-docs", "3", "--sequences", "2", "--seq-len", "16", "--hidden-size", "64",
+                         "--ks", "4,320", "--draws", "8", "--out", str(tmp_path)], monkeypatch)  # fmt: skip
+    rows = json.loads((tmp_path / "fidelity.json").read_text())["students"]
+    # k = vocab stores the whole distribution: only the fp16 storage rounding separates it from full KL
+    assert rows["random init"]["topk k=320"]["angle_deg"] < 1.0
+    assert rows["pca init"]["kl_full"] < 1e-4  # d_S = d_T: the PCA student is the teacher
+
+
+def test_storage_smoke(tmp_path, monkeypatch):
+    _run("storage.py", [*TINY, "--sequences", "4", "--seq-len", "32", "--act-positions", "8", "--out", str(tmp_path)],
+         monkeypatch)  # fmt: skip
+    table = json.loads((tmp_path / "storage.json").read_text())["table"]
+    qwen = table["Qwen2.5-3B"]
+    assert qwen["baseline: 7 targets at every position (bf16, raw)"] == 2_064_384  # ~2 MB/token (DESIGN)
+    assert qwen["activations: residual, 8/32 positions"] < qwen["activations: targets, 8/32 positions"]
+
+
+@pytest.mark.parametrize("variants", ["random,pca-untied-kd"])
+def test_pca_init_smoke(tmp_path, monkeypatch, variants):
+    _run("pca_init.py", [*TINY, "--heldout-docs", "3", "--cache-sequences", "16", "--heldout-sequences", "2",
+                         "--sizes", "16,64", "--train-size", "16", "--steps", "2", "--eval-every", "1",
+                         "--variants", variants, "--out", str(tmp_path)], monkeypatch)  # fmt: skip
+    result = json.loads((tmp_path / "pca_init.json").read_text())
+    full = result["step0"]["64"]["pca, untied head"]
+    assert abs(full - result["teacher_heldout_ce"]) < 1e-3  # d_S = d_T: a rotation of the teacher
+    assert set(result["curves"]) == {"random", "pca-untied-kd"}
