@@ -64,3 +64,19 @@ def test_user_errors_exit_2(cache, tmp_path, capsys):
     assert train_main(["train", "--cache", str(cache), "--out", str(tmp_path / "r"), "teacher=tiny-random:qwen2"]) == 2
     err = capsys.readouterr().err
     assert "hidden-sizes" in err and "manifest" in err and "tiny-random:qwen2" in err
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+@pytest.mark.parametrize("logit_mode, act_mode", [("topk", "residual"), ("sampled", "targets"), ("hidden", "none")])
+def test_training_runs_from_every_format_and_mode(tmp_path, fmt, logit_mode, act_mode):
+    from lrc_offline.config import StudentConfig, TrainConfig, TrainJobConfig
+    from lrc_offline.training.trainer import train_from_cache
+
+    build_cache(CacheConfig(format=fmt, logit_mode=logit_mode, activation_mode=act_mode, seq_len=16,
+                            max_sequences=8, sequences_per_shard=4, topk=8, num_draws=8, act_positions=4),
+                tmp_path / "c", progress=False)  # fmt: skip
+    cfg = TrainJobConfig(student=StudentConfig(hidden_size=16), train=TrainConfig(steps=2, batch_size=4, log_every=1))
+    train_from_cache(cfg, tmp_path / "c", tmp_path / "r", progress=False)
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert "kd" in records[0] and ("clone" in records[0]) == (act_mode != "none")
