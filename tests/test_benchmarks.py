@@ -54,3 +54,11 @@ def test_pca_init_smoke(tmp_path, monkeypatch, variants):
     full = result["step0"]["64"]["pca, untied head"]
     assert abs(full - result["teacher_heldout_ce"]) < 1e-3  # d_S = d_T: a rotation of the teacher
     assert set(result["curves"]) == {"random", "pca-untied-kd"}
+
+
+def test_quality_smoke(tmp_path, monkeypatch):
+    _run("quality.py", [*TINY, "--heldout-docs", "3", "--sequences", "16", "--steps", "2", "--eval-every", "1",
+                        "--only", "a,b", "--out", str(tmp_path), "student.hidden_size=16"], monkeypatch)  # fmt: skip
+    variants = json.loads((tmp_path / "quality.json").read_text())["variants"]
+    assert set(variants) == {"(a) LRC online", "(b) LRC cache topk+residual P=16"}
+    assert all(v["final_heldout_ce"] > 0 for v in variants.values()) and (tmp_path / "quality.png").is_file()

@@ -24,7 +24,7 @@ def plot_curves(runs: dict[str, list[dict]], out_png: str | Path, key: str = "lo
         rows = [r for r in records if key in r]
         line = ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], label=f"{label} {key}")[0]
         held = [r for r in records if "heldout_ce" in r]
-        if held:
+        if held and key != "heldout_ce":
             ax.plot([r["tokens"] for r in held], [r["heldout_ce"] for r in held], "o--", color=line.get_color(),
                     label=f"{label} held-out CE")  # fmt: skip
     ax.set_xlabel("training tokens")

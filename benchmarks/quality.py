@@ -1,0 +1,99 @@
+"""Quality at equal steps on a real teacher: LRC online vs LRC from the cache (every logit mode, several
+activation sampling rates), KD only and CE only. Same student size, token budget, seed and held-out text.
+
+Each variant is resumable and its held-out curve is written to `quality.json` as soon as it ends;
+`quality.png` plots them all.
+
+    python benchmarks/quality.py --out benchmarks/results/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lrc_offline.capture.build import build_cache
+from lrc_offline.config import CacheConfig, TrainJobConfig, apply_overrides
+from lrc_offline.evaluation import heldout_sequences
+from lrc_offline.online import train_online
+from lrc_offline.teacher.load import load_teacher
+from lrc_offline.training.metrics import read_metrics
+from lrc_offline.training.plots import plot_curves
+from lrc_offline.training.trainer import train_from_cache
+
+# name: (cache overrides or None for online, training overrides)
+VARIANTS = {
+    "(a) LRC online": (None, []),
+    "(b) LRC cache topk+residual P=16": ([], []),
+    "(c) LRC cache sampled+residual P=16": (["logit_mode=sampled"], []),
+    "(c) LRC cache hidden+residual P=16": (["logit_mode=hidden"], []),
+    "(d) LRC cache topk+residual P=4": (["act_positions=4"], []),
+    "(d) LRC cache topk+residual all positions": (["act_positions=100000"], []),
+    "(e) KD only (cache topk)": ([], ["loss.alpha=0"]),
+    "(f) CE only": ([], ["loss.alpha=0", "loss.kd_weight=0"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--corpus", default="wiki-en")
+    parser.add_argument("--heldout-docs", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--sequences", type=int, default=320, help="cached sequences (epochs repeat them)")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b,e")
+    parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. student.hidden_size=192")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / "quality.json"
+    results = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    results["setup"] = vars(args)
+
+    teacher = load_teacher(args.teacher)
+    heldout = heldout_sequences(args.corpus, "text", args.heldout_docs, teacher.tokenizer, args.seq_len, 32)
+    base_train = apply_overrides(TrainJobConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs), [
+        "student.hidden_size=192", "optim.lr=0.001", "optim.warmup_steps=10", "train.batch_size=8",
+        f"train.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.log_every=5",
+        f"train.eval_every={args.eval_every}", "train.eval_sequences=32", "train.clone_positions=16",
+        "loss.alpha=1.0", *args.overrides])  # fmt: skip
+    base_cache = CacheConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs,
+                             seq_len=args.seq_len, max_sequences=args.sequences, sequences_per_shard=64,
+                             logprob_dtype="float16", act_positions=16)  # fmt: skip
+    wanted = {letter.strip() for letter in args.only.split(",") if letter.strip()}
+    curves = {}
+    for name, (cache_overrides, train_overrides) in VARIANTS.items():
+        run = out / "runs" / name.split(")")[0].strip("(") / name.split(") ")[1].replace(" ", "_").replace("=", "")
+        if wanted and name[1] not in wanted:
+            continue
+        cfg = apply_overrides(base_train, train_overrides)
+        start = time.perf_counter()
+        if cache_overrides is None:
+            if not (run / "summary.json").is_file():
+                train_online(cfg, run, progress=False)
+        else:
+            cache_cfg = apply_overrides(base_cache, cache_overrides)
+            tag = "-".join(o.replace("=", "") for o in cache_overrides) or "default"
+            build_cache(cache_cfg, out / "caches" / tag, teacher=teacher, progress=False)
+            train_from_cache(cfg, out / "caches" / tag, run, resume="auto", teacher=teacher, heldout_ids=heldout,
+                             progress=False)  # fmt: skip
+        records = read_metrics(run / "metrics.jsonl")
+        curves[name] = records
+        results.setdefault("variants", {})[name] = {
+            "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r],
+            "final_heldout_ce": next((r["heldout_ce"] for r in reversed(records) if "heldout_ce" in r), None),
+            "seconds": time.perf_counter() - start,
+        }
+        print(name, results["variants"][name]["heldout"], flush=True)
+        result_file.write_text(json.dumps(results, indent=2) + "\n")
+        plot_curves({k: [r for r in v if "heldout_ce" in r] for k, v in curves.items()}, out / "quality.png",
+                    key="heldout_ce", title=f"{args.teacher}: held-out CE at equal steps")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
