@@ -335,7 +335,8 @@ def clone_loss(
     Args:
         student_acts: term -> [L, B, P, W_term] student activations (terms among q, k, v, o, gate, up,
             down; widths may differ between terms).
-        teacher_targets: Same keys and shapes; o and down already projected to the student space.
+        teacher_targets: Same keys and shapes; o and down already projected to the student space (their
+            graph is kept, so P_o and P_down also learn from the target side, as in the paper).
         mask_BP: Valid positions [B, P], bool or 0/1; None means all valid.
         weights: term -> weight; a missing term weighs 1.0, a zero weight drops the term entirely
             (it is neither computed nor logged).
@@ -381,13 +382,15 @@ def clone_loss(
         else:
             valid_BP = _check_mask(mask_BP, s_LBPW.shape[1:3], "mask_BP")
         valid_11BP1 = valid_BP[None, :, :, None]
-        s_LBPW, t_LBPW = _upcast(s_LBPW), _upcast(t_LBPW.detach())
+        # The target keeps its graph: the o and down targets are P^T t, and P_o / P_down learn from
+        # both sides of the MSE, as in the paper's loss. Only the normaliser is detached.
+        s_LBPW, t_LBPW = _upcast(s_LBPW), _upcast(t_LBPW)
         num_elems = valid_BP.sum() * s_LBPW.shape[-1]
         inv_count = (num_elems > 0) / num_elems.clamp(min=1).to(s_LBPW.dtype)
         sq_err_LBPW = torch.where(valid_11BP1, (s_LBPW - t_LBPW).square(), 0.0)
         mse_L = sq_err_LBPW.sum(dim=(1, 2, 3)) * inv_count
         if normalize:
-            target_ms_L = torch.where(valid_11BP1, t_LBPW.square(), 0.0).sum(dim=(1, 2, 3)) * inv_count
+            target_ms_L = torch.where(valid_11BP1, t_LBPW.detach().square(), 0.0).sum(dim=(1, 2, 3)) * inv_count
             mse_L = mse_L / target_ms_L.clamp(min=eps)
         per_term[term] = mse_L.detach().mean()
         weighted_terms.append(weights.get(term, 1.0) * mse_L.sum())

@@ -559,3 +559,12 @@ def test_clone_loss_bad_inputs_raise():
         clone_loss(student, target, mask, reduce="max")
     with pytest.raises(ValueError, match="mask_BP"):
         clone_loss(student, target, torch.ones(B, P + 1, dtype=torch.bool))
+
+
+def test_clone_loss_gradient_reaches_a_projected_target():
+    # o and down targets are P^T t: the projection learns from the target side too (the paper's loss).
+    student, target, mask = _clone_inputs(23)
+    proj = torch.eye(target["q"].shape[-1], dtype=target["q"].dtype, requires_grad=True)
+    total, _ = clone_loss({"q": student["q"]}, {"q": target["q"] @ proj}, mask, normalize=True)
+    total.backward()
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
