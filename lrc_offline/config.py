@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +138,9 @@ class StudentConfig:
     parameters; with pca init it folds in the teacher's final-norm weight)."""
     pca_exclude_sink: bool = False
     """PCA init: leave document-start (attention-sink) positions out of the second moment."""
-    pca_sequences: int = 64
-    """PCA init without a cache (online): sequences of the short teacher pass."""
+    pca_sequences: int = 1024
+    """PCA init: sequences whose residual vectors (every cached layer and position) form the basis:
+    the first ones of the cache, or of the short teacher pass when training online."""
     init_std: float = 0.02
     """Standard deviation of the random projection init."""
     seed: int = 0
@@ -283,6 +285,32 @@ def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON/YAML value fits a field's type hint (ints are floats too; bools are not ints)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return True
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build dataclass `cls` from a dict, refusing unknown keys with the path that holds them."""
     if not isinstance(data, dict):
@@ -297,6 +325,9 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+        elif not _matches(value, hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ConfigError(f"{where}.{key}={value!r} has the wrong type; expected {shown}")
         else:
             kwargs[key] = value
     return cls(**kwargs)

@@ -16,6 +16,7 @@ import torch
 
 from . import losses
 from .capture.corpus import load_documents, pack_documents, split_heldout
+from .config import ConfigError
 
 __all__ = ["compare_models", "heldout_sequences", "evaluate_export", "format_table"]
 
@@ -65,7 +66,7 @@ def heldout_sequences(corpus: str, text_field: str, heldout_docs: int, tokenizer
     """The packed held-out sequences: the last `heldout_docs` documents of the corpus, which a cache
     built with the same `heldout_docs` never saw."""
     if heldout_docs < 1:
-        raise ValueError("evaluation on held-out text needs heldout_docs >= 1 (documents kept out of the cache)")
+        raise ConfigError("evaluation on held-out text needs heldout_docs >= 1 (documents kept out of the cache)")
     _, heldout = split_heldout(load_documents(corpus, text_field), heldout_docs)
     return pack_documents(heldout, tokenizer, seq_len, max_sequences).input_ids
 

@@ -91,7 +91,7 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
     train = pack_documents(train_docs, teacher.tokenizer, tc.seq_len)
     heldout = pack_documents(heldout_docs, teacher.tokenizer, tc.seq_len, tc.eval_sequences) if heldout_docs else None
     if train.num_sequences < tc.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"corpus {cfg.corpus!r} packs into {train.num_sequences} sequences, fewer than train.batch_size="
             f"{tc.batch_size}; lower the batch size or sequence length"
         )

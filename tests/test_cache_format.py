@@ -129,7 +129,7 @@ def test_fields_follow_the_contract():
 def test_act_layers_are_validated(layers, message):
     with pytest.raises(CacheFormatError, match=message):
         act_layers(make_cfg(act_layers=layers), GEOMETRY)
-    assert act_layers(make_cfg(act_layers=[1, 0]), GEOMETRY) == [1, 0]
+    assert act_layers(make_cfg(act_layers=[1, 0]), GEOMETRY) == [0, 1]  # stored in ascending order
 
 
 # ---------------------------------------------------------------------------------------------------

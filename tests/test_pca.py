@@ -107,3 +107,9 @@ def test_pca_needs_residual_activations(tmp_path):
                 out, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="activation_mode=residual"):
         cache_second_moment(out)
+
+
+def test_pca_pass_can_be_capped(residual_cache):
+    capped = cache_second_moment(residual_cache, max_sequences=3)
+    assert capped.count == 3 * 2 * 8  # sequences x layers x positions
+    assert second_moment_path(residual_cache, False, 3).is_file()

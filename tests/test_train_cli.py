@@ -80,3 +80,49 @@ def test_training_runs_from_every_format_and_mode(tmp_path, fmt, logit_mode, act
     records = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "kd" in records[0] and ("clone" in records[0]) == (act_mode != "none")
+
+
+def test_review_guards(cache, tmp_path, capsys):
+    from lrc_offline.cli.cache import main as cache_main
+
+    # KD at another temperature than the cached top-k log-probs is refused before step 0
+    assert train_main(["train", "--cache", str(cache), "--out", str(tmp_path / "t"), *COMMON,
+                       "loss.temperature=2.0"]) == 2  # fmt: skip
+    assert "temperature" in capsys.readouterr().err
+    # wrong types and worker flags are one-line errors; a bad shard index leaves nothing behind
+    assert train_main(["train", "--cache", str(cache), "--out", str(tmp_path / "t"), "train.steps=abc"]) == 2
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--num-shards", "2"]) == 2
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--shard-index", "99",
+                       "max_sequences=4", "seq_len=16"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "wrong type" in err and "--shard-index" in err and not (tmp_path / "c").exists()
+    # exporting a checkpoint with another teacher than the one it was trained from is refused
+    run = tmp_path / "run"
+    assert train_main(["train", "--cache", str(cache), "--out", str(run), *COMMON, "student.hidden_size=8"]) == 0
+    state_file = run / "checkpoints" / "step-000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["teacher"] = "tiny-random:mistral"
+    state_file.write_text(json.dumps(state))
+    assert train_main(["export", "--checkpoint", str(state_file.parent), "--out", str(tmp_path / "e")]) == 2
+    assert "teacher_weights" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_unsorted_act_layers_compare_the_right_layers(tmp_path):
+    from lrc_offline.config import LossConfig
+    from lrc_offline.student.lrc import LRCStudent
+    from lrc_offline.teacher.load import load_teacher
+    from lrc_offline.training.objective import lrc_loss
+    from lrc_offline.training.reader import CacheDataset, iter_batches
+
+    teacher = load_teacher("tiny-random:llama")
+    parts = {}
+    for layers in ([0, 1], [1, 0]):
+        out = tmp_path / str(layers)
+        build_cache(CacheConfig(seq_len=16, max_sequences=4, sequences_per_shard=4, act_layers=layers, topk=8,
+                                act_dtype="float32"), out, progress=False, teacher=teacher)  # fmt: skip
+        batch = next(iter_batches(CacheDataset(out, seed=0), 4))
+        batch.pop("sequence_index")
+        student = LRCStudent(teacher.model, 16, seed=0)
+        _, parts[str(layers)] = lrc_loss(student, batch, LossConfig(), clone_layers=layers)
+    for key in parts["[0, 1]"]:
+        torch.testing.assert_close(parts["[1, 0]"][key], parts["[0, 1]"][key])

@@ -174,7 +174,8 @@ def act_layers(cfg: CacheConfig, geometry: TeacherGeometry) -> list[int]:
             )
     if len(set(layers)) != len(layers):
         raise CacheFormatError(f"cache.act_layers={layers} repeats a layer; list each layer once")
-    return layers
+    # Activations are stored, and compared with the student's, in ascending layer order.
+    return sorted(layers)
 
 
 def _field(name: str, shape: tuple[int, ...], dtype: str) -> FieldSpec:

@@ -24,7 +24,7 @@ from ..cache import (
     make_manifest,
     num_act_positions,
 )
-from ..config import CLONE_TERMS, CacheConfig
+from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
 from ..teacher.load import Teacher, load_teacher, resolve_device
@@ -79,10 +79,10 @@ def my_shards(num_shards: int, shard_index: int | None = None, num_workers: int 
         return list(range(num_shards))
     if num_workers is None:
         if not 0 <= shard_index < num_shards:
-            raise ValueError(f"--shard-index {shard_index} is outside [0, {num_shards}) for this cache")
+            raise ConfigError(f"--shard-index {shard_index} is outside [0, {num_shards}) for this cache")
         return [shard_index]
     if not 0 <= shard_index < num_workers:
-        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_workers})")
+        raise ConfigError(f"--shard-index {shard_index} must be in [0, --num-shards {num_workers})")
     return list(range(shard_index, num_shards, num_workers))
 
 
@@ -192,8 +192,8 @@ def build_cache(
         "teacher_name": cfg.teacher,
     }  # fmt: skip
     manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra)
+    shards = my_shards(manifest["num_shards"], shard_index, num_workers)  # before anything is written
     writer = CacheWriter(out, manifest)
-    shards = my_shards(manifest["num_shards"], shard_index, num_workers)
     report = BuildReport(out=str(out), num_shards=manifest["num_shards"])
     todo = [i for i in shards if not writer.is_complete(i)]
     report.skipped = [i for i in shards if i not in todo]

@@ -40,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(args) -> int:
     from ..capture.build import build_cache
-    from ..config import CacheConfig, load_config, to_dict
+    from ..config import CacheConfig, ConfigError, load_config, to_dict
 
     overrides = [o[len("cache."):] if o.startswith("cache.") else o for o in args.overrides]
     cfg = load_config(CacheConfig, args.config, overrides)
     shard_index, num_workers = args.shard_index, args.num_shards
+    if num_workers is not None and shard_index is None:
+        raise ConfigError("--num-shards N needs --shard-index I (this worker's index in 0..N-1)")
     if shard_index is None:
         shard_index, num_workers = launcher_rank()
         if shard_index is not None and cfg.device == "auto" and "LOCAL_RANK" in os.environ:

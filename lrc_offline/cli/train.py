@@ -68,6 +68,17 @@ def _job_config(args):
     return cfg
 
 
+def _set_local_device() -> None:
+    """Under `accelerate launch`/`torchrun`, make this rank's GPU the current device before anything is
+    loaded, so `cuda` means the rank's own GPU and not every rank's cuda:0."""
+    import os
+
+    import torch
+
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def _teacher_and_heldout(cfg, cache: str):
     """The teacher (the config's, else the cache's) and the packed held-out sequences, if any."""
     from ..cache import read_manifest
@@ -76,6 +87,7 @@ def _teacher_and_heldout(cfg, cache: str):
     from ..training.trainer import cache_teacher_name
 
     manifest = read_manifest(cache)
+    _set_local_device()
     teacher = load_teacher(cfg.teacher or cache_teacher_name(manifest), dtype="auto",
                            device=resolve_device(cfg.train.device))  # fmt: skip
     built = manifest["config"]
@@ -142,10 +154,15 @@ def _export(args) -> int:
     from ..student.lrc import build_student
     from ..teacher.load import load_teacher
     from ..training.checkpoint import load_student_weights, read_checkpoint_state
+    from ..training.trainer import check_teacher_matches_cache
 
     state = read_checkpoint_state(args.checkpoint)
     cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
     teacher = load_teacher(cfg.teacher, dtype="float32", device="cpu")
+    fingerprints = state.get("extra", {}).get("cache_fingerprints")
+    if fingerprints:  # the student's weights are generated from the teacher's: it must be the same teacher
+        check_teacher_matches_cache(teacher.model, teacher.tokenizer, cfg.teacher, {"fingerprints": fingerprints,
+                                    "config": {"teacher": f"the one of {args.checkpoint}"}}, args.checkpoint)  # fmt: skip
     student = build_student(teacher.model, cfg.student)
     load_student_weights(args.checkpoint, student)
     extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint), **state.get("extra", {})}

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..config import ConfigError
 from .lrc import READ_TERMS, WRITE_TERMS, LRCStudent
 
 __all__ = ["SecondMoment", "pca_basis", "init_pca"]
@@ -40,10 +41,11 @@ class SecondMoment:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to("cpu", torch.float64)
-        rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-        x = x / rms
-        self.matrix_DD += x.t() @ x
+        # float64 on the CPU; float32 on an accelerator (a d x d sum over many rows; ~1e-6 relative).
+        x = x.reshape(-1, x.shape[-1])
+        x = x.to(torch.float64 if x.device.type == "cpu" else torch.float32)
+        x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        self.matrix_DD += (x.t() @ x).to("cpu", torch.float64)
         self.count += x.shape[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -61,9 +63,9 @@ def pca_basis(moment: SecondMoment, dim: int) -> torch.Tensor:
     """The top `dim` eigenvectors [D, dim] of the second moment, by descending eigenvalue, each with a
     fixed sign (largest-magnitude entry positive) so the basis is reproducible."""
     if moment.count == 0:
-        raise ValueError("the PCA second moment saw no vectors; the cache holds no residual activations")
+        raise ConfigError("the PCA second moment saw no vectors; the cache holds no residual activations")
     if not 0 < dim <= moment.matrix_DD.shape[0]:
-        raise ValueError(f"student hidden size {dim} must be in [1, {moment.matrix_DD.shape[0]}] for a PCA basis")
+        raise ConfigError(f"student hidden size {dim} must be in [1, {moment.matrix_DD.shape[0]}] for a PCA basis")
     eigenvalues, vectors = torch.linalg.eigh(moment.matrix_DD / moment.count)
     order = torch.argsort(eigenvalues, descending=True)[:dim]
     basis = vectors[:, order]

@@ -74,7 +74,7 @@ def lrc_loss(
     input_ids = batch["input_ids"].long()
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    layers = list(range(student.num_layers)) if clone_layers is None else list(clone_layers)
+    layers = list(range(student.num_layers)) if clone_layers is None else sorted(clone_layers)
     use_clone = cfg.alpha > 0 and "act_positions" in batch
     positions = batch["act_positions"] if use_clone else None
     out = student(

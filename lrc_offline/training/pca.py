@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache import CacheReader
+from ..config import ConfigError
 from ..student.init import SecondMoment
 
 __all__ = ["cache_second_moment", "second_moment_path"]
@@ -22,21 +23,28 @@ __all__ = ["cache_second_moment", "second_moment_path"]
 log = logging.getLogger(__name__)
 
 
-def second_moment_path(cache_dir: str | Path, exclude_sink: bool) -> Path:
-    return Path(cache_dir) / "pca" / f"second_moment{'-nosink' if exclude_sink else ''}.safetensors"
+def second_moment_path(cache_dir: str | Path, exclude_sink: bool, max_sequences: int | None = None) -> Path:
+    name = f"second_moment{'-nosink' if exclude_sink else ''}{f'-{max_sequences}seq' if max_sequences else ''}"
+    return Path(cache_dir) / "pca" / f"{name}.safetensors"
 
 
-def _accumulate(reader: CacheReader, exclude_sink: bool) -> SecondMoment:
+def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | None) -> SecondMoment:
     names = {f["name"] for f in reader.manifest["fields"]}
     if "act_input" not in names:
-        raise ValueError(
+        raise ConfigError(
             f"PCA init needs residual activations, but the cache at {reader.root} has none "
             f"(activation_mode={reader.manifest['config']['activation_mode']!r}); build it with "
             "activation_mode=residual, or use student.init=random"
         )
     moment = SecondMoment(reader.manifest["geometry"]["hidden_size"])
+    seen = 0
     for index in reader.complete_shards():
+        if max_sequences is not None and seen >= max_sequences:
+            break
         shard = reader.read_shard(index, ["act_input", "act_positions", "position_ids"])
+        if max_sequences is not None:
+            shard = {k: v[: max_sequences - seen] for k, v in shard.items()}
+        seen += len(shard["act_input"])
         h_NLPD = shard["act_input"]
         if exclude_sink:
             # a sink is a sampled position that starts a document (position id 0), the sequence start included
@@ -46,10 +54,11 @@ def _accumulate(reader: CacheReader, exclude_sink: bool) -> SecondMoment:
     return moment
 
 
-def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False) -> SecondMoment:
-    """The second moment of the cache's RMS-normalised residual vectors (all layers and positions),
-    read from `CACHE/pca/` when present, else computed and saved there (atomically)."""
-    path = second_moment_path(cache_dir, exclude_sink)
+def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_sequences: int | None = None) -> SecondMoment:
+    """The second moment of the cache's RMS-normalised residual vectors (all layers and positions of the
+    first `max_sequences` complete sequences, or all), read from `CACHE/pca/` when present, else computed
+    and saved there (atomically)."""
+    path = second_moment_path(cache_dir, exclude_sink, max_sequences)
     reader = CacheReader(cache_dir)
     fingerprint = reader.manifest["fingerprints"]["corpus"] + ":" + str(reader.complete_shards())
     if path.is_file():
@@ -58,7 +67,7 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False) -> Se
         if stored == fingerprint:
             return SecondMoment.from_state_dict(data)
         log.info("%s is stale (the cache's complete shards changed); recomputing", path)
-    moment = _accumulate(reader, exclude_sink)
+    moment = _accumulate(reader, exclude_sink, max_sequences)
     state = moment.state_dict() | {"fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}
     try:
         path.parent.mkdir(exist_ok=True)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache import CacheReader
+from ..config import ConfigError
 
 __all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches"]
 
@@ -70,7 +71,7 @@ class CacheDataset(IterableDataset):
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+            raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
         self.reader = CacheReader(cache_dir)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_epochs, self.fields = num_epochs, fields
@@ -83,7 +84,7 @@ class CacheDataset(IterableDataset):
             )  # fmt: skip
         self.shards = complete[rank::world_size]
         if not self.shards:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.reader.root}: rank {rank} of {world_size} gets no shard: the cache has {len(complete)} "
                 "complete shards; use fewer processes or build more shards"
             )

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from ..cache import read_manifest
-from ..config import TrainConfig, TrainJobConfig, save_config, to_dict
+from ..config import ConfigError, TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_student
 from ..student.init import init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
@@ -83,6 +83,18 @@ def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: d
 def _resolve_teacher(cfg: TrainJobConfig, manifest: dict, teacher: str | None) -> str:
     """Explicit argument, else `cfg.teacher`, else the teacher the cache was built with."""
     return teacher or cfg.teacher or cache_teacher_name(manifest)
+
+
+def _check_temperature(cfg: TrainJobConfig, manifest: dict, cache_dir) -> None:
+    """Top-k log-probs and sampled draws were taken at the cache's temperature: KD must use the same one
+    (a hidden-state cache recomputes exact logits and serves any temperature)."""
+    built = manifest["config"]
+    if built["logit_mode"] in ("topk", "sampled") and built["temperature"] != cfg.loss.temperature:
+        raise ConfigError(
+            f"the cache at {cache_dir} holds {built['logit_mode']} signals taken at temperature "
+            f"{built['temperature']}, but loss.temperature={cfg.loss.temperature}; set loss.temperature="
+            f"{built['temperature']}, or build a cache at the temperature you want (or with logit_mode=hidden)"
+        )
 
 
 def _accelerator(tc: TrainConfig) -> Accelerator:
@@ -207,7 +219,8 @@ def train_from_cache(
     seq_len = manifest["config"]["seq_len"]
     cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
     tc = cfg.train
-    clone_layers = manifest["config"]["act_layers"] or list(range(manifest["geometry"]["num_layers"]))
+    clone_layers = sorted(manifest["config"]["act_layers"] or range(manifest["geometry"]["num_layers"]))
+    _check_temperature(cfg, manifest, cache_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
@@ -218,7 +231,11 @@ def train_from_cache(
     student = build_student(loaded.model, cfg.student).to(device)
     init_info = {"kind": cfg.student.init}
     if cfg.student.init == "pca":
-        moment = cache_second_moment(cache_dir, cfg.student.pca_exclude_sink)
+        pca_args = (cache_dir, cfg.student.pca_exclude_sink, cfg.student.pca_sequences)
+        if accelerator.is_main_process:  # one pass, stored beside the cache; the other ranks read it
+            cache_second_moment(*pca_args)
+        accelerator.wait_for_everyone()
+        moment = cache_second_moment(*pca_args)
         init_pca(student, pca_basis(moment, cfg.student.hidden_size))
         init_info.update(source=f"cache {cache_dir}", vectors=moment.count, exclude_sink=cfg.student.pca_exclude_sink)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
