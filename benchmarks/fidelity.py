@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lrc_offline import losses
-from lrc_offline.capture.signals import sampled_signal, topk_signal
+from lrc_offline.capture.signals import logprobs_at, sampled_signal, topk_signal
 from lrc_offline.config import StudentConfig
 from lrc_offline.evaluation import heldout_sequences
 from lrc_offline.student.init import SecondMoment, init_pca, pca_basis
@@ -76,14 +76,15 @@ def main() -> None:
             logits = student(ids).logits_BTV.float()
         ref = _grad(lambda x: losses.kl_full(x, teacher_logits, mask), logits)
         row = {"kl_full": float(losses.kl_full(logits, teacher_logits, mask))}
+        teacher_logprobs = logprobs_at(teacher_logits.reshape(-1, teacher_logits.shape[-1]), 1.0)
         for k in [int(k) for k in args.ks.split(",")]:
-            top_ids, top_lp = topk_signal(teacher_logits.reshape(-1, teacher_logits.shape[-1]), k, 1.0)
+            top_ids, top_lp, _ = topk_signal(teacher_logprobs, k)
             top_ids = top_ids.reshape(*ids.shape, k)
             top_lp = top_lp.to(torch.float16).float().reshape(*ids.shape, k)  # as stored (float16)
             row[f"topk k={k}"] = _compare(_grad(lambda x: losses.kl_topk(x, top_ids, top_lp, mask), logits), ref)
         for n in [int(n) for n in args.draws.split(",")]:
             gen = torch.Generator().manual_seed(1)
-            s_ids, counts = sampled_signal(teacher_logits.reshape(-1, teacher_logits.shape[-1]), n, 1.0, gen)
+            s_ids, counts = sampled_signal(teacher_logprobs, n, gen)
             s_ids, counts = s_ids.reshape(*ids.shape, n), counts.reshape(*ids.shape, n)
             entry = _compare(_grad(lambda x: losses.kd_sampled(x, s_ids, counts, mask), logits), ref)
             entry["unique_ids_mean"] = float((counts > 0).sum(-1).float().mean())

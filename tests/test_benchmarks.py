@@ -61,4 +61,5 @@ def test_quality_smoke(tmp_path, monkeypatch):
                         "--only", "a,b", "--out", str(tmp_path), "student.hidden_size=16"], monkeypatch)  # fmt: skip
     variants = json.loads((tmp_path / "quality.json").read_text())["variants"]
     assert set(variants) == {"(a) LRC online", "(b) LRC cache topk+residual P=16"}
-    assert all(v["final_heldout_ce"] > 0 for v in variants.values()) and (tmp_path / "quality.png").is_file()
+    online, cached = (v["final_heldout_ce"] for v in variants.values())
+    assert abs(online - cached) < 0.05 and (tmp_path / "quality.png").is_file()  # 2 warm-up steps barely move

@@ -202,3 +202,20 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert "cache.topk" in capsys.readouterr().err
     assert cache_main(["build", "--out", str(tmp_path / "o"), "--no-progress", "no_such_key=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_shards_of_a_replaced_manifest_are_not_complete(tmp_path, llama):
+    cfg = CacheConfig(**SMALL)
+    build_cache(cfg, tmp_path / "c", progress=False, teacher=llama)
+    # someone deletes the manifest and builds another corpus into the same folder
+    (tmp_path / "c" / "manifest.json").unlink()
+    (tmp_path / "other.txt").write_text("\n\n".join(["A different corpus paragraph number %d." % i * 3 for i in range(60)]))
+    other = CacheConfig(**dict(SMALL, corpus=str(tmp_path / "other.txt")))
+    from lrc_offline.cache import CacheWriter, make_manifest
+
+    manifest = make_manifest(other, build_mod.teacher_geometry(llama.config),
+                             {"teacher_config": "a", "teacher_weights": "b", "tokenizer": "c", "corpus": "d"}, 12)  # fmt: skip
+    writer = CacheWriter(tmp_path / "c", manifest)
+    assert not any(writer.is_complete(i) for i in range(writer.num_shards))
+    report = verify_cache(tmp_path / "c")
+    assert not report.ok and all("another manifest" in reason for reason in report.bad.values())

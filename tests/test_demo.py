@@ -16,8 +16,11 @@ def test_demo_runs_end_to_end_and_reruns_from_the_cache(tmp_path):
     first = run_demo(tmp_path, cache_cfg, train_cfg, progress=False)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads(json.dumps(first))
-    for key in ("student_heldout_ppl", "teacher_heldout_ppl"):
-        assert summary[key] > 1.0
+    # the exported student, loaded with plain transformers, scores the held-out text as the trainer did
+    from lrc_offline.training.metrics import read_metrics
+
+    last = [r for r in read_metrics(tmp_path / "train" / "metrics.jsonl") if "heldout_ce" in r][-1]
+    assert abs(summary["heldout"]["student_ce"] - last["heldout_ce"]) < 1e-4
     assert summary["cache"]["bytes_per_token"] > 0 and summary["train"]["tokens_per_s"] > 0
     assert isinstance(summary["sample"]["continuation"], str)
     assert (tmp_path / "loss_curve.png").stat().st_size > 5_000

@@ -114,3 +114,16 @@ def test_student_on_bf16_teacher_runs(teacher):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = student(_ids(), clone_positions_BP=torch.tensor([[0, 1], [0, 2]]))
     assert torch.isfinite(out.logits_BTV.float()).all()
+
+
+def test_document_mask_equals_running_each_packed_document_alone(teacher):
+    student = LRCStudent(teacher, teacher.config.hidden_size)
+    student.set_identity()
+    ids = _ids(batch=1, tokens=12)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])  # two documents packed in one row
+    packed = student(ids, position_ids_BT=position_ids, document_mask=True).logits_BTV
+    first = teacher(input_ids=ids[:, :5]).logits
+    second = teacher(input_ids=ids[:, 5:]).logits
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)
+    unmasked = student(ids).logits_BTV
+    assert not torch.allclose(unmasked[:, 5:], second, atol=1e-3)  # without the mask the documents mix

@@ -8,6 +8,7 @@ of the same cache must request an identical manifest (up to its creation time an
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -120,6 +121,15 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
             _flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}.{item['name']}", out)
     else:
         out[prefix] = value
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of what a manifest says about the data (creation time, library versions and the build
+    device left out). Every completion record carries it, so a shard is complete only for the manifest
+    it was built under."""
+    kept = {k: v for k, v in manifest.items() if k not in _VOLATILE_KEYS}
+    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k != "device"}
+    return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def manifest_differences(existing: dict[str, Any], requested: dict[str, Any]) -> list[str]:

@@ -45,7 +45,7 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 TMP_PREFIX = ".tmp-"
 _SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
-_RECORD_KEYS = ("index", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
+_RECORD_KEYS = ("index", "manifest", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
 _HASH_BLOCK = 1 << 20
 
 
@@ -131,11 +131,12 @@ def file_digests(path: Path, name: str) -> dict[str, dict[str, Any]]:
     return files
 
 
-def read_record(root: Path, index: int) -> dict[str, Any] | None:
+def read_record(root: Path, index: int, manifest_digest: str | None = None) -> dict[str, Any] | None:
     """The completion record of shard `index`, or None when the shard is not complete.
 
     Raises:
-        CacheFormatError: the record exists but is not valid JSON or lacks keys.
+        CacheFormatError: the record exists but is not valid JSON, lacks keys, or (with `manifest_digest`)
+            was written under another manifest.
     """
     path = record_path(root, index)
     try:
@@ -151,6 +152,11 @@ def read_record(root: Path, index: int) -> dict[str, Any] | None:
     if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
         raise CacheFormatError(
             f"{path}: completion record lacks keys {list(_RECORD_KEYS)}; delete it and rebuild shard {index}"
+        )
+    if manifest_digest is not None and record["manifest"] != manifest_digest:
+        raise CacheFormatError(
+            f"{path}: shard {index} was built under another manifest than {root / 'manifest.json'} "
+            "(was the manifest replaced?); delete the shard and its record and rebuild it"
         )
     if record["index"] != index:
         raise CacheFormatError(f"{path}: completion record is for shard {record['index']}, not {index}")

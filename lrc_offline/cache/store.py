@@ -21,6 +21,7 @@ from lrc_offline.cache.dtypes import check_input
 from lrc_offline.cache.manifest import (
     create_manifest,
     manifest_differences,
+    manifest_digest,
     read_manifest,
     validate_manifest,
 )
@@ -57,6 +58,7 @@ class _Layout:
         self.fields: list[FieldSpec] = validate_manifest(manifest, where)
         self.num_shards: int = manifest["num_shards"]
         self.format: str = manifest["format"]
+        self.manifest_digest: str = manifest_digest(manifest)
         self._shard_format = _FORMATS[self.format]
 
     def _check_index(self, index: int) -> None:
@@ -77,7 +79,7 @@ class _Layout:
         """Whether shard `index` has a readable completion record."""
         self._check_index(index)
         try:
-            return read_record(self.root, index) is not None
+            return read_record(self.root, index, self.manifest_digest) is not None
         except CacheFormatError:
             return False
 
@@ -162,6 +164,7 @@ class CacheWriter(_Layout):
             raise
         record = {
             "index": index,
+            "manifest": self.manifest_digest,
             "first_sequence": first,
             "num_sequences": end - first,
             "num_tokens": (end - first) * self.manifest["config"]["seq_len"],
@@ -209,7 +212,7 @@ class CacheReader(_Layout):
             CacheFormatError: the shard is not complete (no record) or its record is damaged.
         """
         self._check_index(index)
-        record = read_record(self.root, index)
+        record = read_record(self.root, index, self.manifest_digest)
         if record is None:
             raise CacheFormatError(
                 f"shard {index} of {self.root} is not complete (no {record_path(self.root, index).name}); "

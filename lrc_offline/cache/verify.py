@@ -77,7 +77,7 @@ def verify_cache(root: str | Path) -> VerifyReport:
     report = VerifyReport(num_shards=reader.num_shards)
     for index in range(reader.num_shards):
         try:
-            record = read_record(reader.root, index)
+            record = read_record(reader.root, index, reader.manifest_digest)
         except CacheFormatError as err:
             report.bad[index] = str(err)
             continue

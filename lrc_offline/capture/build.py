@@ -36,7 +36,7 @@ from .corpus import (
     split_heldout,
 )
 from .positions import position_seed, sample_positions_batch
-from .signals import entropy_and_tail, sampled_signal, topk_signal
+from .signals import entropy, logprobs_at, sampled_signal, topk_signal
 
 __all__ = ["BuildReport", "build_cache", "teacher_geometry", "my_shards", "capture_batch"]
 
@@ -113,19 +113,18 @@ def capture_batch(
         parts: dict[str, list[torch.Tensor]] = {}
         entropy_sum, tail_sum = 0.0, 0.0
         for row, sequence_index in enumerate(sequence_indices):
-            logits = captured.logits_BTV[row]
+            logprobs = logprobs_at(captured.logits_BTV[row], cfg.temperature)
             if cfg.logit_mode == "topk":
-                values = topk_signal(logits, cfg.topk, cfg.temperature)
-                names = ("topk_ids", "topk_logprobs")
+                ids, values, tail = topk_signal(logprobs, cfg.topk)
+                parts.setdefault("topk_ids", []).append(ids)
+                parts.setdefault("topk_logprobs", []).append(values)
+                tail_sum = tail_sum + tail.sum()
             else:
                 gen = torch.Generator(device=device).manual_seed(position_seed(cfg.seed + 1, sequence_index))
-                values = sampled_signal(logits, cfg.num_draws, cfg.temperature, gen)
-                names = ("sampled_ids", "sampled_counts")
-            for name, value in zip(names, values):
-                parts.setdefault(name, []).append(value)
-            entropy, tail = entropy_and_tail(logits, cfg.temperature, cfg.topk if cfg.logit_mode == "topk" else None)
-            entropy_sum = entropy_sum + entropy.sum()
-            tail_sum = tail_sum + tail.sum()
+                ids, counts = sampled_signal(logprobs, cfg.num_draws, gen)
+                parts.setdefault("sampled_ids", []).append(ids)
+                parts.setdefault("sampled_counts", []).append(counts)
+            entropy_sum = entropy_sum + entropy(logprobs).sum()
         out.update({name: torch.stack(values).cpu() for name, values in parts.items()})
         stats["teacher_entropy_sum"] = float(entropy_sum)
         if cfg.logit_mode == "topk":
@@ -209,12 +208,13 @@ def build_cache(
             arrays, stats = capture_batch(
                 teacher, cfg, packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)), layers
             )
+            arrays = _storage_dtypes(arrays, manifest["fields"])  # per batch: a shard never sits in fp32
             for name, value in arrays.items():
                 pieces.setdefault(name, []).append(value)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.update((hi - lo) * cfg.seq_len)
-        arrays = _storage_dtypes({n: torch.cat(v) for n, v in pieces.items()}, manifest["fields"])
+        arrays = {n: torch.cat(v) for n, v in pieces.items()}
         record = writer.write_shard(index, arrays, _shard_stats(sums))
         bytes_written += sum(f["bytes"] for f in record["files"].values())
         report.built.append(index)

@@ -1,4 +1,4 @@
-"""Compact logit signals computed from the teacher's logits, row chunk by row chunk.
+"""Compact logit signals computed from the teacher's log-probabilities, one sequence at a time.
 
 Legend: R rows (tokens), V vocabulary, K top-k, N draws.
 """
@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_signal", "sampled_signal", "unique_counts", "entropy_and_tail"]
+__all__ = ["logprobs_at", "topk_signal", "sampled_signal", "unique_counts", "entropy"]
 
 
-def topk_signal(logits_RV: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids (descending probability) and their log-probs at `temperature`, computed in fp32."""
-    logprobs = torch.log_softmax(logits_RV.float() / temperature, dim=-1)
-    values, ids = torch.topk(logprobs, k, dim=-1, sorted=True)
-    return ids.to(torch.int32), values
+def logprobs_at(logits_RV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) in fp32: computed once per row and shared by everything below."""
+    return torch.log_softmax(logits_RV.float() / temperature, dim=-1)
+
+
+def topk_signal(logprobs_RV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids (descending probability), their log-probs, and the probability mass outside them."""
+    values, ids = torch.topk(logprobs_RV, k, dim=-1, sorted=True)
+    tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
+    return ids.to(torch.int32), values, tail
 
 
 def unique_counts(draws_RN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,23 +34,17 @@ def unique_counts(draws_RN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sampled_signal(
-    logits_RV: torch.Tensor, num_draws: int, temperature: float, generator: torch.Generator
+    logprobs_RV: torch.Tensor, num_draws: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """N independent draws per row from softmax(logits / temperature), as unique ids with counts.
+    """N independent draws per row from the teacher distribution, as unique ids with counts.
 
     The empirical distribution count / N is an unbiased estimate of the teacher distribution, so KD
     against it has the full-KL gradient in expectation.
     """
-    probs = torch.softmax(logits_RV.float() / temperature, dim=-1)
-    draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
+    draws = torch.multinomial(logprobs_RV.exp(), num_draws, replacement=True, generator=generator)
     return unique_counts(draws)
 
 
-def entropy_and_tail(logits_RV: torch.Tensor, temperature: float, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row teacher entropy (nats) and, when `k` is given, the probability mass outside the top-k."""
-    logprobs = torch.log_softmax(logits_RV.float() / temperature, dim=-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    if k is None:
-        return entropy, torch.zeros_like(entropy)
-    tail = (1.0 - torch.topk(logprobs, k, dim=-1).values.exp().sum(-1)).clamp_min(0.0)
-    return entropy, tail
+def entropy(logprobs_RV: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy in nats."""
+    return -(logprobs_RV.exp() * logprobs_RV).sum(-1)

@@ -3,6 +3,7 @@
     lrc-cache build --config FILE --out DIR [--shard-index I [--num-shards N]] [key=value ...]
     lrc-cache inspect DIR [--json]
     lrc-cache verify DIR
+    lrc-cache clean DIR      (after a killed build: remove its temporary files; never during a build)
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     verify = sub.add_parser("verify", help="recompute every checksum; non-zero exit on a bad or missing shard")
     verify.add_argument("cache")
+    clean = sub.add_parser("clean", help="remove temporary files and unrecorded shard data left by killed builds "
+                           "(only while no build of this cache is running)")  # fmt: skip
+    clean.add_argument("cache")
     return parser
 
 
@@ -99,9 +103,16 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _clean(args) -> int:
+    from ..cache import clean_stale
+
+    print(f"removed {clean_stale(args.cache)} leftover item(s) from {args.cache}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"build": _build, "inspect": _inspect, "verify": _verify}[args.command]
+    handler = {"build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}[args.command]
     return run_main(lambda: handler(args))
 
 

@@ -41,13 +41,17 @@ def attention_bias(
     sliding_window: int | None = None,
 ) -> torch.Tensor | None:
     """A boolean [B|1, 1, T, T] mask (True = may attend): causal, minus padded keys, optionally minus keys
-    in earlier documents (position id 0 starts a document) and keys beyond a sliding window.
+    in earlier documents (position id 0 starts a document) and keys beyond a sliding window. None when
+    plain causal attention is all that is needed, so `attention` can take the fused causal kernels.
 
     Every query may always attend to itself, so rows of padded queries stay finite.
     """
+    windowed = sliding_window is not None and num_tokens > sliding_window
+    if attention_mask_BT is None and not document_mask and not windowed:
+        return None
     idx = torch.arange(num_tokens, device=device)
     allowed = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
-    if sliding_window is not None and num_tokens > sliding_window:
+    if windowed:
         allowed = allowed & (idx[:, None] - idx[None, :] < sliding_window)
     allowed = allowed[None, None]
     if attention_mask_BT is not None:
@@ -60,14 +64,12 @@ def attention_bias(
 
 
 def attention(
-    q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, mask: torch.Tensor, scale: float
+    q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Grouped-query attention; returns the context [B, T, H*K]."""
+    """Grouped-query attention (causal when `mask` is None); returns the context [B, T, H*K]."""
     num_heads, num_kv = q_BHTK.shape[1], k_BGTK.shape[1]
-    if num_kv != num_heads:
-        k_BGTK = k_BGTK.repeat_interleave(num_heads // num_kv, dim=1)
-        v_BGTK = v_BGTK.repeat_interleave(num_heads // num_kv, dim=1)
-    ctx = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, scale=scale)
+    ctx = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale, enable_gqa=num_kv != num_heads)  # fmt: skip
     batch, _, tokens, head_dim = ctx.shape
     return ctx.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 

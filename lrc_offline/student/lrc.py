@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import CLONE_TERMS
 from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
 from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
 
 __all__ = ["LRCStudent", "build_student", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
 
-CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
 READ_TERMS = ("q", "k", "v", "gate", "up")
 """Projections that read the residual stream: W^S = W^T P."""
 WRITE_TERMS = ("o", "down")
@@ -70,6 +70,14 @@ class _StudentLayer(nn.Module):
         self.proj = nn.ParameterDict({m: nn.Parameter(torch.empty(d_teacher, d_student)) for m in CLONE_TERMS})
         self.input_norm = nn.Parameter(torch.ones(d_student))
         self.post_norm = nn.Parameter(torch.ones(d_student))
+
+
+def _mm(frozen: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
+    """frozen @ trainable. Under autocast the frozen (bf16) teacher tensor goes in as it is, so autograd
+    saves the buffer itself rather than a new full-precision copy of it for the backward pass."""
+    if torch.is_autocast_enabled(trainable.device.type):
+        return frozen @ trainable
+    return frozen.to(trainable.dtype) @ trainable
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -159,12 +167,12 @@ class LRCStudent(nn.Module):
         dtype = proj["q"].dtype
         out = {}
         for m in READ_TERMS:
-            out[m] = getattr(frozen, m).to(dtype) @ proj[m]
+            out[m] = _mm(getattr(frozen, m), proj[m])
             bias = frozen.bias(m)
             if bias is not None:
                 out[f"{m}_bias"] = bias.to(dtype)
         for m in WRITE_TERMS:
-            out[m] = proj[m].t() @ getattr(frozen, m).to(dtype)
+            out[m] = _mm(getattr(frozen, m).t(), proj[m]).t()
             bias = frozen.bias(m)
             if bias is not None:
                 out[f"{m}_bias"] = bias.to(dtype) @ proj[m]
@@ -172,13 +180,13 @@ class LRCStudent(nn.Module):
 
     def embedding_weight(self) -> torch.Tensor:
         """E^S = E^T P_e  [V, S]."""
-        return self.teacher_embed.to(self.proj_embed.dtype) @ self.proj_embed
+        return _mm(self.teacher_embed, self.proj_embed)
 
     def head_weight(self) -> torch.Tensor:
         """The student's output head [V, S]: E^S when tied, else W^T_lm P_lm."""
         if self.tied:
             return self.embedding_weight()
-        return self.teacher_lm_head.to(self.proj_lm_head.dtype) @ self.proj_lm_head
+        return _mm(self.teacher_lm_head, self.proj_lm_head)
 
     # ------------------------------------------------------------------------------------------------
     # forward
@@ -209,10 +217,9 @@ class LRCStudent(nn.Module):
         batch, tokens = input_ids_BT.shape
         device = input_ids_BT.device
         rope_positions = position_ids_BT
-        if rope_positions is None or document_mask:
+        if rope_positions is None:
+            assert not document_mask, "document masking needs position ids (0 starts a document)"
             rope_positions = torch.arange(tokens, device=device).expand(batch, -1)
-        if document_mask and position_ids_BT is not None:
-            rope_positions = position_ids_BT
         mask = attention_bias(
             attention_mask_BT, position_ids_BT, tokens, device, document_mask=document_mask,
             sliding_window=self.sliding_window,
@@ -222,7 +229,7 @@ class LRCStudent(nn.Module):
             want = set(range(self.num_layers) if clone_layers is None else clone_layers)
         acts: dict[str, list[torch.Tensor]] = {m: [] for m in CLONE_TERMS} if want else {}
 
-        h = (self.teacher_embed[input_ids_BT].to(self.proj_embed.dtype)) @ self.proj_embed
+        h = _mm(self.teacher_embed[input_ids_BT], self.proj_embed)
         cos, sin = self.rotary(h, rope_positions)
         scale = self.head_dim**-0.5
         for index in range(self.num_layers):

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import CLONE_TERMS
 from .adapters import adapter_for
 
 __all__ = ["TeacherCapture", "capture_teacher", "CLONE_TERMS", "RESIDUAL_TERMS"]
-
-CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
 RESIDUAL_TERMS = ("input", "attn")
 """`input` is the decoder layer's input h_i; `attn` is the attention output a_T (after o_proj)."""
 

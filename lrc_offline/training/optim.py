@@ -11,8 +11,8 @@ __all__ = ["build_optimizer", "lr_factor"]
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then linear decay to
-    `min_lr_ratio` at the last step."""
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup to 1 over
+    `warmup_steps`, then linear decay that reaches `min_lr_ratio` at step `total_steps`, one past the last."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     decay_steps = max(total_steps - cfg.warmup_steps, 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from ..cache import read_manifest
@@ -205,6 +205,11 @@ def train_from_cache(
     start_time = time.perf_counter()
     out_dir, tc = Path(out_dir), cfg.train
     accelerator = _accelerator(tc)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Checkpoints, export and held-out evaluation read the student's full parameters on rank 0;
+        # under FSDP they are sharded. Refuse rather than save a shard or deadlock.
+        raise ConfigError("lrc-train does not run under FSDP yet; launch with a DDP config such as "
+                          "train/accelerate/ddp_8gpu.yaml (the trainable LRC parameters are small)")  # fmt: skip
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # ---- cache and teacher: refuse a teacher the cache was not built with ---------------------------
