@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in tiny teacher: build a teacher cache once, inspect and verify
-# it, train an LRC student from the cache (the teacher's forward never runs again), evaluate it against
-# the teacher on held-out text, export it. Safe to rerun: a complete cache is reused, training resumes.
+# The main job end to end on the real default: SmolLM2-135M (packaged GGUF) distilled on the packaged
+# Wikipedia text. Builds the teacher cache once, trains a 288-wide LRC student from it (the teacher's
+# forward never runs again), exports it, evaluates it against the teacher on held-out paragraphs, samples
+# from it with plain transformers, and writes summary.json and loss_curve.png to runs/demo/.
+# Safe to rerun: a complete cache is reused and training resumes from its latest checkpoint.
+#   ./demo.sh [OUT_DIR] [--preset tiny]
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh
-# shellcheck disable=SC1091
-. .venv/bin/activate
 out=${1:-runs/demo}
-mkdir -p "$out"
-lrc-cache build --config cache_jobs/tiny_cpu.yaml --out "$out/cache"
-lrc-cache inspect "$out/cache"
-lrc-cache verify "$out/cache"
-lrc-train train --config train/tiny_cpu.yaml --cache "$out/cache" --out "$out/train"
-lrc-train eval --student "$out/train/student" --cache "$out/cache"
-echo "done: cache in $out/cache, student in $out/train/student, metrics in $out/train/metrics.jsonl"
+shift || true
+exec .venv/bin/python -m lrc_offline.demo --out "$out" "$@"

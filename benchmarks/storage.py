@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--corpus", default="wiki-en")
+    parser.add_argument("--heldout-docs", type=int, default=200)
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--act-positions", type=int, default=16)
@@ -66,7 +67,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(args.teacher)
     measured, per_field = {}, {}
-    base = dict(teacher=args.teacher, corpus=args.corpus, seq_len=args.seq_len, max_sequences=args.sequences,
+    base = dict(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs, seq_len=args.seq_len,
+                max_sequences=args.sequences,
                 sequences_per_shard=args.sequences, topk=64, num_draws=64, logprob_dtype="float16",
                 act_positions=args.act_positions, act_dtype="bfloat16")  # fmt: skip
     for logit_mode, act_mode in MODES:

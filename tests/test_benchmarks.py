@@ -37,7 +37,7 @@ def test_fidelity_smoke(tmp_path, monkeypatch):
 
 
 def test_storage_smoke(tmp_path, monkeypatch):
-    _run("storage.py", [*TINY, "--sequences", "4", "--seq-len", "32", "--act-positions", "8", "--out", str(tmp_path)],
+    _run("storage.py", [*TINY, "--heldout-docs", "3", "--sequences", "4", "--seq-len", "32", "--act-positions", "8", "--out", str(tmp_path)],
          monkeypatch)  # fmt: skip
     table = json.loads((tmp_path / "storage.json").read_text())["table"]
     qwen = table["Qwen2.5-3B"]
