@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +110,27 @@ class CacheDataset(IterableDataset):
 
     def _read_epoch(self, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         first_of_shard = {i: self.reader.shard_range(i)[0] for i in self.shards}
+        plan = []  # (shard, local offsets still to hand out), skipping what a resumed run consumed
         for slot, (shard, local) in enumerate(self.epoch_order(epoch)):
             if slot % num_workers != worker:
                 continue
             if skip >= len(local):
                 skip -= len(local)
                 continue
-            data = self.reader.read_shard(shard, self.fields)
-            for offset in local[skip:].tolist():
-                sample = {name: tensor[offset] for name, tensor in data.items()}
-                sample["sequence_index"] = first_of_shard[shard] + offset
-                yield sample
+            plan.append((shard, local[skip:]))
             skip = 0
+        # The next shard is read and decoded in a background thread while this one is handed out, so
+        # the training step does not wait on decompression (two shards sit in memory at a time).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.reader.read_shard, plan[0][0], self.fields) if plan else None
+            for index, (shard, offsets) in enumerate(plan):
+                data = pending.result()
+                if index + 1 < len(plan):
+                    pending = pool.submit(self.reader.read_shard, plan[index + 1][0], self.fields)
+                for offset in offsets.tolist():
+                    sample = {name: tensor[offset] for name, tensor in data.items()}
+                    sample["sequence_index"] = first_of_shard[shard] + offset
+                    yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
