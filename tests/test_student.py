@@ -127,3 +127,14 @@ def test_document_mask_equals_running_each_packed_document_alone(teacher):
     torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)
     unmasked = student(ids).logits_BTV
     assert not torch.allclose(unmasked[:, 5:], second, atol=1e-3)  # without the mask the documents mix
+
+
+def test_sizes_transformers_cannot_export_are_refused_before_training():
+    from lrc_offline.config import ConfigError, StudentConfig
+    from lrc_offline.student.lrc import build_student
+    from lrc_offline.teacher.tiny import tiny_teacher
+
+    llama = tiny_teacher("llama")  # 4 heads: LlamaConfig wants hidden_size % 4 == 0
+    with pytest.raises(ConfigError, match="multiple of the teacher's 4 attention heads, e.g. 28 or 32"):
+        build_student(llama, StudentConfig(hidden_size=30))
+    assert build_student(llama, StudentConfig(hidden_size=28)).d_student == 28

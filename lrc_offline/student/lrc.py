@@ -299,5 +299,8 @@ class LRCStudent(nn.Module):
 
 def build_student(teacher_model: nn.Module, cfg) -> LRCStudent:
     """An LRC student from a `StudentConfig` (random init; PCA init is applied on top by the caller,
-    which has the data: see `student.init.init_pca`)."""
+    which has the data: see `student.init.init_pca`). Refuses a size that could not be exported."""
+    from .export import check_exportable  # export builds on this module
+
+    check_exportable(teacher_model.config, cfg.hidden_size)
     return LRCStudent(teacher_model, cfg.hidden_size, cfg.init_std, cfg.seed, untie_head=cfg.head == "untied")
