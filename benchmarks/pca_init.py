@@ -27,7 +27,7 @@ from lrc_offline.config import (
 )
 from lrc_offline.evaluation import heldout_sequences
 from lrc_offline.student.init import init_pca, pca_basis
-from lrc_offline.student.lrc import build_student
+from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training.evaluate import heldout_ce
 from lrc_offline.training.metrics import read_metrics
@@ -81,7 +81,8 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         row = {}
         for name, options in STEP0_VARIANTS.items():
-            student = build_student(teacher.model, StudentConfig(hidden_size=size, **options))
+            # LRCStudent directly: step 0 needs no export, so sizes transformers cannot save are measured too
+            student = LRCStudent(teacher.model, size, untie_head=options["head"] == "untied")
             if options["init"] == "pca":
                 init_pca(student, pca_basis(moment, size))
             with torch.no_grad():
