@@ -58,7 +58,7 @@ def main() -> None:
     teacher = load_teacher(args.teacher)
     heldout = heldout_sequences(args.corpus, "text", args.heldout_docs, teacher.tokenizer, args.seq_len, 32)
     base_train = apply_overrides(TrainJobConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs), [
-        "student.hidden_size=192", "optim.lr=0.001", "optim.warmup_steps=10", "train.batch_size=8",
+        "student.hidden_size=288", "optim.lr=0.001", "optim.warmup_steps=10", "train.batch_size=8",
         f"train.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.log_every=5",
         f"train.eval_every={args.eval_every}", "train.eval_sequences=32", "train.clone_positions=16",
         "loss.alpha=1.0", *args.overrides])  # fmt: skip
