@@ -23,16 +23,26 @@ from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.plots import plot_curves
 from lrc_offline.training.trainer import train_from_cache
 
-# name: (cache overrides or None for online, training overrides)
+# key: (label, cache overrides or None for online, training overrides)
 VARIANTS = {
-    "(a) LRC online": (None, []),
-    "(b) LRC cache topk+residual P=16": ([], []),
-    "(c) LRC cache sampled+residual P=16": (["logit_mode=sampled"], []),
-    "(c) LRC cache hidden+residual P=16": (["logit_mode=hidden"], []),
-    "(d) LRC cache topk+residual P=4": (["act_positions=4"], []),
-    "(d) LRC cache topk+residual all positions": (["act_positions=100000"], []),
-    "(e) KD only (cache topk)": ([], ["loss.alpha=0"]),
-    "(f) CE only": ([], ["loss.alpha=0", "loss.kd_weight=0"]),
+    "a": ("(a) LRC online", None, []),
+    "b": ("(b) LRC cache topk+residual P=16", [], []),
+    "c-sampled": ("(c) LRC cache sampled+residual P=16", ["logit_mode=sampled"], []),
+    "c-hidden": ("(c) LRC cache hidden+residual P=16", ["logit_mode=hidden"], []),
+    "d-p4": ("(d) LRC cache topk+residual P=4", ["act_positions=4"], []),
+    "d-all": ("(d) LRC cache topk+residual all positions", ["act_positions=100000"], []),
+    "e": ("(e) KD only (cache topk)", [], ["loss.alpha=0"]),
+    "f": ("(f) CE only", [], ["loss.alpha=0", "loss.kd_weight=0"]),
+    # Clone-loss formulations (issue 7).
+    "g-raw": ("(g) paper's raw clone loss (sum of MSEs, alpha 0.5)", [],
+              ["loss.alpha=0.5", "loss.clone_normalize=false", "loss.clone_reduce=sum"]),
+    "g-raw-all": ("(g) paper's raw clone loss, all positions", ["act_positions=100000"],
+                  ["loss.alpha=0.5", "loss.clone_normalize=false", "loss.clone_reduce=sum"]),
+    # PCA initialisation (issue 8): a gentler learning rate keeps the PCA start.
+    "p": ("(p) PCA init (untied), LRC cache P=16, lr 1e-4", [],
+          ["student.init=pca", "student.head=untied", "optim.lr=0.0001"]),
+    "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
+          ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
 
 
@@ -45,7 +55,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=320, help="cached sequences (epochs repeat them)")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b,e")
+    parser.add_argument("--only", default="", help=f"comma-separated variant keys to run, in this order; keys: {','.join(VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results/quality")
     parser.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. student.hidden_size=192")
     args = parser.parse_args()
@@ -65,12 +75,14 @@ def main() -> None:
     base_cache = CacheConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs,
                              seq_len=args.seq_len, max_sequences=args.sequences, sequences_per_shard=64,
                              logprob_dtype="float16", act_positions=16)  # fmt: skip
-    wanted = {letter.strip() for letter in args.only.split(",") if letter.strip()}
+    wanted = [key.strip() for key in args.only.split(",") if key.strip()] or list(VARIANTS)
+    unknown = [key for key in wanted if key not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     curves = {}
-    for name, (cache_overrides, train_overrides) in VARIANTS.items():
-        run = out / "runs" / name.split(")")[0].strip("(") / name.split(") ")[1].replace(" ", "_").replace("=", "")
-        if wanted and name[1] not in wanted:
-            continue
+    for key in wanted:
+        name, cache_overrides, train_overrides = VARIANTS[key]
+        run = out / "runs" / key
         cfg = apply_overrides(base_train, train_overrides)
         start = time.perf_counter()
         if cache_overrides is None:

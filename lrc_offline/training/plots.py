@@ -49,7 +49,8 @@ def plot_sweep(rows: list[dict], runs: dict[str, list[dict]], out_png: str | Pat
     left.set_title(f"{metric} against student size")
     left.grid(alpha=0.3)
     for label, records in runs.items():
-        right.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=label)
+        trained = [r for r in records if "loss" in r]
+        right.plot([r["tokens"] for r in trained], [r["loss"] for r in trained], label=label)
     right.set_xlabel("training tokens")
     right.set_ylabel("training loss")
     right.set_title("loss against tokens")

@@ -271,6 +271,9 @@ def train_from_cache(
         metrics = MetricsWriter(out_dir / "metrics.jsonl")
         for record in kept:  # steps after the checkpoint are redone: drop their lines
             metrics.write(record)
+        if start_step == 0 and heldout_ids is not None and tc.eval_every:  # where the init starts from
+            metrics.write({"step": 0, "tokens": 0,
+                           "heldout_ce": _heldout_ce(student, heldout_ids, tc.batch_size, device, accelerator)})
     batches = iter_batches(dataset, tc.batch_size)
     tokens_per_step = tc.batch_size * tc.grad_accum * seq_len * world
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
