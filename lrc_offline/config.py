@@ -8,6 +8,7 @@ which doubles as help text. Presets are named functions; overrides are dotted ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import types
 import typing
@@ -91,7 +92,11 @@ class CacheConfig:
     act_positions: int = 16
     """P, token positions per sequence at which activations are stored (>= seq_len stores every position)."""
     include_sink: bool = True
-    """Always include position 0 (the attention sink, with massive activations) among the sampled positions."""
+    """Always include the attention sinks (position 0 and the other document starts, where the teacher has
+    massive activations) among the sampled positions."""
+    act_fraction: float = 1.0
+    """Activation budget: the fraction of sequences that carry activations (a seeded choice per sequence;
+    the others store zeros, flagged by act_present, and train without the clone loss)."""
     act_dtype: str = "bfloat16"
     """Storage dtype of activations and hidden states (float8 is lossy, with a per-row scale)."""
     seed: int = 0
@@ -120,6 +125,8 @@ class CacheConfig:
         _check_positive(s, "heldout_docs", self.heldout_docs, allow_zero=True)
         if self.temperature <= 0:
             raise ConfigError(f"cache.temperature={self.temperature} must be > 0")
+        if not 0 < self.act_fraction <= 1:
+            raise ConfigError(f"cache.act_fraction={self.act_fraction} must be in (0, 1]")
         if self.seq_len < 2:
             raise ConfigError("cache.seq_len must be at least 2 (next-token targets need two tokens)")
 
@@ -167,10 +174,26 @@ class LossConfig:
     """KD temperature (no T^2 factor, as in the official code)."""
     clone_terms: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in CLONE_TERMS})
     """Per-term clone weights over q, k, v, o, gate, up, down."""
-    clone_normalize: bool = True
-    """Divide each clone term by its target's mean square (detached) so massive activations do not dominate."""
+    clone_normalize: str | bool = "batch"
+    """Measure each clone term (per layer) in units of its target's mean square, so massive activations do
+    not dominate: batch (the batch's targets, detached), cache (statistics recorded when the cache was
+    built; fixed over training) or none (the paper's raw MSE). true/false mean batch/none."""
     clone_reduce: str = "mean"
     """Combine clone terms over layers and terms by their mean or their sum."""
+    clone_fn: str = "mse"
+    """Clone error per element: mse, or huber (quadratic up to huber_delta, linear beyond)."""
+    huber_delta: float = 1.0
+    """Where huber turns linear, in units of the target's RMS when normalised (raw units otherwise)."""
+    sink_weight: float = 1.0
+    """Weight of the clone loss at attention-sink positions (document starts, where the teacher has massive
+    activations) relative to other positions; 0 leaves them out."""
+    alpha_schedule: str = "constant"
+    """How alpha changes over training: constant, linear or cosine (alpha -> alpha_end over alpha_steps),
+    or step (alpha for alpha_steps steps, then alpha_end)."""
+    alpha_end: float = 0.0
+    """alpha at the end of the schedule."""
+    alpha_steps: int | None = None
+    """Steps the alpha schedule spans (None: all of train.steps)."""
     o_space: str = "student"
     """Compare the o term in student space (paper, P_o^T a_T) or teacher space (official code)."""
 
@@ -180,10 +203,34 @@ class LossConfig:
         _check_positive("loss", "kd_weight", self.kd_weight, allow_zero=True)
         _check_positive("loss", "temperature", self.temperature)
         _check_choice("loss", "clone_reduce", self.clone_reduce, ("mean", "sum"))
+        if isinstance(self.clone_normalize, bool):
+            self.clone_normalize = "batch" if self.clone_normalize else "none"
+        _check_choice("loss", "clone_normalize", self.clone_normalize, ("batch", "cache", "none"))
+        _check_choice("loss", "clone_fn", self.clone_fn, ("mse", "huber"))
+        _check_choice("loss", "alpha_schedule", self.alpha_schedule, ("constant", "linear", "cosine", "step"))
+        if not self.huber_delta > 0:
+            raise ConfigError(f"loss.huber_delta={self.huber_delta} must be > 0")
+        _check_positive("loss", "sink_weight", self.sink_weight, allow_zero=True)
+        _check_positive("loss", "alpha_end", self.alpha_end, allow_zero=True)
+        _check_positive("loss", "alpha_steps", self.alpha_steps)
         _check_choice("loss", "o_space", self.o_space, ("student", "teacher"))
         unknown = set(self.clone_terms) - set(CLONE_TERMS)
         if unknown:
             raise ConfigError(f"loss.clone_terms has unknown terms {sorted(unknown)}; use {list(CLONE_TERMS)}")
+
+    def alpha_at(self, step: int, total_steps: int) -> float:
+        """The clone-loss weight at optimiser step `step` (0-based) of `total_steps`."""
+        if self.alpha_schedule == "constant":
+            return self.alpha
+        span = self.alpha_steps or total_steps
+        if step >= span:
+            return self.alpha_end
+        if self.alpha_schedule == "step":
+            return self.alpha
+        frac = step / span
+        if self.alpha_schedule == "cosine":
+            frac = 0.5 * (1 - math.cos(math.pi * frac))
+        return self.alpha + (self.alpha_end - self.alpha) * frac
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "huber",
     "kl_full",
     "kl_from_hidden",
     "kl_topk",
@@ -315,6 +316,13 @@ def cross_entropy_next(logits_BTV: Tensor, input_ids_BT: Tensor, mask_BT: Tensor
     return _masked_mean(nll_BT.reshape(targets_BT.shape), pair_valid_BT)
 
 
+def huber(x: Tensor, delta: float) -> Tensor:
+    """Elementwise robust square: x^2 where |x| <= delta, else 2 delta |x| - delta^2 (the same value
+    and slope at |x| = delta, linear beyond, so a few huge errors cannot dominate the gradient)."""
+    a = x.abs()
+    return torch.where(a <= delta, x.square(), 2 * delta * a - delta * delta)
+
+
 def clone_loss(
     student_acts: Mapping[str, Tensor],
     teacher_targets: Mapping[str, Tensor],
@@ -323,14 +331,21 @@ def clone_loss(
     normalize: bool = True,
     reduce: str = "mean",
     eps: float = 1e-6,
+    position_weights_BP: Tensor | None = None,
+    target_ms: Mapping[str, Tensor] | None = None,
+    loss_fn: str = "mse",
+    huber_delta: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """LRC clone loss: per-layer, per-term MSE between student activations and teacher targets.
+    """LRC clone loss: per-layer, per-term (weighted) mean error between student activations and teacher targets.
 
-    mse[l, term] = mean over valid (b, p) and all W of (s - t)^2. With `normalize`, each is divided by
-    the mean of t^2 over the same elements (detached, clamped to >= eps), so the attention sink's
-    massive activations do not dominate. Terms are then combined as
-    ``sum w * mse / (L * sum w)`` ("mean") or ``sum w * mse`` ("sum", the paper's raw recipe with
-    normalize=False).
+    With position weights w[b, p] (the mask times `position_weights_BP`), for each layer l and term:
+    ``err[l] = sum_bpw w * rho(s - t) / (W * sum_bp w)`` with rho the square ("mse") or `huber`.
+    With `normalize`, the error is measured in units of the target's root mean square
+    ``ms[l] = sum_bpw w * t^2 / (W * sum_bp w)`` (detached, clamped to >= eps): mse gives err / ms, huber
+    gives the mean of huber((s - t) / sqrt(ms)), so `huber_delta` is in target RMS units. `target_ms`
+    replaces the batch's ms by fixed values (e.g. statistics recorded when the cache was built). Terms are
+    then combined as ``sum w_term * err / (L * sum w_term)`` ("mean") or ``sum w_term * err`` ("sum", the
+    paper's raw recipe with normalize=False).
 
     Args:
         student_acts: term -> [L, B, P, W_term] student activations (terms among q, k, v, o, gate, up,
@@ -340,13 +355,19 @@ def clone_loss(
         mask_BP: Valid positions [B, P], bool or 0/1; None means all valid.
         weights: term -> weight; a missing term weighs 1.0, a zero weight drops the term entirely
             (it is neither computed nor logged).
-        normalize: Divide each term by its target's mean square.
+        normalize: Measure each term in units of its target's RMS.
         reduce: "mean" or "sum", as above.
         eps: Floor on the normaliser.
+        position_weights_BP: Optional float weights [B, P], >= 0 (not checked: that would sync with the
+            device), e.g. a separate weight for attention-sink positions; 0 leaves a position out.
+        target_ms: Optional term -> [L] normalisers used instead of the batch's (with `normalize`).
+        loss_fn: "mse" or "huber".
+        huber_delta: Where huber turns linear (in target RMS units when normalised).
 
     Returns:
-        (total, per_term): the scalar fp32 loss, and term -> mean over layers of its (normalised) MSE,
-        detached, for logging. With every position masked the total is exactly 0.0 and per_term is zeros.
+        (total, per_term): the scalar fp32 loss, and term -> mean over layers of its (normalised) error,
+        detached, for logging. With every position masked (or weighted 0) the total is exactly 0.0 and
+        per_term is zeros.
     """
     if set(student_acts) != set(teacher_targets):
         raise ValueError(
@@ -355,6 +376,10 @@ def clone_loss(
         )
     if reduce not in ("mean", "sum"):
         raise ValueError(f"clone_loss: reduce must be 'mean' or 'sum', got {reduce!r}")
+    if loss_fn not in ("mse", "huber"):
+        raise ValueError(f"clone_loss: loss_fn must be 'mse' or 'huber', got {loss_fn!r}")
+    if not huber_delta > 0:
+        raise ValueError(f"clone_loss: huber_delta must be > 0, got {huber_delta}")
     weights = dict(weights or {})
     negative = {term: w for term, w in weights.items() if w < 0}
     if negative:
@@ -377,25 +402,48 @@ def clone_loss(
             num_layers = s_LBPW.shape[0]
         elif s_LBPW.shape[0] != num_layers:
             raise ValueError(f"clone_loss[{term!r}]: {s_LBPW.shape[0]} layers, other terms have {num_layers}")
-        if mask_BP is None:
-            valid_BP = torch.ones(s_LBPW.shape[1:3], dtype=torch.bool, device=s_LBPW.device)
-        else:
-            valid_BP = _check_mask(mask_BP, s_LBPW.shape[1:3], "mask_BP")
-        valid_11BP1 = valid_BP[None, :, :, None]
         # The target keeps its graph: the o and down targets are P^T t, and P_o / P_down learn from
         # both sides of the MSE, as in the paper's loss. Only the normaliser is detached.
         s_LBPW, t_LBPW = _upcast(s_LBPW), _upcast(t_LBPW)
-        num_elems = valid_BP.sum() * s_LBPW.shape[-1]
-        inv_count = (num_elems > 0) / num_elems.clamp(min=1).to(s_LBPW.dtype)
-        sq_err_LBPW = torch.where(valid_11BP1, (s_LBPW - t_LBPW).square(), 0.0)
-        mse_L = sq_err_LBPW.sum(dim=(1, 2, 3)) * inv_count
+        w_BP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
+        w_11BP1 = w_BP[None, :, :, None]
+        total_weight = w_BP.sum() * s_LBPW.shape[-1]
+        inv_count = (total_weight > 0) / total_weight.clamp(min=torch.finfo(w_BP.dtype).tiny)
         if normalize:
-            target_ms_L = torch.where(valid_11BP1, t_LBPW.detach().square(), 0.0).sum(dim=(1, 2, 3)) * inv_count
-            mse_L = mse_L / target_ms_L.clamp(min=eps)
-        per_term[term] = mse_L.detach().mean()
-        weighted_terms.append(weights.get(term, 1.0) * mse_L.sum())
+            if target_ms is not None and term in target_ms:
+                ms_L = target_ms[term].to(s_LBPW)
+                if ms_L.shape != (num_layers,):
+                    raise ValueError(f"clone_loss: target_ms[{term!r}] has shape {tuple(ms_L.shape)}, expected ({num_layers},)")
+            else:
+                ms_L = (w_11BP1 * t_LBPW.detach().square()).sum(dim=(1, 2, 3)) * inv_count
+            ms_L = ms_L.clamp(min=eps)
+        diff_LBPW = s_LBPW - t_LBPW
+        if loss_fn == "mse":
+            err_L = (w_11BP1 * diff_LBPW.square()).sum(dim=(1, 2, 3)) * inv_count
+            if normalize:
+                err_L = err_L / ms_L
+        else:
+            if normalize:
+                diff_LBPW = diff_LBPW * ms_L.rsqrt()[:, None, None, None]
+            err_L = (w_11BP1 * huber(diff_LBPW, huber_delta)).sum(dim=(1, 2, 3)) * inv_count
+        per_term[term] = err_L.detach().mean()
+        weighted_terms.append(weights.get(term, 1.0) * err_L.sum())
 
     total = torch.stack(weighted_terms).sum()
     if reduce == "mean":
         total = total / (num_layers * sum(weights.get(term, 1.0) for term in terms))
     return total, per_term
+
+
+def _position_weights(mask_BP: Tensor | None, position_weights_BP: Tensor | None, like_LBPW: Tensor) -> Tensor:
+    """[B, P] weights in the activations' dtype: the mask (0/1) times the optional position weights."""
+    shape, dtype = like_LBPW.shape[1:3], like_LBPW.dtype
+    if mask_BP is None:
+        w_BP = torch.ones(shape, dtype=dtype, device=like_LBPW.device)
+    else:
+        w_BP = _check_mask(mask_BP, shape, "mask_BP").to(dtype)
+    if position_weights_BP is not None:
+        if tuple(position_weights_BP.shape) != tuple(shape):
+            raise ValueError(f"position_weights_BP has shape {tuple(position_weights_BP.shape)}; expected {tuple(shape)}")
+        w_BP = w_BP * position_weights_BP.to(dtype)
+    return w_BP

@@ -102,6 +102,9 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
         init_pca(student, pca_basis(init_info.pop("moment"), cfg.student.hidden_size))
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     use_clone = cfg.loss.alpha > 0
+    if use_clone and cfg.loss.clone_normalize == "cache":
+        raise ConfigError("loss.clone_normalize=cache reads statistics recorded in a cache; online training has "
+                          "none: use loss.clone_normalize=batch")  # fmt: skip
     clone_positions = tc.clone_positions or tc.seq_len
 
     def evaluate() -> dict:
@@ -141,7 +144,7 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
                 batch["act_positions"] = positions
                 batch.update({f"act_{m}": captured.acts[m].transpose(0, 1) for m in CLONE_TERMS})
             with autocast_context(device, tc.mixed_precision):
-                loss, parts = lrc_loss(student, batch, cfg.loss)
+                loss, parts = lrc_loss(student, batch, cfg.loss, alpha=cfg.loss.alpha_at(step, tc.steps))
             (loss / tc.grad_accum).backward()
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / tc.grad_accum

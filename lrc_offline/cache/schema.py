@@ -222,4 +222,6 @@ def cache_fields(cfg: CacheConfig, geometry: TeacherGeometry) -> list[FieldSpec]
         f = geometry.intermediate_size
         widths = {"act_q": q_w, "act_k": kv_w, "act_v": kv_w, "act_o": d, "act_gate": f, "act_up": f, "act_down": d}
     fields += [_field(name, (nl, P, width), cfg.act_dtype) for name, width in widths.items()]
+    if cfg.act_fraction < 1:
+        fields.append(_field("act_present", (1,), "uint8"))
     return fields

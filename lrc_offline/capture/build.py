@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +25,7 @@ from ..cache import (
     make_manifest,
     num_act_positions,
 )
+from ..cache.act_stats import act_present, batch_act_sums, merge_act_sums
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
@@ -90,8 +92,9 @@ def my_shards(num_shards: int, shard_index: int | None = None, num_workers: int 
 def capture_batch(
     teacher: Teacher, cfg: CacheConfig, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,
     sequence_indices: list[int], layers: list[int],
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
-    """Run the teacher on one batch; return the cache fields (CPU, logical dtypes) and summed stats."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """Run the teacher on one batch; return the cache fields (CPU, logical dtypes) and summed stats
+    (floats, plus ``act_stats``: see `lrc_offline.cache.act_stats`)."""
     device = next(teacher.model.parameters()).device
     ids = input_ids_BT.to(device).long()
     batch, tokens = ids.shape
@@ -101,7 +104,8 @@ def capture_batch(
         positions = sample_positions_batch(
             sequence_indices, tokens, num_act_positions(cfg, tokens), cfg.seed, cfg.include_sink, position_ids_BT
         ).to(device)
-        terms = RESIDUAL_TERMS if cfg.activation_mode == "residual" else CLONE_TERMS
+        # The seven targets are gathered in residual mode too, for the statistics only (P positions: cheap).
+        terms = (*RESIDUAL_TERMS, *CLONE_TERMS) if cfg.activation_mode == "residual" else CLONE_TERMS
     captured = capture_teacher(
         teacher.model, ids, positions_BP=positions, layers=layers, terms=terms,
         want_logits=cfg.logit_mode in ("topk", "sampled"), want_hidden=cfg.logit_mode == "hidden",
@@ -134,11 +138,18 @@ def capture_batch(
     if captured.hidden_BTD is not None:
         out["hidden"] = captured.hidden_BTD.float().cpu()
     if positions is not None:
+        present_B = torch.tensor([act_present(cfg.seed, j, cfg.act_fraction) for j in sequence_indices])
+        sink_BP = position_ids_BT.to(device).gather(1, positions.long()) == 0
+        stats["act_stats"] = batch_act_sums({m: captured.acts[m] for m in CLONE_TERMS}, sink_BP, present_B)
         out["act_positions"] = positions.to(torch.int32).cpu()
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
+        keep_B1111 = present_B[:, None, None, None]
         for term, name in names.items():
-            out[name] = captured.acts[term].transpose(0, 1).float().cpu()  # [B, L, P, W]
+            acts_BLPW = captured.acts[term].transpose(0, 1).float().cpu()
+            out[name] = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111  # [B, L, P, W]
+        if cfg.act_fraction < 1:
+            out["act_present"] = present_B.to(torch.uint8)[:, None]
     return out, stats
 
 
@@ -203,6 +214,7 @@ def build_cache(
         first, end = writer.shard_range(index)
         pieces: dict[str, list[torch.Tensor]] = {}
         sums: dict[str, float] = {}
+        act_sums = None
         for lo in range(first, end, cfg.batch_size):
             hi = min(lo + cfg.batch_size, end)
             arrays, stats = capture_batch(
@@ -211,11 +223,15 @@ def build_cache(
             arrays = _storage_dtypes(arrays, manifest["fields"])  # per batch: a shard never sits in fp32
             for name, value in arrays.items():
                 pieces.setdefault(name, []).append(value)
+            act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.update((hi - lo) * cfg.seq_len)
         arrays = {n: torch.cat(v) for n, v in pieces.items()}
-        record = writer.write_shard(index, arrays, _shard_stats(sums))
+        shard_stats = _shard_stats(sums)
+        if act_sums is not None:
+            shard_stats["act_stats"] = act_sums
+        record = writer.write_shard(index, arrays, shard_stats)
         bytes_written += sum(f["bytes"] for f in record["files"].values())
         report.built.append(index)
         report.tokens += (end - first) * cfg.seq_len

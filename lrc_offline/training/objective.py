@@ -11,6 +11,8 @@ construction. The batch says which teacher signal it carries:
 and, for the clone loss, `act_positions` [B,P] with either
     act_input, act_attn [B,L,P,D]               cached residuals: targets recomputed with the teacher's weights
     act_<term> [B,L,P,W] for the seven terms    the targets themselves
+optionally with `act_present` [B] (an activation-budget cache: which sequences carry activations).
+Attention-sink positions (document starts) are found from `position_ids` (else position 0).
 
 Legend: B batch, T tokens, V vocabulary, D d_T, L clone layers, P positions, W width.
 """
@@ -23,7 +25,7 @@ from .. import losses
 from ..config import CLONE_TERMS, LossConfig
 from ..student.lrc import LRCStudent
 
-__all__ = ["lrc_loss", "teacher_head_weight", "clone_targets"]
+__all__ = ["lrc_loss", "teacher_head_weight", "clone_targets", "sink_positions", "clone_weights"]
 
 
 def teacher_head_weight(student: LRCStudent) -> torch.Tensor:
@@ -55,12 +57,49 @@ def _kd(student_logits: torch.Tensor, batch: dict, student: LRCStudent, mask: to
     return None
 
 
+def sink_positions(batch: dict) -> torch.Tensor:
+    """bool [B, P]: which activation positions are attention sinks (document starts, position id 0)."""
+    positions = batch["act_positions"].long()
+    if "position_ids" in batch:
+        return batch["position_ids"].gather(1, positions) == 0
+    return positions == 0
+
+
+def clone_weights(batch: dict, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask [B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
+    mask = batch.get("act_mask")
+    if "act_present" in batch:
+        present_BP = batch["act_present"].bool()[:, None].expand_as(batch["act_positions"])
+        mask = present_BP if mask is None else mask.bool() & present_BP
+    weights = None
+    if cfg.sink_weight != 1.0:
+        sink = sink_positions(batch)
+        weights = torch.where(sink, cfg.sink_weight, 1.0).float()
+    return mask, weights
+
+
+def _normalisers(student: LRCStudent, teacher_ms: dict[str, torch.Tensor], layers: list[int], cfg: LossConfig):
+    """Fixed clone normalisers per term [L] from teacher-space mean squares. Terms compared in student
+    space (P^T t) are scaled by the projection's mean gain ||P||_F^2 / d_S (exact for isotropic targets)."""
+    projected = ("down",) if cfg.o_space == "teacher" else ("o", "down")
+    out = {}
+    for term, ms_L in teacher_ms.items():
+        if term in projected:
+            with torch.no_grad():
+                gain = torch.stack([student.layers[i].proj[term].float().square().sum() for i in layers])
+            ms_L = ms_L.to(gain) * gain / student.d_student
+        out[term] = ms_L
+    return out
+
+
 def lrc_loss(
     student: LRCStudent,
     batch: dict,
     cfg: LossConfig,
     clone_layers: list[int] | None = None,
     document_mask: bool = False,
+    alpha: float | None = None,
+    teacher_ms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss and its detached parts for logging (kd, ce, clone, clone/<term>).
 
@@ -70,12 +109,16 @@ def lrc_loss(
         cfg: loss weights and clone-loss options.
         clone_layers: the teacher layers the activations in `batch` belong to (None: all).
         document_mask: forbid attention across packed-document boundaries (needs `position_ids`).
+        alpha: the clone weight of this step (None: cfg.alpha); see `LossConfig.alpha_at`.
+        teacher_ms: term -> [L] teacher-space mean squares of the targets at `clone_layers`, needed by
+            clone_normalize=cache (see `lrc_offline.cache.activation_stats`).
     """
     input_ids = batch["input_ids"].long()
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
     layers = list(range(student.num_layers)) if clone_layers is None else sorted(clone_layers)
-    use_clone = cfg.alpha > 0 and "act_positions" in batch
+    alpha = cfg.alpha if alpha is None else alpha
+    use_clone = alpha > 0 and "act_positions" in batch
     positions = batch["act_positions"] if use_clone else None
     out = student(
         input_ids,
@@ -104,11 +147,18 @@ def lrc_loss(
         else:
             targets = student.targets_to_student_space(targets, layers)
         acts = {m: out.acts[m] for m in CLONE_TERMS}
+        target_ms = None
+        if cfg.clone_normalize == "cache":
+            if teacher_ms is None:
+                raise ValueError("loss.clone_normalize=cache needs the cache's activation statistics (teacher_ms)")
+            target_ms = _normalisers(student, teacher_ms, layers, cfg)
+        clone_mask, position_weights = clone_weights(batch, cfg)
         clone, per_term = losses.clone_loss(
-            acts, targets, batch.get("act_mask"), weights=cfg.clone_terms, normalize=cfg.clone_normalize,
-            reduce=cfg.clone_reduce,
+            acts, targets, clone_mask, weights=cfg.clone_terms, normalize=cfg.clone_normalize != "none",
+            reduce=cfg.clone_reduce, position_weights_BP=position_weights, target_ms=target_ms,
+            loss_fn=cfg.clone_fn, huber_delta=cfg.huber_delta,
         )  # fmt: skip
-        total = total + cfg.alpha * clone
+        total = total + alpha * clone
         parts["clone"] = clone.detach()
         parts.update({f"clone/{m}": v for m, v in per_term.items()})
     parts["loss"] = total.detach()

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gat
 from tqdm.auto import tqdm
 
 from ..cache import read_manifest
+from ..cache.act_stats import activation_stats, teacher_ms
 from ..config import ConfigError, TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_student
 from ..student.init import init_pca, pca_basis
@@ -159,6 +160,21 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items() if k != "sequence_index"}  # fmt: skip
 
 
+def _cache_normalisers(cfg: TrainJobConfig, act_sums, cache_dir, device) -> dict[str, torch.Tensor] | None:
+    """loss.clone_normalize=cache: the teacher-space target mean squares recorded in the cache."""
+    if cfg.loss.clone_normalize != "cache" or cfg.loss.alpha == 0:
+        return None
+    if act_sums is None:
+        raise ConfigError(f"loss.clone_normalize=cache, but {cache_dir} holds no activation statistics (built "
+                          "without activations, or by an older version); use loss.clone_normalize=batch")  # fmt: skip
+    return {term: ms.to(device) for term, ms in teacher_ms(act_sums, cfg.loss.sink_weight).items()}
+
+
+def _cache_act_fraction(act_sums, num_sequences: int) -> float | None:
+    """Fraction of the cache's complete sequences that carry activations."""
+    return None if act_sums is None else act_sums["sequences"] / max(num_sequences, 1)
+
+
 class _DistributedStudent:
     """`lrc_loss` calls the student (which must go through the DDP wrapper so gradients sync) and reads
     its attributes (which only the wrapped module has)."""
@@ -232,6 +248,8 @@ def train_from_cache(
 
     # ---- data, student, optimiser, resume ------------------------------------------------------------
     dataset = CacheDataset(cache_dir, rank=rank, world_size=world, seed=tc.seed)
+    act_sums = activation_stats([dataset.reader.shard_record(i) for i in dataset.reader.complete_shards()])
+    normalisers = _cache_normalisers(cfg, act_sums, cache_dir, device)
     torch.manual_seed(tc.seed)
     student = build_student(loaded.model, cfg.student).to(device)
     init_info = {"kind": cfg.student.init}
@@ -280,14 +298,23 @@ def train_from_cache(
     bar = tqdm(total=tc.steps, initial=start_step, desc="LRC from cache", unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
     window_start, window_tokens, last = time.perf_counter(), 0, {}
+    clone_sequences = seen_sequences = 0  # this process, this run: the clone loss's coverage of the data
     for step in range(start_step, end_step):
         parts_sum: dict[str, torch.Tensor] = {}
+        alpha = cfg.loss.alpha_at(step, tc.steps)
         for micro in range(tc.grad_accum):
-            batch = _to_device(next(batches), device)
+            batch = next(batches)
+            if "act_present" in batch:  # counted on the host, before the copy: no device sync
+                clone_sequences += int(batch["act_present"].sum()) if alpha > 0 else 0
+            elif "act_positions" in batch and alpha > 0:
+                clone_sequences += len(batch["act_positions"])
+            seen_sequences += len(batch["input_ids"])
+            batch = _to_device(batch, device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    loss, parts = lrc_loss(loss_student, batch, cfg.loss, clone_layers)
+                    loss, parts = lrc_loss(loss_student, batch, cfg.loss, clone_layers, alpha=alpha,
+                                           teacher_ms=normalisers)  # fmt: skip
                 accelerator.backward(loss / tc.grad_accum)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / tc.grad_accum
@@ -304,7 +331,8 @@ def train_from_cache(
             values = accelerator.reduce(torch.stack([parts_sum[k] for k in names]), reduction="mean")
             elapsed = time.perf_counter() - window_start
             record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, **dict(zip(names, values)),
-                      "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "alpha": alpha,
+                      "clone_coverage": clone_sequences / max(seen_sequences, 1),
                       "epoch": dataset.epoch + dataset.consumed / dataset.num_sequences,
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}  # fmt: skip
             if heldout_ids is not None and accelerator.is_main_process and (
@@ -322,6 +350,8 @@ def train_from_cache(
     summary = {"final": last, "start_step": start_step, "end_step": end_step,
                "resumed_from": str(resumed_from) if resumed_from else None, "cache": str(cache_dir),
                "sequences_per_epoch": dataset.num_complete_sequences, "skipped_shards": dataset.skipped_shards,
+               "clone_coverage": clone_sequences / max(seen_sequences, 1),
+               "cache_act_fraction": _cache_act_fraction(act_sums, dataset.num_complete_sequences),
                "seconds": time.perf_counter() - start_time}  # fmt: skip
     if end_step < tc.steps:
         summary["stopped_early"] = True

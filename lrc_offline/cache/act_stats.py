@@ -1,0 +1,90 @@
+"""Teacher activation statistics recorded while a cache is built, and the activation budget.
+
+Every shard's completion record carries, under ``stats["act_stats"]``, per clone term and stored layer
+the sum over its activation positions of the target's mean square (over the term's width), split into
+attention-sink positions (document starts, where the teacher has massive activations) and the others,
+with the position counts and the number of sequences that carry activations. Sums, not means, so the
+records of shards built by different processes merge exactly. They give the clone loss fixed
+normalisers (`loss.clone_normalize=cache`) and show where a teacher's massive activations are.
+
+The activation budget (`cache.act_fraction`) stores activations for a seeded fraction of the
+sequences only; the others hold zeros (which compress to almost nothing) and ``act_present = 0``.
+
+Legend: L stored layers, B sequences, P positions, W width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+__all__ = ["act_present", "batch_act_sums", "merge_act_sums", "activation_stats", "teacher_ms"]
+
+
+def act_present(seed: int, sequence_index: int, fraction: float) -> bool:
+    """Whether sequence `sequence_index` carries activations under budget `fraction` (seeded, stable)."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"lrc-act-budget:{seed}:{sequence_index}".encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+@torch.no_grad()
+def batch_act_sums(acts: dict[str, torch.Tensor], sink_BP: torch.Tensor, present_B: torch.Tensor) -> dict[str, Any]:
+    """JSON-ready sums of one batch.
+
+    Args:
+        acts: term -> [L, B, P, W] teacher targets (teacher space).
+        sink_BP: bool, which positions are attention sinks.
+        present_B: bool, which sequences carry activations (the others are left out).
+    """
+    valid_BP = present_B[:, None].to(sink_BP.device) & torch.ones_like(sink_BP)
+    sink, other = (valid_BP & sink_BP).float(), (valid_BP & ~sink_BP).float()
+    out: dict[str, Any] = {
+        "sequences": int(present_B.sum()),
+        "sink_positions": int(sink.sum()),
+        "other_positions": int(other.sum()),
+        "sink_sq": {},
+        "other_sq": {},
+    }
+    for term, a_LBPW in acts.items():
+        ms_LBP = a_LBPW.float().square().mean(dim=-1)
+        out["sink_sq"][term] = (ms_LBP * sink).sum(dim=(1, 2)).tolist()
+        out["other_sq"][term] = (ms_LBP * other).sum(dim=(1, 2)).tolist()
+    return out
+
+
+def merge_act_sums(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """The sums of two disjoint sets of sequences."""
+    if a is None:
+        return b
+    out = {key: a[key] + b[key] for key in ("sequences", "sink_positions", "other_positions")}
+    for part in ("sink_sq", "other_sq"):
+        out[part] = {t: [x + y for x, y in zip(a[part][t], b[part][t])] for t in a[part]}
+    return out
+
+
+def activation_stats(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Merge the activation sums of shard completion records (None if none carries them)."""
+    merged = None
+    for record in records:
+        sums = record.get("stats", {}).get("act_stats")
+        if sums is not None:
+            merged = merge_act_sums(merged, sums)
+    return merged
+
+
+def teacher_ms(stats: dict[str, Any], sink_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """term -> [L] mean square of the teacher's targets per stored layer, with sink positions weighted
+    `sink_weight` against the others (as the clone loss weighs them)."""
+    ws = float(sink_weight)
+    count = ws * stats["sink_positions"] + stats["other_positions"]
+    if count <= 0:
+        raise ValueError("the cache's activation statistics cover no position with a positive weight")
+    out = {}
+    for term, other in stats["other_sq"].items():
+        sink = torch.tensor(stats["sink_sq"][term], dtype=torch.float64)
+        out[term] = ((ws * sink + torch.tensor(other, dtype=torch.float64)) / count).float()
+    return out
