@@ -69,7 +69,7 @@ def clone_weights(batch: dict, cfg: LossConfig) -> tuple[torch.Tensor | None, to
     """(mask [B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
     mask = batch.get("act_mask")
     if "act_present" in batch:
-        present_BP = batch["act_present"].bool()[:, None].expand_as(batch["act_positions"])
+        present_BP = batch["act_present"].reshape(-1, 1).bool().expand_as(batch["act_positions"])
         mask = present_BP if mask is None else mask.bool() & present_BP
     weights = None
     if cfg.sink_weight != 1.0:

@@ -1,0 +1,301 @@
+"""Clone-loss options (huber, position and sink weights, fixed normalisers, alpha schedule), the cache's
+activation statistics and the activation budget, each against a naive reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lrc_offline.cache import CacheReader
+from lrc_offline.cache.act_stats import act_present, activation_stats, teacher_ms
+from lrc_offline.capture.build import build_cache
+from lrc_offline.config import (
+    CLONE_TERMS,
+    CacheConfig,
+    ConfigError,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    TrainJobConfig,
+    apply_overrides,
+)
+from lrc_offline.losses import clone_loss, huber
+from lrc_offline.online import train_online
+from lrc_offline.student.lrc import LRCStudent
+from lrc_offline.teacher.hooks import capture_teacher
+from lrc_offline.teacher.load import load_teacher
+from lrc_offline.training.metrics import read_metrics
+from lrc_offline.training.objective import clone_targets, clone_weights, lrc_loss, sink_positions
+from lrc_offline.training.reader import collate
+from lrc_offline.training.trainer import train_from_cache
+
+F64 = torch.float64
+L, B, P = 2, 3, 4
+WIDTHS = {"q": 5, "o": 3, "down": 4}
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    student, target = {}, {}
+    for term, width in WIDTHS.items():
+        scale = 1.0 + 10.0 * torch.rand((), generator=g)
+        target[term] = (torch.randn(L, B, P, width, generator=g, dtype=F64) * scale)
+        # A few large errors, so huber's linear branch is exercised.
+        noise = torch.randn(L, B, P, width, generator=g, dtype=F64) * (1 + 20 * (torch.rand(L, B, P, width, generator=g) > 0.8))
+        student[term] = (target[term] + noise).requires_grad_(True)
+    mask = torch.tensor([[True, True, False, True], [True, False, True, True], [False, False, False, False]])
+    weights = torch.tensor([[3.0, 1.0, 1.0, 0.0], [0.5, 1.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]], dtype=F64)
+    return student, target, mask, weights
+
+
+def _naive(student, target, mask, pos_w, term_w, normalize, reduce, loss_fn, delta, target_ms, eps=1e-6):
+    """Loops over every element; huber written out by cases."""
+    total, weight_sum = 0.0, 0.0
+    for term, s in student.items():
+        t = target[term]
+        w_term = term_w.get(term, 1.0)
+        weight_sum += w_term
+        for layer in range(L):
+            num, den, sq_t = 0.0, 0.0, 0.0
+            for b in range(B):
+                for p in range(P):
+                    w = float(mask[b, p]) * float(pos_w[b, p])
+                    for j in range(s.shape[-1]):
+                        den += w
+                        sq_t += w * t[layer, b, p, j].item() ** 2
+            ms = None
+            if normalize:
+                ms = target_ms[term][layer].item() if target_ms is not None else sq_t / den
+                ms = max(ms, eps)
+            for b in range(B):
+                for p in range(P):
+                    w = float(mask[b, p]) * float(pos_w[b, p])
+                    for j in range(s.shape[-1]):
+                        r = s[layer, b, p, j] - t[layer, b, p, j]
+                        if loss_fn == "mse":
+                            e = r**2 / ms if normalize else r**2
+                        else:
+                            x = r / ms**0.5 if normalize else r
+                            e = x**2 if abs(x.item()) <= delta else 2 * delta * x.abs() - delta**2
+                        num = num + w * e
+            total = total + w_term * num / den
+    return total / (L * weight_sum) if reduce == "mean" else total
+
+
+def test_huber_is_square_then_linear():
+    x = torch.tensor([-5.0, -1.0, -0.5, 0.0, 0.5, 1.0, 5.0], dtype=F64)
+    assert torch.equal(huber(x, 1.0), torch.tensor([9.0, 1.0, 0.25, 0.0, 0.25, 1.0, 9.0], dtype=F64))
+    assert torch.equal(huber(x, 10.0), x.square())
+    slope = torch.autograd.functional.jacobian(lambda v: huber(v, 1.0).sum(), torch.tensor([3.0, -7.0, 0.25]))
+    assert torch.equal(slope, torch.tensor([2.0, -2.0, 0.5]))  # bounded by 2 delta beyond delta
+
+
+@pytest.mark.parametrize("loss_fn", ["mse", "huber"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("fixed_ms", [False, True])
+def test_clone_loss_options_match_naive(loss_fn, normalize, fixed_ms):
+    if fixed_ms and not normalize:
+        pytest.skip("fixed normalisers apply only with normalize")
+    student, target, mask, pos_w = _inputs(3)
+    term_w = {"q": 2.0, "down": 0.5}
+    ms = {t: torch.tensor([4.0, 0.25], dtype=F64) for t in WIDTHS} if fixed_ms else None
+    delta = 1.5
+    for reduce in ("mean", "sum"):
+        total, per_term = clone_loss(student, target, mask, term_w, normalize=normalize, reduce=reduce,
+                                     position_weights_BP=pos_w, target_ms=ms, loss_fn=loss_fn, huber_delta=delta)  # fmt: skip
+        ref = _naive(student, target, mask, pos_w, term_w, normalize, reduce, loss_fn, delta, ms)
+        torch.testing.assert_close(total, ref, rtol=1e-10, atol=1e-12)
+        got = torch.autograd.grad(total, list(student.values()))
+        want = torch.autograd.grad(ref, list(student.values()))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert set(per_term) == set(WIDTHS)
+
+
+def test_zero_position_weight_equals_masking_it():
+    student, target, mask, _ = _inputs(4)
+    weights = torch.ones(B, P, dtype=F64)
+    weights[:, 0] = 0.0  # e.g. sink_weight=0 with the sink at position 0
+    by_weight, _ = clone_loss(student, target, mask, position_weights_BP=weights)
+    by_mask, _ = clone_loss(student, target, mask & (weights > 0))
+    torch.testing.assert_close(by_weight, by_mask, rtol=1e-12, atol=0)
+    all_zero, per_term = clone_loss(student, target, mask, position_weights_BP=torch.zeros(B, P, dtype=F64))
+    assert all_zero.item() == 0.0 and all(v.item() == 0.0 for v in per_term.values())
+
+
+def test_alpha_schedules():
+    def at(schedule, step, **kw):
+        return LossConfig(alpha=1.0, alpha_schedule=schedule, alpha_end=0.2, **kw).alpha_at(step, 100)
+
+    assert [at("constant", s) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [at("linear", s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.6, 0.2])
+    assert [at("cosine", s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.6, 0.2])
+    assert at("cosine", 25) == pytest.approx(0.2 + 0.8 * (1 + 2**-0.5) / 2)
+    assert [at("step", s, alpha_steps=30) for s in (0, 29, 30, 99)] == [1.0, 1.0, 0.2, 0.2]
+    assert at("linear", 10, alpha_steps=20) == pytest.approx(0.6)
+
+
+def test_loss_config_choices():
+    assert LossConfig(clone_normalize=True).clone_normalize == "batch"
+    assert LossConfig(clone_normalize=False).clone_normalize == "none"
+    cfg = apply_overrides(TrainJobConfig(), ["loss.clone_normalize=cache", "loss.clone_fn=huber"])
+    assert (cfg.loss.clone_normalize, cfg.loss.clone_fn) == ("cache", "huber")
+    for bad in (dict(clone_normalize="per-token"), dict(clone_fn="l1"), dict(huber_delta=0.0),
+                dict(sink_weight=-1.0), dict(alpha_schedule="exp"), dict(alpha_steps=0)):  # fmt: skip
+        with pytest.raises(ConfigError):
+            LossConfig(**bad)
+    with pytest.raises(ConfigError, match="act_fraction"):
+        CacheConfig(act_fraction=0.0)
+
+
+# ---- the cache: statistics, sinks, budget --------------------------------------------------------------
+
+SEQ_LEN, NUM_SEQ, PER_SHARD = 32, 32, 8
+
+
+def _cache_cfg(**kw) -> CacheConfig:
+    base = dict(teacher="tiny-random:llama", corpus="tiny-text", seq_len=SEQ_LEN, max_sequences=NUM_SEQ,
+                sequences_per_shard=PER_SHARD, act_positions=6, act_dtype="float32")  # fmt: skip
+    return CacheConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    base = tmp_path_factory.mktemp("clone_caches")
+    out = {}
+    for name, kw in {"full": {}, "half": {"act_fraction": 0.5}, "targets": {"activation_mode": "targets"}}.items():
+        build_cache(_cache_cfg(**kw), base / name, progress=False)
+        out[name] = base / name
+    return out
+
+
+def _all_sequences(root):
+    reader = CacheReader(root)
+    return reader, collate(list(reader.iter_sequences()))
+
+
+def test_activation_stats_match_the_hooked_teacher(caches):
+    teacher = load_teacher("tiny-random:llama")
+    for name in ("full", "targets"):
+        reader, data = _all_sequences(caches[name])
+        stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
+        captured = capture_teacher(teacher.model, data["input_ids"].long(), positions_BP=data["act_positions"].long(),
+                                   terms=CLONE_TERMS, want_logits=False)  # fmt: skip
+        sink = data["position_ids"].gather(1, data["act_positions"].long()) == 0
+        assert stats["sequences"] == NUM_SEQ
+        assert stats["sink_positions"] == int(sink.sum()) >= NUM_SEQ  # position 0 of every sequence, at least
+        assert stats["sink_positions"] + stats["other_positions"] == NUM_SEQ * 6
+        for term in CLONE_TERMS:
+            ms_LBP = captured.acts[term].double().square().mean(-1)
+            want_sink = (ms_LBP * sink).sum((1, 2)) / sink.sum()
+            want_all = ms_LBP.mean((1, 2))
+            got_sink = teacher_ms(stats, sink_weight=1e9)[term].double()  # sinks dominate: their mean square
+            torch.testing.assert_close(got_sink, want_sink, rtol=1e-5, atol=0)
+            torch.testing.assert_close(teacher_ms(stats)[term].double(), want_all, rtol=1e-5, atol=0)
+
+
+def test_sink_positions_are_sampled_and_found(caches):
+    _, data = _all_sequences(caches["full"])
+    batch = {"act_positions": data["act_positions"], "position_ids": data["position_ids"]}
+    sink = sink_positions(batch)
+    starts = data["position_ids"] == 0
+    assert bool(sink[:, 0].all())  # position 0 in every sequence
+    for b in range(NUM_SEQ):  # every document start is stored, up to P of them
+        stored = set(data["act_positions"][b].tolist())
+        want = set(torch.nonzero(starts[b]).flatten().tolist()[:6])
+        assert want <= stored
+        assert set(data["act_positions"][b][sink[b]].tolist()) == want
+    assert int(starts.sum()) > NUM_SEQ  # the tiny corpus packs several documents per sequence
+
+
+def test_sink_weight_zero_leaves_sinks_out(caches):
+    teacher = load_teacher("tiny-random:llama")
+    _, data = _all_sequences(caches["full"])
+    batch = {k: v[:4] for k, v in data.items() if k != "sequence_index"}
+    cfg_out = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, sink_weight=0.0)
+    mask, weights = clone_weights(batch, cfg_out)
+    assert mask is None and torch.equal(weights == 0, sink_positions(batch))
+    student = LRCStudent(teacher.model, 32, seed=1)
+    excluded, _ = lrc_loss(student, batch, cfg_out)
+    masked, _ = lrc_loss(student, {**batch, "act_mask": ~sink_positions(batch)}, LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0))
+    torch.testing.assert_close(excluded, masked, rtol=1e-6, atol=0)
+    heavy, _ = lrc_loss(student, batch, LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, sink_weight=5.0))
+    assert not torch.isclose(heavy, masked)
+
+
+def test_cache_normaliser_in_the_objective(caches):
+    """clone_normalize=cache divides q/k/v/gate/up by the recorded mean squares and o/down by them times
+    the projection's mean gain; with the teacher's own statistics at every position it is close to batch."""
+    teacher = load_teacher("tiny-random:llama")
+    reader, data = _all_sequences(caches["full"])
+    stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
+    ms = teacher_ms(stats)
+    batch = {k: v[:4] for k, v in data.items() if k != "sequence_index"}
+    student = LRCStudent(teacher.model, 32, seed=2)
+    cfg = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, clone_normalize="cache")
+    total, parts = lrc_loss(student, batch, cfg, teacher_ms=ms)
+    # The reference: clone_loss with the normalisers written out.
+    layers = list(range(student.num_layers))
+    targets = student.targets_to_student_space(clone_targets(student, batch, layers), layers)
+    out = student(batch["input_ids"].long(), clone_positions_BP=batch["act_positions"], clone_layers=layers)
+    fixed = {}
+    for term in CLONE_TERMS:
+        fixed[term] = ms[term].clone()
+        if term in ("o", "down"):
+            gain = torch.stack([student.layers[i].proj[term].detach().square().sum() for i in layers]) / 32
+            fixed[term] = fixed[term] * gain
+    ref, _ = clone_loss({m: out.acts[m] for m in CLONE_TERMS}, targets, normalize=True, target_ms=fixed)
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="teacher_ms"):
+        lrc_loss(student, batch, cfg)
+
+
+def test_budgeted_cache_stores_activations_for_its_fraction(caches):
+    cfg = _cache_cfg(act_fraction=0.5)
+    reader, data = _all_sequences(caches["half"])
+    _, full = _all_sequences(caches["full"])
+    present = data["act_present"].flatten().bool()
+    want = torch.tensor([act_present(cfg.seed, j, 0.5) for j in data["sequence_index"].tolist()])
+    assert torch.equal(present, want) and 0 < int(present.sum()) < NUM_SEQ
+    for name in ("act_input", "act_attn"):
+        assert torch.equal(data[name][present], full[name][present])  # same positions, same values
+        assert bool((data[name][~present] == 0).all())
+    stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
+    assert stats["sequences"] == int(present.sum())
+
+    def act_bytes(r):
+        return sum(r.shard_record(i)["field_bytes"][f] for i in r.complete_shards() for f in ("act_input", "act_attn"))
+
+    # Absent sequences' zeros compress to almost nothing: the activation bytes follow the fraction.
+    assert act_bytes(reader) < (int(present.sum()) / NUM_SEQ + 0.1) * act_bytes(CacheReader(caches["full"]))
+
+
+def test_budgeted_cache_trains_and_reports_coverage(caches, tmp_path):
+    reader, data = _all_sequences(caches["half"])
+    fraction = float(data["act_present"].float().mean())
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1),
+                         loss=LossConfig(alpha=1.0, clone_normalize="cache", sink_weight=0.5),
+                         train=TrainConfig(steps=8, batch_size=4, log_every=1))  # fmt: skip
+    summary = train_from_cache(job, caches["half"], tmp_path / "run", progress=False)
+    # 8 steps x 4 = one epoch of the 32 sequences: coverage is exactly the cache's fraction.
+    assert summary["clone_coverage"] == pytest.approx(fraction)
+    assert summary["cache_act_fraction"] == pytest.approx(fraction)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert any(r["clone"] > 0 for r in records)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["clone_coverage"] == pytest.approx(fraction)
+
+
+def test_alpha_schedule_in_training_and_cache_normaliser_refused_online(caches, tmp_path):
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1),
+                         loss=LossConfig(alpha=1.0, alpha_schedule="step", alpha_steps=3),
+                         train=TrainConfig(steps=5, batch_size=4, log_every=1))  # fmt: skip
+    train_from_cache(job, caches["full"], tmp_path / "run", progress=False)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["alpha"] for r in records] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert all("clone" in r for r in records[:3]) and not any("clone" in r for r in records[3:])
+    online = apply_overrides(job, ["teacher=tiny-random:llama", "loss.clone_normalize=cache"])
+    with pytest.raises(ConfigError, match="online training"):
+        train_online(online, tmp_path / "online", progress=False)
