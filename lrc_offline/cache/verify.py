@@ -14,6 +14,7 @@ from typing import Any
 from lrc_offline.cache.dtypes import logical_itemsize
 from lrc_offline.cache.records import SHARDS_DIR, read_record, sha256_file
 from lrc_offline.cache.schema import CacheFormatError
+from lrc_offline.cache.act_stats import activation_stats
 from lrc_offline.cache.store import CacheReader
 
 __all__ = ["VerifyReport", "verify_cache", "inspect_cache"]
@@ -111,7 +112,9 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
         A JSON-ready dict: sequences and tokens (declared and complete), complete/total shards, stored
         bytes and bytes per token (total and per field), per-field compression ratio (bytes before
         compression / stored bytes; float8 counts 1 byte per element, scales excluded), fingerprints,
-        config, and ``stats``: each numeric completion-record stat, token-weighted over complete shards.
+        config, ``stats``: each numeric completion-record stat, token-weighted over complete shards, and
+        ``activations`` (None without activations): the fraction of sequences carrying them and the
+        teacher targets' mean square per term and layer, at sink positions and elsewhere.
     """
     reader = CacheReader(root)
     manifest = reader.manifest
@@ -150,4 +153,23 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
         "fingerprints": manifest["fingerprints"],
         "config": manifest["config"],
         "stats": _weighted_stats(records),
+        "activations": _activation_summary(records, complete_sequences),
     }
+
+
+def _activation_summary(records: list[dict[str, Any]], complete_sequences: int) -> dict[str, Any] | None:
+    """Which fraction of the sequences carry activations, and the teacher targets' mean square per term and
+    layer at attention-sink positions and elsewhere (where massive activations show up)."""
+    sums = activation_stats(records)
+    if sums is None:
+        return None
+    out: dict[str, Any] = {"sequences": sums["sequences"],
+                           "fraction": sums["sequences"] / complete_sequences if complete_sequences else None,
+                           "sink_positions": sums["sink_positions"], "other_positions": sums["other_positions"],
+                           "mean_square": {}}  # fmt: skip
+    for term in sums["other_sq"]:
+        out["mean_square"][term] = {
+            "sink": [v / max(sums["sink_positions"], 1) for v in sums["sink_sq"][term]],
+            "other": [v / max(sums["other_positions"], 1) for v in sums["other_sq"][term]],
+        }
+    return out

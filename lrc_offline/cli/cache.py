@@ -85,6 +85,14 @@ def _inspect(args) -> int:
               f"{field['compression_ratio']:>8.2f}")
     for key, value in sorted(info.get("stats", {}).items()):
         print(f"  stat  {key:<16} {value:.4g}")
+    acts = info.get("activations")
+    if acts:
+        print(f"  activations in {acts['sequences']} sequences ({acts['fraction']:.0%}); target mean square, "
+              "largest layer, at sink positions / elsewhere:")  # fmt: skip
+        for term, ms in acts["mean_square"].items():
+            sink, other = ms["sink"], ms["other"]
+            i, j = max(range(len(sink)), key=sink.__getitem__), max(range(len(other)), key=other.__getitem__)
+            print(f"    {term:<5} sink {sink[i]:>11.4g} (layer {i:>2})   other {other[j]:>11.4g} (layer {j:>2})")
     for key, value in sorted(info.get("fingerprints", {}).items()):
         print(f"  fingerprint {key:<16} {value}")
     return 0
