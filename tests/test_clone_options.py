@@ -299,3 +299,13 @@ def test_alpha_schedule_in_training_and_cache_normaliser_refused_online(caches, 
     online = apply_overrides(job, ["teacher=tiny-random:llama", "loss.clone_normalize=cache"])
     with pytest.raises(ConfigError, match="online training"):
         train_online(online, tmp_path / "online", progress=False)
+
+
+def test_pca_basis_of_a_budgeted_cache_skips_absent_sequences(caches):
+    from lrc_offline.training.pca import _accumulate
+
+    reader, data = _all_sequences(caches["half"])
+    present = data["act_present"].reshape(-1).bool()
+    moment = _accumulate(reader, exclude_sink=False, max_sequences=None)
+    assert moment.count == int(present.sum()) * 2 * 6  # present sequences x layers x positions
+    assert bool(torch.isfinite(moment.matrix_DD).all())

@@ -41,7 +41,11 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
     for index in reader.complete_shards():
         if max_sequences is not None and seen >= max_sequences:
             break
-        shard = reader.read_shard(index, ["act_input", "act_positions", "position_ids"])
+        shard = reader.read_shard(index, ["act_input", "act_positions", "position_ids"] + (
+            ["act_present"] if "act_present" in names else []))  # fmt: skip
+        if "act_present" in shard:  # an activation-budget cache: the other sequences hold zeros
+            keep = shard.pop("act_present").reshape(-1).bool()
+            shard = {k: v[keep] for k, v in shard.items()}
         if max_sequences is not None:
             shard = {k: v[: max_sequences - seen] for k, v in shard.items()}
         seen += len(shard["act_input"])
