@@ -309,3 +309,25 @@ def test_pca_basis_of_a_budgeted_cache_skips_absent_sequences(caches):
     moment = _accumulate(reader, exclude_sink=False, max_sequences=None)
     assert moment.count == int(present.sum()) * 2 * 6  # present sequences x layers x positions
     assert bool(torch.isfinite(moment.matrix_DD).all())
+
+
+def test_cache_built_before_a_new_config_key_is_still_resumed(tmp_path):
+    """A cache whose manifest predates a config key (here act_fraction) is resumed by a build that asks
+    for that key's default, keeping its complete shards; a non-default value is refused."""
+    from lrc_offline.cache.manifest import manifest_digest
+    from lrc_offline.cache.store import CacheMismatchError
+
+    cfg = _cache_cfg(max_sequences=16)
+    build_cache(cfg, tmp_path, progress=False)
+    manifest_file = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["config"]["act_fraction"]
+    manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for record_file in (tmp_path / "shards").glob("*.done.json"):
+        record = json.loads(record_file.read_text())
+        record["manifest"] = manifest_digest(manifest)
+        record_file.write_text(json.dumps(record))
+    report = build_cache(cfg, tmp_path, progress=False)
+    assert report.built == [] and report.skipped == [0, 1]
+    with pytest.raises(CacheMismatchError, match="act_fraction"):
+        build_cache(_cache_cfg(max_sequences=16, act_fraction=0.5), tmp_path, progress=False)

@@ -147,9 +147,14 @@ def manifest_differences(existing: dict[str, Any], requested: dict[str, Any]) ->
     for flat in (flat_existing, flat_requested):
         flat.pop("config.device", None)
     absent = object()
+    # A config key added to CacheConfig since the existing cache was built, requested at its default,
+    # asks for what the old build did.
+    defaults = {f"config.{k}": v for k, v in _json_ready(to_dict(CacheConfig()), "defaults").items()}
     lines = []
     for key in sorted(set(flat_existing) | set(flat_requested)):
         old, new = flat_existing.get(key, absent), flat_requested.get(key, absent)
+        if old is absent and key in defaults and new == defaults[key]:
+            continue
         if old != new:
             show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
             lines.append(f"{key}: {show(old)} in the existing cache, {show(new)} requested")

@@ -116,6 +116,9 @@ class CacheWriter(_Layout):
                     + "\n  ".join(differences)
                     + "\nUse another output directory, or delete this one to rebuild it."
                 )
+            # Agreeing up to config keys added since (at their defaults): keep writing under the
+            # existing manifest, so its complete shards stay complete.
+            self.manifest, self.manifest_digest = existing, manifest_digest(existing)
 
     def write_shard(
         self, index: int, arrays: dict[str, torch.Tensor], stats: dict[str, Any] | None = None
