@@ -38,6 +38,9 @@ VARIANTS = {
               ["loss.alpha=0.5", "loss.clone_normalize=false", "loss.clone_reduce=sum"]),
     "g-raw-all": ("(g) paper's raw clone loss, all positions", ["act_positions=100000"],
                   ["loss.alpha=0.5", "loss.clone_normalize=false", "loss.clone_reduce=sum"]),
+    "h-huber": ("(h) huber clone loss (delta 1 target RMS)", [], ["loss.clone_fn=huber"]),
+    "h-nosink": ("(h) clone loss without the sink positions", [], ["loss.sink_weight=0"]),
+    "i-budget25": ("(i) activation budget: 25% of the sequences", ["act_fraction=0.25"], []),
     # PCA initialisation (issue 8): a gentler learning rate keeps the PCA start.
     "p": ("(p) PCA init (untied), LRC cache P=16, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001"]),
