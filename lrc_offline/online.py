@@ -63,9 +63,10 @@ def _pca_from_teacher(model, input_ids_NT: torch.Tensor, cfg: TrainJobConfig, de
     for lo in range(0, num, cfg.train.batch_size):
         ids = input_ids_NT[lo : min(lo + cfg.train.batch_size, num)].to(device).long()
         keep = positions[1:] if cfg.student.pca_exclude_sink else positions
-        captured = capture_teacher(model, ids, positions_BP=keep.expand(ids.shape[0], -1), terms=("input",),
+        captured = capture_teacher(model, ids, positions_BP=keep.expand(ids.shape[0], -1), terms=("input", "attn"),
                                    want_logits=False)  # fmt: skip
-        moment.update(captured.acts["input"])
+        moment.update(captured.acts["input"])  # as from a cache: h and h + a (see training/pca.py)
+        moment.update(captured.acts["input"] + captured.acts["attn"])
     return {"moment": moment, "source": f"teacher pass over {num} training sequences", "vectors": moment.count}
 
 

@@ -307,7 +307,7 @@ def test_pca_basis_of_a_budgeted_cache_skips_absent_sequences(caches):
     reader, data = _all_sequences(caches["half"])
     present = data["act_present"].reshape(-1).bool()
     moment = _accumulate(reader, exclude_sink=False, max_sequences=None)
-    assert moment.count == int(present.sum()) * 2 * 6  # present sequences x layers x positions
+    assert moment.count == int(present.sum()) * 2 * 6 * 2  # present sequences x layers x positions x (h, h + a)
     assert bool(torch.isfinite(moment.matrix_DD).all())
 
 

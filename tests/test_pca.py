@@ -76,10 +76,12 @@ def test_cache_pass_accumulates_every_cached_residual_vector_and_is_reused(resid
 
     moment = cache_second_moment(residual_cache)
     reader = CacheReader(residual_cache)
-    vectors = torch.cat([reader.read_shard(i)["act_input"].reshape(-1, 64) for i in reader.complete_shards()])
+    shards = [reader.read_shard(i) for i in reader.complete_shards()]
+    inputs = torch.cat([s["act_input"].reshape(-1, 64) for s in shards])
+    after_attention = torch.cat([(s["act_input"] + s["act_attn"]).reshape(-1, 64) for s in shards])
     direct = SecondMoment(64)
-    direct.update(vectors)
-    assert moment.count == 16 * 2 * 8 == direct.count
+    direct.update(torch.cat([inputs, after_attention]))
+    assert moment.count == 16 * 2 * 8 * 2 == direct.count  # sequences x layers x positions x (h, h + a)
     torch.testing.assert_close(moment.matrix_DD, direct.matrix_DD)
     assert second_moment_path(residual_cache, False).is_file()
     again = cache_second_moment(residual_cache)
@@ -98,7 +100,7 @@ def test_pca_init_starts_closer_to_the_teacher_than_random(residual_cache, tmp_p
         first[init] = read_metrics(tmp_path / init / "metrics.jsonl")[0]
     assert first["pca"]["kd"] < 0.5 * first["random"]["kd"], first
     info = __import__("json").loads((tmp_path / "pca" / "student" / "lrc_config.json").read_text())
-    assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 256
+    assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 512
 
 
 def test_pca_needs_residual_activations(tmp_path):
@@ -111,5 +113,5 @@ def test_pca_needs_residual_activations(tmp_path):
 
 def test_pca_pass_can_be_capped(residual_cache):
     capped = cache_second_moment(residual_cache, max_sequences=3)
-    assert capped.count == 3 * 2 * 8  # sequences x layers x positions
+    assert capped.count == 3 * 2 * 8 * 2  # sequences x layers x positions x (h, h + a)
     assert second_moment_path(residual_cache, False, 3).is_file()
