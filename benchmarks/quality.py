@@ -49,6 +49,29 @@ VARIANTS = {
 }
 
 
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step whose held-out CE is at or below `target` (None if none is)."""
+    return next((step for step, ce in curve if ce <= target), None)
+
+
+def write_table(results: dict, out: Path, baseline: str = "(e) KD only (cache topk)") -> str:
+    """`quality.md`: held-out CE per variant at every evaluated step, and the steps each variant needs to
+    reach the baseline's final held-out CE (the paper's "x times faster" measure)."""
+    variants = results.get("variants", {})
+    steps = sorted({step for v in variants.values() for step, _ in v["heldout"]})
+    target = variants.get(baseline, {}).get("final_heldout_ce")
+    head = "| variant | " + " | ".join(f"step {s}" for s in steps) + " | steps to KD-only's final |"
+    lines = [head, "|---" * (len(steps) + 2) + "|"]
+    for name, v in variants.items():
+        curve = dict(v["heldout"])
+        reach = steps_to_reach(v["heldout"], target) if target is not None else None
+        cells = [f"{curve[s]:.3f}" if s in curve else "" for s in steps]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {reach if reach is not None else '-'} |")
+    text = "\n".join(lines) + "\n"
+    (out / "quality.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -60,12 +83,16 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--only", default="", help=f"comma-separated variant keys to run, in this order; keys: {','.join(VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument("--table-only", action="store_true", help="rewrite quality.md from quality.json and stop")
     parser.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. student.hidden_size=192")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "quality.json"
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if args.table_only:
+        print(write_table(results, out))
+        return
     results["setup"] = vars(args)
 
     teacher = load_teacher(args.teacher)
@@ -106,6 +133,7 @@ def main() -> None:
         }
         print(name, results["variants"][name]["heldout"], flush=True)
         result_file.write_text(json.dumps(results, indent=2) + "\n")
+        write_table(results, out)
         plot_curves({k: [r for r in v if "heldout_ce" in r] for k, v in curves.items()}, out / "quality.png",
                     key="heldout_ce", title=f"{args.teacher}: held-out CE at equal steps")  # fmt: skip
 

@@ -63,3 +63,4 @@ def test_quality_smoke(tmp_path, monkeypatch):
     assert set(variants) == {"(a) LRC online", "(b) LRC cache topk+residual P=16"}
     online, cached = (v["final_heldout_ce"] for v in variants.values())
     assert abs(online - cached) < 0.05 and (tmp_path / "quality.png").is_file()  # 2 warm-up steps barely move
+    assert "(b) LRC cache topk+residual P=16" in (tmp_path / "quality.md").read_text()
