@@ -42,7 +42,7 @@ from .corpus import (
 )
 from .positions import sample_positions_batch
 from .signals import logit_fields
-from .vllm_backend import open_vllm, require_vllm, vllm_version
+from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
 __all__ = ["BuildReport", "build_cache", "teacher_geometry", "my_shards", "capture_batch"]
 
@@ -168,6 +168,8 @@ def build_cache(
         # vLLM holds the weights that run; this copy fingerprints them and lends its final norm and head.
         device = torch.device("cpu")
     teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
+    if cfg.backend == "vllm":
+        check_serves(teacher)
     docs = load_documents(cfg.corpus, cfg.text_field)
     train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)
     packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)

@@ -41,9 +41,8 @@ from ..teacher.fingerprint import weights_fingerprint
 from ..teacher.load import Teacher, resolve_device, resolve_dtype, user_cache_dir
 from .signals import logit_fields
 
-__all__ = ["BackendUnavailableError", "VLLM_INSTALL", "require_vllm", "vllm_version", "VLLMCapture", "open_vllm"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BackendUnavailableError", "VLLM_INSTALL", "require_vllm", "check_serves", "vllm_version", "model_dir",
+           "VLLMCapture", "open_vllm"]
 
 VLLM_INSTALL = ("./setup_vllm.sh (vLLM's CPU build in .venv-vllm), or on a GPU machine "
                 "pip install -e '.[vllm]' into an environment of its own")  # fmt: skip
@@ -100,10 +99,12 @@ def _vllm_dtype(cfg: CacheConfig, on_cpu: bool) -> str:
     return "float32" if on_cpu else "bfloat16"
 
 
-def _check_platform(teacher: Teacher, on_cpu: bool) -> None:
-    """vLLM's CPU attention kernels take a fixed list of head sizes; refuse others before the engine starts
-    (vLLM itself fails only at the first forward, with a kernel message)."""
-    if not on_cpu:
+def check_serves(teacher: Teacher) -> None:
+    """Refuse, before anything is written, a teacher this platform's vLLM cannot run. vLLM's CPU attention
+    kernels take a fixed list of head sizes; vLLM itself fails only at the first forward, with a kernel message."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -117,6 +118,22 @@ def _check_platform(teacher: Teacher, on_cpu: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def _quiet_chat_warmup() -> Iterator[None]:
+    """Drop vLLM's start-up warning (with a traceback) that it cannot warm up a chat template without a
+    tokenizer: a build passes token ids and never renders a chat."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+    logger = logging.getLogger("vllm.renderers.base")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 class VLLMCapture:
     """One vLLM engine for one build; `capture` has the signature and output of `capture_batch`."""
 
@@ -125,7 +142,7 @@ class VLLMCapture:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
-        _check_platform(teacher, on_cpu)
+        check_serves(teacher)
         self.cfg, self.teacher = cfg, teacher
         self.prompt_logprobs = uses_prompt_logprobs(cfg)
         if cfg.logit_mode == "none":
@@ -158,15 +175,19 @@ class VLLMCapture:
                                     "kv_connector_extra_config": {"shared_storage_path": str(storage)}},
             )  # fmt: skip
         try:
-            self.llm = LLM(**engine)
+            with _quiet_chat_warmup():
+                self.llm = LLM(**engine)
         except Exception as err:
-            if self.prompt_logprobs:
-                raise
-            raise BackendUnavailableError(
-                f"vLLM's hidden-state extraction, which cache.logit_mode={cfg.logit_mode} needs with "
-                f"backend=vllm (top-k too at temperature != 1), could not start here: {type(err).__name__}: "
-                f"{err}. Use cache.backend=hf, or logit_mode=topk at temperature 1 (prompt log-probs)"
-            ) from err
+            # vLLM's own message names its flags; say which cache fields set them and what ran.
+            err.add_note(f"lrc-cache build started vLLM with cache.vllm_gpu_memory_utilization="
+                         f"{cfg.vllm_gpu_memory_utilization} (on vLLM's CPU build, a share of the CPU memory "
+                         f"node), vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size}, "
+                         f"vllm_pipeline_parallel_size={cfg.vllm_pipeline_parallel_size}")  # fmt: skip
+            if not self.prompt_logprobs:
+                err.add_note(f"cache.logit_mode={cfg.logit_mode} (and top-k away from temperature 1) runs vLLM's "
+                             "hidden-state extraction; if that is what this platform cannot serve, use "
+                             "cache.backend=hf, or logit_mode=topk at temperature 1 (prompt log-probs)")  # fmt: skip
+            raise
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
