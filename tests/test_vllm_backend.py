@@ -12,7 +12,9 @@ of 32 (the built-in tiny-random teachers have 16, and are refused on vLLM's CPU 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +151,8 @@ def test_engine_options_do_not_split_a_build():
 def test_in_process_teacher_is_saved_once_for_vllm_with_the_same_fingerprints(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_OFFLINE_HOME", str(tmp_path))
     model, tokenizer = _tiny_llama_hd32(), tiny_tokenizer()
-    teacher = Teacher(name="tiny:hd32", model=model, tokenizer=tokenizer, adapter=adapter_for(model.config), source=None)
+    teacher = Teacher(name="tiny:hd32", model=model, tokenizer=tokenizer, adapter=adapter_for(model.config),
+                      source=None)  # fmt: skip
     path = vllm_backend.model_dir(teacher)
     assert path.parent == tmp_path / "vllm-teachers" and vllm_backend.model_dir(teacher) == path
     reloaded = load_teacher(str(path))
@@ -190,7 +193,8 @@ def test_hidden_cache_trains_to_the_same_first_losses(tmp_path, tiny_dir):
     hidden_diff = float((hf["hidden"] - vllm["hidden"]).abs().max())
     assert hidden_diff < 1e-4
     _same_manifest(hf_dir, vllm_dir)
-    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1), train=TrainConfig(steps=3, batch_size=4, log_every=1))
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1),
+                         train=TrainConfig(steps=3, batch_size=4, log_every=1))  # fmt: skip
     losses = {}
     for name, cache in (("hf", hf_dir), ("vllm", vllm_dir)):
         train_from_cache(job, cache, tmp_path / f"run-{name}", progress=False)
@@ -258,3 +262,17 @@ def test_smollm2_top64_equals_hf_backend(tmp_path):
     assert agreement["id_agreement"] > 0.99
     _same_manifest(hf_dir, vllm_dir)
     print(f"SmolLM2-135M, top-64 vLLM vs hf: {agreement}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_speed_benchmark_smoke(tmp_path, tiny_dir, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_speed.py"
+    args = ["--teacher", str(tiny_dir), "--corpus", "tiny-text", "--num-sequences", "4", "--seq-len", "32",
+            "--batch-size", "2", "--topk", "8", "--out", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads((tmp_path / "vllm_speed.json").read_text())
+    assert set(result["modes"]) == {"topk", "hidden"} and (tmp_path / "vllm_speed.png").is_file()
+    assert result["modes"]["topk"]["agreement"]["max_logprob_diff"] < 1e-4
+    assert all(mode["ratio_vllm_vs_hf"] > 0 for mode in result["modes"].values())

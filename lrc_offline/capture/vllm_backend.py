@@ -100,8 +100,8 @@ def _vllm_dtype(cfg: CacheConfig, on_cpu: bool) -> str:
 
 
 def check_serves(teacher: Teacher) -> None:
-    """Refuse, before anything is written, a teacher this platform's vLLM cannot run. vLLM's CPU attention
-    kernels take a fixed list of head sizes; vLLM itself fails only at the first forward, with a kernel message."""
+    """Refuse, before anything is written, a teacher this platform's vLLM cannot run: vLLM's CPU attention
+    kernels take a fixed list of head sizes, and vLLM itself fails only at the first forward."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -165,11 +165,12 @@ class VLLMCapture:
         if self.prompt_logprobs:
             engine.update(max_logprobs=cfg.topk, logprobs_mode="raw_logprobs")
         else:
-            num_layers = teacher.config.num_hidden_layers
+            # Layer id L is the output of the last of L layers (residual added, final norm not applied).
+            last_layer = {"eagle_aux_hidden_state_layer_ids": [teacher.config.num_hidden_layers]}
             engine.update(
                 enable_chunked_prefill=False,
                 speculative_config={"method": "extract_hidden_states", "num_speculative_tokens": 1,
-                                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [num_layers]}}},
+                                    "draft_model_config": {"hf_config": last_layer}},
                 kv_transfer_config={"kv_connector": _CONNECTOR[0], "kv_connector_module_path": _CONNECTOR[1],
                                     "kv_role": "kv_producer",
                                     "kv_connector_extra_config": {"shared_storage_path": str(storage)}},
@@ -247,9 +248,9 @@ class VLLMCapture:
         from safetensors.torch import load_file
         from vllm import SamplingParams
 
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         states = []
-        for output, row in zip(self._generate(input_ids_BT, SamplingParams(max_tokens=1, temperature=0.0,
-                                                                           detokenize=False)), input_ids_BT):  # fmt: skip
+        for output, row in zip(self._generate(input_ids_BT, params), input_ids_BT, strict=True):
             path = output.kv_transfer_params["hidden_states_path"]
             saved = load_file(path)
             os.remove(path)
