@@ -108,7 +108,18 @@ class CacheConfig:
     compute_dtype: str = "auto"
     """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
     backend: str = "hf"
-    """Teacher backend: hf (transformers with hooks)."""
+    """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals only, so
+    activation_mode=none; installed by ./setup_vllm.sh, see README)."""
+    vllm_tensor_parallel_size: int = 1
+    """backend=vllm: devices one teacher replica is split across by tensor parallelism."""
+    vllm_pipeline_parallel_size: int = 1
+    """backend=vllm: pipeline stages one teacher replica is split across."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """backend=vllm: fraction of each device's memory vLLM may take for weights and KV cache (on vLLM's
+    CPU build, the fraction of the CPU memory node it reserves)."""
+    vllm_enforce_eager: bool = True
+    """backend=vllm: run without torch.compile and CUDA graphs; a build is prefill only, where they gain
+    little and compiling costs minutes at start-up."""
 
     def __post_init__(self) -> None:
         s = "cache"
@@ -118,7 +129,17 @@ class CacheConfig:
         _check_choice(s, "logprob_dtype", self.logprob_dtype, ("float32", "float16", "bfloat16"))
         _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
         _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice(s, "backend", self.backend, ("hf",))
+        _check_choice(s, "backend", self.backend, ("hf", "vllm"))
+        if self.backend == "vllm" and self.activation_mode != "none":
+            raise ConfigError(
+                f"cache.backend=vllm cannot capture activation_mode={self.activation_mode}: vLLM exposes no "
+                "per-layer inputs or attention outputs; set cache.activation_mode=none for a logit-signal "
+                "cache from vLLM, or use cache.backend=hf for a cache with clone-loss activations"
+            )
+        _check_positive(s, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
+        _check_positive(s, "vllm_pipeline_parallel_size", self.vllm_pipeline_parallel_size)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"cache.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
         for name in ("seq_len", "sequences_per_shard", "topk", "num_draws", "act_positions", "batch_size"):
             _check_positive(s, name, getattr(self, name))
         _check_positive(s, "max_sequences", self.max_sequences)

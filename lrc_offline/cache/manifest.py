@@ -44,6 +44,9 @@ _REQUIRED_KEYS = (
 )  # fmt: skip
 _VOLATILE_KEYS = ("created", "versions")
 """Top-level keys that legitimately differ between workers of one cache."""
+_RUN_KEYS = ("device", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size", "vllm_gpu_memory_utilization",
+             "vllm_enforce_eager")  # fmt: skip
+"""Config keys that say where and how a worker runs, not what it writes: ranks of one build may differ in them."""
 
 
 def _library_versions() -> dict[str, str]:
@@ -124,11 +127,11 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of what a manifest says about the data (creation time, library versions and the build
-    device left out). Every completion record carries it, so a shard is complete only for the manifest
-    it was built under."""
+    """sha256 of what a manifest says about the data (creation time, library versions, the build device
+    and engine options left out). Every completion record carries it, so a shard is complete only for
+    the manifest it was built under."""
     kept = {k: v for k, v in manifest.items() if k not in _VOLATILE_KEYS}
-    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k != "device"}
+    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k not in _RUN_KEYS}
     return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -145,7 +148,8 @@ def manifest_differences(existing: dict[str, Any], requested: dict[str, Any]) ->
         _flatten(_json_ready(kept, "manifest"), "", flat)
     # Where a worker runs does not change what it writes: ranks of one build may use different devices.
     for flat in (flat_existing, flat_requested):
-        flat.pop("config.device", None)
+        for key in _RUN_KEYS:
+            flat.pop(f"config.{key}", None)
     absent = object()
     # A config key added to CacheConfig since the existing cache was built, requested at its default,
     # asks for what the old build did.

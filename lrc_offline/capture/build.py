@@ -1,5 +1,8 @@
 """`lrc-cache build`: corpus -> packed sequences -> one teacher forward with hooks -> cache shards.
 
+The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.backend=vllm, in vLLM
+(`vllm_backend.VLLMCapture`, logit signals only); both return the same fields.
+
 Shard i is a fixed slice of the packed corpus, so any shard can be built, rebuilt or verified on its
 own: a rerun skips complete shards, several processes (a Slurm array, `accelerate launch`) split the
 shards between them, and a rebuild with the same config is byte-identical.
@@ -9,6 +12,8 @@ Legend: B batch, T tokens (seq_len), P positions, L activation layers, D hidden,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from ..cache.act_stats import act_present, batch_act_sums, merge_act_sums
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
-from ..teacher.load import Teacher, load_teacher, resolve_device
+from ..teacher.load import Teacher, load_teacher, resolve_device, resolve_dtype
 from .corpus import (
     PackedCorpus,
     corpus_fingerprint,
@@ -37,8 +42,9 @@ from .corpus import (
     pack_documents,
     split_heldout,
 )
-from .positions import position_seed, sample_positions_batch
-from .signals import entropy, logprobs_at, sampled_signal, topk_signal
+from .positions import sample_positions_batch
+from .signals import logit_fields
+from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
 __all__ = ["BuildReport", "build_cache", "teacher_geometry", "my_shards", "capture_batch"]
 
@@ -113,28 +119,9 @@ def capture_batch(
     out = {"input_ids": input_ids_BT.to(torch.int32), "position_ids": position_ids_BT.to(torch.int32)}
     stats = {"tokens": float(batch * tokens)}
     if captured.logits_BTV is not None:
-        # One sequence at a time keeps the fp32 softmax at [T, V], never [B, T, V].
-        parts: dict[str, list[torch.Tensor]] = {}
-        entropy_sum, tail_sum = 0.0, 0.0
-        for row, sequence_index in enumerate(sequence_indices):
-            logprobs = logprobs_at(captured.logits_BTV[row], cfg.temperature)
-            if cfg.logit_mode == "topk":
-                ids, values, tail = topk_signal(logprobs, cfg.topk)
-                parts.setdefault("topk_ids", []).append(ids)
-                parts.setdefault("topk_logprobs", []).append(values)
-                tail_sum = tail_sum + tail.sum()
-            else:
-                gen = torch.Generator(device=device).manual_seed(position_seed(cfg.seed + 1, sequence_index))
-                ids, counts = sampled_signal(logprobs, cfg.num_draws, gen)
-                parts.setdefault("sampled_ids", []).append(ids)
-                parts.setdefault("sampled_counts", []).append(counts)
-            entropy_sum = entropy_sum + entropy(logprobs).sum()
-        out.update({name: torch.stack(values).cpu() for name, values in parts.items()})
-        stats["teacher_entropy_sum"] = float(entropy_sum)
-        if cfg.logit_mode == "topk":
-            stats["topk_tail_mass_sum"] = float(tail_sum)
-        else:
-            stats["sampled_unique_sum"] = float((out["sampled_counts"] > 0).sum())
+        fields, logit_stats = logit_fields(cfg, captured.logits_BTV, sequence_indices)
+        out.update(fields)
+        stats.update(logit_stats)
     if captured.hidden_BTD is not None:
         out["hidden"] = captured.hidden_BTD.float().cpu()
     if positions is not None:
@@ -186,7 +173,14 @@ def build_cache(
     """
     start = time.perf_counter()
     device = resolve_device(cfg.device)
-    teacher = teacher or load_teacher(cfg.teacher, dtype=cfg.compute_dtype, device=device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    if cfg.backend == "vllm":
+        require_vllm()
+        # vLLM holds the weights that run; this copy fingerprints them and lends its final norm and head.
+        device = torch.device("cpu")
+    teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
+    if cfg.backend == "vllm":
+        check_serves(teacher)
     docs = load_documents(cfg.corpus, cfg.text_field)
     train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)
     packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)
@@ -198,7 +192,7 @@ def build_cache(
         "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
                     "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
                     "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
-        "backend": {"name": cfg.backend, "transformers": __import__("transformers").__version__},
+        "backend": _backend_record(cfg.backend),
         "teacher_name": cfg.teacher,
     }  # fmt: skip
     manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra)
@@ -210,35 +204,46 @@ def build_cache(
     total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
     bytes_written = 0
-    for index in todo:
-        first, end = writer.shard_range(index)
-        pieces: dict[str, list[torch.Tensor]] = {}
-        sums: dict[str, float] = {}
-        act_sums = None
-        for lo in range(first, end, cfg.batch_size):
-            hi = min(lo + cfg.batch_size, end)
-            arrays, stats = capture_batch(
-                teacher, cfg, packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)), layers
-            )
-            arrays = _storage_dtypes(arrays, manifest["fields"])  # per batch: a shard never sits in fp32
-            for name, value in arrays.items():
-                pieces.setdefault(name, []).append(value)
-            act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.update((hi - lo) * cfg.seq_len)
-        arrays = {n: torch.cat(v) for n, v in pieces.items()}
-        shard_stats = _shard_stats(sums)
-        if act_sums is not None:
-            shard_stats["act_stats"] = act_sums
-        record = writer.write_shard(index, arrays, shard_stats)
-        bytes_written += sum(f["bytes"] for f in record["files"].values())
-        report.built.append(index)
-        report.tokens += (end - first) * cfg.seq_len
-        bar.set_postfix(shards=f"{len(report.built)}/{len(todo)}", written=f"{bytes_written / 2**20:.1f}MiB")
+    with contextlib.ExitStack() as engine:
+        if cfg.backend == "vllm" and todo:
+            capture = engine.enter_context(open_vllm(cfg, teacher)).capture
+        else:
+            capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
+        for index in todo:
+            first, end = writer.shard_range(index)
+            pieces: dict[str, list[torch.Tensor]] = {}
+            sums: dict[str, float] = {}
+            act_sums = None
+            for lo in range(first, end, cfg.batch_size):
+                hi = min(lo + cfg.batch_size, end)
+                arrays, stats = capture(packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)))
+                arrays = _storage_dtypes(arrays, manifest["fields"])  # per batch: a shard never sits in fp32
+                for name, value in arrays.items():
+                    pieces.setdefault(name, []).append(value)
+                act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.update((hi - lo) * cfg.seq_len)
+            arrays = {n: torch.cat(v) for n, v in pieces.items()}
+            shard_stats = _shard_stats(sums)
+            if act_sums is not None:
+                shard_stats["act_stats"] = act_sums
+            record = writer.write_shard(index, arrays, shard_stats)
+            bytes_written += sum(f["bytes"] for f in record["files"].values())
+            report.built.append(index)
+            report.tokens += (end - first) * cfg.seq_len
+            bar.set_postfix(shards=f"{len(report.built)}/{len(todo)}", written=f"{bytes_written / 2**20:.1f}MiB")
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _backend_record(backend: str) -> dict[str, str]:
+    """The backend and library versions that computed the teacher signal, for the manifest."""
+    record = {"name": backend, "transformers": __import__("transformers").__version__}
+    if backend == "vllm":
+        record["vllm"] = vllm_version()
+    return record
 
 
 def _shard_stats(sums: dict[str, float]) -> dict[str, float]:

@@ -1,13 +1,18 @@
 """Compact logit signals computed from the teacher's log-probabilities, one sequence at a time.
 
-Legend: R rows (tokens), V vocabulary, K top-k, N draws.
+Legend: R rows (tokens), V vocabulary, K top-k, N draws, T tokens of a sequence.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-__all__ = ["logprobs_at", "topk_signal", "sampled_signal", "unique_counts", "entropy"]
+from ..config import CacheConfig
+from .positions import position_seed
+
+__all__ = ["logprobs_at", "topk_signal", "sampled_signal", "unique_counts", "entropy", "logit_fields"]
 
 
 def logprobs_at(logits_RV: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -48,3 +53,35 @@ def sampled_signal(
 def entropy(logprobs_RV: torch.Tensor) -> torch.Tensor:
     """Per-row entropy in nats."""
     return -(logprobs_RV.exp() * logprobs_RV).sum(-1)
+
+
+def logit_fields(
+    cfg: CacheConfig, logits_rows: Iterable[torch.Tensor], sequence_indices: list[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The `topk` or `sampled` cache fields (CPU) and summed stats from each sequence's logits [T, V].
+
+    One sequence at a time keeps the fp32 softmax at [T, V], never [B, T, V]. Every backend that has the
+    full logits goes through here, so their caches share the math.
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    entropy_sum, tail_sum = 0.0, 0.0
+    for logits_TV, sequence_index in zip(logits_rows, sequence_indices, strict=True):
+        logprobs = logprobs_at(logits_TV, cfg.temperature)
+        if cfg.logit_mode == "topk":
+            ids, values, tail = topk_signal(logprobs, cfg.topk)
+            parts.setdefault("topk_ids", []).append(ids)
+            parts.setdefault("topk_logprobs", []).append(values)
+            tail_sum = tail_sum + tail.sum()
+        else:
+            gen = torch.Generator(device=logits_TV.device).manual_seed(position_seed(cfg.seed + 1, sequence_index))
+            ids, counts = sampled_signal(logprobs, cfg.num_draws, gen)
+            parts.setdefault("sampled_ids", []).append(ids)
+            parts.setdefault("sampled_counts", []).append(counts)
+        entropy_sum = entropy_sum + entropy(logprobs).sum()
+    out = {name: torch.stack(values).cpu() for name, values in parts.items()}
+    stats = {"teacher_entropy_sum": float(entropy_sum)}
+    if cfg.logit_mode == "topk":
+        stats["topk_tail_mass_sum"] = float(tail_sum)
+    else:
+        stats["sampled_unique_sum"] = float((out["sampled_counts"] > 0).sum())
+    return out, stats

