@@ -64,3 +64,18 @@ def test_quality_smoke(tmp_path, monkeypatch):
     online, cached = (v["final_heldout_ce"] for v in variants.values())
     assert abs(online - cached) < 0.05 and (tmp_path / "quality.png").is_file()  # 2 warm-up steps barely move
     assert "(b) LRC cache topk+residual P=16" in (tmp_path / "quality.md").read_text()
+
+
+def test_pca_pooling_smoke(tmp_path, monkeypatch):
+    from lrc_offline.capture.build import build_cache
+    from lrc_offline.config import CacheConfig
+
+    build_cache(CacheConfig(corpus="tiny-text", heldout_docs=3, seq_len=32, max_sequences=8, topk=4), tmp_path / "c",
+                progress=False)  # fmt: skip
+    _run("pca_pooling.py", ["--cache", str(tmp_path / "c"), "--corpus", "tiny-text", "--heldout-docs", "3",
+                            "--heldout-sequences", "2", "--sizes", "16,64", "--out", str(tmp_path / "r.json")],
+         monkeypatch)  # fmt: skip
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["hidden_size"], r["pooling"]) for r in rows][:3] == [(16, "h"), (16, "h + a"), (16, "both")]
+    full = [r["heldout_ce"] for r in rows if r["hidden_size"] == 64]
+    assert max(full) - min(full) < 1e-3  # d_S = d_T: every basis is a rotation of the teacher
