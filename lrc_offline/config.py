@@ -169,6 +169,10 @@ class StudentConfig:
     pca_sequences: int = 1024
     """PCA init: sequences whose residual vectors (every cached layer and position) form the basis:
     the first ones of the cache, or of the short teacher pass when training online."""
+    pca_calibrate_sequences: int = 32
+    """PCA init: training sequences on which the head's scale (a logit temperature) is fitted to the
+    next-token CE, making up for the stream outside the basis (0 keeps the folded scale; skipped when
+    d_S = d_T, where PCA is an exact rotation)."""
     init_std: float = 0.02
     """Standard deviation of the random projection init."""
     seed: int = 0
@@ -179,6 +183,7 @@ class StudentConfig:
         _check_choice("student", "init", self.init, ("random", "pca"))
         _check_choice("student", "head", self.head, ("auto", "untied"))
         _check_positive("student", "pca_sequences", self.pca_sequences)
+        _check_positive("student", "pca_calibrate_sequences", self.pca_calibrate_sequences, allow_zero=True)
 
 
 @dataclass

@@ -10,7 +10,8 @@ from lrc_offline.cache import verify_cache
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig, StudentConfig, TrainConfig, TrainJobConfig
 from lrc_offline.student.export import export_student
-from lrc_offline.student.init import SecondMoment, init_pca, pca_basis
+from lrc_offline import losses
+from lrc_offline.student.init import SecondMoment, calibrate_head_scale, init_pca, pca_basis
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.pca import cache_second_moment, second_moment_path
@@ -93,14 +94,59 @@ def test_cache_pass_accumulates_every_cached_residual_vector_and_is_reused(resid
 
 def test_pca_init_starts_closer_to_the_teacher_than_random(residual_cache, tmp_path):
     first = {}
-    for init in ("random", "pca"):
-        cfg = TrainJobConfig(student=StudentConfig(hidden_size=32, init=init, head="untied"),
+    for init, calibrate in (("random", 0), ("pca", 0), ("pca-calibrated", 16)):
+        cfg = TrainJobConfig(student=StudentConfig(hidden_size=32, init=init.split("-")[0], head="untied",
+                                                   pca_calibrate_sequences=calibrate),
                              train=TrainConfig(steps=1, batch_size=8, log_every=1))  # fmt: skip
         train_from_cache(cfg, residual_cache, tmp_path / init, progress=False)
         first[init] = read_metrics(tmp_path / init / "metrics.jsonl")[0]
     assert first["pca"]["kd"] < 0.5 * first["random"]["kd"], first
     info = __import__("json").loads((tmp_path / "pca" / "student" / "lrc_config.json").read_text())
-    assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 512
+    assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 512 and info["init"]["head_scale"] == 1.0
+    # The head scale is fitted to KD + CE (the tiny random teacher is near uniform, so a softer head wins
+    # on CE): the first step's logit loss can only go down.
+    calibrated = __import__("json").loads((tmp_path / "pca-calibrated" / "student" / "lrc_config.json").read_text())
+    assert calibrated["init"]["head_scale_sequences"] == 16 and calibrated["init"]["head_scale"] != 1.0
+    logit_loss = {k: first[k]["kd"] + first[k]["ce"] for k in ("pca", "pca-calibrated")}
+    assert logit_loss["pca-calibrated"] < logit_loss["pca"], logit_loss
+
+
+def _train_ce(student, ids, scale=1.0):
+    with torch.no_grad():
+        logits = student(ids).logits_BTV * scale
+    return losses.cross_entropy_next(logits, ids, torch.ones_like(ids, dtype=torch.bool)).item()
+
+
+def _ce_score(logits, batch):
+    ids = batch["input_ids"]
+    return losses.cross_entropy_next(logits, ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("overconfidence", [1.0, 3.0])
+def test_head_scale_calibration_finds_the_loss_minimising_temperature(teacher, overconfidence):
+    d = teacher.config.hidden_size
+    student = LRCStudent(teacher, 24, untie_head=True)
+    init_pca(student, torch.linalg.qr(torch.randn(d, 24, generator=torch.Generator().manual_seed(3)))[0])
+    with torch.no_grad():
+        student.final_norm.mul_(overconfidence)  # logits x 3: a far too sharp head
+    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(4))
+    grid = torch.linspace(0.25, 2.0, 1751).tolist()  # naive reference: brute force over c, 0.001 apart
+    reference = min(grid, key=lambda c: _train_ce(student, ids, c))
+    before = _train_ce(student, ids)
+    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]  # unequal batches: weighted by tokens
+    scale = calibrate_head_scale(student, batches, _ce_score)
+    assert abs(scale - reference) < 0.01 * reference, (scale, reference)
+    assert _train_ce(student, ids) <= before + 1e-6
+    if overconfidence == 3.0:
+        assert scale < 0.6
+
+
+def test_head_scale_is_left_alone_for_a_rotation(residual_cache, tmp_path):
+    cfg = TrainJobConfig(student=StudentConfig(hidden_size=64, init="pca", head="untied"),
+                         train=TrainConfig(steps=1, batch_size=8, log_every=1))  # fmt: skip
+    train_from_cache(cfg, residual_cache, tmp_path / "full", progress=False)
+    info = __import__("json").loads((tmp_path / "full" / "student" / "lrc_config.json").read_text())
+    assert info["init"]["head_scale"] == 1.0
 
 
 def test_pca_needs_residual_activations(tmp_path):

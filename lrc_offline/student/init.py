@@ -13,19 +13,27 @@ sqrt(d_T/d_S) undoes the change of RMS under projection: rms(U^T h) = ||h|| / sq
 span(U), against ||h|| / sqrt(d_T) in the teacher. With d_S = d_T, U is a rotation and the student is the
 teacher exactly (untied head).
 
+The part of the residual stream outside span(U) is lost, and the folded head is then over-confident:
+`calibrate_head_scale` fits one scalar c on the final-norm weight (logits are linear in it: a logit
+temperature 1/c) to the training objective's KD + CE on a few training sequences. Measured on
+SmolLM2-135M with the next-token CE (held-out CE at step 0): d_S 192 7.82 -> 7.46 (c 0.80), d_S 288
+6.66 -> 6.52 (c 0.85). Scaling the per-layer norms by
+the captured energy instead was worse (7.90 at 192).
+
 Legend: D d_T, S d_S.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 
 from ..config import ConfigError
 from .lrc import READ_TERMS, WRITE_TERMS, LRCStudent
 
-__all__ = ["SecondMoment", "pca_basis", "init_pca"]
+__all__ = ["SecondMoment", "pca_basis", "init_pca", "calibrate_head_scale"]
 
 
 class SecondMoment:
@@ -95,3 +103,32 @@ def init_pca(student: LRCStudent, basis_DS: torch.Tensor) -> None:
         student.final_norm.fill_(scale)
     else:
         student.final_norm.copy_(scale * (u.pow(2) * g_final[:, None]).sum(0))
+
+
+@torch.no_grad()
+def calibrate_head_scale(student: LRCStudent, batches: Iterable[dict],
+                         score: Callable[[torch.Tensor, dict], torch.Tensor]) -> float:  # fmt: skip
+    """Multiply the student's final-norm weight by the c in [1/4, 2] that minimises `score`, the mean
+    loss of logits [B, T, V] on a batch (the training objective's KD + CE), averaged over `batches`
+    weighted by their tokens; return c.
+
+    Logits are linear in c, so one student forward per batch scores a whole grid of c (log-spaced, 9%
+    apart); a parabola through the best grid point and its neighbours (the losses are convex in c)
+    refines it. Each batch needs `input_ids` [B, T] on the student's device.
+    """
+    log_grid = torch.linspace(math.log(0.25), math.log(2.0), 25, dtype=torch.float64)
+    totals = torch.zeros(len(log_grid), dtype=torch.float64, device=student.final_norm.device)
+    for batch in batches:
+        logits_BTV = student(batch["input_ids"].long()).logits_BTV.float()
+        for i, c in enumerate(log_grid.exp().tolist()):
+            totals[i] += score(c * logits_BTV, batch).double() * batch["input_ids"].numel()
+    loss = totals.cpu()  # one host sync for the whole search
+    best = int(loss.argmin())
+    log_c = float(log_grid[best])
+    if 0 < best < len(log_grid) - 1:  # vertex of the parabola through three equally spaced points
+        left, mid, right = float(loss[best - 1]), float(loss[best]), float(loss[best + 1])
+        step = float(log_grid[1] - log_grid[0])
+        log_c += 0.5 * step * (left - right) / max(left - 2 * mid + right, 1e-30)
+    scale = math.exp(log_c)
+    student.final_norm.mul_(scale)
+    return scale

@@ -25,7 +25,7 @@ from .. import losses
 from ..config import CLONE_TERMS, LossConfig
 from ..student.lrc import LRCStudent
 
-__all__ = ["lrc_loss", "teacher_head_weight", "clone_targets", "sink_positions", "clone_weights"]
+__all__ = ["lrc_loss", "logit_loss", "teacher_head_weight", "clone_targets", "sink_positions", "clone_weights"]
 
 
 def teacher_head_weight(student: LRCStudent) -> torch.Tensor:
@@ -55,6 +55,20 @@ def _kd(student_logits: torch.Tensor, batch: dict, student: LRCStudent, mask: to
     if "sampled_ids" in batch:
         return losses.kd_sampled(student_logits, batch["sampled_ids"], batch["sampled_counts"], mask, tau)
     return None
+
+
+def logit_loss(student: LRCStudent, logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig) -> torch.Tensor:
+    """kd_weight * L_KD + beta * L_CE of `logits_BTV` on `batch`: the objective without its clone term."""
+    input_ids = batch["input_ids"].long()
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    total = logits_BTV.new_zeros((), dtype=torch.float32)
+    kd = _kd(logits_BTV, batch, student, mask, cfg.temperature) if cfg.kd_weight > 0 else None
+    if kd is not None:
+        total = total + cfg.kd_weight * kd
+    if cfg.beta > 0:
+        total = total + cfg.beta * losses.cross_entropy_next(logits_BTV, input_ids, mask)
+    return total
 
 
 def sink_positions(batch: dict) -> torch.Tensor:

@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache import CacheReader
-from ..config import ConfigError
-from ..student.init import SecondMoment
+from ..config import ConfigError, TrainJobConfig
+from ..student.init import SecondMoment, calibrate_head_scale
+from ..student.lrc import LRCStudent
+from .objective import logit_loss
 
-__all__ = ["cache_second_moment", "second_moment_path"]
+__all__ = ["cache_second_moment", "second_moment_path", "calibrate_head_from_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +92,27 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_s
     except OSError as err:  # a read-only cache still trains; the pass just is not reused
         log.warning("could not store the PCA second moment beside the cache (%s); using it in memory", err)
     return moment
+
+
+def calibrate_head_from_cache(student: LRCStudent, reader: CacheReader, cfg: TrainJobConfig, device) -> dict:
+    """Fit the PCA-initialised student's head scale to the training objective's KD + CE on the first
+    `cfg.student.pca_calibrate_sequences` cached sequences (see `student.init.calibrate_head_scale`);
+    returns the record for the checkpoint's init info."""
+    wanted = cfg.student.pca_calibrate_sequences
+    if wanted == 0 or student.d_student == student.d_teacher or (cfg.loss.kd_weight == 0 and cfg.loss.beta == 0):
+        return {"head_scale": 1.0}  # nothing asked, an exact rotation, or no logit loss to fit
+    names = [f["name"] for f in reader.manifest["fields"] if not f["name"].startswith("act_")]
+    batches, seen = [], 0
+    for index in reader.complete_shards():
+        if seen >= wanted:
+            break
+        shard = reader.read_shard(index, names)
+        num = min(len(shard["input_ids"]), wanted - seen)
+        for lo in range(0, num, cfg.train.batch_size):
+            hi = min(lo + cfg.train.batch_size, num)
+            batches.append({k: (v[lo:hi].to(torch.int32) if v.dtype == torch.uint16 else v[lo:hi]).to(device)
+                            for k, v in shard.items()})  # fmt: skip
+        seen += num
+    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(student, logits, batch, cfg.loss))
+    log.info("PCA init: head scale %.3f fitted on %d cached sequences", scale, seen)
+    return {"head_scale": scale, "head_scale_sequences": seen}

@@ -41,7 +41,7 @@ from .evaluate import heldout_ce
 from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
 from .optim import build_optimizer
-from .pca import cache_second_moment
+from .pca import cache_second_moment, calibrate_head_from_cache
 from .reader import CacheDataset, iter_batches
 
 __all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
@@ -261,6 +261,7 @@ def train_from_cache(
         moment = cache_second_moment(*pca_args)
         init_pca(student, pca_basis(moment, cfg.student.hidden_size))
         init_info.update(source=f"cache {cache_dir}", vectors=moment.count, exclude_sink=cfg.student.pca_exclude_sink)
+        init_info.update(calibrate_head_from_cache(student, dataset.reader, cfg, device))
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     start_step, resumed_from = 0, _resume_from(resume, out_dir)
     if resumed_from is not None:
