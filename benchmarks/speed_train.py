@@ -68,7 +68,7 @@ def main() -> None:
     decode_tps = reader.manifest["num_sequences"] * args.seq_len / decode_s
 
     loss_cfg = LossConfig()
-    optim_cfg = OptimConfig(warmup_steps=0)
+    optim_cfg = OptimConfig(lr=1e-3, warmup_steps=0)
     offline = LRCStudent(teacher.model, args.hidden_size, seed=0)
     online = LRCStudent(teacher.model, args.hidden_size, seed=0)
     opt_off, _ = build_optimizer(offline, optim_cfg, 100)

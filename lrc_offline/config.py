@@ -158,12 +158,15 @@ class StudentConfig:
 
     hidden_size: int = 32
     """d_S, the student's hidden size."""
-    init: str = "random"
-    """Projection init: random (N(0, init_std), as in the paper) or pca (top principal directions of the
-    teacher's residual stream, from the cache's residual activations or, online, a short teacher pass)."""
+    init: str = "auto"
+    """Projection init: random (N(0, init_std), as in the paper), pca (top principal directions of the
+    teacher's residual stream, from the cache's residual activations or, online, a short teacher pass), or
+    auto: pca where residual activations are at hand, else random. On SmolLM2 the PCA start reached every
+    held-out loss first (benchmarks/README.md)."""
     head: str = "auto"
-    """Output head: auto (tied exactly when the teacher's is) or untied (its own W_lm P_lm, vocab x d_S more
-    parameters; with pca init it folds in the teacher's final-norm weight)."""
+    """Output head: auto (with pca init untied, since a tied PCA head starts worse than random; else tied
+    exactly when the teacher's is) or untied (its own W_lm P_lm: vocab x d_S more parameters in the export;
+    with pca init it folds in the teacher's final-norm weight)."""
     pca_exclude_sink: bool = False
     """PCA init: leave document-start (attention-sink) positions out of the second moment."""
     pca_sequences: int = 1024
@@ -180,7 +183,7 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check_positive("student", "hidden_size", self.hidden_size)
-        _check_choice("student", "init", self.init, ("random", "pca"))
+        _check_choice("student", "init", self.init, ("auto", "random", "pca"))
         _check_choice("student", "head", self.head, ("auto", "untied"))
         _check_positive("student", "pca_sequences", self.pca_sequences)
         _check_positive("student", "pca_calibrate_sequences", self.pca_calibrate_sequences, allow_zero=True)
@@ -264,8 +267,9 @@ class LossConfig:
 class OptimConfig:
     """AdamW with linear warmup then linear decay."""
 
-    lr: float = 1e-3
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate. None: 1e-3 with random init, 1e-4 with pca init (larger steps undo the PCA start:
+    benchmarks/README.md)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -278,7 +282,8 @@ class OptimConfig:
     """Gradient-norm clipping threshold (0 disables)."""
 
     def __post_init__(self) -> None:
-        _check_positive("optim", "lr", self.lr)
+        if self.lr is not None:
+            _check_positive("optim", "lr", self.lr)
         _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         self.betas = tuple(self.betas)
@@ -347,6 +352,20 @@ class TrainJobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved(self, residual_available: bool) -> "TrainJobConfig":
+        """This config with every `auto` training choice made: init (pca when `residual_available`), the
+        head (untied under pca) and the learning rate. The resolved config is what runs and is saved."""
+        init = self.student.init
+        if init == "auto":
+            init = "pca" if residual_available else "random"
+        head = "untied" if init == "pca" and self.student.head == "auto" else self.student.head
+        lr = self.optim.lr if self.optim.lr is not None else (1e-4 if init == "pca" else 1e-3)
+        return dataclasses.replace(
+            self,
+            student=dataclasses.replace(self.student, init=init, head=head),
+            optim=dataclasses.replace(self.optim, lr=lr),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

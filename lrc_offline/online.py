@@ -92,6 +92,7 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.resolved(residual_available=True)  # the teacher is here: a short pass gives the PCA basis
     save_config(cfg, out_dir / "config.json")
     tc = cfg.train
     device = resolve_device(tc.device)

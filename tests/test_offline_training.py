@@ -23,6 +23,7 @@ from lrc_offline.config import (
     CacheConfig,
     LossConfig,
     OptimConfig,
+    StudentConfig,
     TrainConfig,
     TrainJobConfig,
 )
@@ -62,7 +63,8 @@ def caches(tmp_path_factory) -> dict[str, Path]:
 
 
 def _job(steps: int, **train) -> TrainJobConfig:
-    return TrainJobConfig(
+    return TrainJobConfig(  # the paper's random init: these tests follow the loop, not the init
+        student=StudentConfig(init="random"),
         optim=OptimConfig(lr=1e-2, warmup_steps=2),
         train=TrainConfig(steps=steps, batch_size=4, log_every=1, **train),
     )

@@ -15,7 +15,7 @@ from lrc_offline.training.metrics import read_metrics
 def test_online_training_lowers_loss_and_exports(tmp_path):
     cfg = TrainJobConfig(
         teacher="tiny-random:qwen3", corpus="tiny-text", heldout_docs=2,
-        student=StudentConfig(hidden_size=32),
+        student=StudentConfig(hidden_size=32, init="random"),  # the paper's start (PCA starts near the end)
         train=TrainConfig(steps=200, batch_size=4, seq_len=32, log_every=10, clone_positions=8),
     )  # fmt: skip
     summary = train_online(cfg, tmp_path, progress=False)

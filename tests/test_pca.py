@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lrc_offline.cache import verify_cache
 from lrc_offline.capture.build import build_cache
-from lrc_offline.config import CacheConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.config import CacheConfig, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
 from lrc_offline.student.export import export_student
 from lrc_offline import losses
 from lrc_offline.student.init import SecondMoment, calibrate_head_scale, init_pca, pca_basis
@@ -161,3 +161,23 @@ def test_pca_pass_can_be_capped(residual_cache):
     capped = cache_second_moment(residual_cache, max_sequences=3)
     assert capped.count == 3 * 2 * 8 * 2  # sequences x layers x positions x (h, h + a)
     assert second_moment_path(residual_cache, False, 3).is_file()
+
+
+def test_auto_init_is_pca_with_residual_activations_and_random_without(residual_cache, tmp_path):
+    import json
+
+    logit_only = tmp_path / "logit-only"
+    build_cache(CacheConfig(seq_len=16, max_sequences=8, sequences_per_shard=8, activation_mode="none", topk=4),
+                logit_only, progress=False)  # fmt: skip
+    job = TrainJobConfig(student=StudentConfig(hidden_size=32), train=TrainConfig(steps=1, batch_size=4))
+    assert (job.student.init, job.student.head, job.optim.lr) == ("auto", "auto", None)
+    for cache, expected in ((residual_cache, ("pca", "untied", 1e-4)), (logit_only, ("random", "auto", 1e-3))):
+        train_from_cache(job, cache, tmp_path / expected[0], progress=False)
+        saved = json.loads((tmp_path / expected[0] / "config.json").read_text())  # the resolved config is saved
+        assert (saved["student"]["init"], saved["student"]["head"], saved["optim"]["lr"]) == expected
+        info = json.loads((tmp_path / expected[0] / "student" / "lrc_config.json").read_text())
+        assert info["init"]["kind"] == expected[0]
+    explicit = job.resolved(residual_available=True)
+    assert explicit.resolved(residual_available=False) == explicit  # resolving twice changes nothing
+    kept = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=5e-4)).resolved(True)
+    assert (kept.student.init, kept.student.head, kept.optim.lr) == ("random", "auto", 5e-4)

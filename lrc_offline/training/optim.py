@@ -24,6 +24,7 @@ def build_optimizer(
     student: LRCStudent, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on the projections only (never on norm weights)."""
+    assert cfg.lr is not None, "optim.lr=None is resolved by TrainJobConfig.resolved() before the optimiser is built"
     projections = student.projections()
     norms = student.norm_weights()
     assert {id(p) for p in projections + norms} == {id(p) for p in student.parameters()}, "untracked parameter"

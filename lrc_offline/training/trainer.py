@@ -239,6 +239,7 @@ def train_from_cache(
     check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest, cache_dir)
     seq_len = manifest["config"]["seq_len"]
     cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
+    cfg = cfg.resolved(residual_available=any(f["name"] == "act_input" for f in manifest["fields"]))
     tc = cfg.train
     clone_layers = sorted(manifest["config"]["act_layers"] or range(manifest["geometry"]["num_layers"]))
     _check_temperature(cfg, manifest, cache_dir)
