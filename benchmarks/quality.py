@@ -83,22 +83,27 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--only", default="", help=f"comma-separated variant keys to run, in this order; keys: {','.join(VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results/quality")
-    parser.add_argument("--table-only", action="store_true", help="rewrite quality.md from quality.json and stop")
+    parser.add_argument("--table-only", action="store_true", help="rewrite quality.md and quality.png from quality.json and stop")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                        help="first copy the variants of these quality.json files (runs made in parallel) into this one")
     parser.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. student.hidden_size=192")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "quality.json"
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if args.table_only:
+    for other in args.merge:
+        results.setdefault("variants", {}).update(json.loads(Path(other).read_text()).get("variants", {}))
+    if args.table_only or args.merge:
+        write_outputs(results, out, args)
         print(write_table(results, out))
         return
-    results["setup"] = vars(args)
+    results["setup"] = {k: v for k, v in vars(args).items() if k not in ("merge", "table_only")}
 
     teacher = load_teacher(args.teacher)
     heldout = heldout_sequences(args.corpus, "text", args.heldout_docs, teacher.tokenizer, args.seq_len, 32)
     base_train = apply_overrides(TrainJobConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs), [
-        "student.hidden_size=288", "optim.lr=0.001", "optim.warmup_steps=10", "train.batch_size=8",
+        "student.hidden_size=288", "student.init=random", "optim.lr=0.001", "optim.warmup_steps=10", "train.batch_size=8",
         f"train.seq_len={args.seq_len}", f"train.steps={args.steps}", "train.log_every=5",
         f"train.eval_every={args.eval_every}", "train.eval_sequences=32", "train.clone_positions=16",
         "loss.alpha=1.0", *args.overrides])  # fmt: skip
@@ -109,7 +114,6 @@ def main() -> None:
     unknown = [key for key in wanted if key not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    curves = {}
     for key in wanted:
         name, cache_overrides, train_overrides = VARIANTS[key]
         run = out / "runs" / key
@@ -125,17 +129,25 @@ def main() -> None:
             train_from_cache(cfg, out / "caches" / tag, run, resume="auto", teacher=teacher, heldout_ids=heldout,
                              progress=False)  # fmt: skip
         records = read_metrics(run / "metrics.jsonl")
-        curves[name] = records
         results.setdefault("variants", {})[name] = {
             "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r],
             "final_heldout_ce": next((r["heldout_ce"] for r in reversed(records) if "heldout_ce" in r), None),
             "seconds": time.perf_counter() - start,
         }
         print(name, results["variants"][name]["heldout"], flush=True)
-        result_file.write_text(json.dumps(results, indent=2) + "\n")
-        write_table(results, out)
-        plot_curves({k: [r for r in v if "heldout_ce" in r] for k, v in curves.items()}, out / "quality.png",
-                    key="heldout_ce", title=f"{args.teacher}: held-out CE at equal steps")  # fmt: skip
+        write_outputs(results, out, args)
+
+
+def write_outputs(results: dict, out: Path, args) -> None:
+    """quality.json, quality.md and quality.png (every variant's held-out curve) from `results`."""
+    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results, out)
+    setup = results.get("setup", {})
+    tokens_per_step = 8 * setup.get("seq_len", args.seq_len)  # train.batch_size=8 in every variant
+    curves = {name: [{"tokens": step * tokens_per_step, "heldout_ce": ce} for step, ce in v["heldout"]]
+              for name, v in results.get("variants", {}).items()}  # fmt: skip
+    plot_curves(curves, out / "quality.png", key="heldout_ce",
+                title=f"{setup.get('teacher', args.teacher)}: held-out CE at equal steps")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ def test_quality_smoke(tmp_path, monkeypatch):
     online, cached = (v["final_heldout_ce"] for v in variants.values())
     assert abs(online - cached) < 0.05 and (tmp_path / "quality.png").is_file()  # 2 warm-up steps barely move
     assert "(b) LRC cache topk+residual P=16" in (tmp_path / "quality.md").read_text()
+    # Variants run in parallel into another folder merge into one table and plot.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "quality.json").write_text(json.dumps({"variants": {"(x) elsewhere": {
+        "heldout": [[0, 9.0], [2, 8.0]], "final_heldout_ce": 8.0, "seconds": 1.0}}}))  # fmt: skip
+    (tmp_path / "quality.png").unlink()
+    _run("quality.py", ["--out", str(tmp_path), "--merge", str(other / "quality.json")], monkeypatch)
+    merged = json.loads((tmp_path / "quality.json").read_text())["variants"]
+    assert set(merged) == set(variants) | {"(x) elsewhere"} and (tmp_path / "quality.png").is_file()
+    assert "| (x) elsewhere | 9.000 |" in (tmp_path / "quality.md").read_text()
 
 
 def test_pca_pooling_smoke(tmp_path, monkeypatch):
