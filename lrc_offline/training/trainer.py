@@ -98,6 +98,14 @@ def _check_temperature(cfg: TrainJobConfig, manifest: dict, cache_dir) -> None:
         )
 
 
+def _log_resolved(asked: TrainJobConfig, resolved: TrainJobConfig) -> TrainJobConfig:
+    if asked != resolved:
+        s = resolved.student
+        log.info("auto settings: student.init=%s, student.head=%s, optim.lr=%g%s", s.init, s.head, resolved.optim.lr,
+                 " (the untied head adds vocab x d_S parameters to the export)" if s.head == "untied" else "")  # fmt: skip
+    return resolved
+
+
 def _accelerator(tc: TrainConfig) -> Accelerator:
     """CPU without a GPU (or with train.device=cpu); bf16 autocast on GPU with mixed_precision auto."""
     cpu = tc.device == "cpu" or not torch.cuda.is_available()
@@ -239,7 +247,7 @@ def train_from_cache(
     check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest, cache_dir)
     seq_len = manifest["config"]["seq_len"]
     cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
-    cfg = cfg.resolved(residual_available=any(f["name"] == "act_input" for f in manifest["fields"]))
+    cfg = _log_resolved(cfg, cfg.resolved(residual_available=any(f["name"] == "act_input" for f in manifest["fields"])))
     tc = cfg.train
     clone_layers = sorted(manifest["config"]["act_layers"] or range(manifest["geometry"]["num_layers"]))
     _check_temperature(cfg, manifest, cache_dir)
