@@ -174,8 +174,8 @@ class StudentConfig:
     the first ones of the cache, or of the short teacher pass when training online."""
     pca_calibrate_sequences: int = 32
     """PCA init: training sequences on which the head's scale (a logit temperature) is fitted to the
-    next-token CE, making up for the stream outside the basis (0 keeps the folded scale; skipped when
-    d_S = d_T, where PCA is an exact rotation)."""
+    objective's KD + CE, making up for the stream outside the basis (0 keeps the folded scale; skipped
+    when d_S = d_T, where PCA is an exact rotation)."""
     init_std: float = 0.02
     """Standard deviation of the random projection init."""
     seed: int = 0
