@@ -74,6 +74,7 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
                                teacher=teacher, heldout_ids=heldout)  # fmt: skip
     timings["train_s"] = time.perf_counter() - t0
     records = read_metrics(out / "train" / "metrics.jsonl")
+    ran = load_config(TrainJobConfig, out / "train" / "config.json")  # with the auto choices made
     plot_curves({"LRC from cache": records}, out / "loss_curve.png", key="loss",
                 title=f"{cache_cfg.teacher} -> d_S {train_cfg.student.hidden_size}: training loss and held-out CE")  # fmt: skip
 
@@ -94,7 +95,8 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     result = {
         "teacher": cache_cfg.teacher,
         "student_hidden_size": train_cfg.student.hidden_size,
-        "student_init": train_cfg.student.init,
+        "student_init": ran.student.init,
+        "student_head": ran.student.head,
         "heldout": metrics,
         "student_heldout_ppl": metrics["student_ppl"],
         "teacher_heldout_ppl": metrics["teacher_ppl"],
@@ -109,7 +111,7 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
         "timings_s": timings | {"total": time.perf_counter() - start},
         "export": str(student_dir),
         "loss_curve": str(out / "loss_curve.png"),
-        "config": {"cache": to_dict(cache_cfg), "train": to_dict(train_cfg)},
+        "config": {"cache": to_dict(cache_cfg), "train": to_dict(ran)},
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
