@@ -86,6 +86,9 @@ def test_pca_pooling_smoke(tmp_path, monkeypatch):
                             "--heldout-sequences", "2", "--sizes", "16,64", "--out", str(tmp_path / "r.json")],
          monkeypatch)  # fmt: skip
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [(r["hidden_size"], r["pooling"]) for r in rows][:3] == [(16, "h"), (16, "h + a"), (16, "both")]
-    full = [r["heldout_ce"] for r in rows if r["hidden_size"] == 64]
-    assert max(full) - min(full) < 1e-3  # d_S = d_T: every basis is a rotation of the teacher
+    names = [r["variant"] for r in rows if r["hidden_size"] == 16]
+    assert names[:3] == [f"basis from {b}, folded head scale" for b in ("h", "h + a", "both")] and len(names) == 8
+    full = {r["variant"]: r["heldout_ce"] for r in rows if r["hidden_size"] == 64}
+    rotations = [ce for name, ce in full.items() if not name.endswith(", tied") and "to CE" not in name]
+    assert len(rotations) == 6 and max(rotations) - min(rotations) < 1e-3  # d_S = d_T: all the teacher exactly
+    assert [r.get("head_scale") for r in rows if r["variant"].endswith("untied (default)")][-1] == 1.0
