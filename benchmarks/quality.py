@@ -44,6 +44,8 @@ VARIANTS = {
     # PCA initialisation (issue 8): a gentler learning rate keeps the PCA start.
     "p": ("(p) PCA init (untied), LRC cache P=16, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001"]),
+    "p-warm60": ("(p) PCA init (untied), LRC cache P=16, lr 1e-4, warmup 60", [],
+                 ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
