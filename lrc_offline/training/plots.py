@@ -19,10 +19,14 @@ def _pyplot():
 def plot_curves(runs: dict[str, list[dict]], out_png: str | Path, key: str = "loss", title: str = "") -> Path:
     """One line per run: `key` against training tokens (held-out points drawn as markers if present)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, records in runs.items():
+    many = len(runs) > 8  # a wide figure, the legend beside the axes and 20 distinct colours
+    fig, ax = plt.subplots(figsize=(12, 5.5) if many else (7, 4.5))
+    colours = plt.get_cmap("tab20").colors if many else plt.get_cmap("tab10").colors
+    for index, (label, records) in enumerate(runs.items()):
         rows = [r for r in records if key in r]
-        line = ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], label=f"{label} {key}")[0]
+        name = label if key == "heldout_ce" else f"{label} {key}"
+        line = ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], ".-", label=name,
+                       color=colours[index % len(colours)])[0]  # fmt: skip
         held = [r for r in records if "heldout_ce" in r]
         if held and key != "heldout_ce":
             ax.plot([r["tokens"] for r in held], [r["heldout_ce"] for r in held], "o--", color=line.get_color(),
@@ -31,7 +35,10 @@ def plot_curves(runs: dict[str, list[dict]], out_png: str | Path, key: str = "lo
     ax.set_ylabel("nats")
     ax.set_title(title or key)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
