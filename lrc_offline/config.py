@@ -268,8 +268,8 @@ class OptimConfig:
     """AdamW with linear warmup then linear decay."""
 
     lr: float | None = None
-    """Peak learning rate. None: 1e-3 with random init, 1e-4 with pca init (larger steps undo the PCA start:
-    benchmarks/README.md)."""
+    """Peak learning rate. None: 1e-3 with random init, 1e-4 with pca init (larger steps undo the PCA start,
+    and it wants a long warmup too: README, benchmarks/README.md)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
