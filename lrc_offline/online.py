@@ -20,14 +20,15 @@ from .capture.corpus import load_documents, pack_documents, split_heldout
 from .capture.positions import sample_positions_batch
 from .config import CLONE_TERMS, ConfigError, TrainJobConfig, save_config, to_dict
 from .student.export import export_student
-from .student.init import SecondMoment, calibrate_head_scale, init_pca, pca_basis
+from .student.init import SecondMoment, init_pca, pca_basis
 from .student.lrc import build_student
 from .teacher.hooks import capture_teacher
 from .teacher.load import load_teacher, resolve_device
 from .training.evaluate import heldout_ce
 from .training.metrics import MetricsWriter
-from .training.objective import logit_loss, lrc_loss
+from .training.objective import lrc_loss
 from .training.optim import build_optimizer
+from .training.pca import fit_head_scale, head_scale_sequences
 
 __all__ = ["train_online", "autocast_context", "epoch_order"]
 
@@ -72,16 +73,15 @@ def _pca_from_teacher(model, input_ids_NT: torch.Tensor, cfg: TrainJobConfig, de
 
 def _calibrate_head(student, model, input_ids_NT: torch.Tensor, cfg: TrainJobConfig, device) -> dict:
     """The PCA head scale fitted as from a cache (training/pca.py), on the teacher's full logits."""
-    num = min(cfg.student.pca_calibrate_sequences, input_ids_NT.shape[0])
-    if num == 0 or student.d_student == student.d_teacher or (cfg.loss.kd_weight == 0 and cfg.loss.beta == 0):
+    num = min(head_scale_sequences(student, cfg), input_ids_NT.shape[0])
+    if num == 0:
         return {"head_scale": 1.0}
     batches = []
     for lo in range(0, num, cfg.train.batch_size):
         ids = input_ids_NT[lo : min(lo + cfg.train.batch_size, num)].to(device).long()
         with torch.no_grad():
             batches.append({"input_ids": ids, "teacher_logits": model(input_ids=ids).logits})
-    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(student, logits, batch, cfg.loss))
-    return {"head_scale": scale, "head_scale_sequences": num}
+    return fit_head_scale(student, batches, cfg)
 
 
 def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True) -> dict:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lrc_offline import losses
 from lrc_offline.cache import verify_cache
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
 from lrc_offline.student.export import export_student
-from lrc_offline import losses
 from lrc_offline.student.init import SecondMoment, calibrate_head_scale, init_pca, pca_basis
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.training.metrics import read_metrics
@@ -101,11 +103,11 @@ def test_pca_init_starts_closer_to_the_teacher_than_random(residual_cache, tmp_p
         train_from_cache(cfg, residual_cache, tmp_path / init, progress=False)
         first[init] = read_metrics(tmp_path / init / "metrics.jsonl")[0]
     assert first["pca"]["kd"] < 0.5 * first["random"]["kd"], first
-    info = __import__("json").loads((tmp_path / "pca" / "student" / "lrc_config.json").read_text())
+    info = json.loads((tmp_path / "pca" / "student" / "lrc_config.json").read_text())
     assert info["init"]["kind"] == "pca" and info["init"]["vectors"] == 512 and info["init"]["head_scale"] == 1.0
     # The head scale is fitted to KD + CE (the tiny random teacher is near uniform, so a softer head wins
     # on CE): the first step's logit loss can only go down.
-    calibrated = __import__("json").loads((tmp_path / "pca-calibrated" / "student" / "lrc_config.json").read_text())
+    calibrated = json.loads((tmp_path / "pca-calibrated" / "student" / "lrc_config.json").read_text())
     assert calibrated["init"]["head_scale_sequences"] == 16 and calibrated["init"]["head_scale"] != 1.0
     logit_loss = {k: first[k]["kd"] + first[k]["ce"] for k in ("pca", "pca-calibrated")}
     assert logit_loss["pca-calibrated"] < logit_loss["pca"], logit_loss
@@ -145,7 +147,7 @@ def test_head_scale_is_left_alone_for_a_rotation(residual_cache, tmp_path):
     cfg = TrainJobConfig(student=StudentConfig(hidden_size=64, init="pca", head="untied"),
                          train=TrainConfig(steps=1, batch_size=8, log_every=1))  # fmt: skip
     train_from_cache(cfg, residual_cache, tmp_path / "full", progress=False)
-    info = __import__("json").loads((tmp_path / "full" / "student" / "lrc_config.json").read_text())
+    info = json.loads((tmp_path / "full" / "student" / "lrc_config.json").read_text())
     assert info["init"]["head_scale"] == 1.0
 
 
@@ -164,8 +166,6 @@ def test_pca_pass_can_be_capped(residual_cache):
 
 
 def test_auto_init_is_pca_with_residual_activations_and_random_without(residual_cache, tmp_path):
-    import json
-
     logit_only = tmp_path / "logit-only"
     build_cache(CacheConfig(seq_len=16, max_sequences=8, sequences_per_shard=8, activation_mode="none", topk=4),
                 logit_only, progress=False)  # fmt: skip
@@ -181,3 +181,21 @@ def test_auto_init_is_pca_with_residual_activations_and_random_without(residual_
     assert explicit.resolved(residual_available=False) == explicit  # resolving twice changes nothing
     kept = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=5e-4)).resolved(True)
     assert (kept.student.init, kept.student.head, kept.optim.lr) == ("random", "auto", 5e-4)
+
+
+def test_a_resumed_pca_run_keeps_its_init_without_redoing_it(residual_cache, tmp_path, monkeypatch):
+    import lrc_offline.training.trainer as trainer
+
+    cfg = TrainJobConfig(student=StudentConfig(hidden_size=32),
+                         train=TrainConfig(steps=2, batch_size=8, log_every=1, checkpoint_every=1))  # fmt: skip
+    train_from_cache(cfg, residual_cache, tmp_path, progress=False, max_steps_this_run=1)
+    first = json.loads((tmp_path / "checkpoints" / "step-000001" / "state.json").read_text())["extra"]["init"]
+    assert first["kind"] == "pca" and "head_scale" in first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PCA init ran again on resume")
+
+    monkeypatch.setattr(trainer, "calibrate_head_from_cache", refuse)
+    monkeypatch.setattr(trainer, "cache_second_moment", refuse)
+    train_from_cache(cfg, residual_cache, tmp_path, progress=False)
+    assert json.loads((tmp_path / "student" / "lrc_config.json").read_text())["init"] == first

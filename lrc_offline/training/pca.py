@@ -19,8 +19,9 @@ from ..config import ConfigError, TrainJobConfig
 from ..student.init import SecondMoment, calibrate_head_scale
 from ..student.lrc import LRCStudent
 from .objective import logit_loss
+from .reader import batch_to_device, collate
 
-__all__ = ["cache_second_moment", "second_moment_path", "calibrate_head_from_cache"]
+__all__ = ["cache_second_moment", "second_moment_path", "head_scale_sequences", "fit_head_scale", "calibrate_head_from_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +95,36 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_s
     return moment
 
 
+def head_scale_sequences(student: LRCStudent, cfg: TrainJobConfig) -> int:
+    """How many sequences the PCA head scale is fitted on: `cfg.student.pca_calibrate_sequences`, or 0 when
+    PCA is an exact rotation (d_S = d_T) or the objective has no logit loss to fit."""
+    if student.d_student == student.d_teacher or (cfg.loss.kd_weight == 0 and cfg.loss.beta == 0):
+        return 0
+    return cfg.student.pca_calibrate_sequences
+
+
+def fit_head_scale(student: LRCStudent, batches: list[dict], cfg: TrainJobConfig) -> dict:
+    """Fit the PCA-initialised student's head scale to the objective's KD + CE on `batches` (see
+    `student.init.calibrate_head_scale`); returns the record for the checkpoint's init info."""
+    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(student, logits, batch, cfg.loss))
+    num = sum(len(batch["input_ids"]) for batch in batches)
+    log.info("PCA init: head scale %.3f fitted on %d sequences", scale, num)
+    return {"head_scale": scale, "head_scale_sequences": num}
+
+
 def calibrate_head_from_cache(student: LRCStudent, reader: CacheReader, cfg: TrainJobConfig, device) -> dict:
-    """Fit the PCA-initialised student's head scale to the training objective's KD + CE on the first
-    `cfg.student.pca_calibrate_sequences` cached sequences (see `student.init.calibrate_head_scale`);
-    returns the record for the checkpoint's init info."""
-    wanted = cfg.student.pca_calibrate_sequences
-    if wanted == 0 or student.d_student == student.d_teacher or (cfg.loss.kd_weight == 0 and cfg.loss.beta == 0):
-        return {"head_scale": 1.0}  # nothing asked, an exact rotation, or no logit loss to fit
+    """`fit_head_scale` on the first `head_scale_sequences` cached sequences (their logit fields only)."""
+    wanted = head_scale_sequences(student, cfg)
+    if wanted == 0:
+        return {"head_scale": 1.0}
     names = [f["name"] for f in reader.manifest["fields"] if not f["name"].startswith("act_")]
-    batches, seen = [], 0
+    samples = []
     for index in reader.complete_shards():
-        if seen >= wanted:
+        if len(samples) >= wanted:
             break
         shard = reader.read_shard(index, names)
-        num = min(len(shard["input_ids"]), wanted - seen)
-        for lo in range(0, num, cfg.train.batch_size):
-            hi = min(lo + cfg.train.batch_size, num)
-            batches.append({k: (v[lo:hi].to(torch.int32) if v.dtype == torch.uint16 else v[lo:hi]).to(device)
-                            for k, v in shard.items()})  # fmt: skip
-        seen += num
-    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(student, logits, batch, cfg.loss))
-    log.info("PCA init: head scale %.3f fitted on %d cached sequences", scale, seen)
-    return {"head_scale": scale, "head_scale_sequences": seen}
+        take = min(len(shard["input_ids"]), wanted - len(samples))
+        samples += [{k: v[i] for k, v in shard.items()} for i in range(take)]
+    batches = [batch_to_device(collate(samples[lo : lo + cfg.train.batch_size]), torch.device(device))
+               for lo in range(0, len(samples), cfg.train.batch_size)]  # fmt: skip
+    return fit_head_scale(student, batches, cfg)

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..cache import CacheReader
 from ..config import ConfigError
 
-__all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches"]
+__all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches", "batch_to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +218,11 @@ def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator
         if len(chunk) < batch_size:
             return
         yield collate(chunk)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors onto `device` (all but `sequence_index`); pinned first on CUDA so the copy
+    overlaps compute."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            for k, v in batch.items() if k != "sequence_index"}  # fmt: skip

@@ -42,7 +42,7 @@ from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
 from .optim import build_optimizer
 from .pca import cache_second_moment, calibrate_head_from_cache
-from .reader import CacheDataset, iter_batches
+from .reader import CacheDataset, batch_to_device, iter_batches
 
 __all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
 
@@ -161,13 +161,6 @@ def _heldout_ce(student: LRCStudent, ids: torch.Tensor, batch_size: int, device,
     return result["ce"]
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """Cache tensors onto `device`; pinned first on CUDA so the copy overlaps compute."""
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
-            for k, v in batch.items() if k != "sequence_index"}  # fmt: skip
-
-
 def _cache_normalisers(cfg: TrainJobConfig, act_sums, cache_dir, device) -> dict[str, torch.Tensor] | None:
     """loss.clone_normalize=cache: the teacher-space target mean squares recorded in the cache."""
     if cfg.loss.clone_normalize != "cache" or cfg.loss.alpha == 0:
@@ -262,7 +255,8 @@ def train_from_cache(
     torch.manual_seed(tc.seed)
     student = build_student(loaded.model, cfg.student).to(device)
     init_info = {"kind": cfg.student.init}
-    if cfg.student.init == "pca":
+    start_step, resumed_from = 0, _resume_from(resume, out_dir)
+    if cfg.student.init == "pca" and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         pca_args = (cache_dir, cfg.student.pca_exclude_sink, cfg.student.pca_sequences)
         if accelerator.is_main_process:  # one pass, stored beside the cache; the other ranks read it
             cache_second_moment(*pca_args)
@@ -272,10 +266,10 @@ def train_from_cache(
         init_info.update(source=f"cache {cache_dir}", vectors=moment.count, exclude_sink=cfg.student.pca_exclude_sink)
         init_info.update(calibrate_head_from_cache(student, dataset.reader, cfg, device))
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
-    start_step, resumed_from = 0, _resume_from(resume, out_dir)
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, student, optimizer, scheduler)
         _check_resumable(state["config"], to_dict(cfg), resumed_from)
+        init_info = state["extra"].get("init", init_info)
         if len(state["reader"]) != world:
             raise CheckpointError(f"{resumed_from} was saved by {len(state['reader'])} processes, now {world}; "
                                   "resume with the same number of processes")  # fmt: skip
@@ -319,7 +313,7 @@ def train_from_cache(
             elif "act_positions" in batch and alpha > 0:
                 clone_sequences += len(batch["act_positions"])
             seen_sequences += len(batch["input_ids"])
-            batch = _to_device(batch, device)
+            batch = batch_to_device(batch, device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
