@@ -29,7 +29,7 @@ from lrc_offline.evaluation import heldout_sequences
 from lrc_offline.student.init import init_pca, pca_basis
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.load import load_teacher
-from lrc_offline.training.evaluate import heldout_ce
+from lrc_offline.training.heldout import heldout_metrics
 from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.pca import cache_second_moment
 from lrc_offline.training.plots import plot_curves
@@ -72,7 +72,7 @@ def main() -> None:
                             logprob_dtype="float16", act_positions=16), cache, teacher=teacher)  # fmt: skip
     ids = heldout_sequences(args.corpus, "text", args.heldout_docs, teacher.tokenizer, args.seq_len,
                             args.heldout_sequences)  # fmt: skip
-    results["teacher_heldout_ce"] = heldout_ce(lambda x: teacher.model(input_ids=x).logits, ids)["ce"]
+    results["teacher_heldout_ce"] = heldout_metrics(lambda x: teacher.model(input_ids=x).logits, ids)["ce"]
     moment = cache_second_moment(cache)
     results["pca_vectors"] = moment.count
     print(f"teacher held-out CE {results['teacher_heldout_ce']:.3f}; PCA over {moment.count} vectors", flush=True)
@@ -86,7 +86,7 @@ def main() -> None:
             if options["init"] == "pca":
                 init_pca(student, pca_basis(moment, size))
             with torch.no_grad():
-                row[name] = heldout_ce(lambda x: student(x).logits_BTV, ids)["ce"]
+                row[name] = heldout_metrics(lambda x: student(x).logits_BTV, ids)["ce"]
             row[f"{name} params"] = sum(p.numel() for p in student.parameters())
         results["step0"][str(size)] = row
         print(f"d_S {size}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "params" not in k), flush=True)

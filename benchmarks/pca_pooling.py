@@ -23,8 +23,8 @@ from lrc_offline.evaluation import heldout_sequences
 from lrc_offline.student.init import SecondMoment, calibrate_head_scale, init_pca, pca_basis
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.load import load_teacher
-from lrc_offline.training.evaluate import heldout_ce
-from lrc_offline.training.pca import calibrate_head_from_cache
+from lrc_offline.training.heldout import heldout_metrics
+from lrc_offline.training.pca import cache_head_scale_batches, fit_head_scale, head_scale_sequences
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def main() -> None:
 
     def report(size: int, name: str, student: LRCStudent, **extra) -> None:
         with torch.no_grad():
-            ce = heldout_ce(lambda x: student(x).logits_BTV, ids)["ce"]
+            ce = heldout_metrics(lambda x: student(x).logits_BTV, ids)["ce"]
         results.append({"hidden_size": size, "variant": name, "heldout_ce": ce, **extra})
         print(f"d_S {size}  {name:<58} held-out CE {ce:.3f}  {extra or ''}", flush=True)
 
@@ -105,7 +105,8 @@ def main() -> None:
                 report(size, "head scale fitted to CE (32 cached sequences)", student, head_scale=scale)
                 student = LRCStudent(teacher.model, size, untie_head=True)
                 init_pca(student, basis)
-            info = calibrate_head_from_cache(student, reader, cfg, "cpu")
+            batches = cache_head_scale_batches(reader, head_scale_sequences(student, cfg), 8, "cpu")
+            info = fit_head_scale(student, batches, cfg)
             report(size, f"head scale fitted to KD + CE, {'untied (default)' if untie else 'tied'}", student, **info)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -8,20 +8,18 @@ Legend: N sequences, B batch, T tokens, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import losses
 from .capture.corpus import load_documents, pack_documents, split_heldout
 from .config import ConfigError
+from .training.heldout import heldout_metrics
 
 __all__ = ["compare_models", "heldout_sequences", "evaluate_export", "format_table"]
 
 
-@torch.no_grad()
 def compare_models(
     student_fn: Callable[[torch.Tensor], torch.Tensor],
     teacher_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -29,35 +27,10 @@ def compare_models(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Token-weighted metrics over held-out sequences.
-
-    Returns:
-        student_ce / teacher_ce (nats per predicted token), student_ppl / teacher_ppl, kl (mean per token
-        of KL(teacher || student) at temperature 1), top1_agreement (fraction of positions where the
-        argmaxes agree), tokens.
-    """
-    sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agreement": 0.0}
-    num_pred, num_pos = 0, 0
-    for lo in range(0, input_ids_NT.shape[0], batch_size):
-        ids = input_ids_NT[lo : lo + batch_size].to(device).long()
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        s_logits, t_logits = student_fn(ids).float(), teacher_fn(ids).float()
-        pred = ids.shape[0] * (ids.shape[1] - 1)
-        pos = ids.numel()
-        sums["student_ce"] += losses.cross_entropy_next(s_logits, ids, mask).item() * pred
-        sums["teacher_ce"] += losses.cross_entropy_next(t_logits, ids, mask).item() * pred
-        sums["kl"] += losses.kl_full(s_logits, t_logits, mask).item() * pos
-        sums["top1_agreement"] += (s_logits.argmax(-1) == t_logits.argmax(-1)).float().sum().item()
-        num_pred, num_pos = num_pred + pred, num_pos + pos
-    out = {
-        "student_ce": sums["student_ce"] / num_pred,
-        "teacher_ce": sums["teacher_ce"] / num_pred,
-        "kl": sums["kl"] / num_pos,
-        "top1_agreement": sums["top1_agreement"] / num_pos,
-        "tokens": num_pred,
-    }
-    out["student_ppl"] = math.exp(min(out["student_ce"], 50.0))
-    out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 50.0))
+    """`heldout_metrics` of a student against a teacher, under the names `lrc-train eval` reports:
+    student_ce / teacher_ce, student_ppl / teacher_ppl, kl, top1_agreement, tokens."""
+    out = heldout_metrics(student_fn, input_ids_NT, batch_size, device, teacher_fn=teacher_fn)
+    out["student_ce"], out["student_ppl"] = out.pop("ce"), out.pop("ppl")
     return out
 
 

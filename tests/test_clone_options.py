@@ -27,7 +27,7 @@ from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training.metrics import read_metrics
-from lrc_offline.training.objective import clone_targets, clone_weights, lrc_loss, sink_positions
+from lrc_offline.training.objective import clone_weights, lrc_loss, sink_positions
 from lrc_offline.training.reader import collate
 from lrc_offline.training.trainer import train_from_cache
 
@@ -238,7 +238,8 @@ def test_cache_normaliser_in_the_objective(caches):
     total, parts = lrc_loss(student, batch, cfg, teacher_ms=ms)
     # The reference: clone_loss with the normalisers written out.
     layers = list(range(student.num_layers))
-    targets = student.targets_to_student_space(clone_targets(student, batch, layers), layers)
+    acts = {k: v for k, v in batch.items() if k.startswith("act_") and k != "act_positions"}
+    targets = student.targets_to_student_space(student.teacher_targets(acts, layers), layers)
     out = student(batch["input_ids"].long(), clone_positions_BP=batch["act_positions"], clone_layers=layers)
     fixed = {}
     for term in CLONE_TERMS:

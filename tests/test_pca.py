@@ -195,7 +195,7 @@ def test_a_resumed_pca_run_keeps_its_init_without_redoing_it(residual_cache, tmp
     def refuse(*args, **kwargs):
         raise AssertionError("the PCA init ran again on resume")
 
-    monkeypatch.setattr(trainer, "calibrate_head_from_cache", refuse)
+    monkeypatch.setattr(trainer, "cache_head_scale_batches", refuse)
     monkeypatch.setattr(trainer, "cache_second_moment", refuse)
     train_from_cache(cfg, residual_cache, tmp_path, progress=False)
     assert json.loads((tmp_path / "student" / "lrc_config.json").read_text())["init"] == first

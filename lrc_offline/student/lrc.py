@@ -37,10 +37,19 @@ _TEACHER_TENSORS = ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "pos
 
 @dataclass
 class StudentOutput:
-    """logits_BTV, and for the clone layers asked for: term -> [L, B, P, W] student activations."""
+    """What one forward gives the objective (everything it needs from the student, so a wrapped
+    student, DDP today and FSDP later, is only ever called, never reached into)."""
 
     logits_BTV: torch.Tensor
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """For the clone layers asked for: term -> [L, B, P, W] student activations."""
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With `teacher_acts`: term -> [L, B, P, W] teacher targets in the space each term is compared in."""
+    target_ms: dict[str, torch.Tensor] | None = None
+    """With `teacher_ms`: those teacher-space mean squares [L] carried into the space each term is
+    compared in (detached)."""
+    teacher_head_VD: torch.Tensor | None = None
+    """The teacher's output head (its embedding when tied), for KD from cached final hidden states."""
 
 
 class _FrozenLayer(nn.Module):
@@ -201,6 +210,8 @@ class LRCStudent(nn.Module):
         clone_layers: list[int] | None = None,
         document_mask: bool = False,
         o_space: str = "student",
+        teacher_acts: dict[str, torch.Tensor] | None = None,
+        teacher_ms: dict[str, torch.Tensor] | None = None,
     ) -> StudentOutput:
         """Student logits and, at `clone_positions_BP` of `clone_layers`, the seven clone activations.
 
@@ -213,6 +224,11 @@ class LRCStudent(nn.Module):
             document_mask: forbid attention across packed-document boundaries.
             o_space: `student` returns a_S for the o term; `teacher` returns W^T_o applied to the student's
                 attention context (the official code's variant), compared with a_T in teacher space.
+            teacher_acts: the batch's cached teacher activations at the same positions and layers:
+                `act_input`, `act_attn` [B, L, P, D] (residuals; targets recomputed with the teacher's
+                weights) or `act_<term>` [B, L, P, W] (the targets). Returned in `targets`.
+            teacher_ms: term -> [L] teacher-space mean squares of the targets (fixed clone normalisers);
+                returned in `target_ms` in the space each term is compared in.
         """
         batch, tokens = input_ids_BT.shape
         device = input_ids_BT.device
@@ -230,44 +246,93 @@ class LRCStudent(nn.Module):
         acts: dict[str, list[torch.Tensor]] = {m: [] for m in CLONE_TERMS} if want else {}
 
         h = _mm(self.teacher_embed[input_ids_BT], self.proj_embed)
-        cos, sin = self.rotary(h, rope_positions)
-        scale = self.head_dim**-0.5
+        rope = self.rotary(h, rope_positions)
         for index in range(self.num_layers):
-            layer, frozen = self.layers[index], self.teacher_layers[index]
-            w = self.layer_weights(index)
-            x = rms_norm(h, layer.input_norm, self.eps)
-            q = _linear(x, w["q"], w.get("q_bias"))
-            k = _linear(x, w["k"], w.get("k_bias"))
-            v = _linear(x, w["v"], w.get("v_bias"))
-            q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
-            k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
-            if frozen.has_qk_norm:
-                q_h = rms_norm(q_h, frozen.q_norm.to(q.dtype), self.eps)
-                k_h = rms_norm(k_h, frozen.k_norm.to(k.dtype), self.eps)
-            q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
-            k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
-            v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            ctx = attention(q_h, k_h, v_h, mask, scale)
-            a = _linear(ctx, w["o"], w.get("o_bias"))
-            h = h + a
-            x2 = rms_norm(h, layer.post_norm, self.eps)
-            gate = _linear(x2, w["gate"], w.get("gate_bias"))
-            up = _linear(x2, w["up"], w.get("up_bias"))
-            f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
-            h = h + f
-            if index in want:
-                if o_space == "teacher":
-                    a_out = _linear(ctx, frozen.o.to(ctx.dtype), frozen.bias("o"))
-                else:
-                    a_out = a
-                for term, value in zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)):
-                    acts[term].append(_gather(value, clone_positions_BP))
+            h, layer_acts = self._layer(index, h, rope, mask, o_space if index in want else None)
+            for term, value in layer_acts.items():
+                acts[term].append(_gather(value, clone_positions_BP))
         logits = rms_norm(h, self.final_norm, self.eps) @ self.head_weight().t()
-        return StudentOutput(logits, {m: torch.stack(v) for m, v in acts.items()})
+        out = StudentOutput(logits, {m: torch.stack(v) for m, v in acts.items()}, teacher_head_VD=self.teacher_head())
+        if want and teacher_acts is not None:
+            layers = sorted(want)
+            out.targets = self.clone_targets(teacher_acts, layers, o_space)
+            if teacher_ms is not None:
+                out.target_ms = self.target_mean_squares(teacher_ms, layers, o_space)
+        return out
+
+    def _layer(self, index: int, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
+        """Decoder layer `index` on the residual stream; returns the new stream and, when `o_space` is
+        given (a clone layer), its seven clone activations at every token (term -> [B, T, W])."""
+        batch, tokens, _ = h_BTS.shape
+        (cos, sin), scale = rope, self.head_dim**-0.5
+        layer, frozen = self.layers[index], self.teacher_layers[index]
+        w = self.layer_weights(index)
+        x = rms_norm(h_BTS, layer.input_norm, self.eps)
+        q = _linear(x, w["q"], w.get("q_bias"))
+        k = _linear(x, w["k"], w.get("k_bias"))
+        v = _linear(x, w["v"], w.get("v_bias"))
+        q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
+        k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
+        if frozen.has_qk_norm:
+            q_h = rms_norm(q_h, frozen.q_norm.to(q.dtype), self.eps)
+            k_h = rms_norm(k_h, frozen.k_norm.to(k.dtype), self.eps)
+        q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
+        k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
+        v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        ctx = attention(q_h, k_h, v_h, mask, scale)
+        a = _linear(ctx, w["o"], w.get("o_bias"))
+        h = h_BTS + a
+        x2 = rms_norm(h, layer.post_norm, self.eps)
+        gate = _linear(x2, w["gate"], w.get("gate_bias"))
+        up = _linear(x2, w["up"], w.get("up_bias"))
+        f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
+        h = h + f
+        if o_space is None:
+            return h, {}
+        a_out = _linear(ctx, frozen.o.to(ctx.dtype), frozen.bias("o")) if o_space == "teacher" else a
+        return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
 
     # ------------------------------------------------------------------------------------------------
     # clone targets
     # ------------------------------------------------------------------------------------------------
+
+    def teacher_head(self) -> torch.Tensor:
+        """The teacher's output head [V, D] (its embedding when tied)."""
+        return self.teacher_embed if self.tied else self.teacher_lm_head
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
+        """Teacher clone targets term -> [L, B, P, W] in teacher space, recomputed from cached residuals
+        (`act_input`, `act_attn`) or read (`act_<term>`); activations are [B, L, P, *] as cached."""
+        if "act_input" in teacher_acts:
+            h_LBPD = teacher_acts["act_input"].transpose(0, 1)
+            a_LBPD = teacher_acts["act_attn"].transpose(0, 1)
+            per_layer = [self.teacher_targets_from_residual(i, h_LBPD[j], a_LBPD[j]) for j, i in enumerate(layers)]
+            return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
+        return {m: teacher_acts[f"act_{m}"].transpose(0, 1) for m in CLONE_TERMS}
+
+    def clone_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int], o_space: str) -> dict:
+        """`teacher_targets` in the space each term is compared in: down always in student space (P^T t),
+        o too unless `o_space` is teacher."""
+        targets = self.teacher_targets(teacher_acts, layers)
+        if o_space == "teacher":
+            targets["down"] = self.targets_to_student_space({"down": targets["down"]}, layers)["down"]
+            return targets
+        return self.targets_to_student_space(targets, layers)
+
+    @torch.no_grad()
+    def target_mean_squares(self, teacher_ms: dict[str, torch.Tensor], layers: list[int], o_space: str) -> dict:
+        """Teacher-space target mean squares term -> [L] in the space each term is compared in: terms
+        compared in student space (P^T t) scale by the projection's mean gain ||P||_F^2 / d_S (exact for
+        isotropic targets)."""
+        projected = ("down",) if o_space == "teacher" else WRITE_TERMS
+        out = {}
+        for term, ms_L in teacher_ms.items():
+            if term in projected:
+                gain = torch.stack([self.layers[i].proj[term].float().square().sum() for i in layers])
+                ms_L = ms_L.to(gain) * gain / self.d_student
+            out[term] = ms_L
+        return out
 
     @torch.no_grad()
     def teacher_targets_from_residual(self, index: int, h_BPD: torch.Tensor, a_BPD: torch.Tensor) -> dict:

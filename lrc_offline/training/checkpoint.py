@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import TrainJobConfig, to_dict
+from ..differences import differences
 from ..fsutil import atomic_dir
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "read_checkpoint_state",
     "rng_state",
     "set_rng_state",
+    "resume_point",
+    "check_resumable",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -42,6 +46,11 @@ CHECKPOINT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STUDENT_FILE, _TRAINER_FILE, _STATE_FILE = "student.safetensors", "trainer.pt", "state.json"
+
+
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_sequences",
+                     "train.device", "train.mixed_precision")  # fmt: skip
+"""Config fields a resumed run may change; any other change would make the resumed run a different run."""
 
 
 class CheckpointError(ValueError):
@@ -179,3 +188,36 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(trainer["rng"])
     return state
+
+
+def resume_point(resume: str | Path, out_dir: str | Path) -> Path | None:
+    """The checkpoint to continue from: latest (`auto`), none (`never`) or a given `step-*` directory."""
+    latest = latest_checkpoint(out_dir)
+    if resume == "never":
+        if latest is not None:
+            raise CheckpointError(
+                f"{out_dir} already holds checkpoints (latest {latest.name}) and resume='never'; "
+                "use another out_dir, delete its checkpoints/, or pass resume='auto'"
+            )
+        return None
+    if resume == "auto":
+        return latest
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={str(resume)!r} is neither 'auto', 'never' nor a checkpoint directory")
+    return path
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes: int, path: str | Path) -> None:
+    """Refuse to resume from a checkpoint (its `state.json`) saved by a run with another configuration
+    (beyond `RESUMABLE_CHANGES`) or by another number of processes."""
+    lines = differences(state["config"], config, "in the checkpoint", "now", defaults=to_dict(TrainJobConfig()))
+    changed = [line for line in lines if line.split(":")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise CheckpointError(
+            f"{path} was saved by a run with another configuration:\n  " + "\n  ".join(changed)
+            + "\nResume with the same configuration, or start a new run in another out_dir."
+        )
+    if len(state["reader"]) != num_processes:
+        raise CheckpointError(f"{path} was saved by {len(state['reader'])} processes, now {num_processes}; "
+                              "resume with the same number of processes")  # fmt: skip

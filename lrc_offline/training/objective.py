@@ -14,6 +14,11 @@ and, for the clone loss, `act_positions` [B,P] with either
 optionally with `act_present` [B] (an activation-budget cache: which sequences carry activations).
 Attention-sink positions (document starts) are found from `position_ids` (else position 0).
 
+The objective only ever calls the student (`student(input_ids, ..., teacher_acts=...)`, see
+`StudentOutput`): everything it needs, the clone targets in the space they are compared in, the
+normalisers and the teacher's head, comes back from that one forward. A wrapped student (DDP) is
+therefore used as it is, and a sharded one (FSDP) would gather its weights for that call only.
+
 Legend: B batch, T tokens, V vocabulary, D d_T, L clone layers, P positions, W width.
 """
 
@@ -23,52 +28,46 @@ import torch
 
 from .. import losses
 from ..config import CLONE_TERMS, LossConfig
-from ..student.lrc import LRCStudent
 
-__all__ = ["lrc_loss", "logit_loss", "teacher_head_weight", "clone_targets", "sink_positions", "clone_weights"]
+__all__ = ["lrc_loss", "logit_loss", "sink_positions", "clone_weights"]
 
-
-def teacher_head_weight(student: LRCStudent) -> torch.Tensor:
-    """The teacher's output head [V, D] (its embedding when tied)."""
-    return student.teacher_embed if student.tied else student.teacher_lm_head
+_ACT_FIELDS = ("act_input", "act_attn") + tuple(f"act_{m}" for m in CLONE_TERMS)
 
 
-@torch.no_grad()
-def clone_targets(student: LRCStudent, batch: dict, layers: list[int]) -> dict[str, torch.Tensor]:
-    """Teacher clone targets term -> [L, B, P, W] in teacher space, recomputed from residuals or read."""
-    if "act_input" in batch:
-        h_LBPD = batch["act_input"].transpose(0, 1)
-        a_LBPD = batch["act_attn"].transpose(0, 1)
-        per_layer = [student.teacher_targets_from_residual(i, h_LBPD[j], a_LBPD[j]) for j, i in enumerate(layers)]
-        return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
-    return {m: batch[f"act_{m}"].transpose(0, 1) for m in CLONE_TERMS}
-
-
-def _kd(student_logits: torch.Tensor, batch: dict, student: LRCStudent, mask: torch.Tensor, tau: float):
+def _kd(logits_BTV: torch.Tensor, batch: dict, teacher_head_VD: torch.Tensor | None, mask: torch.Tensor, tau: float):
     if "teacher_logits" in batch:
-        return losses.kl_full(student_logits, batch["teacher_logits"], mask, tau)
+        return losses.kl_full(logits_BTV, batch["teacher_logits"], mask, tau)
     if "hidden" in batch:
-        head = teacher_head_weight(student)
-        return losses.kl_from_hidden(student_logits, batch["hidden"].to(head.dtype), head, mask, tau)
+        return losses.kl_from_hidden(logits_BTV, batch["hidden"].to(teacher_head_VD.dtype), teacher_head_VD, mask, tau)
     if "topk_ids" in batch:
-        return losses.kl_topk(student_logits, batch["topk_ids"], batch["topk_logprobs"], mask, tau)
+        return losses.kl_topk(logits_BTV, batch["topk_ids"], batch["topk_logprobs"], mask, tau)
     if "sampled_ids" in batch:
-        return losses.kd_sampled(student_logits, batch["sampled_ids"], batch["sampled_counts"], mask, tau)
+        return losses.kd_sampled(logits_BTV, batch["sampled_ids"], batch["sampled_counts"], mask, tau)
     return None
 
 
-def logit_loss(student: LRCStudent, logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig) -> torch.Tensor:
-    """kd_weight * L_KD + beta * L_CE of `logits_BTV` on `batch`: the objective without its clone term."""
+def _logit_parts(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher_head_VD: torch.Tensor | None):
+    """(kd_weight * L_KD + beta * L_CE, {"kd": ..., "ce": ...}) of `logits_BTV` on `batch`."""
     input_ids = batch["input_ids"].long()
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
     total = logits_BTV.new_zeros((), dtype=torch.float32)
-    kd = _kd(logits_BTV, batch, student, mask, cfg.temperature) if cfg.kd_weight > 0 else None
+    parts: dict[str, torch.Tensor] = {}
+    kd = _kd(logits_BTV, batch, teacher_head_VD, mask, cfg.temperature) if cfg.kd_weight > 0 else None
     if kd is not None:
         total = total + cfg.kd_weight * kd
+        parts["kd"] = kd
     if cfg.beta > 0:
-        total = total + cfg.beta * losses.cross_entropy_next(logits_BTV, input_ids, mask)
-    return total
+        ce = losses.cross_entropy_next(logits_BTV, input_ids, mask)
+        total = total + cfg.beta * ce
+        parts["ce"] = ce
+    return total, parts
+
+
+def logit_loss(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher_head_VD: torch.Tensor | None = None):
+    """kd_weight * L_KD + beta * L_CE of `logits_BTV` on `batch`: the objective without its clone term
+    (`teacher_head_VD`, the teacher's output head, is needed for a `hidden` batch only)."""
+    return _logit_parts(logits_BTV, batch, cfg, teacher_head_VD)[0]
 
 
 def sink_positions(batch: dict) -> torch.Tensor:
@@ -92,22 +91,8 @@ def clone_weights(batch: dict, cfg: LossConfig) -> tuple[torch.Tensor | None, to
     return mask, weights
 
 
-def _normalisers(student: LRCStudent, teacher_ms: dict[str, torch.Tensor], layers: list[int], cfg: LossConfig):
-    """Fixed clone normalisers per term [L] from teacher-space mean squares. Terms compared in student
-    space (P^T t) are scaled by the projection's mean gain ||P||_F^2 / d_S (exact for isotropic targets)."""
-    projected = ("down",) if cfg.o_space == "teacher" else ("o", "down")
-    out = {}
-    for term, ms_L in teacher_ms.items():
-        if term in projected:
-            with torch.no_grad():
-                gain = torch.stack([student.layers[i].proj[term].float().square().sum() for i in layers])
-            ms_L = ms_L.to(gain) * gain / student.d_student
-        out[term] = ms_L
-    return out
-
-
 def lrc_loss(
-    student: LRCStudent,
+    student,
     batch: dict,
     cfg: LossConfig,
     clone_layers: list[int] | None = None,
@@ -118,7 +103,7 @@ def lrc_loss(
     """The total loss and its detached parts for logging (kd, ce, clone, clone/<term>).
 
     Args:
-        student: the LRC student.
+        student: the LRC student, or the student wrapped for distributed training: only called.
         batch: tensors on the student's device, as in the module docstring.
         cfg: loss weights and clone-loss options.
         clone_layers: the teacher layers the activations in `batch` belong to (None: all).
@@ -127,50 +112,29 @@ def lrc_loss(
         teacher_ms: term -> [L] teacher-space mean squares of the targets at `clone_layers`, needed by
             clone_normalize=cache (see `lrc_offline.cache.activation_stats`).
     """
-    input_ids = batch["input_ids"].long()
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    layers = list(range(student.num_layers)) if clone_layers is None else sorted(clone_layers)
     alpha = cfg.alpha if alpha is None else alpha
     use_clone = alpha > 0 and "act_positions" in batch
-    positions = batch["act_positions"] if use_clone else None
+    if use_clone and cfg.clone_normalize == "cache" and teacher_ms is None:
+        raise ValueError("loss.clone_normalize=cache needs the cache's activation statistics (teacher_ms)")
     out = student(
-        input_ids,
+        batch["input_ids"].long(),
         attention_mask_BT=batch.get("attention_mask"),
         position_ids_BT=batch.get("position_ids") if document_mask else None,
-        clone_positions_BP=positions,
-        clone_layers=layers if use_clone else None,
+        clone_positions_BP=batch["act_positions"] if use_clone else None,
+        clone_layers=clone_layers if use_clone else None,
         document_mask=document_mask,
         o_space=cfg.o_space,
+        teacher_acts={k: batch[k] for k in _ACT_FIELDS if k in batch} if use_clone else None,
+        teacher_ms=teacher_ms if use_clone and cfg.clone_normalize == "cache" else None,
     )
-    parts: dict[str, torch.Tensor] = {}
-    total = out.logits_BTV.new_zeros((), dtype=torch.float32)
-    kd = _kd(out.logits_BTV, batch, student, mask, cfg.temperature)
-    if kd is not None and cfg.kd_weight > 0:
-        total = total + cfg.kd_weight * kd
-        parts["kd"] = kd.detach()
-    if cfg.beta > 0:
-        ce = losses.cross_entropy_next(out.logits_BTV, input_ids, mask)
-        total = total + cfg.beta * ce
-        parts["ce"] = ce.detach()
+    total, parts = _logit_parts(out.logits_BTV, batch, cfg, out.teacher_head_VD)
+    parts = {k: v.detach() for k, v in parts.items()}
     if use_clone:
-        targets = clone_targets(student, batch, layers)
-        if cfg.o_space == "teacher":
-            projected = student.targets_to_student_space({"down": targets["down"]}, layers)
-            targets["down"] = projected["down"]
-        else:
-            targets = student.targets_to_student_space(targets, layers)
-        acts = {m: out.acts[m] for m in CLONE_TERMS}
-        target_ms = None
-        if cfg.clone_normalize == "cache":
-            if teacher_ms is None:
-                raise ValueError("loss.clone_normalize=cache needs the cache's activation statistics (teacher_ms)")
-            target_ms = _normalisers(student, teacher_ms, layers, cfg)
         clone_mask, position_weights = clone_weights(batch, cfg)
         clone, per_term = losses.clone_loss(
-            acts, targets, clone_mask, weights=cfg.clone_terms, normalize=cfg.clone_normalize != "none",
-            reduce=cfg.clone_reduce, position_weights_BP=position_weights, target_ms=target_ms,
-            loss_fn=cfg.clone_fn, huber_delta=cfg.huber_delta,
+            {m: out.acts[m] for m in CLONE_TERMS}, out.targets, clone_mask, weights=cfg.clone_terms,
+            normalize=cfg.clone_normalize != "none", reduce=cfg.clone_reduce, position_weights_BP=position_weights,
+            target_ms=out.target_ms, loss_fn=cfg.clone_fn, huber_delta=cfg.huber_delta,
         )  # fmt: skip
         total = total + alpha * clone
         parts["clone"] = clone.detach()

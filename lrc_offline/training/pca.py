@@ -21,7 +21,7 @@ from ..student.lrc import LRCStudent
 from .objective import logit_loss
 from .reader import batch_to_device, collate
 
-__all__ = ["cache_second_moment", "second_moment_path", "head_scale_sequences", "fit_head_scale", "calibrate_head_from_cache"]
+__all__ = ["cache_second_moment", "second_moment_path", "head_scale_sequences", "fit_head_scale", "cache_head_scale_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +105,26 @@ def head_scale_sequences(student: LRCStudent, cfg: TrainJobConfig) -> int:
 
 def fit_head_scale(student: LRCStudent, batches: list[dict], cfg: TrainJobConfig) -> dict:
     """Fit the PCA-initialised student's head scale to the objective's KD + CE on `batches` (see
-    `student.init.calibrate_head_scale`); returns the record for the checkpoint's init info."""
-    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(student, logits, batch, cfg.loss))
+    `student.init.calibrate_head_scale`); returns the record for the checkpoint's init info. No batches
+    (see `head_scale_sequences`) keep the folded scale."""
+    if not batches:
+        return {"head_scale": 1.0}
+    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(logits, batch, cfg.loss, student.teacher_head()))
     num = sum(len(batch["input_ids"]) for batch in batches)
     log.info("PCA init: head scale %.3f fitted on %d sequences", scale, num)
     return {"head_scale": scale, "head_scale_sequences": num}
 
 
-def calibrate_head_from_cache(student: LRCStudent, reader: CacheReader, cfg: TrainJobConfig, device) -> dict:
-    """`fit_head_scale` on the first `head_scale_sequences` cached sequences (their logit fields only)."""
-    wanted = head_scale_sequences(student, cfg)
-    if wanted == 0:
-        return {"head_scale": 1.0}
+def cache_head_scale_batches(reader: CacheReader, num: int, batch_size: int, device) -> list[dict]:
+    """The first `num` complete cached sequences (their logit fields only), as batches on `device`, for
+    `fit_head_scale`."""
     names = [f["name"] for f in reader.manifest["fields"] if not f["name"].startswith("act_")]
     samples = []
     for index in reader.complete_shards():
-        if len(samples) >= wanted:
+        if len(samples) >= num:
             break
         shard = reader.read_shard(index, names)
-        take = min(len(shard["input_ids"]), wanted - len(samples))
+        take = min(len(shard["input_ids"]), num - len(samples))
         samples += [{k: v[i] for k, v in shard.items()} for i in range(take)]
-    batches = [batch_to_device(collate(samples[lo : lo + cfg.train.batch_size]), torch.device(device))
-               for lo in range(0, len(samples), cfg.train.batch_size)]  # fmt: skip
-    return fit_head_scale(student, batches, cfg)
+    return [batch_to_device(collate(samples[lo : lo + batch_size]), torch.device(device))
+            for lo in range(0, len(samples), batch_size)]  # fmt: skip

@@ -221,8 +221,8 @@ def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch's tensors onto `device` (all but `sequence_index`); pinned first on CUDA so the copy
-    overlaps compute."""
+    """A batch's tensors onto `device` (all but `sequence_index`); host tensors are pinned first on CUDA
+    so the copy overlaps compute (tensors already on the device stay where they are)."""
     pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
             for k, v in batch.items() if k != "sequence_index"}  # fmt: skip

@@ -1,0 +1,324 @@
+"""The training loop, one for both teacher signals: setup -> train -> step -> finish.
+
+A `BatchSource` supplies the batches (`training.objective` says what a batch holds): the cache reader
+(`training.trainer.CacheSource`, offline) or the online reference's hooked teacher
+(`lrc_offline.online.OnlineSource`, which lives outside `training/` because it runs the teacher's
+forward). Everything else, the student, the PCA start, the optimiser, resume, metrics, held-out
+evaluation, checkpoints and the export, is this module's, so "offline matches online step for step"
+holds because both run this code.
+
+Writes to `out_dir`: `config.json` (resolved), `metrics.jsonl`, `checkpoints/step-*/`, `student/`
+(the exported HF checkpoint) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, save_config, to_dict
+from ..student.export import export_student
+from ..student.init import SecondMoment, init_pca, pca_basis
+from ..student.lrc import LRCStudent, build_student
+from .checkpoint import load_checkpoint, resume_point, check_resumable, save_checkpoint
+from .heldout import heldout_metrics
+from .metrics import MetricsWriter, read_metrics
+from .objective import lrc_loss
+from .optim import build_optimizer
+from .pca import fit_head_scale, head_scale_sequences
+from .reader import batch_to_device
+
+__all__ = ["BatchSource", "Run", "make_accelerator", "setup", "train", "finish", "run_training"]
+
+
+class BatchSource(Protocol):
+    """Where a run's batches come from."""
+
+    name: str
+    """What the progress bar and the export's `trainer` record call this kind of run."""
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches of `batch_size` sequences (host or device tensors), from the saved position."""
+
+    def epoch(self) -> float:
+        """Epochs handed out so far (fractional)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's reading position (JSON-ready), saved in every checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses one that does not fit."""
+
+    def second_moment(self, cfg: StudentConfig, accelerator: Accelerator) -> tuple[SecondMoment, dict]:
+        """The teacher residual stream's second moment for the PCA start, and a record of its origin."""
+
+    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
+        """The first `num` training sequences with their teacher signal, for the PCA head-scale fit."""
+
+    def summary(self) -> dict[str, Any]:
+        """Facts about the data for `summary.json` and the export (JSON-ready)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one run holds between setup and finish."""
+
+    cfg: TrainJobConfig
+    accelerator: Accelerator
+    source: BatchSource
+    student: LRCStudent
+    model: torch.nn.Module
+    """The student as prepared by `accelerate` (DDP-wrapped on several processes): what is called."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    out_dir: Path
+    tokenizer: Any
+    clone_layers: list[int] | None
+    teacher_ms: dict[str, torch.Tensor] | None
+    heldout_ids: torch.Tensor | None
+    extra: dict[str, Any]
+    """Saved in checkpoints and the export: the data's facts and the init record."""
+    start_step: int
+    end_step: int
+    resumed_from: Path | None
+    metrics: MetricsWriter | None = None
+    batches: Iterator[dict] | None = None
+    clone_sequences: int = 0
+    """Sequences of this process and run that the clone loss saw (its coverage of the data)."""
+    seen_sequences: int = 0
+    last_record: dict = dataclasses.field(default_factory=dict)
+    last_heldout: dict | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def make_accelerator(tc: TrainConfig) -> Accelerator:
+    """CPU without a GPU (or with train.device=cpu); bf16 autocast on GPU with mixed_precision auto."""
+    cpu = tc.device == "cpu" or not torch.cuda.is_available()
+    bf16 = tc.mixed_precision == "bf16" or (tc.mixed_precision == "auto" and not cpu)
+    # The frozen teacher tensors are buffers of the student: identical on every rank, never to be
+    # re-broadcast by DDP before each forward.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Checkpoints, export and held-out evaluation read the student's full parameters on rank 0;
+        # under FSDP they are sharded. Refuse rather than save a shard or deadlock.
+        raise ConfigError("lrc-train does not run under FSDP yet; launch with a DDP config such as "
+                          "train/accelerate/ddp_8gpu.yaml (the trainable LRC parameters are small)")  # fmt: skip
+    return accelerator
+
+
+# ---- setup ------------------------------------------------------------------------------------------
+
+
+def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, accelerator: Accelerator) -> dict:
+    """student.init=pca: the top principal directions of the teacher's residual stream, then the head's
+    scale fitted to the objective's KD + CE on the first training sequences."""
+    moment, info = source.second_moment(cfg.student, accelerator)
+    init_pca(student, pca_basis(moment, cfg.student.hidden_size))
+    num = head_scale_sequences(student, cfg)
+    batches = source.head_scale_batches(num, cfg.train.batch_size, accelerator.device) if num else []
+    info.update(fit_head_scale(student, batches, cfg))
+    return info
+
+
+def _open_metrics(run: Run) -> MetricsWriter | None:
+    """The metrics file of the main process: lines after a resumed checkpoint's step are dropped (they
+    are redone); a fresh run with held-out text starts with where the init stands."""
+    if not run.accelerator.is_main_process:
+        return None
+    path = run.out_dir / "metrics.jsonl"
+    kept = [r for r in read_metrics(path) if r["step"] <= run.start_step] if run.start_step and path.is_file() else []
+    metrics = MetricsWriter(path)
+    for record in kept:
+        metrics.write(record)
+    if run.start_step == 0 and run.heldout_ids is not None and run.cfg.train.eval_every:
+        metrics.write({"step": 0, "tokens": 0, "heldout_ce": _evaluate(run)["ce"]})
+    return metrics
+
+
+def setup(
+    cfg: TrainJobConfig,
+    source: BatchSource,
+    teacher,
+    out_dir: str | Path,
+    accelerator: Accelerator,
+    resume: str | Path = "auto",
+    max_steps_this_run: int | None = None,
+    clone_layers: list[int] | None = None,
+    teacher_ms: dict[str, torch.Tensor] | None = None,
+    heldout_ids: torch.Tensor | None = None,
+) -> Run:
+    """Save the resolved config, build the student (PCA start or checkpoint), the optimiser and the
+    metrics file. `cfg` is resolved (no `auto` left); `teacher` is the loaded `Teacher`."""
+    out_dir, tc = Path(out_dir), cfg.train
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.json")
+    torch.manual_seed(tc.seed)
+    student = build_student(teacher.model, cfg.student).to(accelerator.device)
+    resumed_from = resume_point(resume, out_dir)
+    init_info = {"kind": cfg.student.init}
+    if cfg.student.init == "pca" and resumed_from is None:  # a resumed run takes its weights from the checkpoint
+        init_info.update(_pca_start(student, source, cfg, accelerator))
+    optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
+    start_step = 0
+    if resumed_from is not None:
+        state = load_checkpoint(resumed_from, student, optimizer, scheduler)
+        check_resumable(state, to_dict(cfg), accelerator.num_processes, resumed_from)
+        init_info = state["extra"].get("init", init_info)
+        source.load_state_dict(state["reader"][accelerator.process_index])
+        start_step = state["step"]
+    model, optimizer = accelerator.prepare(student, optimizer)
+    end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
+    run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
+              clone_layers, teacher_ms, heldout_ids, {**source.summary(), "init": init_info}, start_step,
+              end_step, resumed_from)  # fmt: skip
+    run.metrics = _open_metrics(run)
+    run.batches = source.batches(tc.batch_size)
+    return run
+
+
+# ---- one optimizer step -----------------------------------------------------------------------------
+
+
+def _next_batch(run: Run, alpha: float) -> dict[str, torch.Tensor]:
+    batch = next(run.batches)
+    if "act_present" in batch:  # counted on the host, before the copy: no device sync
+        run.clone_sequences += int(batch["act_present"].sum()) if alpha > 0 else 0
+    elif "act_positions" in batch and alpha > 0:
+        run.clone_sequences += len(batch["act_positions"])
+    run.seen_sequences += len(batch["input_ids"])
+    return batch_to_device(batch, run.accelerator.device)
+
+
+def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """Optimizer step `index` (0-based): micro-batches, loss, backward (gradients synchronised on the
+    last micro-batch only), clip, step. Returns the loss parts averaged over micro-batches, the gradient
+    norm before clipping and the clone weight used."""
+    cfg, accelerator, num_micro = run.cfg, run.accelerator, run.cfg.train.grad_accum
+    alpha = cfg.loss.alpha_at(index, cfg.train.steps)
+    parts_sum: dict[str, torch.Tensor] = {}
+    for micro in range(num_micro):
+        batch = _next_batch(run, alpha)
+        sync = micro == num_micro - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+            with accelerator.autocast():
+                loss, parts = lrc_loss(run.model, batch, cfg.loss, run.clone_layers, alpha=alpha,
+                                       teacher_ms=run.teacher_ms)  # fmt: skip
+            accelerator.backward(loss / num_micro)
+        for key, value in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value / num_micro
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return parts_sum, grad_norm, alpha
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    """Held-out CE of the student (main process)."""
+    run.student.eval()
+    with run.accelerator.autocast():
+        result = heldout_metrics(lambda x: run.student(x).logits_BTV, run.heldout_ids, run.cfg.train.batch_size,
+                                 run.accelerator.device)  # fmt: skip
+    run.student.train()
+    run.last_heldout = result
+    return result
+
+
+def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: tuple[float, int]) -> dict:
+    """The metrics line of step `index + 1`: parts averaged over processes, rates, coverage."""
+    tc, accelerator = run.cfg.train, run.accelerator
+    names = sorted(parts)
+    values = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
+    record = {"step": index + 1, "tokens": (index + 1) * _tokens_per_step(run), **dict(zip(names, values)),
+              "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
+              "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
+              "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
+    is_last = index + 1 == tc.steps
+    if run.heldout_ids is not None and accelerator.is_main_process and (
+            is_last or (tc.eval_every and (index + 1) % tc.eval_every == 0)):  # fmt: skip
+        record["heldout_ce"] = _evaluate(run)["ce"]
+    return record
+
+
+def _tokens_per_step(run: Run) -> int:
+    tc = run.cfg.train
+    return tc.batch_size * tc.grad_accum * tc.seq_len * run.accelerator.num_processes
+
+
+def _checkpoint(run: Run, step_done: int) -> None:
+    state = run.source.state_dict()
+    states = gather_object([state]) if run.accelerator.num_processes > 1 else [state]
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
+                        to_dict(run.cfg), run.extra)  # fmt: skip
+    run.accelerator.wait_for_everyone()
+
+
+def train(run: Run, progress: bool = True) -> None:
+    """Steps `run.start_step` .. `run.end_step`: log every `log_every` steps, evaluate every
+    `eval_every`, checkpoint every `checkpoint_every` and at the last step."""
+    tc = run.cfg.train
+    bar = tqdm(total=tc.steps, initial=run.start_step, desc=run.source.name, unit="step",
+               disable=not (progress and run.accelerator.is_main_process))  # fmt: skip
+    window = (time.perf_counter(), 0)
+    for index in range(run.start_step, run.end_step):
+        parts, grad_norm, alpha = step(run, index)
+        window = (window[0], window[1] + _tokens_per_step(run))
+        bar.update(1)
+        is_last = index + 1 == tc.steps
+        if (index + 1) % tc.log_every == 0 or is_last:
+            record = _record(run, index, parts, grad_norm, alpha, window)
+            if run.metrics is not None:
+                run.last_record = run.metrics.write(record)
+                bar.set_postfix(loss=f"{run.last_record['loss']:.3f}")
+            window = (time.perf_counter(), 0)
+        if is_last or (tc.checkpoint_every and (index + 1) % tc.checkpoint_every == 0):
+            _checkpoint(run, index + 1)
+    bar.close()
+    if run.metrics is not None:
+        run.metrics.close()
+
+
+# ---- finish -----------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The run's summary; after the last step, the exported student and `summary.json` too."""
+    tc = run.cfg.train
+    summary = {"final": run.last_record, "start_step": run.start_step, "end_step": run.end_step,
+               "resumed_from": str(run.resumed_from) if run.resumed_from else None, **run.source.summary(),
+               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "student_heldout": run.last_heldout,
+               "seconds": time.perf_counter() - run.started}  # fmt: skip
+    if run.end_step < tc.steps:
+        summary["stopped_early"] = True
+        return summary
+    if run.accelerator.is_main_process:
+        info = {"trainer": run.source.name, "steps": tc.steps, **run.extra}
+        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer,
+                                               to_dict(run.cfg), extra_info=info))  # fmt: skip
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def run_training(cfg: TrainJobConfig, source: BatchSource, teacher, out_dir: str | Path, accelerator: Accelerator,
+                 progress: bool = True, **options) -> dict[str, Any]:  # fmt: skip
+    """setup -> train -> finish; `options` are `setup`'s."""
+    run = setup(cfg, source, teacher, out_dir, accelerator, **options)
+    train(run, progress)
+    return finish(run)
