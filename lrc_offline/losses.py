@@ -197,6 +197,36 @@ def kl_from_hidden(
     )
 
 
+def _student_log_probs_at(
+    student_logits_BTV: Tensor,
+    ids_BTK: Tensor,
+    teacher_BTK: Tensor,
+    mask_BT: Tensor,
+    temperature: float,
+    names: tuple[str, str, str],
+) -> tuple[Tensor, Tensor]:
+    """Checks the inputs of a loss over a few teacher ids per token; returns (valid_BT, log_q_BTK).
+
+    `ids_BTK` and `teacher_BTK` (the teacher's value at each id) must both be [B, T, K];
+    `names` = (ids name, values name, name of K) for the error message. log_q_BTK is the student's
+    log-softmax(logits / temperature) at those ids.
+    """
+    _check_temperature(temperature)
+    batch_shape = student_logits_BTV.shape[:-1]
+    if ids_BTK.shape != teacher_BTK.shape or ids_BTK.shape[:-1] != batch_shape:
+        ids_name, values_name, k_name = names
+        raise ValueError(
+            f"{ids_name} {tuple(ids_BTK.shape)} and {values_name} {tuple(teacher_BTK.shape)} must both be "
+            f"[B, T, {k_name}] with B, T = {tuple(batch_shape)}"
+        )
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    vocab = student_logits_BTV.shape[-1]
+    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
+    # Garbage ids at masked tokens (and padding ids) must not trip an out-of-range gather (a device
+    # assert on CUDA).
+    return valid_BT, log_q_BTV.gather(-1, ids_BTK.long().clamp(0, vocab - 1))
+
+
 def kl_topk(
     student_logits_BTV: Tensor,
     topk_ids_BTK: Tensor,
@@ -221,19 +251,9 @@ def kl_topk(
     Returns:
         Scalar fp32 loss (fp64 for fp64 student logits).
     """
-    _check_temperature(temperature)
-    batch_shape = student_logits_BTV.shape[:-1]
-    if topk_ids_BTK.shape != topk_logprobs_BTK.shape or topk_ids_BTK.shape[:-1] != batch_shape:
-        raise ValueError(
-            f"top-k ids {tuple(topk_ids_BTK.shape)} and log-probs {tuple(topk_logprobs_BTK.shape)} must both be "
-            f"[B, T, K] with B, T = {tuple(batch_shape)}"
-        )
-    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
-    vocab = student_logits_BTV.shape[-1]
-    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
-    # Garbage ids at masked tokens must not trip an out-of-range gather (a device assert on CUDA).
-    ids_BTK = topk_ids_BTK.long().clamp(0, vocab - 1)
-    log_q_BTK = log_q_BTV.gather(-1, ids_BTK)
+    valid_BT, log_q_BTK = _student_log_probs_at(
+        student_logits_BTV, topk_ids_BTK, topk_logprobs_BTK, mask_BT, temperature, ("top-k ids", "log-probs", "K")
+    )
     log_p_BTK = topk_logprobs_BTK.detach().to(log_q_BTK.dtype)
 
     p_BTK = log_p_BTK.exp()
@@ -272,17 +292,9 @@ def kd_sampled(
     Returns:
         Scalar fp32 loss (fp64 for fp64 student logits).
     """
-    _check_temperature(temperature)
-    batch_shape = student_logits_BTV.shape[:-1]
-    if sampled_ids_BTN.shape != sampled_counts_BTN.shape or sampled_ids_BTN.shape[:-1] != batch_shape:
-        raise ValueError(
-            f"sampled ids {tuple(sampled_ids_BTN.shape)} and counts {tuple(sampled_counts_BTN.shape)} must both "
-            f"be [B, T, N] with B, T = {tuple(batch_shape)}"
-        )
-    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
-    vocab = student_logits_BTV.shape[-1]
-    log_q_BTV = torch.log_softmax(_scaled(student_logits_BTV, temperature), dim=-1)
-    log_q_BTN = log_q_BTV.gather(-1, sampled_ids_BTN.long().clamp(0, vocab - 1))
+    valid_BT, log_q_BTN = _student_log_probs_at(
+        student_logits_BTV, sampled_ids_BTN, sampled_counts_BTN, mask_BT, temperature, ("sampled ids", "counts", "N")
+    )
     counts_BTN = sampled_counts_BTN.detach().to(log_q_BTN.dtype)
     # Padding has count 0, so its (clamped) id contributes 0 to both terms.
     t_BTN = counts_BTN / counts_BTN.sum(-1, keepdim=True).clamp(min=1.0)
@@ -369,6 +381,40 @@ def clone_loss(
         detached, for logging. With every position masked (or weighted 0) the total is exactly 0.0 and
         per_term is zeros.
     """
+    weights, terms = _clone_terms(student_acts, teacher_targets, weights, reduce, loss_fn, huber_delta)
+    num_layers = None
+    weighted_terms = []
+    per_term: dict[str, Tensor] = {}
+    for term in terms:
+        num_layers = _check_clone_shapes(term, student_acts[term], teacher_targets[term], num_layers)
+        # The target keeps its graph: the o and down targets are P^T t, and P_o / P_down learn from
+        # both sides of the MSE, as in the paper's loss. Only the normaliser is detached.
+        s_LBPW, t_LBPW = _upcast(student_acts[term]), _upcast(teacher_targets[term])
+        w_BP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
+        inv_count = _inverse_count(w_BP, s_LBPW.shape[-1])
+        ms_L = None
+        if normalize:
+            fixed_ms_L = target_ms[term] if target_ms is not None and term in target_ms else None
+            ms_L = _clone_normaliser(term, s_LBPW, t_LBPW, w_BP, inv_count, fixed_ms_L, eps)
+        err_L = _clone_error(s_LBPW - t_LBPW, w_BP, inv_count, ms_L, loss_fn, huber_delta)
+        per_term[term] = err_L.detach().mean()
+        weighted_terms.append(weights.get(term, 1.0) * err_L.sum())
+
+    total = torch.stack(weighted_terms).sum()
+    if reduce == "mean":
+        total = total / (num_layers * sum(weights.get(term, 1.0) for term in terms))
+    return total, per_term
+
+
+def _clone_terms(
+    student_acts: Mapping[str, Tensor],
+    teacher_targets: Mapping[str, Tensor],
+    weights: Mapping[str, float] | None,
+    reduce: str,
+    loss_fn: str,
+    huber_delta: float,
+) -> tuple[dict[str, float], list[str]]:
+    """Checks `clone_loss`'s options; returns (the term weights as a dict, the terms with a positive weight)."""
     if set(student_acts) != set(teacher_targets):
         raise ValueError(
             f"clone_loss: student terms {sorted(student_acts)} and teacher terms {sorted(teacher_targets)} differ; "
@@ -387,52 +433,62 @@ def clone_loss(
     terms = [term for term in student_acts if weights.get(term, 1.0) > 0]
     if not terms:
         raise ValueError("clone_loss: no term with a positive weight; enable at least one of the clone terms")
+    return weights, terms
 
-    num_layers = None
-    weighted_terms = []
-    per_term: dict[str, Tensor] = {}
-    for term in terms:
-        s_LBPW, t_LBPW = student_acts[term], teacher_targets[term]
-        if s_LBPW.shape != t_LBPW.shape or s_LBPW.dim() != 4:
-            raise ValueError(
-                f"clone_loss[{term!r}]: student {tuple(s_LBPW.shape)} and target {tuple(t_LBPW.shape)} must both "
-                "be [L, B, P, W]"
-            )
-        if num_layers is None:
-            num_layers = s_LBPW.shape[0]
-        elif s_LBPW.shape[0] != num_layers:
-            raise ValueError(f"clone_loss[{term!r}]: {s_LBPW.shape[0]} layers, other terms have {num_layers}")
-        # The target keeps its graph: the o and down targets are P^T t, and P_o / P_down learn from
-        # both sides of the MSE, as in the paper's loss. Only the normaliser is detached.
-        s_LBPW, t_LBPW = _upcast(s_LBPW), _upcast(t_LBPW)
-        w_BP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
-        w_11BP1 = w_BP[None, :, :, None]
-        total_weight = w_BP.sum() * s_LBPW.shape[-1]
-        inv_count = (total_weight > 0) / total_weight.clamp(min=torch.finfo(w_BP.dtype).tiny)
-        if normalize:
-            if target_ms is not None and term in target_ms:
-                ms_L = target_ms[term].to(s_LBPW)
-                if ms_L.shape != (num_layers,):
-                    raise ValueError(f"clone_loss: target_ms[{term!r}] has shape {tuple(ms_L.shape)}, expected ({num_layers},)")
-            else:
-                ms_L = (w_11BP1 * t_LBPW.detach().square()).sum(dim=(1, 2, 3)) * inv_count
-            ms_L = ms_L.clamp(min=eps)
-        diff_LBPW = s_LBPW - t_LBPW
-        if loss_fn == "mse":
-            err_L = (w_11BP1 * diff_LBPW.square()).sum(dim=(1, 2, 3)) * inv_count
-            if normalize:
-                err_L = err_L / ms_L
-        else:
-            if normalize:
-                diff_LBPW = diff_LBPW * ms_L.rsqrt()[:, None, None, None]
-            err_L = (w_11BP1 * huber(diff_LBPW, huber_delta)).sum(dim=(1, 2, 3)) * inv_count
-        per_term[term] = err_L.detach().mean()
-        weighted_terms.append(weights.get(term, 1.0) * err_L.sum())
 
-    total = torch.stack(weighted_terms).sum()
-    if reduce == "mean":
-        total = total / (num_layers * sum(weights.get(term, 1.0) for term in terms))
-    return total, per_term
+def _check_clone_shapes(term: str, s_LBPW: Tensor, t_LBPW: Tensor, num_layers: int | None) -> int:
+    """Checks one term's student and target are both [L, B, P, W] with the other terms' L; returns L."""
+    if s_LBPW.shape != t_LBPW.shape or s_LBPW.dim() != 4:
+        raise ValueError(
+            f"clone_loss[{term!r}]: student {tuple(s_LBPW.shape)} and target {tuple(t_LBPW.shape)} must both "
+            "be [L, B, P, W]"
+        )
+    if num_layers is not None and s_LBPW.shape[0] != num_layers:
+        raise ValueError(f"clone_loss[{term!r}]: {s_LBPW.shape[0]} layers, other terms have {num_layers}")
+    return s_LBPW.shape[0]
+
+
+def _inverse_count(w_BP: Tensor, width: int) -> Tensor:
+    """1 / (W * sum_bp w), or 0 when no position carries weight."""
+    total_weight = w_BP.sum() * width
+    return (total_weight > 0) / total_weight.clamp(min=torch.finfo(w_BP.dtype).tiny)
+
+
+def _weighted_mean_L(x_LBPW: Tensor, w_BP: Tensor, inv_count: Tensor) -> Tensor:
+    """Per-layer position-weighted mean of `x_LBPW` [L, B, P, W] -> [L]."""
+    return (w_BP[None, :, :, None] * x_LBPW).sum(dim=(1, 2, 3)) * inv_count
+
+
+def _clone_normaliser(
+    term: str,
+    s_LBPW: Tensor,
+    t_LBPW: Tensor,
+    w_BP: Tensor,
+    inv_count: Tensor,
+    fixed_ms_L: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """ms[l] per layer [L]: `fixed_ms_L` when given, else the target's detached mean square; >= eps."""
+    num_layers = s_LBPW.shape[0]
+    if fixed_ms_L is not None:
+        ms_L = fixed_ms_L.to(s_LBPW)
+        if ms_L.shape != (num_layers,):
+            raise ValueError(f"clone_loss: target_ms[{term!r}] has shape {tuple(ms_L.shape)}, expected ({num_layers},)")
+    else:
+        ms_L = _weighted_mean_L(t_LBPW.detach().square(), w_BP, inv_count)
+    return ms_L.clamp(min=eps)
+
+
+def _clone_error(
+    diff_LBPW: Tensor, w_BP: Tensor, inv_count: Tensor, ms_L: Tensor | None, loss_fn: str, huber_delta: float
+) -> Tensor:
+    """Per-layer error [L] of student - target: mse (divided by ms_L) or huber (of diff / sqrt(ms_L))."""
+    if loss_fn == "mse":
+        err_L = _weighted_mean_L(diff_LBPW.square(), w_BP, inv_count)
+        return err_L if ms_L is None else err_L / ms_L
+    if ms_L is not None:
+        diff_LBPW = diff_LBPW * ms_L.rsqrt()[:, None, None, None]
+    return _weighted_mean_L(huber(diff_LBPW, huber_delta), w_BP, inv_count)
 
 
 def _position_weights(mask_BP: Tensor | None, position_weights_BP: Tensor | None, like_LBPW: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ Every other logical dtype is stored as the same numpy dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 
@@ -35,6 +37,7 @@ __all__ = [
     "check_input",
     "encode",
     "decode",
+    "decode_fields",
     "quantize_float8",
     "dequantize_float8",
 ]
@@ -180,3 +183,25 @@ def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.
         # torch.from_numpy has no uint16 path on every supported version; go through int16 bits.
         return torch.from_numpy(values.view(np.int16)).view(_TORCH[spec.dtype])
     return torch.from_numpy(values)
+
+
+def decode_fields(
+    specs: Sequence[FieldSpec],
+    fields: Sequence[str] | None,
+    load: Callable[[FieldSpec], dict[str, np.ndarray]],
+    where: Callable[[FieldSpec], str],
+) -> dict[str, torch.Tensor]:
+    """The logical tensors of the fields a shard read asks for, the last stage of both shard formats' `read`.
+
+    Args:
+        specs: The cache's fields; the result keeps their order.
+        fields: Names to decode (None: all).
+        load: A field's stored arrays by name (how they are read is the shard format's business);
+            called once per requested field, in order.
+        where: The field's place in the shard, for error messages.
+    """
+    out = {}
+    for spec in specs:
+        if fields is None or spec.name in fields:
+            out[spec.name] = decode(spec, load(spec), where=where(spec))
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lrc_offline.cache.compression import compress_npy, decompress_npy, npy_suffix
-from lrc_offline.cache.dtypes import decode, encode, stored_arrays
+from lrc_offline.cache.dtypes import decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
 
 __all__ = ["KEY_DIGITS", "member_name", "write_to_dir", "read"]
@@ -90,10 +90,7 @@ def _check_member(member: tarfile.TarInfo, where: str) -> None:
 
 
 def read(
-    path: str | Path,
-    specs: Sequence[FieldSpec],
-    fields: Sequence[str] | None = None,
-    first_sequence: int | None = None,
+    path: str | Path, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None, first_sequence: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a whole shard, decoded to logical dtypes (float8 -> float32).
 
@@ -113,38 +110,75 @@ def read(
     path = Path(path)
     stored = {name: (spec, dtype, shape) for spec in specs for name, dtype, shape in stored_arrays(spec)}
     wanted = {s.name for s in specs if fields is None or s.name in fields}
+    present, values = _read_members(path, stored, wanted)
+    keys = _sample_keys(path, present, set(stored), first_sequence)
+
+    def load(spec: FieldSpec) -> dict[str, np.ndarray]:
+        return {name: np.stack([values[name][k] for k in keys]) for name, _, _ in stored_arrays(spec)}
+
+    return decode_fields(specs, fields, load, where=lambda spec: f"{path}: field {spec.name}")
+
+
+def _read_members(
+    path: Path, stored: dict[str, tuple[FieldSpec, np.dtype, tuple[int, ...]]], wanted: set[str]
+) -> tuple[dict[int, set[str]], dict[str, dict[int, np.ndarray]]]:
+    """Checks every member of the tar and decompresses those of the `wanted` fields.
+
+    Returns:
+        (key -> stored array names present for that sample, stored array name -> key -> array), the
+        second for the wanted fields' arrays only.
+    """
     present: dict[int, set[str]] = {}
     values: dict[str, dict[int, np.ndarray]] = {n: {} for n, (spec, _, _) in stored.items() if spec.name in wanted}
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 where = f"{path}: member {member.name!r}"
-                _check_member(member, where)
-                match = _MEMBER.match(member.name)
-                if match is None:
-                    raise CacheFormatError(f"{where}: not a <{KEY_DIGITS}-digit key>.<field>.npy[.zst|.blosc] name")
-                key, name, suffix = int(match.group(1)), match.group(2), match.group(3)
-                if name not in stored:
-                    raise CacheFormatError(f"{where}: unknown field {name!r}; this cache stores {sorted(stored)}")
-                spec, dtype, shape = stored[name]
-                if suffix != npy_suffix(spec.codec):
-                    raise CacheFormatError(
-                        f"{where}: field {spec.name} uses codec {spec.codec}, expected suffix {npy_suffix(spec.codec)}"
-                    )
+                key, name = _parse_member(member, where, stored)
                 if name in present.setdefault(key, set()):
                     raise CacheFormatError(f"{where}: duplicate member")
                 present[key].add(name)
-                if name not in values:
-                    continue
-                data = tar.extractfile(member).read()
-                array = decompress_npy(data, spec.codec, math.prod(shape) * dtype.itemsize, where)
-                if array.dtype != dtype or array.shape != shape:
-                    raise CacheFormatError(
-                        f"{where}: holds {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-                    )
-                values[name][key] = array
+                if name in values:
+                    values[name][key] = _load_member(tar, member, where, *stored[name])
     except (tarfile.TarError, OSError) as err:
         raise CacheFormatError(f"{path}: not a readable tar ({err})") from err
+    return present, values
+
+
+def _parse_member(
+    member: tarfile.TarInfo, where: str, stored: dict[str, tuple[FieldSpec, np.dtype, tuple[int, ...]]]
+) -> tuple[int, str]:
+    """(sample key, stored array name) of a member that is a flat regular file with a known array's name
+    and the suffix of that field's codec."""
+    _check_member(member, where)
+    match = _MEMBER.match(member.name)
+    if match is None:
+        raise CacheFormatError(f"{where}: not a <{KEY_DIGITS}-digit key>.<field>.npy[.zst|.blosc] name")
+    key, name, suffix = int(match.group(1)), match.group(2), match.group(3)
+    if name not in stored:
+        raise CacheFormatError(f"{where}: unknown field {name!r}; this cache stores {sorted(stored)}")
+    spec = stored[name][0]
+    if suffix != npy_suffix(spec.codec):
+        raise CacheFormatError(
+            f"{where}: field {spec.name} uses codec {spec.codec}, expected suffix {npy_suffix(spec.codec)}"
+        )
+    return key, name
+
+
+def _load_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, where: str, spec: FieldSpec, dtype: np.dtype, shape: tuple[int, ...]
+) -> np.ndarray:
+    """One member's array, checked to hold `dtype` values of `shape`."""
+    data = tar.extractfile(member).read()
+    array = decompress_npy(data, spec.codec, math.prod(shape) * dtype.itemsize, where)
+    if array.dtype != dtype or array.shape != shape:
+        raise CacheFormatError(f"{where}: holds {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+    return array
+
+
+def _sample_keys(path: Path, present: dict[int, set[str]], stored: set[str], first_sequence: int | None) -> list[int]:
+    """The tar's sample keys in order, checked to be one contiguous run from `first_sequence` (when
+    given) with every stored array present for each."""
     keys = sorted(present)
     if not keys:
         raise CacheFormatError(f"{path}: the tar holds no samples")
@@ -155,12 +189,7 @@ def read(
             f"{path}: first sample is {keys[0]}, expected {first_sequence}; the shard was moved or renamed"
         )
     for key in keys:
-        missing = sorted(set(stored) - present[key])
+        missing = sorted(stored - present[key])
         if missing:
             raise CacheFormatError(f"{path}: sample {key:0{KEY_DIGITS}d} lacks members for {missing}")
-    out = {}
-    for spec in specs:
-        if spec.name in wanted:
-            arrays = {name: np.stack([values[name][k] for k in keys]) for name, _, _ in stored_arrays(spec)}
-            out[spec.name] = decode(spec, arrays, where=f"{path}: field {spec.name}")
-    return out
+    return keys

@@ -22,7 +22,7 @@ import torch
 import zarr
 
 from lrc_offline.cache.compression import zarr_compressors
-from lrc_offline.cache.dtypes import SCALE_SUFFIX, decode, encode, stored_arrays
+from lrc_offline.cache.dtypes import SCALE_SUFFIX, decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
 __all__ = ["write_to_dir", "read", "chunk_sequences"]
@@ -93,10 +93,7 @@ def write_to_dir(
 
 
 def read(
-    path: str | Path,
-    specs: Sequence[FieldSpec],
-    fields: Sequence[str] | None = None,
-    first_sequence: int | None = None,
+    path: str | Path, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None, first_sequence: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Read a whole shard, decoded to logical dtypes (float8 -> float32).
 
@@ -111,7 +108,6 @@ def read(
             match its spec; the message names the shard and the array.
     """
     path = Path(path)
-    wanted = [s for s in specs if fields is None or s.name in fields]
     try:
         group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.BaseZarrError) as err:
@@ -122,29 +118,34 @@ def read(
             f"{path}: holds sequences from {attrs.get('first_sequence')}, expected {first_sequence}; "
             "the shard was moved or renamed"
         )
-    out = {}
-    for spec in wanted:
-        stored = {}
-        for name, dtype, shape in stored_arrays(spec):
-            where = f"{path}/{name}"
-            try:
-                node = group[name]
-            except KeyError as err:
-                raise CacheFormatError(f"{where}: array missing from the shard") from err
-            if not isinstance(node, zarr.Array) or np.dtype(node.dtype) != dtype or node.shape[1:] != shape:
-                raise CacheFormatError(f"{where}: expected a {dtype} array [n, {', '.join(map(str, shape))}]")
-            # Checked before touching the data, so a hand-edited shard cannot make us run an
-            # arbitrary codec (numcodecs has pickle-based ones) on what it holds.
-            codecs = {codec.to_dict()["name"] for codec in node.metadata.codecs}
-            if not codecs <= _ALLOWED_CODECS:
-                raise CacheFormatError(f"{where}: refusing codecs {sorted(codecs - _ALLOWED_CODECS)}")
-            try:
-                stored[name] = node[...]
-            except Exception as err:  # codec errors surface as RuntimeError/ValueError variants
-                raise CacheFormatError(f"{where}: cannot decode ({err}); run verify_cache") from err
-        out[spec.name] = decode(spec, stored, where=f"{path}/{spec.name}")
+    out = decode_fields(
+        specs, fields, load=lambda spec: _load_arrays(group, spec, path), where=lambda spec: f"{path}/{spec.name}"
+    )
     expected_n = attrs.get("num_sequences")
     for name, tensor in out.items():
         if tensor.shape[0] != expected_n:
             raise CacheFormatError(f"{path}/{name}: {tensor.shape[0]} sequences, group says {expected_n}")
     return out
+
+
+def _load_arrays(group: zarr.Group, spec: FieldSpec, path: Path) -> dict[str, np.ndarray]:
+    """The arrays storing `spec`, each checked (dtype, shape, only allowed codecs) before it is read."""
+    stored = {}
+    for name, dtype, shape in stored_arrays(spec):
+        where = f"{path}/{name}"
+        try:
+            node = group[name]
+        except KeyError as err:
+            raise CacheFormatError(f"{where}: array missing from the shard") from err
+        if not isinstance(node, zarr.Array) or np.dtype(node.dtype) != dtype or node.shape[1:] != shape:
+            raise CacheFormatError(f"{where}: expected a {dtype} array [n, {', '.join(map(str, shape))}]")
+        # Checked before touching the data, so a hand-edited shard cannot make us run an
+        # arbitrary codec (numcodecs has pickle-based ones) on what it holds.
+        codecs = {codec.to_dict()["name"] for codec in node.metadata.codecs}
+        if not codecs <= _ALLOWED_CODECS:
+            raise CacheFormatError(f"{where}: refusing codecs {sorted(codecs - _ALLOWED_CODECS)}")
+        try:
+            stored[name] = node[...]
+        except Exception as err:  # codec errors surface as RuntimeError/ValueError variants
+            raise CacheFormatError(f"{where}: cannot decode ({err}); run verify_cache") from err
+    return stored

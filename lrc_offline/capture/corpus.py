@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,22 @@ def _text_of(record: Any, text_field: str, where: str) -> str | None:
     return text
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+def _texts(records: Iterable[tuple[Any, str]], text_field: str) -> list[str]:
+    """The texts of `(record, where)` pairs in order, records whose text is null left out."""
     docs = []
+    for record, where in records:
+        text = _text_of(record, text_field, where)
+        if text is not None:
+            docs.append(text)
+    return docs
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    return _texts(_jsonl_records(path, text_field), text_field)
+
+
+def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[Any, str]]:
+    """`(record, "<path>:<line>")` for each non-blank line, checked to be a JSON object."""
     for line_no, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -222,10 +237,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 f"{path}:{line_no}: expected a JSON object with field {text_field!r}, got "
                 f"{type(record).__name__}; each line must be one JSON object"
             )
-        text = _text_of(record, text_field, f"{path}:{line_no}")
-        if text is not None:
-            docs.append(text)
-    return docs
+        yield record, f"{path}:{line_no}"
 
 
 def _read_json(path: Path, text_field: str) -> list[str]:
@@ -240,12 +252,7 @@ def _read_json(path: Path, text_field: str) -> list[str]:
             f"{path}: expected a JSON list of strings or of objects with field {text_field!r}, got "
             f"{type(records).__name__}; for one object per line use a .jsonl file"
         )
-    docs = []
-    for i, record in enumerate(records):
-        text = _text_of(record, text_field, f"{path}: item {i}")
-        if text is not None:
-            docs.append(text)
-    return docs
+    return _texts(((record, f"{path}: item {i}") for i, record in enumerate(records)), text_field)
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
@@ -372,32 +379,12 @@ def pack_documents(
     Raises:
         CorpusError: If an argument is out of range or the corpus is shorter than one sequence.
     """
-    if seq_len < 1:
-        raise CorpusError(f"cache.seq_len={seq_len} must be positive")
-    if max_sequences is not None and max_sequences < 1:
-        raise CorpusError(f"cache.max_sequences={max_sequences} must be positive (or None for the whole corpus)")
-    if batch_docs < 1:
-        raise CorpusError(f"batch_docs={batch_docs} must be positive")
+    _check_pack_args(seq_len, max_sequences, batch_docs)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prefix = [bos] if bos is not None and bos != eos else []
     suffix = [eos] if eos is not None else []
     max_tokens = None if max_sequences is None else max_sequences * seq_len
-
-    doc_ids: list[list[int]] = []
-    doc_starts: list[int] = []
-    num_tokens = 0
-    for lo in range(0, len(docs), batch_docs):
-        if max_tokens is not None and num_tokens >= max_tokens:
-            break
-        batch = tokenizer(list(docs[lo : lo + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in batch:
-            doc_starts.append(num_tokens)
-            doc_ids.append(ids)
-            num_tokens += len(prefix) + len(ids) + len(suffix)
-            # Stop at the document that fills the cap, not at the end of the batch, so that the counts
-            # do not depend on `batch_docs`.
-            if max_tokens is not None and num_tokens >= max_tokens:
-                break
+    doc_ids, doc_starts, num_tokens = _tokenize(docs, tokenizer, len(prefix) + len(suffix), max_tokens, batch_docs)
 
     num_sequences = num_tokens // seq_len
     if num_sequences == 0:
@@ -415,16 +402,7 @@ def pack_documents(
     assert stream.numel() == num_tokens
     assert int(stream.max()) < 2**31, "token id does not fit in int32"
     input_ids = stream[:kept].view(num_sequences, seq_len).to(torch.int32)
-
-    # Position = distance from the latest document start or sequence start at or before the token.
-    is_start = torch.zeros(kept, dtype=torch.bool)
-    starts = torch.tensor(doc_starts, dtype=torch.int64)
-    is_start[starts[starts < kept]] = True
-    is_start = is_start.view(num_sequences, seq_len)
-    is_start[:, 0] = True
-    col = torch.arange(seq_len, dtype=torch.int64).expand(num_sequences, seq_len)
-    last_start = torch.where(is_start, col, torch.zeros_like(col)).cummax(dim=1).values
-    position_ids = (col - last_start).to(torch.int32)
+    position_ids = _document_positions(doc_starts, num_sequences, seq_len)
 
     return PackedCorpus(
         input_ids=input_ids,
@@ -433,3 +411,53 @@ def pack_documents(
         num_tokens=num_tokens,
         dropped_tokens=num_tokens - kept,
     )
+
+
+def _check_pack_args(seq_len: int, max_sequences: int | None, batch_docs: int) -> None:
+    if seq_len < 1:
+        raise CorpusError(f"cache.seq_len={seq_len} must be positive")
+    if max_sequences is not None and max_sequences < 1:
+        raise CorpusError(f"cache.max_sequences={max_sequences} must be positive (or None for the whole corpus)")
+    if batch_docs < 1:
+        raise CorpusError(f"batch_docs={batch_docs} must be positive")
+
+
+def _tokenize(
+    docs: list[str], tokenizer: Any, num_special: int, max_tokens: int | None, batch_docs: int
+) -> tuple[list[list[int]], list[int], int]:
+    """Tokenise documents in order until the stream holds `max_tokens` (None: all of them).
+
+    Returns:
+        `(doc_ids, doc_starts, num_tokens)`: each document's ids (without special tokens), where it
+        starts in the stream, and the stream's length with `num_special` tokens added per document.
+    """
+    doc_ids: list[list[int]] = []
+    doc_starts: list[int] = []
+    num_tokens = 0
+    for lo in range(0, len(docs), batch_docs):
+        if max_tokens is not None and num_tokens >= max_tokens:
+            break
+        batch = tokenizer(list(docs[lo : lo + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in batch:
+            doc_starts.append(num_tokens)
+            doc_ids.append(ids)
+            num_tokens += num_special + len(ids)
+            # Stop at the document that fills the cap, not at the end of the batch, so that the counts
+            # do not depend on `batch_docs`.
+            if max_tokens is not None and num_tokens >= max_tokens:
+                break
+    return doc_ids, doc_starts, num_tokens
+
+
+def _document_positions(doc_starts: list[int], num_sequences: int, seq_len: int) -> torch.Tensor:
+    """[num_sequences, seq_len] int32 distance from the latest document start or sequence start at or
+    before each token of the first `num_sequences * seq_len` tokens of the stream."""
+    kept = num_sequences * seq_len
+    is_start = torch.zeros(kept, dtype=torch.bool)
+    starts = torch.tensor(doc_starts, dtype=torch.int64)
+    is_start[starts[starts < kept]] = True
+    is_start = is_start.view(num_sequences, seq_len)
+    is_start[:, 0] = True
+    col = torch.arange(seq_len, dtype=torch.int64).expand(num_sequences, seq_len)
+    last_start = torch.where(is_start, col, torch.zeros_like(col)).cummax(dim=1).values
+    return (col - last_start).to(torch.int32)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import CLONE_TERMS
-from .adapters import adapter_for
+from .adapters import ArchAdapter, adapter_for
 
 __all__ = ["TeacherCapture", "capture_teacher", "CLONE_TERMS", "RESIDUAL_TERMS"]
 RESIDUAL_TERMS = ("input", "attn")
@@ -48,6 +48,52 @@ def _get(module: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def _activation_modules(layer: nn.Module, adapter: ArchAdapter) -> dict[str, nn.Module]:
+    """Term -> the module of `layer` whose output is that term (`input` is hooked on the layer itself)."""
+    attn, mlp = _get(layer, adapter.attn), _get(layer, adapter.mlp)
+    return {
+        "q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "attn": attn.o_proj,
+        "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj,
+    }  # fmt: skip
+
+
+def _hook_activations(
+    stack: contextlib.ExitStack,
+    decoder_layers: nn.Module,
+    adapter: ArchAdapter,
+    layers: list[int],
+    terms: tuple[str, ...],
+    positions_BP: torch.Tensor | None,
+) -> dict[str, list[torch.Tensor | None]]:
+    """Hooks every (layer, term), removed when `stack` closes; returns term -> per-layer slots the next
+    forward fills with the activations gathered at `positions_BP`."""
+    per_layer: dict[str, list[torch.Tensor | None]] = {t: [None] * len(layers) for t in terms}
+
+    def store(term: str, slot: int):
+        def hook(module, args, output):
+            per_layer[term][slot] = _gather(output, positions_BP)
+
+        return hook
+
+    def store_input(slot: int):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            per_layer["input"][slot] = _gather(hidden, positions_BP)
+
+        return pre_hook
+
+    for slot, index in enumerate(layers):
+        layer = decoder_layers[index]
+        modules = _activation_modules(layer, adapter)
+        for term in terms:
+            if term == "input":
+                handle = layer.register_forward_pre_hook(store_input(slot), with_kwargs=True)
+            else:
+                handle = modules[term].register_forward_hook(store(term, slot))
+            stack.callback(handle.remove)
+    return per_layer
+
+
 @torch.no_grad()
 def capture_teacher(
     model: nn.Module,
@@ -77,39 +123,13 @@ def capture_teacher(
     unknown = set(terms) - set(CLONE_TERMS) - set(RESIDUAL_TERMS)
     assert not unknown, f"unknown activation terms {unknown}"
     assert not terms or positions_BP is not None, "positions are needed to gather activations"
-    per_layer: dict[str, list[torch.Tensor | None]] = {t: [None] * len(layers) for t in terms}
     out = TeacherCapture()
-
-    def store(term: str, slot: int):
-        def hook(module, args, output):
-            per_layer[term][slot] = _gather(output, positions_BP)
-
-        return hook
-
-    def store_input(slot: int):
-        def pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            per_layer["input"][slot] = _gather(hidden, positions_BP)
-
-        return pre_hook
 
     def store_hidden(module, args, output):
         out.hidden_BTD = output
 
     with contextlib.ExitStack() as stack:
-        for slot, index in enumerate(layers):
-            layer = decoder_layers[index]
-            attn, mlp = _get(layer, adapter.attn), _get(layer, adapter.mlp)
-            modules = {
-                "q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "attn": attn.o_proj,
-                "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj,
-            }  # fmt: skip
-            for term in terms:
-                if term == "input":
-                    handle = layer.register_forward_pre_hook(store_input(slot), with_kwargs=True)
-                else:
-                    handle = modules[term].register_forward_hook(store(term, slot))
-                stack.callback(handle.remove)
+        per_layer = _hook_activations(stack, decoder_layers, adapter, layers, terms, positions_BP)
         if want_hidden:
             stack.callback(_get(model, adapter.final_norm).register_forward_hook(store_hidden).remove)
         backbone = _get(model, adapter.layers.rsplit(".", 1)[0])
