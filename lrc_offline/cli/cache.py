@@ -14,10 +14,9 @@ import json
 import logging
 import os
 import sys
-
 from pathlib import Path
 
-from ..config import CacheConfig
+from ..config import CacheConfig, load_config
 from .common import add_config_args, launcher_rank, parse_command, print_config, require_args, run_main
 
 __all__ = ["main"]
@@ -48,8 +47,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 
 def _cache_config(args) -> CacheConfig:
-    from ..config import load_config
-
     overrides = [o[len("cache."):] if o.startswith("cache.") else o for o in args.overrides]
     return load_config(CacheConfig, args.config, overrides)
 
