@@ -10,4 +10,4 @@ cd "$(dirname "$0")"
 ./setup.sh
 out=${1:-runs/demo}
 shift || true
-exec .venv/bin/python -m lrc_offline.demo --out "$out" "$@"
+exec .venv/bin/python -m lrc_offline.cli.demo --out "$out" "$@"

@@ -1,15 +1,17 @@
 """Configuration dataclasses shared by both stages.
 
 One root config per stage, made of per-part dataclasses. Every field carries a docstring under it,
-which doubles as help text. Presets are named functions; overrides are dotted ``key=value`` strings
+which doubles as help text (`lrc-cache build --help-config`, `lrc-train train --help-config`; see
+`config_help.py`). Presets are named functions; overrides are dotted ``key=value`` strings
 (``cache.topk=32``). The resolved config is saved with every artifact (manifest, checkpoint, export).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "save_config",
+    "config_yaml",
 ]
 
 LOGIT_MODES = ("topk", "sampled", "hidden", "none")
@@ -46,6 +49,14 @@ class ConfigError(ValueError):
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{section}.{name}={value!r} is not one of {list(choices)}")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_device(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ConfigError(f"{section}.{name}={value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
@@ -104,7 +115,7 @@ class CacheConfig:
     batch_size: int = 8
     """Sequences per teacher forward."""
     device: str = "auto"
-    """Teacher device: auto (cuda if present), cpu or cuda[:N]."""
+    """Teacher device: auto (cuda if present), cpu, cuda[:N] or mps."""
     compute_dtype: str = "auto"
     """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
     backend: str = "hf"
@@ -130,6 +141,7 @@ class CacheConfig:
         _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
         _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_choice(s, "backend", self.backend, ("hf", "vllm"))
+        _check_device(s, "device", self.device)
         if self.backend == "vllm" and self.activation_mode != "none":
             raise ConfigError(
                 f"cache.backend=vllm cannot capture activation_mode={self.activation_mode}: vLLM exposes no "
@@ -247,6 +259,8 @@ class LossConfig:
         unknown = set(self.clone_terms) - set(CLONE_TERMS)
         if unknown:
             raise ConfigError(f"loss.clone_terms has unknown terms {sorted(unknown)}; use {list(CLONE_TERMS)}")
+        for term, weight in self.clone_terms.items():
+            _check_positive("loss", f"clone_terms.{term}", weight, allow_zero=True)
 
     def alpha_at(self, step: int, total_steps: int) -> float:
         """The clone-loss weight at optimiser step `step` (0-based) of `total_steps`."""
@@ -314,7 +328,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order and sampling."""
     device: str = "auto"
-    """Device: auto, cpu or cuda[:N]."""
+    """Device: auto (cuda if present), cpu, cuda[:N] or mps."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
 
@@ -325,6 +339,7 @@ class TrainConfig:
         _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _check_device("train", "device", self.device)
 
 
 @dataclass
@@ -404,6 +419,35 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` with numeric strings made floats where `hint` wants a float, else `value` unchanged.
+
+    YAML 1.1 (PyYAML) reads `1e-4`, `1E5` or `2.5e3` (no dot, or no exponent sign) as strings."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if any(_matches(value, arg) for arg in args):
+            return value
+        for arg in args:
+            coerced = _coerce(value, arg)
+            if _matches(coerced, arg):
+                return coerced
+        return value
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        if origin is tuple and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return value
+            return type(value)(_coerce(v, a) for v, a in zip(value, args))
+        return type(value)(_coerce(v, args[0]) for v in value)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {k: _coerce(v, args[1]) for k, v in value.items()}
+    return value
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build dataclass `cls` from a dict, refusing unknown keys with the path that holds them."""
     if not isinstance(data, dict):
@@ -418,7 +462,9 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{where}.{key}")
-        elif not _matches(value, hint):
+            continue
+        value = _coerce(value, hint)
+        if not _matches(value, hint):
             shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             raise ConfigError(f"{where}.{key}={value!r} has the wrong type; expected {shown}")
         else:
@@ -459,17 +505,37 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        config = from_dict(cls, data, str(path))
+        config = from_dict(cls, _read_file(path), str(path))
     return apply_overrides(config, list(overrides))
+
+
+def _read_file(path: Path) -> Any:
+    """A config file's data; a syntax error is a ConfigError naming the file, line and column."""
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON at line {err.lineno}, column {err.colno}: "
+                          f"{err.msg} (YAML files need a .yaml or .yml suffix)") from None  # fmt: skip
 
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as JSON."""
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def config_yaml(config: Any) -> str:
+    """The config as YAML, in field order, that `load_config` reads back to an equal config."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)

@@ -51,3 +51,63 @@ def test_config_round_trips_through_a_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("student: {width: 3}\n")
     with pytest.raises(ConfigError, match="bad.yaml.student: unknown keys"):
         load_config(TrainJobConfig, tmp_path / "bad.yaml")
+
+
+def test_floats_load_in_any_standard_notation(tmp_path):
+    # PyYAML reads 1e-4, 1E5 and 2.5e3 (no dot, or no exponent sign) as strings
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-4\n  betas: [9e-1, .95]\nloss:\n  alpha: 1E5\n"
+                                     "  huber_delta: 2.5e3\n  clone_terms: {q: 5e-1}\nstudent:\n  init_std: .5\n")
+    cfg = load_config(TrainJobConfig, tmp_path / "c.yaml")
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.loss.alpha) == (1e-4, (0.9, 0.95), 1e5)
+    assert (cfg.loss.huber_delta, cfg.loss.clone_terms, cfg.student.init_std) == (2500.0, {"q": 0.5}, 0.5)
+    (tmp_path / "negative.yaml").write_text("loss:\n  huber_delta: -2.5e-3\n")
+    with pytest.raises(ConfigError, match="loss.huber_delta=-0.0025 must be > 0"):  # read as a number
+        load_config(TrainJobConfig, tmp_path / "negative.yaml")
+    cfg = apply_overrides(TrainJobConfig(), ["optim.lr=.5", "loss.alpha=+1.5E-2", "loss.clone_terms.q=1."])
+    assert (cfg.optim.lr, cfg.loss.alpha, cfg.loss.clone_terms["q"]) == (0.5, 0.015, 1.0)
+    # a float-looking string is still a string where the field is one; words are still refused as floats
+    (tmp_path / "corpus.yaml").write_text("corpus: 1e5\n")
+    assert load_config(TrainJobConfig, tmp_path / "corpus.yaml").corpus == "1e5"
+    with pytest.raises(ConfigError, match="optim.lr='fast' has the wrong type; expected float | None"):
+        apply_overrides(TrainJobConfig(), ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="student.hidden_size='1e2' has the wrong type"):
+        apply_overrides(TrainJobConfig(), ["student.hidden_size=\"1e2\""])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3", "mps"])
+def test_device_strings(device):
+    assert apply_overrides(TrainJobConfig(), [f"train.device={device}"]).train.device == device
+    assert apply_overrides(CacheConfig(), [f"device={device}"]).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "cpu:0 "])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(ConfigError, match="train.device=.* is not a device; use auto, cpu, cuda, cuda:N or mps"):
+        apply_overrides(TrainJobConfig(), [f"train.device={device}"])
+    with pytest.raises(ConfigError, match="cache.device"):
+        apply_overrides(CacheConfig(), [f"device={device}"])
+
+
+def test_clone_term_weights_must_not_be_negative():
+    assert apply_overrides(TrainJobConfig(), ["loss.clone_terms.q=0"]).loss.clone_terms["q"] == 0
+    with pytest.raises(ConfigError, match="loss.clone_terms.v=-0.5 must be >= 0"):
+        apply_overrides(TrainJobConfig(), ["loss.clone_terms.v=-0.5"])
+
+
+def test_every_field_has_a_docstring_for_the_help():
+    from lrc_offline.config_help import config_keys, field_docs
+
+    assert field_docs(CacheConfig)["topk"] == "k for logit_mode=topk."
+    assert field_docs(TrainJobConfig)["teacher"].startswith("Teacher whose weights generate the student. None:")
+    for cls in (CacheConfig, TrainJobConfig):
+        undocumented = [k.key for k in config_keys(cls) if not k.doc]
+        assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+
+
+def test_yaml_dump_round_trips(tmp_path):
+    from lrc_offline.config import config_yaml
+
+    for cfg in (apply_overrides(TrainJobConfig(), ["optim.lr=1e-5", "optim.betas=[0.8,0.9]", "teacher=x"]),
+                apply_overrides(CacheConfig(), ["act_layers=[0,1]", "temperature=1e-3"])):  # fmt: skip
+        (tmp_path / "c.yaml").write_text(config_yaml(cfg))
+        assert load_config(type(cfg), tmp_path / "c.yaml") == cfg

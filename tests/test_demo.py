@@ -28,3 +28,14 @@ def test_demo_runs_end_to_end_and_reruns_from_the_cache(tmp_path):
     assert again["cache"]["built_shards_this_run"] == 0 and again["cache"]["reused_shards"] == 2
     assert again["train"]["resumed_from_step"] == 6
     assert abs(again["heldout"]["student_ce"] - first["heldout"]["student_ce"]) < 1e-6
+
+
+def test_demo_command_line_offers_the_presets(capsys):
+    import pytest
+
+    from lrc_offline.cli.demo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--preset {smollm2,tiny}" in capsys.readouterr().out

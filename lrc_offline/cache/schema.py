@@ -45,16 +45,9 @@ CODECS = (
 )
 """Compression codecs a field may declare (see `compression.py`)."""
 
-# Default codec per field. Measured with blosc(zstd, clevel 3) vs alternatives on realistic data
-# (vocab 49152, L=2048, Zipfian tokens, log-softmax top-64 of noisy logits, 64 teacher draws, N(0,3)
-# activations with a massive-activation sink row), ratio = raw / stored:
-#   byte-shuffle   input_ids 2.26  position_ids 106  topk_ids 2.00  sampled_counts 14.0
-#                  topk_logprobs f32 1.55 / bf16 4.06   act bf16 1.36 / f16 1.09 / f32 1.11 / fp8 1.17
-#   bit-shuffle    input_ids 1.99  position_ids 53   topk_ids 2.00  sampled_ids 2.32 (byte: 2.18)
-#                  topk_logprobs f32 1.47 / bf16 3.21   act bf16 1.00 / f32 1.06
-#   plain zstd-3   input_ids 2.18  topk_ids 1.67  topk_logprobs f32 1.21  act bf16 1.29
-# Byte shuffle wins everywhere except sampled_ids. clevel 5 is ~4% smaller on bf16 activations but
-# encodes ~2.5x slower (60 vs 158 MB/s per core), and activations dominate a cache's bytes.
+# Default codec per field: blosc(zstd, clevel 3) with byte shuffle, and bit shuffle for sampled_ids, the
+# one field where it compresses better. Higher clevels save little on activations, which dominate a
+# cache's bytes, and encode much slower. Ratios per field and codec: benchmarks/README.md, "Codec choice".
 _DEFAULT_CODEC = "blosc-zstd-shuffle"
 _CODEC_OVERRIDES = {"sampled_ids": "blosc-zstd-bitshuffle"}
 

@@ -1,6 +1,7 @@
 """`lrc-cache`: build, inspect and verify a teacher cache.
 
     lrc-cache build --config FILE --out DIR [--shard-index I [--num-shards N]] [key=value ...]
+    lrc-cache build --help-config | [--config FILE] [key=value ...] --print-config
     lrc-cache inspect DIR [--json]
     lrc-cache verify DIR
     lrc-cache clean DIR      (after a killed build: remove its temporary files; never during a build)
@@ -13,24 +14,27 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from .common import launcher_rank, run_main
+from ..config import CacheConfig, load_config
+from .common import add_config_args, launcher_rank, parse_command, print_config, require_args, run_main
 
 __all__ = ["main"]
 
 log = logging.getLogger("lrc-cache")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="lrc-cache", description="Run the teacher once; store its signal in a sharded cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or complete) a cache")
     build.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
-    build.add_argument("--out", required=True, help="cache directory")
+    build.add_argument("--out", help="cache directory (required)")
     build.add_argument("--shard-index", type=int, help="build only this shard (with --num-shards: shards I, I+N, ...)")
     build.add_argument("--num-shards", type=int, help="number of parallel workers splitting the shards")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. topk=32 format=webdataset")
+    add_config_args(build, CacheConfig)
     inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
     inspect.add_argument("cache")
     inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -39,15 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     clean = sub.add_parser("clean", help="remove temporary files and unrecorded shard data left by killed builds "
                            "(only while no build of this cache is running)")  # fmt: skip
     clean.add_argument("cache")
-    return parser
+    return parser, sub.choices
+
+
+def _cache_config(args) -> CacheConfig:
+    overrides = [o[len("cache."):] if o.startswith("cache.") else o for o in args.overrides]
+    return load_config(CacheConfig, args.config, overrides)
 
 
 def _build(args) -> int:
     from ..capture.build import build_cache
-    from ..config import CacheConfig, ConfigError, load_config, to_dict
+    from ..config import ConfigError, to_dict
 
-    overrides = [o[len("cache."):] if o.startswith("cache.") else o for o in args.overrides]
-    cfg = load_config(CacheConfig, args.config, overrides)
+    cfg = _cache_config(args)
     shard_index, num_workers = args.shard_index, args.num_shards
     if num_workers is not None and shard_index is None:
         raise ConfigError("--num-shards N needs --shard-index I (this worker's index in 0..N-1)")
@@ -113,13 +121,25 @@ def _verify(args) -> int:
 
 def _clean(args) -> int:
     from ..cache import clean_stale
+    from ..cache.records import MANIFEST_NAME, TMP_PREFIX
 
+    root = Path(args.cache)
+    # a build killed while creating its manifest leaves only temporary entries: that is still a cache
+    if not (root / MANIFEST_NAME).is_file() and not any(root.glob(TMP_PREFIX + "*")):
+        raise FileNotFoundError(f"{root} is not a cache (no {MANIFEST_NAME} there); nothing removed")
     print(f"removed {clean_stale(args.cache)} leftover item(s) from {args.cache}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args = parse_command(parser, commands, argv)
+    if args is None:
+        return 2
+    if args.command == "build":
+        if args.print_config:
+            return run_main(lambda: print_config(_cache_config(args)))
+        require_args(commands["build"], args, "--out")
     handler = {"build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}[args.command]
     return run_main(lambda: handler(args))
 

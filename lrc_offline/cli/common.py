@@ -1,13 +1,77 @@
-"""What both entry points share: the user-error boundary, logging and launcher environment."""
+"""What the entry points share: command parsing, config help, the user-error boundary, logging and
+launcher environment."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["run_main", "user_errors", "launcher_rank"]
+__all__ = ["run_main", "user_errors", "launcher_rank", "parse_command", "add_config_args", "require_args",
+           "print_config"]  # fmt: skip
+
+
+class _HelpConfig(argparse.Action):
+    """`--help-config`: print every config key and exit, like `--help` (so no other argument is needed)."""
+
+    def __init__(self, option_strings, dest, config_cls: type, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.config_cls = config_cls
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..config_help import format_config_help
+
+        sys.stdout.write(format_config_help(self.config_cls))
+        parser.exit(0)
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """`--help-config` and `--print-config` for a command whose config is `config_cls`."""
+    parser.add_argument("--help-config", action=_HelpConfig, config_cls=config_cls,
+                        help="list every config key with its type, default and meaning, and exit")  # fmt: skip
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config this command would run (after --config and overrides) as YAML that "
+                        "--config reads back, and exit without writing anything")  # fmt: skip
+
+
+def print_config(config: Any) -> int:
+    from ..config import config_yaml
+
+    sys.stdout.write(config_yaml(config))
+    return 0
+
+
+def parse_command(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+                  argv: list[str] | None) -> argparse.Namespace | None:  # fmt: skip
+    """Parse `PROG COMMAND ARGS`, where a command's options and its key=value overrides may come in any order.
+
+    argparse cannot intermix the arguments of a subcommand, so the first argument picks the command's own
+    parser, which reads the rest with `parse_intermixed_args`. Returns None, after a one-line error on
+    stderr, when the first argument names no command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        parser.parse_args(argv[:1])  # prints the help and exits
+    if not argv or argv[0] not in commands:
+        if not argv:
+            got = "no command given"
+        elif argv[0].startswith("-"):
+            got = f"{argv[0]} comes before the command (e.g. {parser.prog} {next(iter(commands))} {argv[0]} ...)"
+        else:
+            got = f"unknown command {argv[0]!r}"
+        print(f"{parser.prog}: error: {got}; the command is one of {', '.join(commands)}", file=sys.stderr)
+        return None
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def require_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """argparse's own error (exit 2) for missing options that only --print-config may leave out."""
+    missing = [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_")) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

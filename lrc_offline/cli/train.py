@@ -5,6 +5,7 @@
     lrc-train eval   --student DIR [--teacher NAME] (--cache DIR | --corpus NAME --heldout-docs N) [--json]
     lrc-train export --checkpoint DIR --out DIR
     lrc-train online --out DIR [--config FILE] [section.key=value ...]   (the online reference trainer)
+    lrc-train train|sweep|online --help-config | [--config FILE] [section.key=value ...] --print-config
 
 Multi-GPU / multi-node: `accelerate launch --config_file train/accelerate/<file>.yaml -m lrc_offline.cli.train train ...`.
 """
@@ -17,23 +18,29 @@ import logging
 import sys
 from pathlib import Path
 
-from .common import run_main
+from ..config import TrainJobConfig
+from .common import add_config_args, parse_command, print_config, require_args, run_main
 
 __all__ = ["main"]
 
 log = logging.getLogger("lrc-train")
 
 
+# Options a job command needs unless it only prints its config (so argparse does not require them).
+_REQUIRED = {"train": ("--cache", "--out"), "sweep": ("--cache", "--out", "--hidden-sizes"), "online": ("--out",)}
+
+
 def _add_job_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     if cache:
-        parser.add_argument("--cache", required=True, help="cache directory built by lrc-cache build")
+        parser.add_argument("--cache", help="cache directory built by lrc-cache build (required)")
     parser.add_argument("--config", help="JSON or YAML TrainJobConfig; defaults if omitted")
-    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--out", help="run directory (required)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.hidden_size=256 train.steps=500")
+    add_config_args(parser, TrainJobConfig)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="lrc-train", description="Train Low-Rank Clone students from a teacher cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one student from a cache")
@@ -41,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), never, or a step-* dir")
     sweep = sub.add_parser("sweep", help="train one student per hidden size from the same cache")
     _add_job_args(sweep)
-    sweep.add_argument("--hidden-sizes", required=True, help="comma-separated student hidden sizes, e.g. 128,192,256")
+    sweep.add_argument("--hidden-sizes", help="comma-separated student hidden sizes, e.g. 128,192,256 (required)")
     evaluate = sub.add_parser("eval", help="student vs teacher on held-out text: perplexity, KL, top-1 agreement")
     evaluate.add_argument("--student", required=True, help="exported student directory")
     evaluate.add_argument("--teacher", help="teacher (default: the one the student was trained from)")
@@ -57,14 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="export directory")
     online = sub.add_parser("online", help="online reference trainer: the teacher runs in every step")
     _add_job_args(online, cache=False)
-    return parser
+    return parser, sub.choices
 
 
-def _job_config(args):
-    from ..config import TrainJobConfig, load_config, to_dict
+def _job_config(args, quiet: bool = False) -> TrainJobConfig:
+    from ..config import load_config, to_dict
 
     cfg = load_config(TrainJobConfig, args.config, args.overrides)
-    log.info("config: %s", json.dumps(to_dict(cfg)))
+    if not quiet:
+        log.info("config: %s", json.dumps(to_dict(cfg)))
     return cfg
 
 
@@ -129,6 +137,10 @@ def _eval(args) -> int:
     from ..evaluation import evaluate_export, format_table
     from ..teacher.load import load_teacher
 
+    if not (Path(args.student) / "config.json").is_file():
+        what = "is not an exported student (no config.json)" if Path(args.student).is_dir() else "does not exist"
+        raise FileNotFoundError(f"--student {args.student} {what}; pass the student/ folder of a run or an "
+                                "lrc-train export directory")  # fmt: skip
     info_file = Path(args.student) / "lrc_config.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     teacher_name = args.teacher or (info.get("config") or {}).get("teacher")
@@ -171,15 +183,30 @@ def _export(args) -> int:
 
 
 def _online(args) -> int:
+    from ..config import ConfigError
     from ..online import train_online
 
-    summary = train_online(_job_config(args), args.out, progress=not args.no_progress)
+    cfg = _job_config(args)
+    # train_online creates --out first: refuse here what it would refuse only after that
+    if cfg.teacher is None:
+        raise ConfigError("online training runs the teacher: set teacher=<name or path>")
+    if cfg.loss.alpha > 0 and cfg.loss.clone_normalize == "cache":
+        raise ConfigError("loss.clone_normalize=cache reads statistics recorded in a cache; online training has "
+                          "none: use loss.clone_normalize=batch")  # fmt: skip
+    summary = train_online(cfg, args.out, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args = parse_command(parser, commands, argv)
+    if args is None:
+        return 2
+    if args.command in _REQUIRED:
+        if args.print_config:
+            return run_main(lambda: print_config(_job_config(args, quiet=True)))
+        require_args(commands[args.command], args, *_REQUIRED[args.command])
     handler = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}[args.command]
     return run_main(lambda: handler(args))
 

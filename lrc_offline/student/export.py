@@ -7,56 +7,21 @@ head_dim no longer equals hidden_size / num_heads).
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from ..fsutil import atomic_dir
+from .hf_config import hf_config
 from .lrc import LRCStudent
 
 __all__ = ["student_config", "student_state_dict", "export_student"]
 
 
-def _config_for(teacher_config, hidden_size: int, head_dim: int, tied: bool):
-    config = copy.deepcopy(teacher_config)
-    config.hidden_size = hidden_size
-    config.head_dim = head_dim
-    config.tie_word_embeddings = tied
-    for key in ("quantization_config", "_name_or_path"):
-        if hasattr(config, key):
-            delattr(config, key)
-    return config
-
-
 def student_config(student: LRCStudent):
     """The HF config of the exported student."""
-    return _config_for(student.teacher_config, student.d_student, student.head_dim, student.tied)
-
-
-def check_exportable(teacher_config, hidden_size: int) -> None:
-    """Refuse, before any training, a student size that `transformers` would not save or load.
-
-    Some config classes validate their shapes (transformers 5's LlamaConfig wants hidden_size to be a
-    multiple of num_attention_heads, even with an explicit head_dim).
-    """
-    heads = teacher_config.num_attention_heads
-    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
-    config = _config_for(teacher_config, hidden_size, head_dim, True)
-    validate = getattr(config, "validate", None)
-    if validate is None:
-        return
-    try:
-        validate()
-    except Exception as err:  # the config classes raise their own validation error types
-        below, above = hidden_size - hidden_size % heads, hidden_size - hidden_size % heads + heads
-        raise ConfigError(
-            f"student.hidden_size={hidden_size} cannot be exported as a {config.model_type} checkpoint: "
-            f"{str(getattr(err, '__cause__', None) or err).rstrip('.')}. Use a multiple of the teacher's "
-            f"{heads} attention heads, e.g. {below or heads} or {above}"
-        ) from err
+    return hf_config(student.teacher_config, student.d_student, student.head_dim, student.tied)
 
 
 @torch.no_grad()

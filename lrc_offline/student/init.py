@@ -15,9 +15,9 @@ teacher exactly (untied head).
 
 The part of the residual stream outside span(U) is lost, and the folded head is then over-confident:
 `calibrate_head_scale` fits one scalar c on the final-norm weight (logits are linear in it: a logit
-temperature 1/c) to the training objective's KD + CE on a few training sequences. Measured on
-SmolLM2-135M (held-out CE at step 0, top-64 cache): d_S 192 7.82 -> 7.45 (c 0.79), d_S 288 6.66 -> 6.53
-(c 0.87). Scaling each layer's norms by the energy its basis captures instead was worse (7.90 at 192).
+temperature 1/c) to the training objective's KD + CE on a few training sequences. On SmolLM2-135M this
+lowers the step-0 held-out CE, while scaling each layer's norms by the energy its basis captures instead
+raised it (figures: benchmarks/README.md, "The head's scale").
 
 Legend: D d_T, S d_S.
 """

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import CLONE_TERMS
 from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
 from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
+from .hf_config import check_exportable
 
 __all__ = ["LRCStudent", "build_student", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
 
@@ -365,7 +366,5 @@ class LRCStudent(nn.Module):
 def build_student(teacher_model: nn.Module, cfg) -> LRCStudent:
     """An LRC student from a `StudentConfig` (random init; PCA init is applied on top by the caller,
     which has the data: see `student.init.init_pca`). Refuses a size that could not be exported."""
-    from .export import check_exportable  # export builds on this module
-
     check_exportable(teacher_model.config, cfg.hidden_size)
     return LRCStudent(teacher_model, cfg.hidden_size, cfg.init_std, cfg.seed, untie_head=cfg.head == "untied")

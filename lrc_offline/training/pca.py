@@ -53,8 +53,8 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
             shard = {k: v[: max_sequences - seen] for k, v in shard.items()}
         seen += len(shard["act_input"])
         # Both residual streams a layer reads: its input h (read by q, k, v) and h + a after attention
-        # (read by gate, up). Pooling both beats h alone at step 0 on SmolLM2 (held-out CE 7.82 vs 8.05
-        # at d_S 192, 6.66 vs 6.67 at 288).
+        # (read by gate, up). Pooling both beats h alone at step 0 on SmolLM2 (benchmarks/README.md,
+        # "Which residual vectors form the basis").
         h_NLPD = shard["act_input"].float()
         mid_NLPD = h_NLPD + shard["act_attn"].float()
         if exclude_sink:
