@@ -129,10 +129,12 @@ class OnlineSource:
         return {"train_sequences": self.num_sequences, "teacher_heldout": self.teacher_heldout}
 
 
-def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True, resume: str | Path = "auto") -> dict:
+def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True, resume: str | Path = "auto",
+                 max_steps_this_run: int | None = None) -> dict:  # fmt: skip
     """Train an LRC student with the teacher run in every step; export it; return a summary.
 
     Writes to `out_dir` what `training.loop` writes; `summary.json` adds the teacher's held-out metrics.
+    `resume` and `max_steps_this_run` are as in `training.trainer.train_from_cache`.
     """
     if cfg.teacher is None:
         raise ConfigError("online training runs the teacher: set teacher=<name or path>")
@@ -160,4 +162,4 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
                                               tc.batch_size, accelerator.device)  # fmt: skip
     source = OnlineSource(teacher, train.input_ids, cfg, accelerator.device, teacher_heldout)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
-                        heldout_ids=heldout_ids)  # fmt: skip
+                        max_steps_this_run=max_steps_this_run, heldout_ids=heldout_ids)  # fmt: skip

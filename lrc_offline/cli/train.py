@@ -4,7 +4,7 @@
     lrc-train sweep  --cache DIR --out DIR --hidden-sizes 128,192,256 [--config FILE] [section.key=value ...]
     lrc-train eval   --student DIR [--teacher NAME] (--cache DIR | --corpus NAME --heldout-docs N) [--json]
     lrc-train export --checkpoint DIR --out DIR
-    lrc-train online --out DIR [--config FILE] [section.key=value ...]   (the online reference trainer)
+    lrc-train online --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]   (the online reference)
     lrc-train train|sweep|online --help-config | [--config FILE] [section.key=value ...] --print-config
 
 Multi-GPU / multi-node: `accelerate launch --config_file train/accelerate/<file>.yaml -m lrc_offline.cli.train train ...`.
@@ -64,6 +64,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     export.add_argument("--out", required=True, help="export directory")
     online = sub.add_parser("online", help="online reference trainer: the teacher runs in every step")
     _add_job_args(online, cache=False)
+    online.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), never, or a step-* dir")
     return parser, sub.choices
 
 
@@ -183,17 +184,9 @@ def _export(args) -> int:
 
 
 def _online(args) -> int:
-    from ..config import ConfigError
     from ..online import train_online
 
-    cfg = _job_config(args)
-    # train_online creates --out first: refuse here what it would refuse only after that
-    if cfg.teacher is None:
-        raise ConfigError("online training runs the teacher: set teacher=<name or path>")
-    if cfg.loss.alpha > 0 and cfg.loss.clone_normalize == "cache":
-        raise ConfigError("loss.clone_normalize=cache reads statistics recorded in a cache; online training has "
-                          "none: use loss.clone_normalize=batch")  # fmt: skip
-    summary = train_online(cfg, args.out, progress=not args.no_progress)
+    summary = train_online(_job_config(args), args.out, progress=not args.no_progress, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
