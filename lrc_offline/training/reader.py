@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache import CacheReader
 from ..config import ConfigError
+from ..seeding import generator
 
 __all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches", "batch_to_device"]
 
@@ -37,13 +38,6 @@ READER_STATE_VERSION = 1
 
 class ReaderStateError(ValueError):
     """A saved reading position does not fit this cache, world size or seed."""
-
-
-def _generator(*keys: int) -> torch.Generator:
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 class CacheDataset(IterableDataset):
@@ -100,11 +94,11 @@ class CacheDataset(IterableDataset):
 
     def epoch_order(self, epoch: int) -> list[tuple[int, torch.Tensor]]:
         """This rank's shards in the epoch's order, each with the order of its local sequence offsets."""
-        shard_perm = torch.randperm(len(self.shards), generator=_generator(self.seed, epoch))
+        shard_perm = torch.randperm(len(self.shards), generator=generator(self.seed, epoch))
         order = []
         for position in shard_perm.tolist():
             shard = self.shards[position]
-            local = torch.randperm(self.shard_sizes[shard], generator=_generator(self.seed, epoch, shard + 1))
+            local = torch.randperm(self.shard_sizes[shard], generator=generator(self.seed, epoch, shard + 1))
             order.append((shard, local))
         return order
 
