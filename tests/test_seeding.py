@@ -34,10 +34,12 @@ def test_stable_scheme_matches_the_stored_draws(seed, index):
     assert act_present(seed, index, 0.5) == (fraction < 0.5)
 
 
-def test_stable_scheme_pinned_values():
+def test_pinned_values():
     # Caches on disk were written with these: they must never change.
-    assert stable_seed("lrc-positions", 0, 0) == _old_sha("lrc-positions", 0, 0) & (2**63 - 1)
-    assert [act_present(0, j, 0.5) for j in range(8)] == [_old_sha("lrc-act-budget", 0, j) / 2**64 < 0.5 for j in range(8)]
+    assert stable_seed("lrc-positions", 0, 0) == 2943530153234914728
+    assert stable_seed("lrc-positions", 1, 5) == 1927216146497460054
+    assert [act_present(0, j, 0.5) for j in range(8)] == [False, True, False, True, True, False, True, True]
+    assert mixed_seed(3, 1, 5) == 3000019000035
 
 
 @pytest.mark.parametrize("keys", [(0,), (0, 0), (3, 1), (3, 1, 5), (2**62, 2**62, 9), (5, 0, 17)])

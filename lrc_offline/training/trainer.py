@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from tqdm.auto import tqdm
 
-from ..cache import read_manifest
+from ..cache import Manifest, read_manifest
 from ..cache.act_stats import activation_stats, teacher_ms
 from ..config import ConfigError, TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_student
@@ -44,7 +44,7 @@ from .optim import build_optimizer
 from .pca import cache_second_moment, calibrate_head_from_cache
 from .reader import CacheDataset, batch_to_device, iter_batches
 
-__all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
+__all__ = ["TeacherMismatchError", "train_from_cache", "check_teacher_matches_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -58,43 +58,41 @@ class TeacherMismatchError(ValueError):
     """The teacher given to the trainer is not the one the cache was built with."""
 
 
-def cache_teacher_name(manifest: dict) -> str:
-    """The teacher name the cache was built with."""
-    return manifest.get("extra", {}).get("teacher_name") or manifest["config"]["teacher"]
-
-
-def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: dict, cache_dir: str | Path) -> None:
-    """Refuse a teacher (or tokenizer) whose fingerprints differ from those in the cache's manifest.
+def check_teacher_matches_cache(
+    model, tokenizer, teacher_name: str, fingerprints: dict[str, str], built_with: str, where: str
+) -> None:
+    """Refuse a teacher (or tokenizer) whose fingerprints differ from `fingerprints`, those recorded by
+    `where` (e.g. "the cache at DIR") for the teacher `built_with` describes.
 
     Raises:
         TeacherMismatchError: naming both teachers and every fingerprint that differs.
     """
     ours = teacher_fingerprints(model, tokenizer)
-    theirs = manifest["fingerprints"]
+    theirs = fingerprints
     differ = [key for key in _TEACHER_KEYS if ours[key] != theirs.get(key)]
     if differ:
         raise TeacherMismatchError(
-            f"the cache at {cache_dir} was built with teacher {cache_teacher_name(manifest)!r}, but training was "
+            f"{where} was built with teacher {built_with}, but training was "
             f"given teacher {teacher_name!r}; their fingerprints differ in {differ} "
             f"(cache {[theirs.get(k) for k in differ]}, given {[ours[k] for k in differ]}). "
             "Train with the cache's teacher, or build a cache with this one."
         )
 
 
-def _resolve_teacher(cfg: TrainJobConfig, manifest: dict, teacher: str | None) -> str:
+def _resolve_teacher(cfg: TrainJobConfig, manifest: Manifest, teacher: str | None) -> str:
     """Explicit argument, else `cfg.teacher`, else the teacher the cache was built with."""
-    return teacher or cfg.teacher or cache_teacher_name(manifest)
+    return teacher or cfg.teacher or manifest.teacher_name
 
 
-def _check_temperature(cfg: TrainJobConfig, manifest: dict, cache_dir) -> None:
+def _check_temperature(cfg: TrainJobConfig, manifest: Manifest, cache_dir) -> None:
     """Top-k log-probs and sampled draws were taken at the cache's temperature: KD must use the same one
     (a hidden-state cache recomputes exact logits and serves any temperature)."""
-    built = manifest["config"]
-    if built["logit_mode"] in ("topk", "sampled") and built["temperature"] != cfg.loss.temperature:
+    built = manifest.config
+    if built.logit_mode in ("topk", "sampled") and built.temperature != cfg.loss.temperature:
         raise ConfigError(
-            f"the cache at {cache_dir} holds {built['logit_mode']} signals taken at temperature "
-            f"{built['temperature']}, but loss.temperature={cfg.loss.temperature}; set loss.temperature="
-            f"{built['temperature']}, or build a cache at the temperature you want (or with logit_mode=hidden)"
+            f"the cache at {cache_dir} holds {built.logit_mode} signals taken at temperature "
+            f"{built.temperature}, but loss.temperature={cfg.loss.temperature}; set loss.temperature="
+            f"{built.temperature}, or build a cache at the temperature you want (or with logit_mode=hidden)"
         )
 
 
@@ -237,12 +235,13 @@ def train_from_cache(
     else:
         teacher_name = _resolve_teacher(cfg, manifest, teacher)
         loaded = load_teacher(teacher_name, dtype="auto", device=device)
-    check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest, cache_dir)
-    seq_len = manifest["config"]["seq_len"]
+    check_teacher_matches_cache(loaded.model, loaded.tokenizer, teacher_name, manifest.fingerprints,
+                                repr(manifest.teacher_name), f"the cache at {cache_dir}")  # fmt: skip
+    seq_len = manifest.config.seq_len
     cfg = dataclasses.replace(cfg, teacher=teacher_name, train=dataclasses.replace(tc, seq_len=seq_len))
-    cfg = _log_resolved(cfg, cfg.resolved(residual_available=any(f["name"] == "act_input" for f in manifest["fields"])))
+    cfg = _log_resolved(cfg, cfg.resolved(residual_available=manifest.has_residuals))
     tc = cfg.train
-    clone_layers = sorted(manifest["config"]["act_layers"] or range(manifest["geometry"]["num_layers"]))
+    clone_layers = manifest.act_layers
     _check_temperature(cfg, manifest, cache_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +276,7 @@ def train_from_cache(
         start_step = state["step"]
     model, optimizer = accelerator.prepare(student, optimizer)
     loss_student = student if model is student else _DistributedStudent(model, student)
-    extra = {"cache": str(cache_dir), "cache_fingerprints": manifest["fingerprints"], "init": init_info}
+    extra = {"cache": str(cache_dir), "cache_fingerprints": dict(manifest.fingerprints), "init": init_info}
 
     def checkpoint(step: int) -> None:
         states = gather_object([dataset.state_dict()]) if world > 1 else [dataset.state_dict()]
