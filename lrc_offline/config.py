@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BuildRunConfig",
     "CacheConfig",
     "StudentConfig",
     "LossConfig",
     "OptimConfig",
     "TrainConfig",
-    "BuildJobConfig",
     "TrainJobConfig",
     "ConfigError",
     "apply_overrides",
@@ -64,6 +64,46 @@ def _check_positive(section: str, name: str, value: Any, allow_zero: bool = Fals
         return
     if (value < 0) if allow_zero else (value <= 0):
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class BuildRunConfig:
+    """How one build process runs the teacher (stage 1): batch size, device, dtype and engine.
+
+    Not part of the cache's contract: the manifest's ``config`` leaves it out and records the creating
+    process's choice under ``build``, and workers of one cache may differ in it.
+    """
+
+    batch_size: int = 8
+    """Sequences per teacher forward."""
+    device: str = "auto"
+    """Teacher device: auto (cuda if present), cpu, cuda[:N] or mps."""
+    compute_dtype: str = "auto"
+    """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
+    backend: str = "hf"
+    """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals only, so
+    activation_mode=none; installed by ./setup_vllm.sh, see README)."""
+    vllm_tensor_parallel_size: int = 1
+    """backend=vllm: devices one teacher replica is split across by tensor parallelism."""
+    vllm_pipeline_parallel_size: int = 1
+    """backend=vllm: pipeline stages one teacher replica is split across."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """backend=vllm: fraction of each device's memory vLLM may take for weights and KV cache (on vLLM's
+    CPU build, the fraction of the CPU memory node it reserves)."""
+    vllm_enforce_eager: bool = True
+    """backend=vllm: run without torch.compile and CUDA graphs; a build is prefill only, where they gain
+    little and compiling costs minutes at start-up."""
+
+    def __post_init__(self) -> None:
+        s = "cache.run"
+        _check_positive(s, "batch_size", self.batch_size)
+        _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice(s, "backend", self.backend, ("hf", "vllm"))
+        _check_device(s, "device", self.device)
+        _check_positive(s, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
+        _check_positive(s, "vllm_pipeline_parallel_size", self.vllm_pipeline_parallel_size)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"{s}.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
 
 
 @dataclass
@@ -112,25 +152,8 @@ class CacheConfig:
     """Storage dtype of activations and hidden states (float8 is lossy, with a per-row scale)."""
     seed: int = 0
     """Seed for position sampling and sampled-KD draws; a rebuild with the same seed is identical."""
-    batch_size: int = 8
-    """Sequences per teacher forward."""
-    device: str = "auto"
-    """Teacher device: auto (cuda if present), cpu, cuda[:N] or mps."""
-    compute_dtype: str = "auto"
-    """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
-    backend: str = "hf"
-    """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals only, so
-    activation_mode=none; installed by ./setup_vllm.sh, see README)."""
-    vllm_tensor_parallel_size: int = 1
-    """backend=vllm: devices one teacher replica is split across by tensor parallelism."""
-    vllm_pipeline_parallel_size: int = 1
-    """backend=vllm: pipeline stages one teacher replica is split across."""
-    vllm_gpu_memory_utilization: float = 0.9
-    """backend=vllm: fraction of each device's memory vLLM may take for weights and KV cache (on vLLM's
-    CPU build, the fraction of the CPU memory node it reserves)."""
-    vllm_enforce_eager: bool = True
-    """backend=vllm: run without torch.compile and CUDA graphs; a build is prefill only, where they gain
-    little and compiling costs minutes at start-up."""
+    run: BuildRunConfig = field(default_factory=BuildRunConfig)
+    """How this build process runs the teacher; not part of what the cache holds (see BuildRunConfig)."""
 
     def __post_init__(self) -> None:
         s = "cache"
@@ -139,20 +162,13 @@ class CacheConfig:
         _check_choice(s, "activation_mode", self.activation_mode, ACTIVATION_MODES)
         _check_choice(s, "logprob_dtype", self.logprob_dtype, ("float32", "float16", "bfloat16"))
         _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
-        _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice(s, "backend", self.backend, ("hf", "vllm"))
-        _check_device(s, "device", self.device)
-        if self.backend == "vllm" and self.activation_mode != "none":
+        if self.run.backend == "vllm" and self.activation_mode != "none":
             raise ConfigError(
-                f"cache.backend=vllm cannot capture activation_mode={self.activation_mode}: vLLM exposes no "
+                f"cache.run.backend=vllm cannot capture activation_mode={self.activation_mode}: vLLM exposes no "
                 "per-layer inputs or attention outputs; set cache.activation_mode=none for a logit-signal "
-                "cache from vLLM, or use cache.backend=hf for a cache with clone-loss activations"
+                "cache from vLLM, or use cache.run.backend=hf for a cache with clone-loss activations"
             )
-        _check_positive(s, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
-        _check_positive(s, "vllm_pipeline_parallel_size", self.vllm_pipeline_parallel_size)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"cache.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
-        for name in ("seq_len", "sequences_per_shard", "topk", "num_draws", "act_positions", "batch_size"):
+        for name in ("seq_len", "sequences_per_shard", "topk", "num_draws", "act_positions"):
             _check_positive(s, name, getattr(self, name))
         _check_positive(s, "max_sequences", self.max_sequences)
         _check_positive(s, "heldout_docs", self.heldout_docs, allow_zero=True)
@@ -340,13 +356,6 @@ class TrainConfig:
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_device("train", "device", self.device)
-
-
-@dataclass
-class BuildJobConfig:
-    """Root config of `lrc-cache build`."""
-
-    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     timings = {}
 
     print(f"[1/5] loading teacher {cache_cfg.teacher}", flush=True)
-    teacher = load_teacher(cache_cfg.teacher, dtype=cache_cfg.compute_dtype, device=cache_cfg.device)
+    teacher = load_teacher(cache_cfg.teacher, dtype=cache_cfg.run.compute_dtype, device=cache_cfg.run.device)
     device = next(teacher.model.parameters()).device
 
     print(f"[2/5] building the teacher cache in {out / 'cache'} (complete shards are reused)", flush=True)

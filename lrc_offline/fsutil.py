@@ -1,15 +1,88 @@
-"""File-system helpers shared by the writers of whole directories (exports, checkpoints, converted teachers)."""
+"""File-system helpers shared by every writer of files readers must never see half-written: whole
+directories (exports, checkpoints, converted teachers) and single files (cache manifests, completion
+records, the PCA second moment)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_dir"]
+__all__ = ["TMP_PREFIX", "temp_path", "fsync_path", "write_file_atomic", "write_json_atomic", "atomic_dir"]
+
+TMP_PREFIX = ".tmp-"
+"""Name prefix of work in progress (`temp_path`); `lrc_offline.cache.clean_stale` removes such entries."""
+
+
+def temp_path(final: str | Path) -> Path:
+    """A unique sibling of `final` named as work in progress (TMP_PREFIX).
+
+    The pid and a random tag keep concurrent writers (retries, duplicate array tasks) apart; the name
+    never enters the data written, so it does not affect byte-identical rebuilds.
+    """
+    final = Path(final)
+    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush one file or directory entry to stable storage (a no-op where the filesystem refuses)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and directories on some platforms) do not support fsync
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | Path, write: bytes | Callable[[Path], None], exclusive: bool = False) -> bool:
+    """Write `path` so readers see either the old file (or none) or the whole new one, never a part.
+
+    Args:
+        path: The file to write.
+        write: The bytes, or a function that writes the file at the temporary path it is given.
+        exclusive: Never replace an existing file. Hard-linking the finished temporary file makes
+            creation atomic and exclusive (of many writers starting at once, exactly one creates it);
+            on filesystems without hard links it falls back to an atomic but non-exclusive replace.
+
+    Returns:
+        True when this call wrote `path`; False only with `exclusive` when the file already existed.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        if isinstance(write, (bytes, bytearray)):
+            with open(tmp, "wb") as file:
+                file.write(write)
+        else:
+            write(tmp)
+        fsync_path(tmp)
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return True
+
+
+def write_json_atomic(path: str | Path, data: Any, exclusive: bool = False) -> bool:
+    """`write_file_atomic` of `data` as indented JSON with sorted keys (see there for `exclusive`)."""
+    return write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), exclusive)
 
 
 @contextlib.contextmanager

@@ -13,13 +13,13 @@ from lrc_offline.capture import build as build_mod
 from lrc_offline.capture.build import build_cache, my_shards
 from lrc_offline.capture.corpus import CorpusError, load_documents, pack_documents
 from lrc_offline.cli.cache import main as cache_main
-from lrc_offline.config import CLONE_TERMS, CacheConfig
+from lrc_offline.config import CLONE_TERMS, BuildRunConfig, CacheConfig
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import TeacherLoadError, load_teacher
 
-SMALL = dict(seq_len=24, max_sequences=12, sequences_per_shard=5, batch_size=4, topk=8, num_draws=16,
-             act_positions=6, logprob_dtype="float32", act_dtype="float32")  # fmt: skip
+SMALL = dict(seq_len=24, max_sequences=12, sequences_per_shard=5, topk=8, num_draws=16, act_positions=6,
+             logprob_dtype="float32", act_dtype="float32", run=BuildRunConfig(batch_size=4))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

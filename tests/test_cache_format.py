@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -25,15 +26,15 @@ from lrc_offline.cache import (
     clean_stale,
     dequantize_float8,
     inspect_cache,
+    Manifest,
     make_manifest,
-    manifest_differences,
     quantize_float8,
     read_manifest,
     verify_cache,
     wds_shard,
     zarr_shard,
 )
-from lrc_offline.config import CacheConfig
+from lrc_offline.config import BuildRunConfig, CacheConfig, to_dict
 
 GEOMETRY = TeacherGeometry(
     hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=320
@@ -343,16 +344,18 @@ def test_reopening_with_a_different_config_is_refused(tmp_path):
     assert "config.topk: 8 in the existing cache, 4 requested" in str(err.value)
     assert "fields.topk_ids.shape" in str(err.value)
     other = make_manifest(make_cfg(topk=8), GEOMETRY, {**FINGERPRINTS, "tokenizer": "new"}, NUM_SEQUENCES)
-    assert manifest_differences(read_manifest(tmp_path), other) == [
+    assert read_manifest(tmp_path).differences(other) == [
         'fingerprints.tokenizer: "tok" in the existing cache, "new" requested'
     ]
 
 
 def test_manifest_contents_and_read_errors(tmp_path):
     manifest = make_manifest(make_cfg(), GEOMETRY, FINGERPRINTS, NUM_SEQUENCES, extra={"packing": "concat"})
-    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["num_shards"] == math.ceil(7 / 3)
-    assert {"torch", "zarr", "numcodecs"} <= set(manifest["versions"])
-    assert manifest["created"].endswith("+00:00") and manifest["extra"] == {"packing": "concat"}
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.num_shards == math.ceil(7 / 3)
+    assert {"torch", "zarr", "numcodecs"} <= set(manifest.versions)
+    assert manifest.created.endswith("+00:00") and manifest.extra == {"packing": "concat"}
+    reread = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
+    assert reread == manifest and reread.digest() == manifest.digest()
     with pytest.raises(ValueError, match="corpus"):
         make_manifest(make_cfg(), GEOMETRY, {k: v for k, v in FINGERPRINTS.items() if k != "corpus"}, 7)
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
@@ -360,9 +363,56 @@ def test_manifest_contents_and_read_errors(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CacheFormatError, match="not valid JSON"):
         read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION + 1}))
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest.to_dict(), "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(CacheFormatError, match="upgrade lrc_offline"):
         CacheReader(tmp_path)
+
+
+def test_manifest_api_and_volatile_run_options():
+    cfg = make_cfg(act_layers=[1, 0], run=BuildRunConfig(batch_size=3, device="cpu", compute_dtype="float32"))
+    manifest = make_manifest(cfg, GEOMETRY, FINGERPRINTS, NUM_SEQUENCES, extra={"teacher_name": "tiny"})
+    assert manifest.field_names[:3] == ("input_ids", "position_ids", "topk_ids") and manifest.has_field("act_attn")
+    assert manifest.has_residuals and not manifest.has_field("hidden")
+    assert manifest.act_layers == [0, 1] and manifest.teacher_name == "tiny"
+    assert make_manifest(make_cfg(), GEOMETRY, FINGERPRINTS, 7).teacher_name == "tiny-random:llama"
+    data = manifest.to_dict()
+    assert data["build"] == to_dict(cfg.run) and "run" not in data["config"] and "batch_size" not in data["config"]
+    # The run options are volatile: not in the digest, not a difference.
+    other = make_manifest(make_cfg(act_layers=[1, 0]), GEOMETRY, FINGERPRINTS, NUM_SEQUENCES,
+                          extra={"teacher_name": "tiny"})  # fmt: skip
+    assert manifest.digest() == other.digest() and manifest.differences(other) == []
+    assert manifest.digest() != make_manifest(make_cfg(topk=4), GEOMETRY, FINGERPRINTS, NUM_SEQUENCES).digest()
+    with pytest.raises(CacheFormatError, match="where.json: manifest lacks keys"):
+        Manifest.from_dict({"schema_version": SCHEMA_VERSION}, "where.json")
+
+
+def _old_digest(data: dict) -> str:
+    """How schema 1 computed a manifest's digest (written out here, as the old code had it)."""
+    run_keys = ("device", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size", "vllm_gpu_memory_utilization",
+                "vllm_enforce_eager")  # fmt: skip
+    kept = {k: v for k, v in data.items() if k not in ("created", "versions")}
+    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k not in run_keys}
+    return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_a_schema_1_cache_still_reads_complete_and_takes_new_shards(tmp_path):
+    cfg = make_cfg()
+    written = build(tmp_path, cfg, shards=[0, 1])
+    # Rewrite the cache as schema 1 left it: the run options inside config, no build, the old digest.
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data = {**data, "schema_version": 1, "config": {**data["config"], **data.pop("build")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for index in (0, 1):
+        record_file = tmp_path / "shards" / f"shard-{index:05d}.done.json"
+        record_file.write_text(json.dumps({**json.loads(record_file.read_text()), "manifest": _old_digest(data)}))
+    reader = CacheReader(tmp_path)
+    assert reader.manifest.schema_version == 1 and reader.manifest.config.run.batch_size == 8
+    assert reader.manifest.config == cfg and reader.complete_shards() == [0, 1]
+    assert torch.equal(reader.read_shard(1)["topk_ids"], written[1]["topk_ids"].to(torch.int32))
+    # A worker of this version joins the build: same contract, so it writes under the old manifest.
+    build(tmp_path, make_cfg(run=BuildRunConfig(batch_size=2)), shards=[2])
+    assert json.loads((tmp_path / "manifest.json").read_text()) == data
+    assert CacheReader(tmp_path).complete_shards() == [0, 1, 2] and verify_cache(tmp_path).ok
 
 
 def test_unwritable_root_names_the_path(tmp_path):

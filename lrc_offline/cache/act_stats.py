@@ -15,10 +15,11 @@ Legend: L stored layers, B sequences, P positions, W width.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
+
+from lrc_offline.seeding import stable_fraction
 
 __all__ = ["act_present", "batch_act_sums", "merge_act_sums", "activation_stats", "teacher_ms"]
 
@@ -27,8 +28,7 @@ def act_present(seed: int, sequence_index: int, fraction: float) -> bool:
     """Whether sequence `sequence_index` carries activations under budget `fraction` (seeded, stable)."""
     if fraction >= 1.0:
         return True
-    digest = hashlib.sha256(f"lrc-act-budget:{seed}:{sequence_index}".encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+    return stable_fraction("lrc-act-budget", seed, sequence_index) < fraction
 
 
 @torch.no_grad()

@@ -1,39 +1,36 @@
 """The cache manifest: what a cache holds, for which teacher, tokenizer and corpus, in which layout.
 
 ``manifest.json`` is written once, before any shard, and never changes. Every worker building shards
-of the same cache must request an identical manifest (up to its creation time and library versions);
-`manifest_differences` says how two manifests differ, in terms a user can act on.
+of the same cache must request an identical manifest, up to its volatile parts (creation time, library
+versions and the creating worker's run options, ``build``); `Manifest.differences` says how two
+manifests differ, in terms a user can act on. `Manifest` is the only reader and writer of the JSON form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import math
-import os
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lrc_offline.cache.records import MANIFEST_NAME, temp_path
+from lrc_offline.cache.records import MANIFEST_NAME
 from lrc_offline.cache.schema import (
     SCHEMA_VERSION,
     CacheFormatError,
     FieldSpec,
     TeacherGeometry,
+    act_layers,
     cache_fields,
 )
-from lrc_offline.config import FORMATS, CacheConfig, to_dict
+from lrc_offline.config import FORMATS, BuildRunConfig, CacheConfig, ConfigError, from_dict, to_dict
+from lrc_offline.fsutil import write_json_atomic
 
-__all__ = [
-    "FINGERPRINT_KEYS",
-    "make_manifest",
-    "manifest_differences",
-    "validate_manifest",
-    "read_manifest",
-    "create_manifest",
-]
+__all__ = ["FINGERPRINT_KEYS", "Manifest", "make_manifest", "read_manifest", "create_manifest"]
 
 FINGERPRINT_KEYS = ("teacher_config", "teacher_weights", "tokenizer", "corpus")
 """Fingerprints every manifest carries (strings computed by the capture code, e.g. sha256 hex)."""
@@ -42,11 +39,221 @@ _REQUIRED_KEYS = (
     "schema_version", "format", "config", "geometry", "fingerprints",
     "num_sequences", "sequences_per_shard", "num_shards", "fields",
 )  # fmt: skip
-_VOLATILE_KEYS = ("created", "versions")
-"""Top-level keys that legitimately differ between workers of one cache."""
-_RUN_KEYS = ("device", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size", "vllm_gpu_memory_utilization",
-             "vllm_enforce_eager")  # fmt: skip
-"""Config keys that say where and how a worker runs, not what it writes: ranks of one build may differ in them."""
+_VOLATILE_KEYS = ("created", "versions", "build")
+"""Top-level keys that legitimately differ between workers of one cache: left out of the digest and
+of `Manifest.differences`."""
+_RUN_KEYS = tuple(f.name for f in dataclasses.fields(BuildRunConfig))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a cache holds (the JSON form is ``manifest.json``, see docs/cache_format.md).
+
+    Build one with `make_manifest`, read one with `read_manifest`.
+    """
+
+    schema_version: int
+    """Version of the on-disk layout it was written with."""
+    format: str
+    """Shard file format: zarr or webdataset."""
+    config: CacheConfig
+    """The cache config. Its contract (every field but ``run``) is stored as ``config``; ``run`` holds the
+    run options of the worker that created the manifest, stored as ``build`` (volatile: other workers of
+    the cache may have run differently)."""
+    geometry: TeacherGeometry
+    """The teacher's shapes."""
+    fields: tuple[FieldSpec, ...]
+    """Every array a shard stores, in order."""
+    fingerprints: dict[str, str]
+    """Strings identifying the teacher config, weights, tokenizer and corpus (FINGERPRINT_KEYS)."""
+    num_sequences: int
+    """Packed sequences in the whole cache."""
+    sequences_per_shard: int
+    """Shard i holds sequences [i * S, min((i + 1) * S, num_sequences))."""
+    num_shards: int
+    """ceil(num_sequences / sequences_per_shard)."""
+    created: str = ""
+    """Creation time (UTC, ISO 8601); volatile."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """Library versions of the creating worker; volatile."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further facts recorded and compared (packing, teacher_name, backend)."""
+    _digest_as_read: str | None = field(default=None, repr=False, compare=False)
+    """For a manifest read from JSON: the digest of that JSON, which its completion records carry. Kept,
+    not recomputed, so a config key added to CacheConfig since (read at its default) or a schema-1
+    layout leaves the cache's shards complete."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise CacheFormatError(f"format {self.format!r} is not one of {list(FORMATS)}")
+        num, per_shard = self.num_sequences, self.sequences_per_shard
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (num, per_shard)):
+            raise CacheFormatError("num_sequences and sequences_per_shard must be positive integers")
+        if self.num_shards != math.ceil(num / per_shard):
+            raise CacheFormatError(f"num_shards {self.num_shards} != ceil({num} / {per_shard})")
+        if not self.fields:
+            raise CacheFormatError("fields must be a non-empty list")
+        names = [spec.name for spec in self.fields]
+        if len(set(names)) != len(names):
+            raise CacheFormatError(f"field names repeat: {names}")
+
+    # ---- what readers ask ------------------------------------------------------------------------------
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """Names of the stored fields, in order."""
+        return tuple(spec.name for spec in self.fields)
+
+    def has_field(self, name: str) -> bool:
+        """Whether shards store field `name`."""
+        return name in self.field_names
+
+    @property
+    def has_residuals(self) -> bool:
+        """Whether the cache holds residual activations (layer inputs and attention outputs)."""
+        return self.has_field("act_input")
+
+    @property
+    def act_layers(self) -> list[int]:
+        """The teacher layers whose activations are stored, ascending (see `schema.act_layers`)."""
+        return act_layers(self.config, self.geometry)
+
+    @property
+    def teacher_name(self) -> str:
+        """The name the teacher was loaded by when the cache was built."""
+        return self.extra.get("teacher_name") or self.config.teacher
+
+    # ---- JSON form, digest, comparison ------------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON form of the cache's contract, as stored under ``config`` (the config without ``run``)."""
+        config = to_dict(self.config)
+        del config["run"]
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of the current schema (what `create_manifest` writes)."""
+        return {
+            "schema_version": self.schema_version,
+            "format": self.format,
+            "config": self.config_dict(),
+            "build": to_dict(self.config.run),
+            "geometry": self.geometry.to_dict(),
+            "fingerprints": dict(self.fingerprints),
+            "num_sequences": self.num_sequences,
+            "sequences_per_shard": self.sequences_per_shard,
+            "num_shards": self.num_shards,
+            "fields": [spec.to_dict() for spec in self.fields],
+            "created": self.created,
+            "versions": dict(self.versions),
+            "extra": json.loads(json.dumps(self.extra)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        """Parse and check a manifest's JSON form, of this schema or an older one.
+
+        Raises:
+            CacheFormatError: a key is missing or malformed, or the schema is newer than supported;
+                the message starts with `where`.
+        """
+        if not isinstance(data, dict):
+            raise CacheFormatError(f"{where}: the manifest must be a JSON object")
+        version = data.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise CacheFormatError(f"{where}: schema_version {version!r} is not a positive integer")
+        if version > SCHEMA_VERSION:
+            raise CacheFormatError(
+                f"{where}: written with cache schema {version}, this lrc_offline reads up to {SCHEMA_VERSION}; "
+                "upgrade lrc_offline to read it"
+            )
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise CacheFormatError(f"{where}: manifest lacks keys {missing}")
+        try:
+            config = dict(data["config"])
+            build = dict(data.get("build") or {})
+            if version == 1:  # schema 1 kept the run options inside config
+                build.update({k: config.pop(k) for k in _RUN_KEYS if k in config})
+            # Run options are volatile facts about one worker: an unknown one never blocks reading.
+            run = {k: v for k, v in build.items() if k in _RUN_KEYS}
+            if not isinstance(data["fields"], list):
+                raise CacheFormatError("fields must be a list")
+            return cls(
+                schema_version=version,
+                format=data["format"],
+                config=from_dict(CacheConfig, {**config, "run": run}, "config"),
+                geometry=TeacherGeometry.from_dict(data["geometry"]),
+                fields=tuple(FieldSpec.from_dict(f) for f in data["fields"]),
+                fingerprints=dict(data["fingerprints"]),
+                num_sequences=data["num_sequences"],
+                sequences_per_shard=data["sequences_per_shard"],
+                num_shards=data["num_shards"],
+                created=data.get("created", ""),
+                versions=dict(data.get("versions") or {}),
+                extra=dict(data.get("extra") or {}),
+                _digest_as_read=_legacy_digest(data) if version == 1 else _digest(data),
+            )
+        except (CacheFormatError, ConfigError, TypeError, ValueError) as err:
+            raise CacheFormatError(f"{where}: {err}") from err
+
+    def digest(self) -> str:
+        """sha256 of what the manifest says about the data (its volatile parts left out). Every completion
+        record carries it, so a shard is complete only for the manifest it was built under."""
+        return self._digest_as_read or _digest(self.to_dict())
+
+    def differences(self, other: Manifest) -> list[str]:
+        """Human-readable differences from `other`, ignoring the volatile parts and the schema version
+        (schemas 1 and 2 describe the same shard data: 2 only moved the run options out of config).
+
+        Returns:
+            Lines like ``"config.topk: 32 in the existing cache, 64 requested"`` (this manifest being
+            the existing one); empty when they agree.
+        """
+        ignored = (*_VOLATILE_KEYS, "schema_version")
+        flat_self: dict[str, Any] = {}
+        flat_other: dict[str, Any] = {}
+        for manifest, flat in ((self, flat_self), (other, flat_other)):
+            _flatten({k: v for k, v in manifest.to_dict().items() if k not in ignored}, "", flat)
+        absent = object()
+        show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
+        lines = []
+        for key in sorted(set(flat_self) | set(flat_other)):
+            old, new = flat_self.get(key, absent), flat_other.get(key, absent)
+            if old != new:
+                lines.append(f"{key}: {show(old)} in the existing cache, {show(new)} requested")
+        return lines
+
+
+def _digest(data: dict[str, Any]) -> str:
+    kept = {k: v for k, v in data.items() if k not in _VOLATILE_KEYS}
+    return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _legacy_digest(data: dict[str, Any]) -> str:
+    """The digest the completion records of a schema-1 cache carry, computed as schema 1 did.
+
+    Schema 1 hashed the manifest as written, less ``created`` and ``versions``, and less the config keys
+    ``device`` and ``vllm_*``, but with ``batch_size``, ``compute_dtype`` and ``backend`` in it. Never
+    change this: it decides whether the shards of caches built before schema 2 count as complete.
+    """
+    dropped = ("device", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size", "vllm_gpu_memory_utilization",
+               "vllm_enforce_eager")  # fmt: skip
+    kept = {k: v for k, v in data.items() if k not in ("created", "versions")}
+    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k not in dropped}
+    return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key in sorted(value):
+            _flatten(value[key], f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        # Field lists compare field by field, so a message reads "fields.topk_ids.shape: ...".
+        for item in value:
+            _flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}.{item['name']}", out)
+    else:
+        out[prefix] = value
 
 
 def _library_versions() -> dict[str, str]:
@@ -72,18 +279,15 @@ def make_manifest(
     fingerprints: dict[str, str],
     num_sequences: int,
     extra: dict | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """The manifest of a cache built with `cfg` for a teacher of `geometry`.
 
     Args:
-        cfg: The resolved cache config (saved whole).
+        cfg: The resolved cache config (saved whole: the contract as ``config``, ``cfg.run`` as ``build``).
         geometry: The teacher's shapes.
         fingerprints: Strings identifying what produced the data; must hold FINGERPRINT_KEYS.
         num_sequences: Packed sequences in the whole cache (all shards).
         extra: Further JSON-ready facts the caller wants recorded and compared (e.g. packing details).
-
-    Returns:
-        A JSON-ready dict (see docs/cache_format.md).
     """
     if not isinstance(fingerprints, dict):
         raise TypeError(f"fingerprints must be a dict with keys {list(FINGERPRINT_KEYS)}")
@@ -97,111 +301,25 @@ def make_manifest(
         raise ValueError(f"num_sequences={num_sequences!r} must be a positive integer")
     if cfg.max_sequences is not None and num_sequences > cfg.max_sequences:
         raise ValueError(f"num_sequences={num_sequences} exceeds cache.max_sequences={cfg.max_sequences}")
-    per_shard = cfg.sequences_per_shard
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "format": cfg.format,
-        "config": to_dict(cfg),
-        "geometry": geometry.to_dict(),
-        "fingerprints": dict(fingerprints),
-        "num_sequences": num_sequences,
-        "sequences_per_shard": per_shard,
-        "num_shards": math.ceil(num_sequences / per_shard),
-        "fields": [spec.to_dict() for spec in cache_fields(cfg, geometry)],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _library_versions(),
-        "extra": _json_ready(extra or {}, "manifest extra"),
-    }
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        format=cfg.format,
+        # a copy: the caller's config may change after, the manifest never does
+        config=from_dict(CacheConfig, to_dict(cfg)),
+        geometry=geometry,
+        fields=tuple(cache_fields(cfg, geometry)),
+        fingerprints=dict(fingerprints),
+        num_sequences=num_sequences,
+        sequences_per_shard=cfg.sequences_per_shard,
+        num_shards=math.ceil(num_sequences / cfg.sequences_per_shard),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=_library_versions(),
+        extra=_json_ready(extra or {}, "manifest extra"),
+    )
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
-        for key in sorted(value):
-            _flatten(value[key], f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-        # Field lists compare field by field, so a message reads "fields.topk_ids.shape: ...".
-        for item in value:
-            _flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}.{item['name']}", out)
-    else:
-        out[prefix] = value
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of what a manifest says about the data (creation time, library versions, the build device
-    and engine options left out). Every completion record carries it, so a shard is complete only for
-    the manifest it was built under."""
-    kept = {k: v for k, v in manifest.items() if k not in _VOLATILE_KEYS}
-    kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k not in _RUN_KEYS}
-    return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def manifest_differences(existing: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two manifests, ignoring creation time and library versions.
-
-    Returns:
-        Lines like ``"config.topk: 32 in the existing cache, 64 requested"``; empty when they agree.
-    """
-    flat_existing: dict[str, Any] = {}
-    flat_requested: dict[str, Any] = {}
-    for manifest, flat in ((existing, flat_existing), (requested, flat_requested)):
-        kept = {k: v for k, v in manifest.items() if k not in _VOLATILE_KEYS}
-        _flatten(_json_ready(kept, "manifest"), "", flat)
-    # Where a worker runs does not change what it writes: ranks of one build may use different devices.
-    for flat in (flat_existing, flat_requested):
-        for key in _RUN_KEYS:
-            flat.pop(f"config.{key}", None)
-    absent = object()
-    # A config key added to CacheConfig since the existing cache was built, requested at its default,
-    # asks for what the old build did.
-    defaults = {f"config.{k}": v for k, v in _json_ready(to_dict(CacheConfig()), "defaults").items()}
-    lines = []
-    for key in sorted(set(flat_existing) | set(flat_requested)):
-        old, new = flat_existing.get(key, absent), flat_requested.get(key, absent)
-        if old is absent and key in defaults and new == defaults[key]:
-            continue
-        if old != new:
-            show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(old)} in the existing cache, {show(new)} requested")
-    return lines
-
-
-def validate_manifest(manifest: Any, where: str) -> list[FieldSpec]:
-    """Check a manifest's structure and return its field specs.
-
-    Raises:
-        CacheFormatError: a key is missing, the schema is newer than supported, or values disagree.
-    """
-    if not isinstance(manifest, dict):
-        raise CacheFormatError(f"{where}: the manifest must be a JSON object")
-    version = manifest.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CacheFormatError(f"{where}: schema_version {version!r} is not a positive integer")
-    if version > SCHEMA_VERSION:
-        raise CacheFormatError(
-            f"{where}: written with cache schema {version}, this lrc_offline reads up to {SCHEMA_VERSION}; "
-            "upgrade lrc_offline to read it"
-        )
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise CacheFormatError(f"{where}: manifest lacks keys {missing}")
-    if manifest["format"] not in FORMATS:
-        raise CacheFormatError(f"{where}: format {manifest['format']!r} is not one of {list(FORMATS)}")
-    num, per_shard = manifest["num_sequences"], manifest["sequences_per_shard"]
-    if not (isinstance(num, int) and isinstance(per_shard, int) and num >= 1 and per_shard >= 1):
-        raise CacheFormatError(f"{where}: num_sequences and sequences_per_shard must be positive integers")
-    if manifest["num_shards"] != math.ceil(num / per_shard):
-        raise CacheFormatError(f"{where}: num_shards {manifest['num_shards']} != ceil({num} / {per_shard})")
-    if not isinstance(manifest["fields"], list) or not manifest["fields"]:
-        raise CacheFormatError(f"{where}: fields must be a non-empty list")
-    specs = [FieldSpec.from_dict(f) for f in manifest["fields"]]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise CacheFormatError(f"{where}: field names repeat: {names}")
-    return specs
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and validate ``<root>/manifest.json``.
+def read_manifest(root: str | Path) -> Manifest:
+    """Read and check ``<root>/manifest.json``.
 
     Raises:
         FileNotFoundError: `root` holds no manifest (not a cache, or its build never started).
@@ -215,35 +333,16 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             f"{path} not found: {root} is not a teacher cache, or its build never started (run `lrc-cache build`)"
         ) from None
     try:
-        manifest = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise CacheFormatError(f"{path}: not valid JSON ({err}); restore the file or rebuild the cache") from err
-    validate_manifest(manifest, str(path))
-    return manifest
+    return Manifest.from_dict(data, str(path))
 
 
-def create_manifest(root: Path, manifest: dict[str, Any]) -> bool:
+def create_manifest(root: Path, manifest: Manifest) -> bool:
     """Write ``<root>/manifest.json`` unless one exists; True when this call created it.
 
-    Hard-linking a finished temporary file makes creation both atomic (no reader sees half a file)
-    and exclusive (of many workers starting at once, exactly one creates it; the rest compare).
+    The write is atomic (no reader sees half a file) and exclusive (of many workers starting at once,
+    exactly one creates it; the rest compare): see `fsutil.write_file_atomic`.
     """
-    path = Path(root) / MANIFEST_NAME
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as file:
-            file.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:
-            # Filesystems without hard links: fall back to an atomic but non-exclusive replace.
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+    return write_json_atomic(Path(root) / MANIFEST_NAME, manifest.to_dict(), exclusive=True)

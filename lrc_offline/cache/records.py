@@ -19,22 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.schema import CacheFormatError
+from lrc_offline.fsutil import fsync_path
 
 __all__ = [
     "MANIFEST_NAME",
     "SHARDS_DIR",
-    "TMP_PREFIX",
     "shard_name",
     "record_path",
-    "temp_path",
     "fsync_tree",
-    "write_json_atomic",
     "file_digests",
     "sha256_file",
     "read_record",
@@ -43,7 +40,6 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
-TMP_PREFIX = ".tmp-"
 _SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
 _RECORD_KEYS = ("index", "manifest", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
 _HASH_BLOCK = 1 << 20
@@ -59,51 +55,16 @@ def record_path(root: Path, index: int) -> Path:
     return Path(root) / SHARDS_DIR / f"shard-{index:05d}.done.json"
 
 
-def temp_path(final: Path) -> Path:
-    """A unique sibling of `final` that `clean_stale` recognises as work in progress.
-
-    The pid and a random tag keep concurrent writers (retries, duplicate array tasks) apart; the name
-    never enters the data files, so it does not affect byte-identical rebuilds.
-    """
-    return final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and directories on some platforms) do not support fsync
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     """Flush a file, or every file and directory under `path`, to stable storage."""
     path = Path(path)
     if path.is_dir():
         for dirpath, _, filenames in os.walk(path):
             for name in filenames:
-                _fsync(Path(dirpath) / name)
-            _fsync(Path(dirpath))
+                fsync_path(Path(dirpath) / name)
+            fsync_path(Path(dirpath))
     else:
-        _fsync(path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so readers see either the old file or the whole new one, never a partial one."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as file:
-            file.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
+        fsync_path(path)
 
 
 def sha256_file(path: Path) -> str:

@@ -28,8 +28,10 @@ __all__ = [
     "act_layers",
 ]
 
-SCHEMA_VERSION = 1
-"""Version of the on-disk layout; readers refuse caches written with a newer one."""
+SCHEMA_VERSION = 2
+"""Version of the on-disk layout; readers refuse caches written with a newer one. 2: the build's run options
+(batch size, device, dtype, backend, engine options) moved from the manifest's ``config`` to ``build``;
+the shard data and records are as in 1, which stays readable (see `manifest._legacy_digest`)."""
 
 LOGICAL_DTYPES = ("int32", "uint16", "uint8", "float32", "float16", "bfloat16", "float8")
 """Dtypes a field may declare; bfloat16 and float8 are stored as integer bits (see `dtypes.py`)."""

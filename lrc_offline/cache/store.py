@@ -18,26 +18,18 @@ import torch
 
 from lrc_offline.cache import wds_shard, zarr_shard
 from lrc_offline.cache.dtypes import check_input
-from lrc_offline.cache.manifest import (
-    create_manifest,
-    manifest_differences,
-    manifest_digest,
-    read_manifest,
-    validate_manifest,
-)
+from lrc_offline.cache.manifest import Manifest, create_manifest, read_manifest
 from lrc_offline.cache.records import (
     SHARDS_DIR,
-    TMP_PREFIX,
     file_digests,
     fsync_tree,
     read_record,
     record_path,
     remove_path,
     shard_name,
-    temp_path,
-    write_json_atomic,
 )
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
+from lrc_offline.fsutil import TMP_PREFIX, temp_path, write_json_atomic
 
 __all__ = ["CacheMismatchError", "CacheWriter", "CacheReader", "clean_stale"]
 
@@ -52,13 +44,16 @@ class CacheMismatchError(ValueError):
 class _Layout:
     """What writer and reader share: the manifest, its fields and the shard arithmetic."""
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any], where: str) -> None:
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
         self.root = Path(root)
+        self._use(manifest)
+
+    def _use(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.fields: list[FieldSpec] = validate_manifest(manifest, where)
-        self.num_shards: int = manifest["num_shards"]
-        self.format: str = manifest["format"]
-        self.manifest_digest: str = manifest_digest(manifest)
+        self.fields: tuple[FieldSpec, ...] = manifest.fields
+        self.num_shards: int = manifest.num_shards
+        self.format: str = manifest.format
+        self.manifest_digest: str = manifest.digest()
         self._shard_format = _FORMATS[self.format]
 
     def _check_index(self, index: int) -> None:
@@ -68,8 +63,8 @@ class _Layout:
     def shard_range(self, index: int) -> tuple[int, int]:
         """[first, end) global sequence indices of shard `index`."""
         self._check_index(index)
-        per_shard = self.manifest["sequences_per_shard"]
-        return index * per_shard, min((index + 1) * per_shard, self.manifest["num_sequences"])
+        per_shard = self.manifest.sequences_per_shard
+        return index * per_shard, min((index + 1) * per_shard, self.manifest.num_sequences)
 
     def shard_path(self, index: int) -> Path:
         """Where shard `index`'s data lives (a .zarr directory or a .tar file)."""
@@ -89,15 +84,18 @@ class CacheWriter(_Layout):
 
     Args:
         root: Cache directory (created if needed).
-        manifest: From `make_manifest`. If the cache exists, its manifest must agree.
+        manifest: From `make_manifest`. If the cache exists, its manifest must agree (then `self.manifest`
+            is the existing one).
 
     Raises:
         CacheMismatchError: the existing cache was built with a different manifest.
         PermissionError, OSError: `root` cannot be created or written; the message names the path.
     """
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest, f"manifest requested for {root}")
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
+        if not isinstance(manifest, Manifest):
+            raise TypeError(f"manifest must be a Manifest (from make_manifest), got {type(manifest).__name__}")
+        super().__init__(root, manifest)
         shards = self.root / SHARDS_DIR
         try:
             shards.mkdir(parents=True, exist_ok=True)
@@ -109,16 +107,16 @@ class CacheWriter(_Layout):
             ) from err
         if not created:
             existing = read_manifest(self.root)
-            differences = manifest_differences(existing, manifest)
+            differences = existing.differences(manifest)
             if differences:
                 raise CacheMismatchError(
                     f"{self.root} already holds a cache built with a different configuration:\n  "
                     + "\n  ".join(differences)
                     + "\nUse another output directory, or delete this one to rebuild it."
                 )
-            # Agreeing up to config keys added since (at their defaults): keep writing under the
-            # existing manifest, so its complete shards stay complete.
-            self.manifest, self.manifest_digest = existing, manifest_digest(existing)
+            # Agreeing up to run options, the schema version and config keys added since (at their
+            # defaults): keep writing under the existing manifest, so its complete shards stay complete.
+            self._use(existing)
 
     def write_shard(
         self, index: int, arrays: dict[str, torch.Tensor], stats: dict[str, Any] | None = None
@@ -170,7 +168,7 @@ class CacheWriter(_Layout):
             "manifest": self.manifest_digest,
             "first_sequence": first,
             "num_sequences": end - first,
-            "num_tokens": (end - first) * self.manifest["config"]["seq_len"],
+            "num_tokens": (end - first) * self.manifest.config.seq_len,
             "files": files,
             "field_bytes": field_bytes,
             "stats": stats,
@@ -202,7 +200,7 @@ class CacheReader(_Layout):
     """
 
     def __init__(self, root: str | Path) -> None:
-        super().__init__(root, read_manifest(root), str(Path(root) / "manifest.json"))
+        super().__init__(root, read_manifest(root))
 
     def complete_shards(self) -> list[int]:
         """Indices of shards with a completion record (not checksummed: see `verify_cache`)."""
@@ -230,11 +228,11 @@ class CacheReader(_Layout):
         ``.long()`` or ``.float()`` first.
         """
         record = self.shard_record(index)
-        names = [s.name for s in self.fields]
+        names = self.manifest.field_names
         if fields is not None:
             unknown = [f for f in fields if f not in names]
             if unknown:
-                raise KeyError(f"fields {unknown} are not in the cache at {self.root}; it holds {names}")
+                raise KeyError(f"fields {unknown} are not in the cache at {self.root}; it holds {list(names)}")
         # A file missing or truncated would otherwise read as zeros (Zarr fill values) or fail
         # obscurely; comparing sizes against the record is cheap and catches both.
         for rel, info in record["files"].items():

@@ -119,7 +119,7 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
     reader = CacheReader(root)
     manifest = reader.manifest
     records = [reader.shard_record(i) for i in reader.complete_shards()]
-    seq_len = manifest["config"]["seq_len"]
+    seq_len = manifest.config.seq_len
     complete_sequences = sum(r["num_sequences"] for r in records)
     complete_tokens = sum(r["num_tokens"] for r in records)
     stored_bytes = sum(info["bytes"] for r in records for info in r["files"].values())
@@ -140,9 +140,9 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
     return {
         "root": str(reader.root),
         "format": reader.format,
-        "schema_version": manifest["schema_version"],
-        "sequences": manifest["num_sequences"],
-        "tokens": manifest["num_sequences"] * seq_len,
+        "schema_version": manifest.schema_version,
+        "sequences": manifest.num_sequences,
+        "tokens": manifest.num_sequences * seq_len,
         "complete_sequences": complete_sequences,
         "complete_tokens": complete_tokens,
         "complete_shards": len(records),
@@ -150,8 +150,8 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
         "stored_bytes": stored_bytes,
         "bytes_per_token": per_token(stored_bytes),
         "fields": fields,
-        "fingerprints": manifest["fingerprints"],
-        "config": manifest["config"],
+        "fingerprints": dict(manifest.fingerprints),
+        "config": manifest.config_dict(),
         "stats": _weighted_stats(records),
         "activations": _activation_summary(records, complete_sequences),
     }

@@ -1,6 +1,6 @@
 """`lrc-cache build`: corpus -> packed sequences -> one teacher forward with hooks -> cache shards.
 
-The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.backend=vllm, in vLLM
+The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.run.backend=vllm, in vLLM
 (`vllm_backend.VLLMCapture`, logit signals only); both return the same fields.
 
 Shard i is a fixed slice of the packed corpus, so any shard can be built, rebuilt or verified on its
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..cache import (
     CacheWriter,
+    FieldSpec,
     TeacherGeometry,
     act_layers,
     make_manifest,
@@ -140,9 +141,9 @@ def capture_batch(
     return out, stats
 
 
-def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: list[dict]) -> dict[str, torch.Tensor]:
+def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: tuple[FieldSpec, ...]) -> dict[str, torch.Tensor]:
     """Cast each field to the logical dtype the manifest declares (float8 is quantised by the store)."""
-    dtypes = {f["name"]: f["dtype"] for f in fields}
+    dtypes = {spec.name: spec.dtype for spec in fields}
     out = {}
     for name, value in arrays.items():
         dtype = dtypes[name]
@@ -172,14 +173,15 @@ def build_cache(
         CorpusError, TeacherLoadError: bad corpus or teacher.
     """
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.compute_dtype, device)
-    if cfg.backend == "vllm":
+    run = cfg.run
+    device = resolve_device(run.device)
+    dtype = resolve_dtype(run.compute_dtype, device)
+    if run.backend == "vllm":
         require_vllm()
         # vLLM holds the weights that run; this copy fingerprints them and lends its final norm and head.
         device = torch.device("cpu")
     teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
-    if cfg.backend == "vllm":
+    if run.backend == "vllm":
         check_serves(teacher)
     docs = load_documents(cfg.corpus, cfg.text_field)
     train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)
@@ -192,20 +194,20 @@ def build_cache(
         "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
                     "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
                     "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
-        "backend": _backend_record(cfg.backend),
+        "backend": _backend_record(run.backend),
         "teacher_name": cfg.teacher,
     }  # fmt: skip
     manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra)
-    shards = my_shards(manifest["num_shards"], shard_index, num_workers)  # before anything is written
+    shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before anything is written
     writer = CacheWriter(out, manifest)
-    report = BuildReport(out=str(out), num_shards=manifest["num_shards"])
+    report = BuildReport(out=str(out), num_shards=manifest.num_shards)
     todo = [i for i in shards if not writer.is_complete(i)]
     report.skipped = [i for i in shards if i not in todo]
     total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
     bytes_written = 0
     with contextlib.ExitStack() as engine:
-        if cfg.backend == "vllm" and todo:
+        if run.backend == "vllm" and todo:
             capture = engine.enter_context(open_vllm(cfg, teacher)).capture
         else:
             capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
@@ -214,10 +216,10 @@ def build_cache(
             pieces: dict[str, list[torch.Tensor]] = {}
             sums: dict[str, float] = {}
             act_sums = None
-            for lo in range(first, end, cfg.batch_size):
-                hi = min(lo + cfg.batch_size, end)
+            for lo in range(first, end, run.batch_size):
+                hi = min(lo + run.batch_size, end)
                 arrays, stats = capture(packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)))
-                arrays = _storage_dtypes(arrays, manifest["fields"])  # per batch: a shard never sits in fp32
+                arrays = _storage_dtypes(arrays, writer.fields)  # per batch: a shard never sits in fp32
                 for name, value in arrays.items():
                     pieces.setdefault(name, []).append(value)
                 act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums

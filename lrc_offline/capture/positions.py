@@ -6,17 +6,16 @@ size, shard layout or worker order.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from ..seeding import stable_seed
 
 __all__ = ["position_seed", "sample_positions", "sample_positions_batch"]
 
 
 def position_seed(seed: int, sequence_index: int) -> int:
     """A 63-bit generator seed from `(seed, sequence_index)`, stable across processes and platforms."""
-    digest = hashlib.sha256(f"lrc-positions:{seed}:{sequence_index}".encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return stable_seed("lrc-positions", seed, sequence_index)
 
 
 def sample_positions(

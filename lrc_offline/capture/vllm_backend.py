@@ -50,15 +50,15 @@ _CONNECTOR = ("SyncHiddenStatesConnector", "lrc_offline.capture.vllm_connector")
 
 
 class BackendUnavailableError(ConfigError):
-    """cache.backend=vllm cannot serve this build here; the message says why and what to do instead."""
+    """cache.run.backend=vllm cannot serve this build here; the message says why and what to do instead."""
 
 
 def require_vllm() -> None:
     """Refuse, before any work, a vLLM build in an environment without vLLM."""
     if importlib.util.find_spec("vllm") is None:
         raise BackendUnavailableError(
-            f"cache.backend=vllm needs vLLM, which is not installed for {sys.executable}; install it with "
-            f"{VLLM_INSTALL}, or use cache.backend=hf"
+            f"cache.run.backend=vllm needs vLLM, which is not installed for {sys.executable}; install it with "
+            f"{VLLM_INSTALL}, or use cache.run.backend=hf"
         )
 
 
@@ -94,8 +94,8 @@ def model_dir(teacher: Teacher) -> Path:
 
 
 def _vllm_dtype(cfg: CacheConfig, on_cpu: bool) -> str:
-    if cfg.compute_dtype != "auto":
-        return cfg.compute_dtype
+    if cfg.run.compute_dtype != "auto":
+        return cfg.run.compute_dtype
     return "float32" if on_cpu else "bfloat16"
 
 
@@ -114,7 +114,7 @@ def check_serves(teacher: Teacher) -> None:
     if head_dim not in sizes:
         raise BackendUnavailableError(
             f"teacher {teacher.name!r} has head_dim {head_dim}; vLLM's CPU build supports head sizes {sizes} "
-            "(the built-in tiny-random teachers have 16): use cache.backend=hf for it, or vLLM on a GPU"
+            "(the built-in tiny-random teachers have 16): use cache.run.backend=hf for it, or vLLM on a GPU"
         )
 
 
@@ -148,8 +148,9 @@ class VLLMCapture:
         if cfg.logit_mode == "none":
             return  # the cache holds the token ids only: nothing to run
         # The final norm and head run where the hf backend would run them, in its dtype.
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.compute_dtype, self.device)
+        run = cfg.run
+        self.device = resolve_device(run.device)
+        self.dtype = resolve_dtype(run.compute_dtype, self.device)
         norm, head = teacher.model.get_submodule(teacher.adapter.final_norm), teacher.model.get_output_embeddings()
         same = next(teacher.model.parameters()).device == self.device
         self.norm = norm if same else copy.deepcopy(norm).to(self.device)
@@ -157,9 +158,9 @@ class VLLMCapture:
         engine = dict(
             model=str(model_dir(teacher)), skip_tokenizer_init=True, dtype=_vllm_dtype(cfg, on_cpu),
             max_model_len=cfg.seq_len + 1,  # the sequence and the one generated token that ends a request
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            pipeline_parallel_size=cfg.vllm_pipeline_parallel_size,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enforce_eager=cfg.vllm_enforce_eager,
+            tensor_parallel_size=run.vllm_tensor_parallel_size,
+            pipeline_parallel_size=run.vllm_pipeline_parallel_size,
+            gpu_memory_utilization=run.vllm_gpu_memory_utilization, enforce_eager=run.vllm_enforce_eager,
             seed=cfg.seed, enable_prefix_caching=False,
         )  # fmt: skip
         if self.prompt_logprobs:
@@ -180,14 +181,14 @@ class VLLMCapture:
                 self.llm = LLM(**engine)
         except Exception as err:
             # vLLM's own message names its flags; say which cache fields set them and what ran.
-            err.add_note(f"lrc-cache build started vLLM with cache.vllm_gpu_memory_utilization="
-                         f"{cfg.vllm_gpu_memory_utilization} (on vLLM's CPU build, a share of the CPU memory "
-                         f"node), vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size}, "
-                         f"vllm_pipeline_parallel_size={cfg.vllm_pipeline_parallel_size}")  # fmt: skip
+            err.add_note(f"lrc-cache build started vLLM with cache.run.vllm_gpu_memory_utilization="
+                         f"{run.vllm_gpu_memory_utilization} (on vLLM's CPU build, a share of the CPU memory "
+                         f"node), run.vllm_tensor_parallel_size={run.vllm_tensor_parallel_size}, "
+                         f"run.vllm_pipeline_parallel_size={run.vllm_pipeline_parallel_size}")  # fmt: skip
             if not self.prompt_logprobs:
                 err.add_note(f"cache.logit_mode={cfg.logit_mode} (and top-k away from temperature 1) runs vLLM's "
                              "hidden-state extraction; if that is what this platform cannot serve, use "
-                             "cache.backend=hf, or logit_mode=topk at temperature 1 (prompt log-probs)")  # fmt: skip
+                             "cache.run.backend=hf, or logit_mode=topk at temperature 1 (prompt log-probs)")  # fmt: skip
             raise
 
     def close(self) -> None:

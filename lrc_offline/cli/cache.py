@@ -61,8 +61,8 @@ def _build(args) -> int:
         raise ConfigError("--num-shards N needs --shard-index I (this worker's index in 0..N-1)")
     if shard_index is None:
         shard_index, num_workers = launcher_rank()
-        if shard_index is not None and cfg.device == "auto" and "LOCAL_RANK" in os.environ:
-            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}" if _has_cuda() else "cpu"
+        if shard_index is not None and cfg.run.device == "auto" and "LOCAL_RANK" in os.environ:
+            cfg.run.device = f"cuda:{os.environ['LOCAL_RANK']}" if _has_cuda() else "cpu"
     log.info("config: %s", json.dumps(to_dict(cfg)))
     report = build_cache(cfg, args.out, shard_index, num_workers, progress=not args.no_progress)
     log.info("built %d shard(s), skipped %d complete; %d tokens at %.0f tokens/s",

@@ -93,21 +93,20 @@ def _teacher_and_heldout(cfg, cache: str):
     from ..cache import read_manifest
     from ..evaluation import heldout_sequences
     from ..teacher.load import load_teacher, resolve_device
-    from ..training.trainer import cache_teacher_name
 
     manifest = read_manifest(cache)
     _set_local_device()
-    teacher = load_teacher(cfg.teacher or cache_teacher_name(manifest), dtype="auto",
+    teacher = load_teacher(cfg.teacher or manifest.teacher_name, dtype="auto",
                            device=resolve_device(cfg.train.device))  # fmt: skip
-    built = manifest["config"]
+    built = manifest.config
     if cfg.heldout_docs:
         corpus, field, docs = cfg.corpus, cfg.text_field, cfg.heldout_docs
     else:
-        corpus, field, docs = built["corpus"], built["text_field"], built["heldout_docs"]
+        corpus, field, docs = built.corpus, built.text_field, built.heldout_docs
     if not docs:
         log.info("no held-out documents (cache built with heldout_docs=0): held-out loss is not logged")
         return teacher, None
-    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built["seq_len"], cfg.train.eval_sequences)
+    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built.seq_len, cfg.train.eval_sequences)
     return teacher, ids
 
 
@@ -147,10 +146,11 @@ def _eval(args) -> int:
     teacher_name = args.teacher or (info.get("config") or {}).get("teacher")
     corpus, field, docs, seq_len = args.corpus, args.text_field, args.heldout_docs, args.seq_len
     if args.cache:
-        built = read_manifest(args.cache)["config"]
-        teacher_name = teacher_name or built["teacher"]
-        corpus, field = corpus or built["corpus"], built["text_field"]
-        docs, seq_len = docs or built["heldout_docs"], seq_len or built["seq_len"]
+        manifest = read_manifest(args.cache)
+        built = manifest.config
+        teacher_name = teacher_name or manifest.teacher_name
+        corpus, field = corpus or built.corpus, built.text_field
+        docs, seq_len = docs or built.heldout_docs, seq_len or built.seq_len
     if not teacher_name:
         raise FileNotFoundError(f"{info_file} does not name the teacher; pass --teacher")
     if not corpus or not docs:
@@ -174,8 +174,8 @@ def _export(args) -> int:
     teacher = load_teacher(cfg.teacher, dtype="float32", device="cpu")
     fingerprints = state.get("extra", {}).get("cache_fingerprints")
     if fingerprints:  # the student's weights are generated from the teacher's: it must be the same teacher
-        check_teacher_matches_cache(teacher.model, teacher.tokenizer, cfg.teacher, {"fingerprints": fingerprints,
-                                    "config": {"teacher": f"the one of {args.checkpoint}"}}, args.checkpoint)  # fmt: skip
+        check_teacher_matches_cache(teacher.model, teacher.tokenizer, cfg.teacher, fingerprints,
+                                    f"{cfg.teacher!r} (as it was then)", f"the checkpoint {args.checkpoint}")  # fmt: skip
     student = build_student(teacher.model, cfg.student)
     load_student_weights(args.checkpoint, student)
     extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint), **state.get("extra", {})}

@@ -7,8 +7,6 @@ directions, so the pass runs once per cache (per sink setting).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..cache import CacheReader
 from ..config import ConfigError, TrainJobConfig
+from ..fsutil import write_file_atomic
 from ..student.init import SecondMoment, calibrate_head_scale
 from ..student.lrc import LRCStudent
 from .objective import logit_loss
@@ -32,20 +31,20 @@ def second_moment_path(cache_dir: str | Path, exclude_sink: bool, max_sequences:
 
 
 def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | None) -> SecondMoment:
-    names = {f["name"] for f in reader.manifest["fields"]}
-    if "act_input" not in names:
+    manifest = reader.manifest
+    if not manifest.has_residuals:
         raise ConfigError(
             f"PCA init needs residual activations, but the cache at {reader.root} has none "
-            f"(activation_mode={reader.manifest['config']['activation_mode']!r}); build it with "
+            f"(activation_mode={manifest.config.activation_mode!r}); build it with "
             "activation_mode=residual, or use student.init=random"
         )
-    moment = SecondMoment(reader.manifest["geometry"]["hidden_size"])
+    moment = SecondMoment(manifest.geometry.hidden_size)
     seen = 0
     for index in reader.complete_shards():
         if max_sequences is not None and seen >= max_sequences:
             break
         shard = reader.read_shard(index, ["act_input", "act_attn", "act_positions", "position_ids"] + (
-            ["act_present"] if "act_present" in names else []))  # fmt: skip
+            ["act_present"] if manifest.has_field("act_present") else []))  # fmt: skip
         if "act_present" in shard:  # an activation-budget cache: the other sequences hold zeros
             keep = shard.pop("act_present").reshape(-1).bool()
             shard = {k: v[keep] for k, v in shard.items()}
@@ -75,7 +74,7 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_s
     path = second_moment_path(cache_dir, exclude_sink, max_sequences)
     reader = CacheReader(cache_dir)
     # "pooled-2": the layer inputs and the post-attention streams (files of the input-only pass are redone)
-    fingerprint = "pooled-2:" + reader.manifest["fingerprints"]["corpus"] + ":" + str(reader.complete_shards())
+    fingerprint = "pooled-2:" + reader.manifest.fingerprints["corpus"] + ":" + str(reader.complete_shards())
     if path.is_file():
         data = load_file(str(path))
         stored = bytes(data.pop("fingerprint").tolist()).decode()
@@ -86,10 +85,7 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_s
     state = moment.state_dict() | {"fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}
     try:
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".second_moment-", dir=path.parent)
-        os.close(fd)
-        save_file(state, tmp)
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: save_file(state, str(tmp)))
     except OSError as err:  # a read-only cache still trains; the pass just is not reused
         log.warning("could not store the PCA second moment beside the cache (%s); using it in memory", err)
     return moment
@@ -118,7 +114,7 @@ def fit_head_scale(student: LRCStudent, batches: list[dict], cfg: TrainJobConfig
 def cache_head_scale_batches(reader: CacheReader, num: int, batch_size: int, device) -> list[dict]:
     """The first `num` complete cached sequences (their logit fields only), as batches on `device`, for
     `fit_head_scale`."""
-    names = [f["name"] for f in reader.manifest["fields"] if not f["name"].startswith("act_")]
+    names = [name for name in reader.manifest.field_names if not name.startswith("act_")]
     samples = []
     for index in reader.complete_shards():
         if len(samples) >= num:

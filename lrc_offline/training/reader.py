@@ -15,6 +15,7 @@ says nothing about the position; workers are for throughput only and refuse a mi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache import CacheReader
-from ..config import ConfigError
+from ..config import BuildRunConfig, ConfigError
+from ..seeding import generator
 
 __all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches", "batch_to_device"]
 
@@ -37,13 +39,6 @@ READER_STATE_VERSION = 1
 
 class ReaderStateError(ValueError):
     """A saved reading position does not fit this cache, world size or seed."""
-
-
-def _generator(*keys: int) -> torch.Generator:
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 class CacheDataset(IterableDataset):
@@ -100,11 +95,11 @@ class CacheDataset(IterableDataset):
 
     def epoch_order(self, epoch: int) -> list[tuple[int, torch.Tensor]]:
         """This rank's shards in the epoch's order, each with the order of its local sequence offsets."""
-        shard_perm = torch.randperm(len(self.shards), generator=_generator(self.seed, epoch))
+        shard_perm = torch.randperm(len(self.shards), generator=generator(self.seed, epoch))
         order = []
         for position in shard_perm.tolist():
             shard = self.shards[position]
-            local = torch.randperm(self.shard_sizes[shard], generator=_generator(self.seed, epoch, shard + 1))
+            local = torch.randperm(self.shard_sizes[shard], generator=generator(self.seed, epoch, shard + 1))
             order.append((shard, local))
         return order
 
@@ -150,7 +145,9 @@ class CacheDataset(IterableDataset):
 
     def _identity(self) -> dict[str, Any]:
         manifest = self.reader.manifest
-        return {key: manifest[key] for key in ("fingerprints", "config", "num_sequences", "sequences_per_shard")}
+        return {"fingerprints": dict(manifest.fingerprints), "config": manifest.config_dict(),
+                "num_sequences": manifest.num_sequences,
+                "sequences_per_shard": manifest.sequences_per_shard}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The reading position (JSON-ready): version, cache identity, rank layout, seed, epoch, consumed."""
@@ -179,6 +176,7 @@ class CacheDataset(IterableDataset):
                 "resume with the lrc_offline that saved it, or start a new run"
             )
         expected = self.state_dict()
+        state = {**state, "cache": _without_run_options(state.get("cache"))}
         for key, fix in (
             ("cache", "resume with the cache the run started from"),
             ("world_size", "resume with the same number of processes"),
@@ -191,6 +189,15 @@ class CacheDataset(IterableDataset):
         if not 0 <= state["consumed"] <= self.num_sequences:
             raise ReaderStateError(f"{where}: consumed={state['consumed']} is outside [0, {self.num_sequences}]")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def _without_run_options(identity: Any) -> Any:
+    """A saved cache identity without the build's run options, which states saved before cache schema 2
+    carried inside its config (they never said which data was read)."""
+    if isinstance(identity, dict) and isinstance(identity.get("config"), dict):
+        run_keys = {f.name for f in dataclasses.fields(BuildRunConfig)}
+        return identity | {"config": {k: v for k, v in identity.get("config").items() if k not in run_keys}}
+    return identity
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

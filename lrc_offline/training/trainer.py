@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..cache import read_manifest
+from ..cache import Manifest, read_manifest
 from ..cache.act_stats import activation_stats, teacher_ms
 from ..config import ConfigError, StudentConfig, TrainJobConfig
 from ..student.init import SecondMoment
@@ -27,7 +27,7 @@ from .loop import make_accelerator, run_training
 from .pca import cache_head_scale_batches, cache_second_moment
 from .reader import CacheDataset, iter_batches
 
-__all__ = ["TeacherMismatchError", "CacheSource", "train_from_cache", "check_teacher_matches_cache", "cache_teacher_name"]
+__all__ = ["TeacherMismatchError", "CacheSource", "train_from_cache", "check_teacher_matches_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +38,34 @@ class TeacherMismatchError(ValueError):
     """The teacher given to the trainer is not the one the cache was built with."""
 
 
-def cache_teacher_name(manifest: dict) -> str:
-    """The teacher name the cache was built with."""
-    return manifest.get("extra", {}).get("teacher_name") or manifest["config"]["teacher"]
-
-
-def check_teacher_matches_cache(model, tokenizer, teacher_name: str, manifest: dict, cache_dir: str | Path) -> None:
-    """Refuse a teacher (or tokenizer) whose fingerprints differ from those in the cache's manifest.
+def check_teacher_matches_cache(
+    model, tokenizer, teacher_name: str, fingerprints: dict[str, str], built_with: str, where: str
+) -> None:
+    """Refuse a teacher (or tokenizer) whose fingerprints differ from `fingerprints`, those recorded by
+    `where` (e.g. "the cache at DIR") for the teacher `built_with` describes.
 
     Raises:
         TeacherMismatchError: naming both teachers and every fingerprint that differs.
     """
     ours = teacher_fingerprints(model, tokenizer)
-    theirs = manifest["fingerprints"]
-    differ = [key for key in _TEACHER_KEYS if ours[key] != theirs.get(key)]
+    differ = [key for key in _TEACHER_KEYS if ours[key] != fingerprints.get(key)]
     if differ:
         raise TeacherMismatchError(
-            f"the cache at {cache_dir} was built with teacher {cache_teacher_name(manifest)!r}, but training was "
-            f"given teacher {teacher_name!r}; their fingerprints differ in {differ} "
-            f"(cache {[theirs.get(k) for k in differ]}, given {[ours[k] for k in differ]}). "
-            "Train with the cache's teacher, or build a cache with this one."
+            f"{where} was built with teacher {built_with}, but training was given teacher {teacher_name!r}; "
+            f"their fingerprints differ in {differ} (cache {[fingerprints.get(k) for k in differ]}, given "
+            f"{[ours[k] for k in differ]}). Train with the cache's teacher, or build a cache with this one."
         )
 
 
-def _check_temperature(cfg: TrainJobConfig, manifest: dict, cache_dir) -> None:
+def _check_temperature(cfg: TrainJobConfig, manifest: Manifest, cache_dir) -> None:
     """Top-k log-probs and sampled draws were taken at the cache's temperature: KD must use the same one
     (a hidden-state cache recomputes exact logits and serves any temperature)."""
-    built = manifest["config"]
-    if built["logit_mode"] in ("topk", "sampled") and built["temperature"] != cfg.loss.temperature:
+    built = manifest.config
+    if built.logit_mode in ("topk", "sampled") and built.temperature != cfg.loss.temperature:
         raise ConfigError(
-            f"the cache at {cache_dir} holds {built['logit_mode']} signals taken at temperature "
-            f"{built['temperature']}, but loss.temperature={cfg.loss.temperature}; set loss.temperature="
-            f"{built['temperature']}, or build a cache at the temperature you want (or with logit_mode=hidden)"
+            f"the cache at {cache_dir} holds {built.logit_mode} signals taken at temperature "
+            f"{built.temperature}, but loss.temperature={cfg.loss.temperature}; set loss.temperature="
+            f"{built.temperature}, or build a cache at the temperature you want (or with logit_mode=hidden)"
         )
 
 
@@ -86,7 +82,7 @@ class CacheSource:
 
     name = "offline"
 
-    def __init__(self, cache_dir: str | Path, manifest: dict, rank: int, world_size: int, seed: int):
+    def __init__(self, cache_dir: str | Path, manifest: Manifest, rank: int, world_size: int, seed: int):
         self.cache_dir, self.manifest = cache_dir, manifest
         self.dataset = CacheDataset(cache_dir, rank=rank, world_size=world_size, seed=seed)
         reader = self.dataset.reader
@@ -128,7 +124,7 @@ class CacheSource:
 
     def summary(self) -> dict[str, Any]:
         num = self.dataset.num_complete_sequences
-        return {"cache": str(self.cache_dir), "cache_fingerprints": self.manifest["fingerprints"],
+        return {"cache": str(self.cache_dir), "cache_fingerprints": self.manifest.fingerprints,
                 "sequences_per_epoch": num, "skipped_shards": self.dataset.skipped_shards,
                 "cache_act_fraction": None if self.act_sums is None else self.act_sums["sequences"] / max(num, 1)}  # fmt: skip
 
@@ -167,16 +163,16 @@ def train_from_cache(
     if isinstance(teacher, Teacher):
         teacher.model.to(accelerator.device)
     else:
-        teacher = load_teacher(teacher or cfg.teacher or cache_teacher_name(manifest), dtype="auto",
+        teacher = load_teacher(teacher or cfg.teacher or manifest.teacher_name, dtype="auto",
                                device=accelerator.device)  # fmt: skip
-    check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher.name, manifest, cache_dir)
+    check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher.name, manifest.fingerprints,
+                                repr(manifest.teacher_name), f"the cache at {cache_dir}")  # fmt: skip
     asked = dataclasses.replace(cfg, teacher=teacher.name,
-                                train=dataclasses.replace(cfg.train, seq_len=manifest["config"]["seq_len"]))
-    residual = any(f["name"] == "act_input" for f in manifest["fields"])
-    cfg = _log_resolved(asked, asked.resolved(residual_available=residual))
+                                train=dataclasses.replace(cfg.train, seq_len=manifest.config.seq_len))
+    cfg = _log_resolved(asked, asked.resolved(residual_available=manifest.has_residuals))
     _check_temperature(cfg, manifest, cache_dir)
     source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
-    clone_layers = sorted(manifest["config"]["act_layers"] or range(manifest["geometry"]["num_layers"]))
+    clone_layers = list(manifest.act_layers)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, clone_layers=clone_layers,
                         teacher_ms=source.teacher_ms(cfg, accelerator.device), heldout_ids=heldout_ids)  # fmt: skip
