@@ -62,7 +62,6 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     report = build_cache(cache_cfg, out / "cache", progress=progress, teacher=teacher)
     timings["cache_build_s"] = time.perf_counter() - t0
     assert verify_cache(out / "cache").ok, "the cache failed verification"
-    info = inspect_cache(out / "cache")
 
     print(f"[3/5] training a d_S={train_cfg.student.hidden_size} student from the cache", flush=True)
     heldout = heldout_sequences(cache_cfg.corpus, cache_cfg.text_field, cache_cfg.heldout_docs, teacher.tokenizer,
@@ -72,7 +71,6 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
                                teacher=teacher, heldout_ids=heldout)  # fmt: skip
     timings["train_s"] = time.perf_counter() - t0
     records = read_metrics(out / "train" / "metrics.jsonl")
-    ran = load_config(TrainJobConfig, out / "train" / "config.json")  # with the auto choices made
     plot_curves({"LRC from cache": records}, out / "loss_curve.png", key="loss",
                 title=f"{cache_cfg.teacher} -> d_S {train_cfg.student.hidden_size}: training loss and held-out CE")  # fmt: skip
 
@@ -89,10 +87,21 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     sample = _generate(student_dir, teacher.tokenizer, device)
     print(f"  {PROMPT}{sample}", flush=True)
 
+    result = _summary(out, cache_cfg, load_config(TrainJobConfig, out / "train" / "config.json"), report, summary,
+                      records, metrics, sample)  # fmt: skip
+    result["timings_s"] = timings | {"total": time.perf_counter() - start}
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _summary(out: Path, cache_cfg: CacheConfig, ran: TrainJobConfig, report, summary: dict, records: list[dict],
+             metrics: dict, sample: str) -> dict:  # fmt: skip
+    """The demo's summary.json (`ran`: the training config with its auto choices made)."""
+    info = inspect_cache(out / "cache")
     timed = [r["tokens_per_s"] for r in records if r["step"] > summary["start_step"]]
-    result = {
+    return {
         "teacher": cache_cfg.teacher,
-        "student_hidden_size": train_cfg.student.hidden_size,
+        "student_hidden_size": ran.student.hidden_size,
         "student_init": ran.student.init,
         "student_head": ran.student.head,
         "heldout": metrics,
@@ -102,15 +111,11 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
                   "bytes_per_token": info["bytes_per_token"],
                   "fields_bytes_per_token": {k: v["bytes_per_token"] for k, v in info["fields"].items()},
                   "built_shards_this_run": len(report.built), "reused_shards": len(report.skipped)},
-        "train": {"steps": train_cfg.train.steps, "tokens": records[-1]["tokens"],
+        "train": {"steps": ran.train.steps, "tokens": records[-1]["tokens"],
                   "tokens_per_s": sum(timed) / len(timed) if timed else None,
                   "final_loss": records[-1]["loss"], "resumed_from_step": summary["start_step"]},
         "sample": {"prompt": PROMPT, "continuation": sample},
-        "timings_s": timings | {"total": time.perf_counter() - start},
-        "export": str(student_dir),
+        "export": str(out / "train" / "student"),
         "loss_curve": str(out / "loss_curve.png"),
         "config": {"cache": to_dict(cache_cfg), "train": to_dict(ran)},
     }  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
-

@@ -45,8 +45,8 @@ def test_malformed_config_file_is_one_line_naming_the_file(bad_files, capsys, na
 
 def test_unknown_device_is_refused_before_anything_loads(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cache_main(["build", "--out", str(out), "device=gpu"]) == 2
-    _one_line_error(capsys, "cache.device", "'gpu'")
+    assert cache_main(["build", "--out", str(out), "run.device=gpu"]) == 2
+    _one_line_error(capsys, "cache.run.device", "'gpu'")
     assert train_main(["train", "--cache", str(tmp_path / "cache"), "--out", str(out), "train.device=gpu"]) == 2
     _one_line_error(capsys, "train.device")
     assert train_main(["online", "--out", str(out), "teacher=tiny-random:llama", "train.device=cuda:x"]) == 2
@@ -98,8 +98,8 @@ def test_overrides_may_follow_flags(tmp_path, capsys):
                        "cache.sequences_per_shard=4", "act_positions=2"]) == 0  # fmt: skip
     from lrc_offline.cache import read_manifest
 
-    built = read_manifest(out)["config"]
-    assert (built["max_sequences"], built["seq_len"], built["sequences_per_shard"]) == (4, 16, 4)
+    built = read_manifest(out).config
+    assert (built.max_sequences, built.seq_len, built.sequences_per_shard) == (4, 16, 4)
     capsys.readouterr()
     assert train_main(["train", "--cache", str(out), "student.hidden_size=16", "--print-config", "train.steps=3",
                        "--resume", "never", "optim.lr=1e-4"]) == 0  # fmt: skip

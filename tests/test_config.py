@@ -77,15 +77,15 @@ def test_floats_load_in_any_standard_notation(tmp_path):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3", "mps"])
 def test_device_strings(device):
     assert apply_overrides(TrainJobConfig(), [f"train.device={device}"]).train.device == device
-    assert apply_overrides(CacheConfig(), [f"device={device}"]).device == device
+    assert apply_overrides(CacheConfig(), [f"run.device={device}"]).run.device == device
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "cpu:0 "])
 def test_unknown_devices_are_refused(device):
     with pytest.raises(ConfigError, match="train.device=.* is not a device; use auto, cpu, cuda, cuda:N or mps"):
         apply_overrides(TrainJobConfig(), [f"train.device={device}"])
-    with pytest.raises(ConfigError, match="cache.device"):
-        apply_overrides(CacheConfig(), [f"device={device}"])
+    with pytest.raises(ConfigError, match="cache.run.device"):
+        apply_overrides(CacheConfig(), [f"run.device={device}"])
 
 
 def test_clone_term_weights_must_not_be_negative():

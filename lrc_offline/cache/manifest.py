@@ -28,6 +28,7 @@ from lrc_offline.cache.schema import (
     cache_fields,
 )
 from lrc_offline.config import FORMATS, BuildRunConfig, CacheConfig, ConfigError, from_dict, to_dict
+from lrc_offline.differences import differences
 from lrc_offline.fsutil import write_json_atomic
 
 __all__ = ["FINGERPRINT_KEYS", "Manifest", "make_manifest", "read_manifest", "create_manifest"]
@@ -211,18 +212,8 @@ class Manifest:
             the existing one); empty when they agree.
         """
         ignored = (*_VOLATILE_KEYS, "schema_version")
-        flat_self: dict[str, Any] = {}
-        flat_other: dict[str, Any] = {}
-        for manifest, flat in ((self, flat_self), (other, flat_other)):
-            _flatten({k: v for k, v in manifest.to_dict().items() if k not in ignored}, "", flat)
-        absent = object()
-        show = lambda v: "absent" if v is absent else json.dumps(v)  # noqa: E731
-        lines = []
-        for key in sorted(set(flat_self) | set(flat_other)):
-            old, new = flat_self.get(key, absent), flat_other.get(key, absent)
-            if old != new:
-                lines.append(f"{key}: {show(old)} in the existing cache, {show(new)} requested")
-        return lines
+        mine, theirs = ({k: v for k, v in m.to_dict().items() if k not in ignored} for m in (self, other))
+        return differences(mine, theirs, "in the existing cache", "requested")
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -242,18 +233,6 @@ def _legacy_digest(data: dict[str, Any]) -> str:
     kept = {k: v for k, v in data.items() if k not in ("created", "versions")}
     kept["config"] = {k: v for k, v in kept.get("config", {}).items() if k not in dropped}
     return "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
-        for key in sorted(value):
-            _flatten(value[key], f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-        # Field lists compare field by field, so a message reads "fields.topk_ids.shape: ...".
-        for item in value:
-            _flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}.{item['name']}", out)
-    else:
-        out[prefix] = value
 
 
 def _library_versions() -> dict[str, str]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..cache import (
     CacheWriter,
+    Manifest,
     FieldSpec,
     TeacherGeometry,
     act_layers,
@@ -173,31 +174,8 @@ def build_cache(
         CorpusError, TeacherLoadError: bad corpus or teacher.
     """
     start = time.perf_counter()
-    run = cfg.run
-    device = resolve_device(run.device)
-    dtype = resolve_dtype(run.compute_dtype, device)
-    if run.backend == "vllm":
-        require_vllm()
-        # vLLM holds the weights that run; this copy fingerprints them and lends its final norm and head.
-        device = torch.device("cpu")
-    teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
-    if run.backend == "vllm":
-        check_serves(teacher)
-    docs = load_documents(cfg.corpus, cfg.text_field)
-    train_docs, heldout_docs = split_heldout(docs, cfg.heldout_docs)
-    packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)
-    geometry = teacher_geometry(teacher.config)
-    layers = act_layers(cfg, geometry)
-    fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
-    fingerprints["corpus"] = corpus_fingerprint(train_docs)
-    extra = {
-        "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
-                    "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
-                    "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
-        "backend": _backend_record(run.backend),
-        "teacher_name": cfg.teacher,
-    }  # fmt: skip
-    manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra)
+    teacher = _teacher_for(cfg, teacher)
+    packed, manifest, layers = _plan(cfg, teacher)
     shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before anything is written
     writer = CacheWriter(out, manifest)
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
@@ -207,37 +185,76 @@ def build_cache(
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
     bytes_written = 0
     with contextlib.ExitStack() as engine:
-        if run.backend == "vllm" and todo:
+        if cfg.run.backend == "vllm" and todo:
             capture = engine.enter_context(open_vllm(cfg, teacher)).capture
         else:
             capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
         for index in todo:
-            first, end = writer.shard_range(index)
-            pieces: dict[str, list[torch.Tensor]] = {}
-            sums: dict[str, float] = {}
-            act_sums = None
-            for lo in range(first, end, run.batch_size):
-                hi = min(lo + run.batch_size, end)
-                arrays, stats = capture(packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)))
-                arrays = _storage_dtypes(arrays, writer.fields)  # per batch: a shard never sits in fp32
-                for name, value in arrays.items():
-                    pieces.setdefault(name, []).append(value)
-                act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                bar.update((hi - lo) * cfg.seq_len)
-            arrays = {n: torch.cat(v) for n, v in pieces.items()}
-            shard_stats = _shard_stats(sums)
-            if act_sums is not None:
-                shard_stats["act_stats"] = act_sums
+            arrays, shard_stats = _capture_shard(capture, packed, writer, index, cfg, bar)
             record = writer.write_shard(index, arrays, shard_stats)
             bytes_written += sum(f["bytes"] for f in record["files"].values())
             report.built.append(index)
-            report.tokens += (end - first) * cfg.seq_len
+            report.tokens += len(range(*writer.shard_range(index))) * cfg.seq_len
             bar.set_postfix(shards=f"{len(report.built)}/{len(todo)}", written=f"{bytes_written / 2**20:.1f}MiB")
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
+    """The given teacher, else `cfg.teacher` loaded on the run's device and dtype (on the CPU for the
+    vLLM backend: vLLM holds the weights that run; this copy fingerprints them and lends its final norm
+    and head)."""
+    run = cfg.run
+    device = resolve_device(run.device)
+    dtype = resolve_dtype(run.compute_dtype, device)
+    if run.backend == "vllm":
+        require_vllm()
+        device = torch.device("cpu")
+    teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
+    if run.backend == "vllm":
+        check_serves(teacher)
+    return teacher
+
+
+def _plan(cfg: CacheConfig, teacher: Teacher) -> tuple[PackedCorpus, Manifest, list[int]]:
+    """The packed corpus, the manifest it and the teacher make, and the activation layers."""
+    train_docs, heldout_docs = split_heldout(load_documents(cfg.corpus, cfg.text_field), cfg.heldout_docs)
+    packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)
+    geometry = teacher_geometry(teacher.config)
+    layers = act_layers(cfg, geometry)
+    fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
+    fingerprints["corpus"] = corpus_fingerprint(train_docs)
+    extra = {
+        "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
+                    "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
+                    "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
+        "backend": _backend_record(cfg.run.backend),
+        "teacher_name": cfg.teacher,
+    }  # fmt: skip
+    return packed, make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra), layers
+
+
+def _capture_shard(capture, packed: PackedCorpus, writer: CacheWriter, index: int, cfg: CacheConfig, bar):
+    """Shard `index`'s arrays (in their storage dtypes) and statistics, captured batch by batch."""
+    first, end = writer.shard_range(index)
+    pieces: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, float] = {}
+    act_sums = None
+    for lo in range(first, end, cfg.run.batch_size):
+        hi = min(lo + cfg.run.batch_size, end)
+        arrays, stats = capture(packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)))
+        arrays = _storage_dtypes(arrays, writer.fields)  # per batch: a shard never sits in fp32
+        for name, value in arrays.items():
+            pieces.setdefault(name, []).append(value)
+        act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+        bar.update((hi - lo) * cfg.seq_len)
+    shard_stats = _shard_stats(sums)
+    if act_sums is not None:
+        shard_stats["act_stats"] = act_sums
+    return {n: torch.cat(v) for n, v in pieces.items()}, shard_stats
 
 
 def _backend_record(backend: str) -> dict[str, str]:

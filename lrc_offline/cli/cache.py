@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..config import CacheConfig, load_config
-from .common import add_config_args, launcher_rank, parse_command, print_config, require_args, run_main
+from .common import add_config_args, dispatch, launcher_rank
 
 __all__ = ["main"]
 
@@ -121,7 +121,8 @@ def _verify(args) -> int:
 
 def _clean(args) -> int:
     from ..cache import clean_stale
-    from ..cache.records import MANIFEST_NAME, TMP_PREFIX
+    from ..cache.records import MANIFEST_NAME
+    from ..fsutil import TMP_PREFIX
 
     root = Path(args.cache)
     # a build killed while creating its manifest leaves only temporary entries: that is still a cache
@@ -132,16 +133,8 @@ def _clean(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, commands = _parser()
-    args = parse_command(parser, commands, argv)
-    if args is None:
-        return 2
-    if args.command == "build":
-        if args.print_config:
-            return run_main(lambda: print_config(_cache_config(args)))
-        require_args(commands["build"], args, "--out")
-    handler = {"build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}[args.command]
-    return run_main(lambda: handler(args))
+    handlers = {"build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}
+    return dispatch(_parser, argv, handlers, configs={"build": _cache_config}, required={"build": ("--out",)})
 
 
 if __name__ == "__main__":

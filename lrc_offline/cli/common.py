@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-__all__ = ["run_main", "user_errors", "launcher_rank", "parse_command", "add_config_args", "require_args",
+__all__ = ["run_main", "user_errors", "launcher_rank", "parse_command", "dispatch", "add_config_args", "require_args",
            "print_config"]  # fmt: skip
 
 
@@ -65,6 +65,25 @@ def parse_command(parser: argparse.ArgumentParser, commands: dict[str, argparse.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
+
+
+def dispatch(
+    make_parser: Callable[[], tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]],
+    argv: list[str] | None,
+    handlers: dict[str, Callable[[argparse.Namespace], int]],
+    configs: dict[str, Callable[[argparse.Namespace], Any]],
+    required: dict[str, tuple[str, ...]],
+) -> int:
+    """An entry point's `main`: parse, then print a command's resolved config (`--print-config`, via
+    `configs`) or check its `required` options and run its handler behind the user-error boundary."""
+    parser, commands = make_parser()
+    args = parse_command(parser, commands, argv)
+    if args is None:
+        return 2
+    if args.command in configs and args.print_config:
+        return run_main(lambda: print_config(configs[args.command](args)))
+    require_args(commands[args.command], args, *required.get(args.command, ()))
+    return run_main(lambda: handlers[args.command](args))
 
 
 def require_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:

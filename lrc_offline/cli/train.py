@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..config import TrainJobConfig
-from .common import add_config_args, parse_command, print_config, require_args, run_main
+from .common import add_config_args, dispatch
 
 __all__ = ["main"]
 
@@ -192,16 +192,9 @@ def _online(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, commands = _parser()
-    args = parse_command(parser, commands, argv)
-    if args is None:
-        return 2
-    if args.command in _REQUIRED:
-        if args.print_config:
-            return run_main(lambda: print_config(_job_config(args, quiet=True)))
-        require_args(commands[args.command], args, *_REQUIRED[args.command])
-    handler = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}[args.command]
-    return run_main(lambda: handler(args))
+    handlers = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}
+    configs = {command: lambda args: _job_config(args, quiet=True) for command in _REQUIRED}
+    return dispatch(_parser, argv, handlers, configs, _REQUIRED)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ class Run:
     teacher_ms: dict[str, torch.Tensor] | None
     heldout_ids: torch.Tensor | None
     extra: dict[str, Any]
-    """Saved in checkpoints and the export: the data's facts and the init record."""
+    """Saved in checkpoints and the export: the trainer (source) name, the data's facts, the init record."""
     start_step: int
     end_step: int
     resumed_from: Path | None
@@ -181,8 +181,8 @@ def setup(
     model, optimizer = accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
-              clone_layers, teacher_ms, heldout_ids, {**source.summary(), "init": init_info}, start_step,
-              end_step, resumed_from)  # fmt: skip
+              clone_layers, teacher_ms, heldout_ids, {"trainer": source.name, **source.summary(), "init": init_info},
+              start_step, end_step, resumed_from)  # fmt: skip
     run.metrics = _open_metrics(run)
     run.batches = source.batches(tc.batch_size)
     return run
@@ -308,7 +308,7 @@ def finish(run: Run) -> dict[str, Any]:
         summary["stopped_early"] = True
         return summary
     if run.accelerator.is_main_process:
-        info = {"trainer": run.source.name, "steps": tc.steps, **run.extra}
+        info = {"steps": tc.steps, **run.extra}
         summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer,
                                                to_dict(run.cfg), extra_info=info))  # fmt: skip
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
