@@ -43,7 +43,8 @@ _REQUIRED_KEYS = (
 _VOLATILE_KEYS = ("created", "versions", "build")
 """Top-level keys that legitimately differ between workers of one cache: left out of the digest and
 of `Manifest.differences`."""
-_RUN_KEYS = tuple(f.name for f in dataclasses.fields(BuildRunConfig))
+_BUILD_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(BuildRunConfig))
+"""`BuildRunConfig`'s fields: recorded under ``build``, and found inside ``config`` in schema 1."""
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,9 @@ class Manifest:
             config = dict(data["config"])
             build = dict(data.get("build") or {})
             if version == 1:  # schema 1 kept the run options inside config
-                build.update({k: config.pop(k) for k in _RUN_KEYS if k in config})
+                build.update({k: config.pop(k) for k in _BUILD_RUN_FIELDS if k in config})
             # Run options are volatile facts about one worker: an unknown one never blocks reading.
-            run = {k: v for k, v in build.items() if k in _RUN_KEYS}
+            run = {k: v for k, v in build.items() if k in _BUILD_RUN_FIELDS}
             if not isinstance(data["fields"], list):
                 raise CacheFormatError("fields must be a list")
             return cls(
