@@ -347,6 +347,10 @@ class TrainConfig:
     """Device: auto (cuda if present), cpu, cuda[:N] or mps."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
+    on_corrupt_shard: str = "fail"
+    """A cache shard whose data no longer matches its checksums (checked as it is read, before decoding):
+    fail stops training with an error naming the shard and file; skip trains on without it (counted in
+    metrics.jsonl as corrupt_shards and listed in summary.json)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
@@ -355,6 +359,7 @@ class TrainConfig:
         _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
         _check_device("train", "device", self.device)
 
 

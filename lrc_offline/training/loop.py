@@ -65,6 +65,9 @@ class BatchSource(Protocol):
     def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
         """The first `num` training sequences with their teacher signal, for the PCA head-scale fit."""
 
+    def counters(self) -> dict[str, int]:
+        """Facts about the data read so far for every metrics line (e.g. corrupt shards skipped)."""
+
     def summary(self) -> dict[str, Any]:
         """Facts about the data for `summary.json` and the export (JSON-ready)."""
 
@@ -247,6 +250,7 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     record = {"step": index + 1, "tokens": (index + 1) * _tokens_per_step(run), **dict(zip(names, values)),
               "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
+              **run.source.counters(),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
     is_last = index + 1 == tc.steps
     if run.heldout_ids is not None and accelerator.is_main_process and (
