@@ -347,6 +347,9 @@ class TrainConfig:
     """Device: auto (cuda if present), cpu, cuda[:N] or mps."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (0 keeps every one); older ones are deleted once a newer one is
+    complete."""
     on_corrupt_shard: str = "fail"
     """A cache shard whose data no longer matches its checksums (checked as it is read, before decoding):
     fail stops training with an error naming the shard and file; skip trains on without it (counted in
@@ -360,6 +363,7 @@ class TrainConfig:
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_device("train", "device", self.device)
 
 

@@ -30,7 +30,7 @@ from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, sa
 from ..student.export import export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
-from .checkpoint import load_checkpoint, resume_point, check_resumable, save_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, resume_point, rotate_checkpoints, save_checkpoint
 from .heldout import heldout_metrics
 from .metrics import MetricsWriter, read_metrics
 from .objective import lrc_loss
@@ -270,6 +270,8 @@ def _checkpoint(run: Run, step_done: int) -> None:
     if run.accelerator.is_main_process:
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
                         to_dict(run.cfg), run.extra)  # fmt: skip
+        if run.cfg.train.keep_checkpoints:
+            rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
 
