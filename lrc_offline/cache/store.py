@@ -352,6 +352,9 @@ def clean_stale(root: str | Path) -> int:
     for entry in sorted(root.glob(TMP_PREFIX + "*")):  # an interrupted manifest creation
         remove_path(entry)
         removed += 1
+    for entry in sorted((root / "index").glob(TMP_PREFIX + "*")):  # an interrupted tokenise worker
+        remove_path(entry)
+        removed += 1
     if not shards.is_dir():
         return removed
     for entry in sorted(shards.iterdir()):

@@ -83,7 +83,10 @@ class TokenIndex:
         index = cls(Path(cache_dir) / INDEX_DIR, spec, corpus_units(spec), tokenizer_fingerprint,
                     tokenizer.bos_token_id, tokenizer.eos_token_id)  # fmt: skip
         index.root.mkdir(parents=True, exist_ok=True)
-        if not write_json_atomic(index.root / "index.json", index._header(), exclusive=True):
+        created = write_json_atomic(index.root / "index.json", index._header(), exclusive=True)
+        for entry in index.root.glob(TMP_PREFIX + "index.json-*"):  # a killed worker's (see fsutil)
+            entry.unlink(missing_ok=True)
+        if not created:
             existing = json.loads((index.root / "index.json").read_text())
             if existing != index._header():
                 diff = [k for k in index._header() if existing.get(k) != index._header()[k]]
