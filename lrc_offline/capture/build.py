@@ -175,8 +175,14 @@ def build_cache(
     """
     start = time.perf_counter()
     teacher = _teacher_for(cfg, teacher)
+    created = not Path(out).exists()
     packed, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
-    shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before anything is written
+    try:
+        shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before any shard or manifest
+    except ConfigError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # only the index was written: leave nothing behind
+        raise
     writer = CacheWriter(out, manifest)
     _remove_stale_manifest_temporaries(Path(out))
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
