@@ -41,13 +41,15 @@ def make_corpus(folder: Path, megabytes: float, num_files: int, seed: int = 0) -
         path = folder / f"part-{f:03d}.jsonl.gz"
         if path.exists():
             continue
-        with gzip.open(path, "wt", compresslevel=1) as out:
-            while out.fileobj.tell() < target:
+        tmp = path.with_name(".partial-" + path.name)
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+            while raw.tell() < target:
                 lines = []
                 for _ in range(200):
                     text = " ".join(rng.choice(WORDS) + str(rng.randrange(100000)) for _ in range(rng.randrange(50, 400)))
                     lines.append(json.dumps({"id": rng.randrange(1 << 30), "text": text}))
-                out.write("\n".join(lines) + "\n")
+                out.write(("\n".join(lines) + "\n").encode())
+        tmp.replace(path)
     return sum(p.stat().st_size for p in folder.glob("*.jsonl.gz"))
 
 
