@@ -25,7 +25,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from lrc_offline.capture.build import capture_batch  # noqa: E402
-from lrc_offline.capture.corpus import load_documents, pack_documents, split_heldout  # noqa: E402
+from lrc_offline.data import load_documents, pack_documents, split_heldout  # noqa: E402
 from lrc_offline.capture.vllm_backend import open_vllm, vllm_version  # noqa: E402
 from lrc_offline.config import BuildRunConfig, CacheConfig  # noqa: E402
 from lrc_offline.teacher.load import load_teacher  # noqa: E402

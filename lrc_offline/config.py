@@ -83,6 +83,9 @@ class BuildRunConfig:
     backend: str = "hf"
     """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals only, so
     activation_mode=none; installed by ./setup_vllm.sh, see README)."""
+    write_queue: int = 2
+    """Captured batches that may wait for the writer thread, which casts, compresses and writes them
+    while the teacher runs the next batch (host memory: this many batches' fields)."""
     vllm_tensor_parallel_size: int = 1
     """backend=vllm: devices one teacher replica is split across by tensor parallelism."""
     vllm_pipeline_parallel_size: int = 1
@@ -97,6 +100,7 @@ class BuildRunConfig:
     def __post_init__(self) -> None:
         s = "cache.run"
         _check_positive(s, "batch_size", self.batch_size)
+        _check_positive(s, "write_queue", self.write_queue)
         _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_choice(s, "backend", self.backend, ("hf", "vllm"))
         _check_device(s, "device", self.device)
@@ -116,6 +120,12 @@ class CacheConfig:
     """Corpus: text/JSONL/Parquet file, folder or glob, or a built-in name (wiki-en, tiny-text)."""
     text_field: str = "text"
     """Field holding the text in JSON Lines and Parquet corpora."""
+    corpus_split: str = "train"
+    """Corpus given as a dataset id (org/name, read from the local Hugging Face cache): the split."""
+    corpus_config: str | None = None
+    """Corpus given as a dataset id: the dataset's configuration (subset) name."""
+    corpus_revision: str | None = None
+    """Corpus given as a dataset id: the revision (branch, tag or commit) to read."""
     heldout_docs: int = 0
     """Number of documents kept apart from the cache (taken from the end of the corpus) for evaluation."""
     seq_len: int = 64

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .capture.corpus import load_documents, pack_documents, split_heldout
+from .data import load_documents, pack_documents, split_heldout
 from .config import ConfigError
 from .training.heldout import heldout_metrics
 

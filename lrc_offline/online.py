@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .capture.corpus import load_documents, pack_documents, split_heldout
+from .data import load_documents, pack_documents, split_heldout
 from .capture.positions import sample_positions_batch
 from .config import CLONE_TERMS, ConfigError, StudentConfig, TrainJobConfig
 from .seeding import generator

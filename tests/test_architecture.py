@@ -13,6 +13,8 @@ FORBIDDEN = {
     "cache": ("lrc_offline.capture", "lrc_offline.training", "lrc_offline.online"),
     "training": ("lrc_offline.capture", "lrc_offline.online", "lrc_offline.evaluation"),
     "student": ("lrc_offline.cache",),
+    "data": ("lrc_offline.capture", "lrc_offline.training", "lrc_offline.student", "lrc_offline.online",
+             "lrc_offline.evaluation"),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from lrc_offline.cache import CacheMismatchError, CacheReader, verify_cache
 from lrc_offline.capture import build as build_mod
 from lrc_offline.capture.build import build_cache, my_shards
-from lrc_offline.capture.corpus import CorpusError, load_documents, pack_documents
+from lrc_offline.data import CorpusError, load_documents, pack_documents
 from lrc_offline.cli.cache import main as cache_main
 from lrc_offline.config import CLONE_TERMS, BuildRunConfig, CacheConfig
 from lrc_offline.student.lrc import LRCStudent

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lrc_offline.capture.corpus import (
+from lrc_offline.data import (
     CorpusError,
     PackedCorpus,
     corpus_fingerprint,
@@ -168,16 +168,20 @@ def test_bad_json_line_names_file_and_line(tmp_path):
 
 
 def test_missing_text_field(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n', "utf-8")
-    msg = _raises(r"m\.jsonl:2: no field 'text'", str(tmp_path / "m.jsonl"))
+    # `datasets` reads a key missing from some rows of a file as null (such rows are skipped, like null
+    # texts); a file whose rows all lack the field is named.
+    (tmp_path / "m.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n', "utf-8")
+    msg = _raises(r"m\.jsonl: no field 'text'", str(tmp_path / "m.jsonl"))
     assert "'body'" in msg and "cache.text_field" in msg
-    (tmp_path / "m.json").write_text('[{"text": "a"}, {"body": "b"}]', "utf-8")
-    _raises(r"m\.json: item 1: no field 'text'", str(tmp_path / "m.json"))
+    (tmp_path / "m.json").write_text('[{"body": "a"}, {"body": "b"}]', "utf-8")
+    _raises(r"m\.json: no field 'text'", str(tmp_path / "m.json"))
     pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "m.parquet")
-    msg = _raises(r"m\.parquet: no column 'text'", str(tmp_path / "m.parquet"))
+    msg = _raises(r"m\.parquet: no field 'text'", str(tmp_path / "m.parquet"))
     assert "'body', 'id'" in msg
     (tmp_path / "n.jsonl").write_text('{"text": 5}\n', "utf-8")
-    _raises(r"n\.jsonl:1: field 'text' is a int", str(tmp_path / "n.jsonl"))
+    _raises(r"n\.jsonl: row 1: field 'text' is a int", str(tmp_path / "n.jsonl"))
+    (tmp_path / "partial.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n', "utf-8")
+    assert load_documents(str(tmp_path / "partial.jsonl")) == ["a"]
 
 
 # ----------------------------------------------------------------------------------------------------

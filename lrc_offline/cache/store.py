@@ -1,7 +1,7 @@
 """Writing and reading whole shards of a cache, safely under crashes, retries and parallel workers.
 
 A shard is complete exactly when its completion record exists. A writer builds the shard under a
-temporary name, flushes it, checksums it, renames it into place and only then writes the record, so a
+temporary name, chunk by chunk as batches arrive (`ShardWriter`), flushes it, checksums it, renames it into place and only then writes the record, so a
 crash at any point leaves either no record (the shard is rebuilt) or a complete shard. Shard i holds
 sequences [i * S, min((i + 1) * S, num_sequences)), so workers can build any subset independently.
 """
@@ -32,7 +32,7 @@ from lrc_offline.cache.records import (
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
 from lrc_offline.fsutil import TMP_PREFIX, temp_path, write_json_atomic
 
-__all__ = ["CacheMismatchError", "CacheWriter", "CacheReader", "clean_stale"]
+__all__ = ["CacheMismatchError", "CacheWriter", "ShardWriter", "CacheReader", "clean_stale"]
 
 _FORMATS = {"zarr": zarr_shard, "webdataset": wds_shard}
 _SHARD_DATA = re.compile(r"^shard-(\d+)\.(?:zarr|tar)$")
@@ -128,6 +128,25 @@ class CacheWriter(_Layout):
             # defaults): keep writing under the existing manifest, so its complete shards stay complete.
             self._use(existing)
 
+    def open_shard(self, index: int) -> ShardWriter:
+        """A writer for shard `index` that takes its sequences batch by batch (see `ShardWriter`).
+
+        Temporaries a killed worker left for this shard are removed first: the shard is incomplete, so
+        whatever they held is about to be rewritten.
+        """
+        self._check_index(index)
+        self.remove_stale(index)
+        return ShardWriter(self, index)
+
+    def remove_stale(self, index: int) -> int:
+        """Remove leftover temporaries of shard `index` (a killed write, or a replaced shard not yet
+        deleted); returns how many. Only the worker (re)building the shard should call it."""
+        removed = 0
+        for entry in (self.root / SHARDS_DIR).glob(f"{TMP_PREFIX}{self.shard_path(index).name}-*"):
+            remove_path(entry)
+            removed += 1
+        return removed
+
     def write_shard(
         self, index: int, arrays: dict[str, torch.Tensor], stats: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -143,48 +162,13 @@ class CacheWriter(_Layout):
             The completion record.
         """
         first, end = self.shard_range(index)
-        where = f"shard {index} of {self.root}"
-        if not isinstance(arrays, dict):
-            raise TypeError(f"{where}: arrays must be a dict of field name -> tensor")
-        expected = [s.name for s in self.fields]
-        missing, unknown = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-        if missing or unknown:
-            raise ValueError(
-                f"{where}: arrays must hold exactly the manifest's fields {expected}; "
-                f"missing {missing}, unexpected {unknown}"
-            )
-        checked = {s.name: check_input(s, arrays[s.name], end - first, where) for s in self.fields}
-        stats = dict(stats or {})
-        try:
-            json.dumps(stats)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: stats must be JSON-serialisable (use float()/int() on tensors): {err}") from err
-
-        final = self.shard_path(index)
-        tmp = temp_path(final)
-        try:
-            field_bytes = self._shard_format.write_to_dir(tmp, checked, self.fields, first)
-            fsync_tree(tmp)
-            files = file_digests(tmp, f"{SHARDS_DIR}/{final.name}")
-            # The old record (if any) describes files about to be replaced: drop it first, so a crash
-            # from here on leaves the shard incomplete rather than wrongly complete.
-            record_path(self.root, index).unlink(missing_ok=True)
-            self._replace(tmp, final)
-        except BaseException:
-            remove_path(tmp)
-            raise
-        record = {
-            "index": index,
-            "manifest": self.manifest_digest,
-            "first_sequence": first,
-            "num_sequences": end - first,
-            "num_tokens": (end - first) * self.manifest.config.seq_len,
-            "files": files,
-            "field_bytes": field_bytes,
-            "stats": stats,
-        }
-        write_json_atomic(record_path(self.root, index), record)
-        return record
+        if isinstance(arrays, dict) and set(arrays) == {s.name for s in self.fields}:
+            # whole-shard arrays: each must hold the shard's every sequence
+            arrays = {s.name: check_input(s, arrays[s.name], end - first, f"shard {index} of {self.root}")
+                      for s in self.fields}  # fmt: skip
+        with self.open_shard(index) as shard:
+            shard.write(arrays)
+            return shard.commit(stats)
 
     @staticmethod
     def _replace(tmp: Path, final: Path) -> None:
@@ -197,6 +181,99 @@ class CacheWriter(_Layout):
         else:
             tmp.replace(final)
         # No directory fsync here: writing the record fsyncs shards/, which makes this rename durable too.
+
+
+class ShardWriter:
+    """One shard being written, batch by batch: ``write`` rows in order, then ``commit``.
+
+    Data goes to a temporary name (chunk by chunk: memory holds one chunk, not the shard); ``commit``
+    flushes and checksums it, renames it into place and writes the completion record last. Used as a
+    context manager, leaving without a commit (an error, Ctrl-C) removes the temporary.
+    """
+
+    def __init__(self, cache: CacheWriter, index: int) -> None:
+        self.cache, self.index = cache, index
+        self.first, self.end = cache.shard_range(index)
+        self.where = f"shard {index} of {cache.root}"
+        self.final = cache.shard_path(index)
+        self.tmp = temp_path(self.final)
+        self.written = 0
+        self._sink = cache._shard_format.ShardSink(self.tmp, cache.fields, self.first, self.end - self.first)
+        self._done = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            self.abort()
+
+    def write(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Append the next rows: exactly the manifest's fields, each a CPU tensor [b, *spec.shape] in its
+        logical dtype (float8 fields take float32/bf16 values)."""
+        if not isinstance(arrays, dict):
+            raise TypeError(f"{self.where}: arrays must be a dict of field name -> tensor")
+        expected = [s.name for s in self.cache.fields]
+        missing, unknown = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        if missing or unknown:
+            raise ValueError(
+                f"{self.where}: arrays must hold exactly the manifest's fields {expected}; "
+                f"missing {missing}, unexpected {unknown}"
+            )
+        first = arrays[expected[0]]
+        rows = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else -1
+        if rows < 0 or self.written + rows > self.end - self.first:
+            raise ValueError(
+                f"{self.where}: {max(rows, 0)} more sequences would exceed the shard's "
+                f"{self.end - self.first} (after {self.written})"
+            )
+        checked = {s.name: check_input(s, arrays[s.name], rows, self.where) for s in self.cache.fields}
+        self._sink.write(checked)
+        self.written += rows
+
+    def commit(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the shard and mark it complete; returns the completion record."""
+        stats = dict(stats or {})
+        try:
+            json.dumps(stats)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.where}: stats must be JSON-serialisable (use float()/int() on tensors): {err}") from err
+        num = self.end - self.first
+        if self.written != num:
+            raise ValueError(f"{self.where}: holds {self.written} sequences, expected {num}")
+        root = self.cache.root
+        try:
+            field_bytes = self._sink.close()
+            fsync_tree(self.tmp)
+            files = file_digests(self.tmp, f"{SHARDS_DIR}/{self.final.name}")
+            # The old record (if any) describes files about to be replaced: drop it first, so a crash
+            # from here on leaves the shard incomplete rather than wrongly complete.
+            record_path(root, self.index).unlink(missing_ok=True)
+            CacheWriter._replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        record = {
+            "index": self.index,
+            "manifest": self.cache.manifest_digest,
+            "first_sequence": self.first,
+            "num_sequences": num,
+            "num_tokens": num * self.cache.manifest.config.seq_len,
+            "files": files,
+            "field_bytes": field_bytes,
+            "stats": stats,
+        }
+        write_json_atomic(record_path(root, self.index), record)
+        self._done = True
+        return record
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary is removed; the shard stays incomplete)."""
+        self._done = True
+        try:
+            self._sink.abort()
+        finally:
+            remove_path(self.tmp)
 
 
 class CacheReader(_Layout):
@@ -299,6 +376,9 @@ def clean_stale(root: str | Path) -> int:
     shards = root / SHARDS_DIR
     removed = 0
     for entry in sorted(root.glob(TMP_PREFIX + "*")):  # an interrupted manifest creation
+        remove_path(entry)
+        removed += 1
+    for entry in sorted((root / "index").glob(TMP_PREFIX + "*")):  # an interrupted tokenise worker
         remove_path(entry)
         removed += 1
     if not shards.is_dir():

@@ -28,7 +28,7 @@ from lrc_offline.cache.compression import compress_npy, decompress_npy, npy_suff
 from lrc_offline.cache.dtypes import decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
 
-__all__ = ["KEY_DIGITS", "member_name", "write_to_dir", "read"]
+__all__ = ["KEY_DIGITS", "ShardSink", "member_name", "write_to_dir", "read"]
 
 KEY_DIGITS = 10
 """Digits of a sample key (the global sequence index, zero-padded)."""
@@ -49,36 +49,67 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_to_dir(
-    path: str | Path, arrays: dict[str, torch.Tensor], specs: Sequence[FieldSpec], first_sequence: int
-) -> dict[str, int]:
-    """Write one shard as a new tar file at `path`.
+class ShardSink:
+    """Writes one shard as a new tar file at `path`, batch by batch: each row's members are compressed
+    and appended as it arrives, so memory is one batch whatever the shard's size.
 
     Args:
         path: Tar file to create; it must not exist.
-        arrays: Field name -> tensor [n, *spec.shape], already checked by `dtypes.check_input`.
         specs: The cache's fields.
         first_sequence: Global index of the shard's first sequence (the first sample key).
-
-    Returns:
-        Stored bytes per field: the sum of its members' sizes (tar headers not counted).
+        num_sequences: Rows the shard will hold.
     """
-    num_sequences = int(next(iter(arrays.values())).shape[0])
-    encoded = {spec.name: encode(spec, arrays[spec.name]) for spec in specs}
-    field_bytes = {spec.name: 0 for spec in specs}
-    with open(path, "xb") as file, tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(num_sequences):
+
+    def __init__(self, path: str | Path, specs: Sequence[FieldSpec], first_sequence: int, num_sequences: int) -> None:
+        self.specs, self.num_sequences, self._next = tuple(specs), num_sequences, first_sequence
+        self._first = first_sequence
+        self._file = open(path, "xb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.field_bytes = {spec.name: 0 for spec in self.specs}
+
+    def write(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Append rows: field name -> tensor [b, *spec.shape], already checked by `dtypes.check_input`."""
+        encoded = {spec.name: encode(spec, arrays[spec.name]) for spec in self.specs}
+        for i in range(int(next(iter(arrays.values())).shape[0])):
             # Sorted names within a fixed-width key give a globally sorted tar with each sample contiguous.
             members = sorted(
-                (member_name(first_sequence + i, name, spec.codec), spec, array[i])
-                for spec in specs
+                (member_name(self._next, name, spec.codec), spec, array[i])
+                for spec in self.specs
                 for name, array in encoded[spec.name].items()
             )
             for name, spec, array in members:
                 data = compress_npy(array, spec.codec)
-                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-                field_bytes[spec.name] += len(data)
-    return field_bytes
+                self._tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                self.field_bytes[spec.name] += len(data)
+            self._next += 1
+
+    def close(self) -> dict[str, int]:
+        """Finish the tar; returns stored bytes per field (the sum of its members' sizes)."""
+        assert self._next - self._first == self.num_sequences, f"{self._next - self._first} of {self.num_sequences} rows"
+        self._tar.close()
+        self._file.close()
+        return self.field_bytes
+
+    def abort(self) -> None:
+        """Close the file without finishing it (the caller removes it)."""
+        self._file.close()
+
+
+def write_to_dir(
+    path: str | Path, arrays: dict[str, torch.Tensor], specs: Sequence[FieldSpec], first_sequence: int
+) -> dict[str, int]:
+    """Write one whole shard as a new tar file at `path` (see `ShardSink`).
+
+    Returns:
+        Stored bytes per field: the sum of its members' sizes (tar headers not counted).
+    """
+    sink = ShardSink(path, specs, first_sequence, int(next(iter(arrays.values())).shape[0]))
+    try:
+        sink.write(arrays)
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _check_member(member: tarfile.TarInfo, where: str) -> None:

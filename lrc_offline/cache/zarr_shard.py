@@ -7,7 +7,7 @@ Layout of ``shard-00000.zarr/``::
     <field>/c/<i>/0/...            chunks: a few whole sequences each
     <field>__scale/...             float8 fields only: float32 per-row scales [num_seqs, *shape[:-1]]
 
-Shards are written whole and once (no appends), every chunk is written even when it equals the fill
+Every chunk is written once, whole (a shard is written chunk by chunk as batches arrive), every chunk is written even when it equals the fill
 value, and nothing time- or host-dependent goes into the files, so a rebuild is byte-identical.
 """
 
@@ -25,7 +25,7 @@ from lrc_offline.cache.compression import zarr_compressors
 from lrc_offline.cache.dtypes import SCALE_SUFFIX, decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
-__all__ = ["write_to_dir", "read", "chunk_sequences"]
+__all__ = ["ShardSink", "write_to_dir", "read", "chunk_sequences"]
 
 _ALLOWED_CODECS = {"bytes", "blosc", "zstd"}
 """Codecs this format writes; anything else in a shard's metadata is refused before decoding."""
@@ -46,50 +46,95 @@ def _chunk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
-def write_to_dir(
-    path: str | Path, arrays: dict[str, torch.Tensor], specs: Sequence[FieldSpec], first_sequence: int
-) -> dict[str, int]:
-    """Write one shard as a new Zarr v3 group at `path`.
+class ShardSink:
+    """Writes one shard as a new Zarr v3 group at `path`, batch by batch (rows in order).
+
+    Arrays are created with the shard's full shape up front; rows are buffered per array until a whole
+    chunk is filled, which is then compressed and written: memory is one chunk per array, whatever the
+    shard's size, and every chunk is written once, whole, so the bytes equal a whole-shard write.
 
     Args:
         path: Directory to create; it must not exist.
-        arrays: Field name -> tensor [n, *spec.shape], already checked by `dtypes.check_input`.
         specs: The cache's fields, in manifest order.
         first_sequence: Global index of the shard's first sequence (recorded in the group attributes).
+        num_sequences: Rows the shard will hold.
+    """
+
+    def __init__(self, path: str | Path, specs: Sequence[FieldSpec], first_sequence: int, num_sequences: int) -> None:
+        self.path, self.specs, self.num_sequences = Path(path), tuple(specs), num_sequences
+        group = zarr.open_group(
+            store=str(self.path),
+            mode="w-",
+            zarr_format=3,
+            attributes={
+                "lrc_offline_schema": SCHEMA_VERSION,
+                "first_sequence": first_sequence,
+                "num_sequences": num_sequences,
+            },
+        )
+        self._arrays: dict[str, zarr.Array] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._written: dict[str, int] = {}
+        for spec in self.specs:
+            for name, dtype, shape in stored_arrays(spec):
+                role = "scale" if name.endswith(SCALE_SUFFIX) else "values"
+                self._arrays[name] = group.create_array(
+                    name,
+                    shape=(num_sequences, *shape),
+                    dtype=dtype,
+                    chunks=(chunk_sequences(shape, np.dtype(dtype).itemsize, num_sequences), *shape),
+                    compressors=zarr_compressors(spec.codec),
+                    fill_value=0,
+                    attributes={"field": spec.name, "logical_dtype": spec.dtype, "codec": spec.codec, "role": role},
+                    # A chunk equal to the fill value would otherwise be skipped; its absence would then be
+                    # indistinguishable from a lost file, which verification must catch.
+                    config={"write_empty_chunks": True},
+                )
+                self._pending[name], self._written[name] = [], 0
+
+    def write(self, arrays: dict[str, torch.Tensor]) -> None:
+        """Append rows: field name -> tensor [b, *spec.shape], already checked by `dtypes.check_input`."""
+        for spec in self.specs:
+            for name, array in encode(spec, arrays[spec.name]).items():
+                self._pending[name].append(np.ascontiguousarray(array))
+                self._flush(name, final=False)
+
+    def _flush(self, name: str, final: bool) -> None:
+        target = self._arrays[name]
+        chunk = target.chunks[0]
+        buffered = sum(a.shape[0] for a in self._pending[name])
+        while buffered >= chunk or (final and buffered):
+            rows = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else self._pending[name][0]
+            take = min(chunk, buffered) if final else chunk
+            lo = self._written[name]
+            target[lo : lo + take] = rows[:take]
+            self._written[name] += take
+            self._pending[name] = [rows[take:]] if take < rows.shape[0] else []
+            buffered -= take
+
+    def close(self) -> dict[str, int]:
+        """Write the last partial chunks; returns stored bytes per field (its value and scale chunks)."""
+        for name in self._arrays:
+            self._flush(name, final=True)
+            assert self._written[name] == self.num_sequences, f"{name}: {self._written[name]} of {self.num_sequences} rows"
+        return {spec.name: sum(_chunk_bytes(self.path / name) for name, _, _ in stored_arrays(spec)) for spec in self.specs}
+
+
+    def abort(self) -> None:
+        """Stop without finishing (nothing is open; the caller removes the directory)."""
+
+
+def write_to_dir(
+    path: str | Path, arrays: dict[str, torch.Tensor], specs: Sequence[FieldSpec], first_sequence: int
+) -> dict[str, int]:
+    """Write one whole shard as a new Zarr v3 group at `path` (see `ShardSink`).
 
     Returns:
         Stored bytes per field: the chunks of its value array and of any scale array.
     """
-    path = Path(path)
-    num_sequences = int(next(iter(arrays.values())).shape[0])
-    group = zarr.open_group(
-        store=str(path),
-        mode="w-",
-        zarr_format=3,
-        attributes={
-            "lrc_offline_schema": SCHEMA_VERSION,
-            "first_sequence": first_sequence,
-            "num_sequences": num_sequences,
-        },
-    )
-    field_bytes = {}
-    for spec in specs:
-        stored = encode(spec, arrays[spec.name])
-        for name, array in stored.items():
-            role = "scale" if name.endswith(SCALE_SUFFIX) else "values"
-            group.create_array(
-                name,
-                data=array,
-                chunks=(chunk_sequences(array.shape[1:], array.dtype.itemsize, num_sequences), *array.shape[1:]),
-                compressors=zarr_compressors(spec.codec),
-                fill_value=0,
-                attributes={"field": spec.name, "logical_dtype": spec.dtype, "codec": spec.codec, "role": role},
-                # A chunk equal to the fill value would otherwise be skipped; its absence would then be
-                # indistinguishable from a lost file, which verification must catch.
-                config={"write_empty_chunks": True},
-            )
-        field_bytes[spec.name] = sum(_chunk_bytes(path / name) for name in stored)
-    return field_bytes
+    sink = ShardSink(path, specs, first_sequence, int(next(iter(arrays.values())).shape[0]))
+    sink.write(arrays)
+    return sink.close()
 
 
 def read(

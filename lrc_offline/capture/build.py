@@ -1,4 +1,5 @@
-"""`lrc-cache build`: corpus -> packed sequences -> one teacher forward with hooks -> cache shards.
+"""`lrc-cache build`: corpus -> tokenised index -> this worker's packed sequences -> one teacher forward
+with hooks -> a writer thread -> cache shards, written chunk by chunk.
 
 The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.run.backend=vllm, in vLLM
 (`vllm_backend.VLLMCapture`, logit signals only); both return the same fields.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +39,16 @@ from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
 from ..teacher.load import Teacher, load_teacher, resolve_device, resolve_dtype
-from .corpus import (
-    PackedCorpus,
-    corpus_fingerprint,
-    load_documents,
-    pack_documents,
-    split_heldout,
-)
+from ..data import CorpusError, CorpusSpec
+from ..data.index import PackedIndex, TokenIndex, my_units, open_index, tokenize_units
+from ..fsutil import TMP_PREFIX
+from ..teacher.fingerprint import tokenizer_fingerprint
+from .writer import ShardPipeline
 from .positions import sample_positions_batch
 from .signals import logit_fields
 from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
-__all__ = ["BuildReport", "build_cache", "teacher_geometry", "my_shards", "capture_batch"]
+__all__ = ["BuildReport", "build_cache", "tokenize_corpus", "load_tokenizer", "corpus_spec", "teacher_geometry", "my_shards", "capture_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -175,30 +175,98 @@ def build_cache(
     """
     start = time.perf_counter()
     teacher = _teacher_for(cfg, teacher)
-    packed, manifest, layers = _plan(cfg, teacher)
-    shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before anything is written
+    created = not Path(out).exists()
+    packed, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
+    try:
+        shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before any shard or manifest
+    except ConfigError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # only the index was written: leave nothing behind
+        raise
     writer = CacheWriter(out, manifest)
+    _remove_stale_manifest_temporaries(Path(out))
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
     todo = [i for i in shards if not writer.is_complete(i)]
     report.skipped = [i for i in shards if i not in todo]
     total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
-    bytes_written = 0
     with contextlib.ExitStack() as engine:
         if cfg.run.backend == "vllm" and todo:
             capture = engine.enter_context(open_vllm(cfg, teacher)).capture
         else:
             capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
+        # The teacher runs the next batch while the writer thread casts, compresses and writes this one.
+        pipeline = engine.enter_context(ShardPipeline(writer, cfg.run.write_queue))
         for index in todo:
-            arrays, shard_stats = _capture_shard(capture, packed, writer, index, cfg, bar)
-            record = writer.write_shard(index, arrays, shard_stats)
-            bytes_written += sum(f["bytes"] for f in record["files"].values())
-            report.built.append(index)
-            report.tokens += len(range(*writer.shard_range(index))) * cfg.seq_len
-            bar.set_postfix(shards=f"{len(report.built)}/{len(todo)}", written=f"{bytes_written / 2**20:.1f}MiB")
+            _capture_shard(capture, packed, writer, pipeline, index, cfg, bar)
+            done = pipeline.committed
+            bar.set_postfix(shards=f"{len(done)}/{len(todo)}", written=f"{pipeline.bytes_written / 2**20:.1f}MiB")
+        pipeline.finish()
+        report.built = list(pipeline.committed)
+    report.tokens = sum(len(range(*writer.shard_range(i))) for i in report.built) * cfg.seq_len
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def corpus_spec(cfg: CacheConfig) -> CorpusSpec:
+    """The corpus a cache config names."""
+    return CorpusSpec(cfg.corpus, cfg.text_field, cfg.corpus_split, cfg.corpus_config, cfg.corpus_revision)
+
+
+def tokenize_corpus(
+    cfg: CacheConfig, out: str | Path, tokenizer, worker: int | None = None, num_workers: int | None = None,
+    all_missing: bool = False,
+) -> TokenIndex:  # fmt: skip
+    """Tokenise this worker's units of the corpus into the index under `out` (see `data.index`).
+
+    Args:
+        worker, num_workers: this worker's place in the split (unit u goes to worker u mod N); None: all.
+        all_missing: afterwards, also tokenise every unit still missing (a build that finds the index
+            incomplete does this, so a lone worker or a build without a tokenise phase still runs).
+
+    Raises:
+        CorpusError: bad corpus, or an index there built for another corpus or tokenizer. When this call
+            created `out`, it is removed again: nothing half-written is left.
+    """
+    out = Path(out)
+    created = not out.exists()
+    try:
+        index = TokenIndex.create(out, corpus_spec(cfg), tokenizer, tokenizer_fingerprint(tokenizer))
+        units = my_units(len(index.units), worker, num_workers)
+        if num_workers is None and worker is not None:  # a single shard: tokenise everything
+            units = my_units(len(index.units), None, None)
+        tokenize_units(index, tokenizer, units)
+        if all_missing and index.missing():
+            log.warning("the tokenised index lacks %d unit(s) of other workers; tokenising them here (run "
+                        "`lrc-cache tokenize` as its own phase to split this work)", len(index.missing()))  # fmt: skip
+            tokenize_units(index, tokenizer, index.missing())
+        return index
+    except CorpusError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(name: str):
+    """Teacher `name`'s tokenizer, without loading its weights where the checkpoint allows (a tokenise
+    worker needs only the tokenizer; the build checks the index's tokenizer fingerprint anyway)."""
+    from ..teacher import load as teacher_load
+    from ..teacher.tiny import TINY_FAMILIES, tiny_tokenizer
+
+    if name.startswith("tiny-random:") and name.split(":", 1)[1] in TINY_FAMILIES:
+        return tiny_tokenizer()
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return teacher_load._load_tokenizer(path, None)
+    return load_teacher(name).tokenizer  # built-in checkpoints and GGUF files
+
+
+def _remove_stale_manifest_temporaries(root: Path) -> None:
+    """Once the manifest exists, a temporary of it is a killed worker's (a live one finds the manifest
+    there and discards its own)."""
+    for entry in root.glob(TMP_PREFIX + "manifest.json-*"):
+        entry.unlink(missing_ok=True)
 
 
 def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
@@ -217,17 +285,25 @@ def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
     return teacher
 
 
-def _plan(cfg: CacheConfig, teacher: Teacher) -> tuple[PackedCorpus, Manifest, list[int]]:
-    """The packed corpus, the manifest it and the teacher make, and the activation layers."""
-    train_docs, heldout_docs = split_heldout(load_documents(cfg.corpus, cfg.text_field), cfg.heldout_docs)
-    packed: PackedCorpus = pack_documents(train_docs, teacher.tokenizer, cfg.seq_len, cfg.max_sequences)
+def _plan(
+    cfg: CacheConfig, teacher: Teacher, out: str | Path, worker: int | None, num_workers: int | None
+) -> tuple[PackedIndex, Manifest, list[int]]:
+    """The packed corpus (from the tokenised index, tokenising what is missing), the manifest it and the
+    teacher make, and the activation layers."""
+    index = tokenize_corpus(cfg, out, teacher.tokenizer, worker, num_workers, all_missing=True)
+    try:
+        packed = open_index(index, cfg.seq_len, cfg.heldout_docs, cfg.max_sequences)
+    except CorpusError:
+        if not any((Path(out) / "shards").glob("*")) and not (Path(out) / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing but the index: leave nothing half-made
+        raise
     geometry = teacher_geometry(teacher.config)
     layers = act_layers(cfg, geometry)
     fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
-    fingerprints["corpus"] = corpus_fingerprint(train_docs)
+    fingerprints["corpus"] = packed.fingerprint
     extra = {
         "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
-                    "dropped_tokens": packed.dropped_tokens, "heldout_docs": len(heldout_docs),
+                    "dropped_tokens": packed.dropped_tokens, "heldout_docs": packed.heldout_documents,
                     "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
         "backend": _backend_record(cfg.run.backend),
         "teacher_name": cfg.teacher,
@@ -235,18 +311,20 @@ def _plan(cfg: CacheConfig, teacher: Teacher) -> tuple[PackedCorpus, Manifest, l
     return packed, make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra), layers
 
 
-def _capture_shard(capture, packed: PackedCorpus, writer: CacheWriter, index: int, cfg: CacheConfig, bar):
-    """Shard `index`'s arrays (in their storage dtypes) and statistics, captured batch by batch."""
+def _capture_shard(capture, packed: PackedIndex, writer: CacheWriter, pipeline: ShardPipeline, index: int,
+                   cfg: CacheConfig, bar) -> None:  # fmt: skip
+    """Capture shard `index` batch by batch, handing each batch to the writer thread; the shard's
+    statistics go with its commit."""
     first, end = writer.shard_range(index)
-    pieces: dict[str, list[torch.Tensor]] = {}
+    input_ids, position_ids = packed.sequences(first, end)  # this shard's sequences only
     sums: dict[str, float] = {}
     act_sums = None
+    pipeline.open(index)
     for lo in range(first, end, cfg.run.batch_size):
         hi = min(lo + cfg.run.batch_size, end)
-        arrays, stats = capture(packed.input_ids[lo:hi], packed.position_ids[lo:hi], list(range(lo, hi)))
-        arrays = _storage_dtypes(arrays, writer.fields)  # per batch: a shard never sits in fp32
-        for name, value in arrays.items():
-            pieces.setdefault(name, []).append(value)
+        arrays, stats = capture(input_ids[lo - first : hi - first], position_ids[lo - first : hi - first],
+                                list(range(lo, hi)))  # fmt: skip
+        pipeline.write(functools.partial(_storage_dtypes, arrays, writer.fields))  # cast in the writer thread
         act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -254,7 +332,7 @@ def _capture_shard(capture, packed: PackedCorpus, writer: CacheWriter, index: in
     shard_stats = _shard_stats(sums)
     if act_sums is not None:
         shard_stats["act_stats"] = act_sums
-    return {n: torch.cat(v) for n, v in pieces.items()}, shard_stats
+    pipeline.commit(shard_stats)
 
 
 def _backend_record(backend: str) -> dict[str, str]:

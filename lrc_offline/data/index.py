@@ -1,0 +1,322 @@
+"""The tokenised index: a corpus tokenised once, in parallel, and stored with the cache, from which any
+worker reads the packed sequences of its own shards without touching the rest.
+
+Layout of ``<cache>/index/``::
+
+    index.json               what was tokenised: the corpus (spec and units), the tokenizer's fingerprint,
+                             BOS/EOS; created once, compared by every later worker
+    part-000042.tokens       unit 42's token stream: int32, BOS ids EOS per document, as the packer joins them
+    part-000042.starts       int64 start of each document in that stream
+    part-000042.json         the unit's record, written last (its documents, tokens and content digest):
+                             the unit is tokenised iff it exists
+    .tmp-*                   work in progress; never read
+
+Tokenising splits the units between workers (unit u goes to worker u mod N), so any number of workers
+writes the same parts; packing is arithmetic on the parts' counts, so the packed sequences are identical
+whatever the number of tokenising workers, and equal to `corpus.pack_documents` over the same
+documents. A build worker reads ``index.json``, one small record per unit, and memory-maps only the
+parts its sequences lie in: its memory and start-up grow with the number of units, never with tokens.
+
+Legend: S sequences, T tokens (seq_len).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..fsutil import TMP_PREFIX, fsync_path, temp_path, write_json_atomic
+from .sources import CorpusError, CorpusSpec, Unit, corpus_units, iter_unit_documents
+
+__all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index", "tokenize_units", "my_units"]
+
+INDEX_DIR = "index"
+INDEX_VERSION = 1
+_BATCH_DOCS = 1000
+
+
+class IndexError_(CorpusError):  # noqa: N801 -- IndexError is a builtin
+    """An index built for another corpus or tokenizer, or a damaged one; the message names the fix."""
+
+
+def my_units(num_units: int, worker: int | None, num_workers: int | None) -> list[int]:
+    """The units worker `worker` of `num_workers` tokenises: u with u mod N == worker (all when None)."""
+    if worker is None or num_workers is None:
+        return list(range(num_units))
+    return list(range(worker, num_units, num_workers))
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """BOS in front of each document when the tokenizer has one distinct from EOS, EOS after each when it
+    has one (as `corpus.pack_documents`)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ([bos] if bos is not None and bos != eos else []), ([eos] if eos is not None else [])
+
+
+@dataclass
+class TokenIndex:
+    """An index directory and the corpus and tokenizer it is for."""
+
+    root: Path
+    spec: CorpusSpec
+    units: list[Unit]
+    tokenizer_fingerprint: str
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    @classmethod
+    def create(cls, cache_dir: str | Path, spec: CorpusSpec, tokenizer: Any, tokenizer_fingerprint: str) -> TokenIndex:
+        """The index of `spec` under `cache_dir` (created if absent; an existing one must agree).
+
+        Raises:
+            IndexError_: the existing index was built from another corpus (units or file sizes differ) or
+                with another tokenizer.
+            CorpusError: the corpus cannot be listed.
+        """
+        index = cls(Path(cache_dir) / INDEX_DIR, spec, corpus_units(spec), tokenizer_fingerprint,
+                    tokenizer.bos_token_id, tokenizer.eos_token_id)  # fmt: skip
+        index.root.mkdir(parents=True, exist_ok=True)
+        created = write_json_atomic(index.root / "index.json", index._header(), exclusive=True)
+        for entry in index.root.glob(TMP_PREFIX + "index.json-*"):  # a killed worker's (see fsutil)
+            entry.unlink(missing_ok=True)
+        if not created:
+            existing = json.loads((index.root / "index.json").read_text())
+            if existing != index._header():
+                diff = [k for k in index._header() if existing.get(k) != index._header()[k]]
+                raise IndexError_(
+                    f"{index.root}: the tokenised index there was built from another "
+                    f"{' and '.join(diff)} (a file changed, or the config's corpus or teacher differs); delete "
+                    f"{index.root} to re-tokenise, or build into another cache directory"
+                )
+        return index
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "version": INDEX_VERSION,
+            "corpus": {"corpus": self.spec.corpus, "text_field": self.spec.text_field, "split": self.spec.split,
+                       "config": self.spec.config, "revision": self.spec.revision},
+            "units": [u.to_dict() for u in self.units],
+            "tokenizer": {"fingerprint": self.tokenizer_fingerprint, "bos_token_id": self.bos_token_id,
+                          "eos_token_id": self.eos_token_id},
+        }  # fmt: skip
+
+    def _part(self, u: int, suffix: str) -> Path:
+        return self.root / f"part-{u:06d}.{suffix}"
+
+    def record(self, u: int) -> dict[str, Any] | None:
+        """Unit `u`'s record, or None when it is not tokenised yet."""
+        try:
+            return json.loads(self._part(u, "json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def missing(self) -> list[int]:
+        """Units without a record."""
+        return [u for u in range(len(self.units)) if not self._part(u, "json").is_file()]
+
+    def remove_stale(self, units: Sequence[int]) -> None:
+        """Remove temporaries a killed worker left for `units` (they are about to be re-tokenised)."""
+        for u in units:
+            for entry in self.root.glob(f"{TMP_PREFIX}part-{u:06d}.*"):
+                entry.unlink(missing_ok=True)
+
+    def tokenize_unit(self, u: int, tokenizer: Any) -> dict[str, Any]:
+        """Tokenise unit `u` into its part files, batch by batch (memory: one batch of documents)."""
+        prefix, suffix = _special_tokens(tokenizer)
+        num_special = len(prefix) + len(suffix)
+        digest = hashlib.sha256()
+        num_docs = num_tokens = 0
+        paths = {s: self._part(u, s) for s in ("tokens", "starts")}
+        tmps = {s: temp_path(p) for s, p in paths.items()}
+        try:
+            with open(tmps["tokens"], "wb") as tokens_file, open(tmps["starts"], "wb") as starts_file:
+                batch: list[str] = []
+                docs = iter_unit_documents(self.units[u], self.spec)
+                while True:
+                    doc = next(docs, None)
+                    if doc is not None:
+                        batch.append(doc)
+                        data = doc.encode("utf-8")
+                        digest.update(len(data).to_bytes(8, "little"))
+                        digest.update(data)
+                    if batch and (doc is None or len(batch) == _BATCH_DOCS):
+                        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+                        lengths = np.array([len(x) + num_special for x in ids], dtype=np.int64)
+                        starts = num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                        flat = np.fromiter((t for x in ids for t in (*prefix, *x, *suffix)), dtype=np.int64,
+                                           count=int(lengths.sum()))  # fmt: skip
+                        assert flat.size == 0 or int(flat.max()) < 2**31, "token id does not fit in int32"
+                        flat.astype("<i4").tofile(tokens_file)
+                        starts.astype("<i8").tofile(starts_file)
+                        num_docs += len(batch)
+                        num_tokens += int(lengths.sum())
+                        batch = []
+                    if doc is None:
+                        break
+            for s in tmps:
+                fsync_path(tmps[s])
+                tmps[s].replace(paths[s])
+        finally:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
+        record = {"unit": u, "num_documents": num_docs, "num_tokens": num_tokens,
+                  "digest": "sha256:" + digest.hexdigest()}  # fmt: skip
+        write_json_atomic(self._part(u, "json"), record)  # last: the unit is tokenised
+        return record
+
+    def tokens(self, u: int) -> np.ndarray:
+        """Unit `u`'s token stream, memory-mapped (int32)."""
+        return _mmap(self._part(u, "tokens"), "<i4")
+
+    def starts(self, u: int) -> np.ndarray:
+        """Unit `u`'s document starts in its stream, memory-mapped (int64)."""
+        return _mmap(self._part(u, "starts"), "<i8")
+
+
+def _mmap(path: Path, dtype: str) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def tokenize_units(index: TokenIndex, tokenizer: Any, units: Sequence[int], progress=None) -> list[int]:
+    """Tokenise those of `units` not tokenised yet; returns the units tokenised by this call."""
+    todo = [u for u in units if index.record(u) is None]
+    index.remove_stale(todo)
+    for u in todo:
+        index.tokenize_unit(u, tokenizer)
+        if progress is not None:
+            progress(u)
+    return todo
+
+
+@dataclass
+class PackedIndex:
+    """The packed sequences of an index: the first `num_sequences * seq_len` tokens of the training
+    documents' stream, cut into rows; what `corpus.pack_documents` returns, read on demand."""
+
+    index: TokenIndex
+    seq_len: int
+    num_sequences: int
+    num_documents: int
+    """Training documents in the stream (with `max_sequences`, up to the one that fills the last sequence)."""
+    num_tokens: int
+    """Length of that stream."""
+    dropped_tokens: int
+    heldout_documents: int
+    fingerprint: str
+    """`sha256:` digest of the corpus's content and the held-out count: identifies the training documents."""
+    _token_offsets: np.ndarray
+    _doc_offsets: np.ndarray
+
+    def sequences(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(input_ids, position_ids)` of sequences [first, end), each [S, T] int32, read from the parts
+        these tokens lie in (positions restart at each document start and each sequence start)."""
+        assert 0 <= first <= end <= self.num_sequences
+        lo, hi = first * self.seq_len, end * self.seq_len
+        ids = np.empty(hi - lo, dtype=np.int32)
+        is_start = np.zeros(hi - lo, dtype=bool)
+        u = int(np.searchsorted(self._token_offsets, lo, side="right")) - 1
+        while lo < hi and u < len(self.index.units):
+            base, top = int(self._token_offsets[u]), int(self._token_offsets[u + 1])
+            a, b = max(lo, base), min(hi, top)
+            if a < b:
+                ids[a - lo : b - lo] = self.index.tokens(u)[a - base : b - base]
+                starts = np.asarray(self.index.starts(u)) + base
+                starts = starts[(starts >= a) & (starts < b)]
+                is_start[starts - lo] = True
+            if top >= hi:
+                break
+            u += 1
+        n = end - first
+        is_start_ST = torch.from_numpy(is_start).view(n, self.seq_len)
+        is_start_ST[:, 0] = True
+        col = torch.arange(self.seq_len, dtype=torch.int64).expand(n, self.seq_len)
+        last_start = torch.where(is_start_ST, col, torch.zeros_like(col)).cummax(dim=1).values
+        return torch.from_numpy(ids).view(n, self.seq_len), (col - last_start).to(torch.int32)
+
+
+def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_sequences: int | None = None) -> PackedIndex:
+    """The packing of a complete index: training documents (all but the last `heldout_docs`) cut into
+    sequences of `seq_len` tokens, at most `max_sequences`.
+
+    Raises:
+        CorpusError: the index is incomplete, the corpus is empty, `heldout_docs` leaves no training
+            document, or the training documents make fewer tokens than one sequence.
+    """
+    missing = index.missing()
+    if missing:
+        raise IndexError_(
+            f"{index.root}: {len(missing)} of {len(index.units)} corpus units are not tokenised (first: "
+            f"{index.units[missing[0]].label()}); run `lrc-cache tokenize` with the same config and --out first"
+        )
+    records = [index.record(u) for u in range(len(index.units))]
+    docs = np.array([r["num_documents"] for r in records], dtype=np.int64)
+    tokens = np.array([r["num_tokens"] for r in records], dtype=np.int64)
+    doc_offsets = np.concatenate([[0], np.cumsum(docs)])
+    token_offsets = np.concatenate([[0], np.cumsum(tokens)])
+    total_docs = int(doc_offsets[-1])
+    if total_docs == 0:
+        raise CorpusError(
+            f"corpus {index.spec.corpus!r} has no non-empty documents (empty corpus); point cache.corpus at files "
+            f"holding text (or check cache.text_field={index.spec.text_field!r})"
+        )
+    if heldout_docs < 0:
+        raise CorpusError(f"cache.heldout_docs={heldout_docs} is negative; use 0 or more")
+    if heldout_docs >= total_docs:
+        raise CorpusError(
+            f"cache.heldout_docs={heldout_docs} leaves no training documents (the corpus has {total_docs}); "
+            "lower cache.heldout_docs or add documents"
+        )
+    train_docs = total_docs - heldout_docs
+    stream = _doc_start(index, doc_offsets, token_offsets, train_docs)
+    num_documents, num_tokens = train_docs, stream
+    if max_sequences is not None and stream > max_sequences * seq_len:
+        cap = max_sequences * seq_len
+        # the document holding token cap-1 fills the last sequence: tokenising in memory stops there
+        k = _doc_at(index, doc_offsets, token_offsets, cap - 1)
+        num_documents, num_tokens = k + 1, _doc_start(index, doc_offsets, token_offsets, k + 1)
+    num_sequences = num_tokens // seq_len
+    if num_sequences == 0:
+        raise CorpusError(
+            f"corpus has {num_tokens} tokens, fewer than one sequence of seq_len={seq_len}; add text or "
+            "lower cache.seq_len"
+        )
+    if max_sequences is not None:
+        num_sequences = min(num_sequences, max_sequences)
+    digest = hashlib.sha256(f"lrc-index-{INDEX_VERSION}:heldout={heldout_docs}".encode())
+    for record in records:
+        digest.update(f":{record['num_documents']}:{record['digest']}".encode())
+    return PackedIndex(index, seq_len, num_sequences, num_documents, num_tokens, num_tokens - num_sequences * seq_len,
+                       heldout_docs, "sha256:" + digest.hexdigest(), token_offsets, doc_offsets)  # fmt: skip
+
+
+def _doc_start(index: TokenIndex, doc_offsets: np.ndarray, token_offsets: np.ndarray, k: int) -> int:
+    """Stream offset where global document `k` starts (the stream's end for k = the document count)."""
+    if k >= doc_offsets[-1]:
+        return int(token_offsets[-1])
+    u = int(np.searchsorted(doc_offsets, k, side="right")) - 1
+    return int(token_offsets[u]) + int(index.starts(u)[k - doc_offsets[u]])
+
+
+def _doc_at(index: TokenIndex, doc_offsets: np.ndarray, token_offsets: np.ndarray, t: int) -> int:
+    """Global index of the document holding stream token `t`."""
+    u = int(np.searchsorted(token_offsets, t, side="right")) - 1
+    while doc_offsets[u + 1] == doc_offsets[u]:  # a unit without documents holds no token either
+        u -= 1
+    local = int(np.searchsorted(index.starts(u), t - token_offsets[u], side="right")) - 1
+    return int(doc_offsets[u]) + local
+
+
+def index_size(index: TokenIndex) -> int:
+    """Bytes of the index's part files."""
+    return sum(p.stat().st_size for p in index.root.glob("part-*") if p.is_file())
+
+
