@@ -28,7 +28,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Pro
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, save_config, to_dict
-from ..student.export import export_student
+from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
 from .checkpoint import load_checkpoint, resume_point, check_resumable, save_checkpoint
@@ -325,9 +325,9 @@ def finish(run: Run) -> dict[str, Any]:
         summary["stopped_early"] = True
         return summary
     if run.accelerator.is_main_process:
-        info = {"steps": tc.steps, **run.extra}
-        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer,
-                                               to_dict(run.cfg), extra_info=info))  # fmt: skip
+        info = {"steps": tc.steps, "tokens": run.last_record.get("tokens"), "heldout": run.last_heldout, **run.extra}
+        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer, to_dict(run.cfg),
+                                               dtype=export_dtype(run.cfg.export.dtype), extra_info=info))  # fmt: skip
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.accelerator.wait_for_everyone()
     return summary
