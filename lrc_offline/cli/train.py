@@ -123,8 +123,16 @@ def _train(args) -> int:
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     summary = train_from_cache(cfg, args.cache, args.out, resume=args.resume, progress=not args.no_progress,
                                teacher=teacher, heldout_ids=heldout)  # fmt: skip
-    print(json.dumps(summary, indent=2))
+    if _is_main_process():
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _is_main_process() -> bool:
+    """Whether this is rank 0 (or the only process): under DDP only it prints a run's summary."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _sweep(args) -> int:
@@ -134,7 +142,8 @@ def _sweep(args) -> int:
     sizes = parse_sizes(args.hidden_sizes)
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     run_sweep(cfg, args.cache, args.out, sizes, teacher=teacher, heldout_ids=heldout, progress=not args.no_progress)
-    print((Path(args.out) / "sweep.md").read_text())
+    if _is_main_process():
+        print((Path(args.out) / "sweep.md").read_text())
     return 0
 
 
@@ -211,7 +220,8 @@ def _online(args) -> int:
     from ..online import train_online
 
     summary = train_online(_job_config(args), args.out, progress=not args.no_progress, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if _is_main_process():
+        print(json.dumps(summary, indent=2))
     return 0
 
 
