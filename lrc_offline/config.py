@@ -350,6 +350,13 @@ class TrainConfig:
     """Device: auto (cuda if present), cpu, cuda[:N] or mps."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (0 keeps every one); older ones are deleted once a newer one is
+    complete."""
+    on_corrupt_shard: str = "fail"
+    """A cache shard whose data no longer matches its checksums (checked as it is read, before decoding):
+    fail stops training with an error naming the shard and file; skip trains on without it (counted in
+    metrics.jsonl as corrupt_shards and listed in summary.json)."""
     report_to: str = "none"
     """Experiment tracking through accelerate's trackers, beside metrics.jsonl: none, tensorboard (event
     files under <out>/tensorboard/), wandb (its run directory under <out>/wandb/; WANDB_MODE=offline
@@ -365,6 +372,8 @@ class TrainConfig:
         _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_device("train", "device", self.device)
 
 

@@ -125,6 +125,9 @@ class OnlineSource:
                 batches.append({"input_ids": ids, "teacher_logits": self.model(input_ids=ids).logits})
         return batches
 
+    def counters(self) -> dict[str, int]:
+        return {}
+
     def summary(self) -> dict[str, Any]:
         return {"train_sequences": self.num_sequences, "teacher_heldout": self.teacher_heldout}
 

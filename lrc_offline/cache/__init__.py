@@ -23,6 +23,7 @@ from lrc_offline.cache.schema import (
 )
 from lrc_offline.cache.store import (
     CacheMismatchError,
+    CorruptShardError,
     CacheReader,
     CacheWriter,
     clean_stale,
@@ -35,6 +36,7 @@ __all__ = [
     "FLOAT8_MAX",
     "CacheFormatError",
     "CacheMismatchError",
+    "CorruptShardError",
     "TeacherGeometry",
     "FieldSpec",
     "cache_fields",

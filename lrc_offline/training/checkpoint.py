@@ -15,7 +15,9 @@ ignores.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +41,22 @@ __all__ = [
     "set_rng_state",
     "resume_point",
     "check_resumable",
+    "rotate_checkpoints",
 ]
 
 CHECKPOINT_VERSION = 1
 """Version of the checkpoint layout; a checkpoint of another version is refused."""
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMP_SAVE = re.compile(r"^\.step-(\d+)-")
+"""A save in progress, or one a crash interrupted (`fsutil.atomic_dir`'s temporary sibling)."""
+_TRASH_PREFIX = ".deleting-"
 _STUDENT_FILE, _TRAINER_FILE, _STATE_FILE = "student.safetensors", "trainer.pt", "state.json"
 
 
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_sequences",
-                     "train.device", "train.mixed_precision")  # fmt: skip
+                     "train.device", "train.mixed_precision", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.on_corrupt_shard")  # fmt: skip
 """Config fields a resumed run may change; any other change would make the resumed run a different run."""
 
 
@@ -69,6 +76,33 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return max(found)[1] if found else None
+
+
+def rotate_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` (>= 1) checkpoints under `out_dir/checkpoints`, and the temporary
+    directories of saves or deletions that a crash interrupted; returns what was deleted.
+
+    Call it after a save completes, so the newest checkpoint is never deleted before its successor is
+    complete. Each checkpoint is first renamed out of the `step-*` namespace (atomic), then removed: a
+    kill -9 part way leaves a temporary directory for the next rotation, never a half-deleted `step-*`
+    that a resume could pick.
+    """
+    assert keep >= 1, "keep the newest checkpoint at least"
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    newest = found[-1][0] if found else None
+    deleted = []
+    for _, path in found[:-keep]:
+        trash = path.with_name(f"{_TRASH_PREFIX}{path.name}")
+        os.replace(path, trash)
+        deleted.append(path)
+    for path in root.iterdir():
+        stale_save = (m := _TEMP_SAVE.match(path.name)) and newest is not None and int(m.group(1)) <= newest
+        if path.is_dir() and (path.name.startswith(_TRASH_PREFIX) or stale_save):
+            shutil.rmtree(path, ignore_errors=True)
+    return deleted
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, sa
 from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
-from .checkpoint import load_checkpoint, resume_point, check_resumable, save_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, resume_point, rotate_checkpoints, save_checkpoint
 from .heldout import heldout_metrics
 from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
                       tracker_names)  # fmt: skip
@@ -68,6 +68,9 @@ class BatchSource(Protocol):
 
     def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
         """The first `num` training sequences with their teacher signal, for the PCA head-scale fit."""
+
+    def counters(self) -> dict[str, int]:
+        """Facts about the data read so far for every metrics line (e.g. corrupt shards skipped)."""
 
     def summary(self) -> dict[str, Any]:
         """Facts about the data for `summary.json` and the export (JSON-ready)."""
@@ -259,6 +262,7 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     record = {"step": index + 1, "tokens": (index + 1) * _tokens_per_step(run), **dict(zip(names, values)),
               "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
+              **run.source.counters(),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
     is_last = index + 1 == tc.steps
     if run.heldout_ids is not None and accelerator.is_main_process and (
@@ -278,6 +282,8 @@ def _checkpoint(run: Run, step_done: int) -> None:
     if run.accelerator.is_main_process:
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
                         to_dict(run.cfg), run.extra)  # fmt: skip
+        if run.cfg.train.keep_checkpoints:
+            rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
 

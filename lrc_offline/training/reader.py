@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..cache import CacheReader
+from ..cache import CacheReader, CorruptShardError
 from ..config import BuildRunConfig, ConfigError
 from ..seeding import generator
 
@@ -51,6 +51,8 @@ class CacheDataset(IterableDataset):
         seed: Seed of the shard and sequence order.
         num_epochs: Epochs to read before stopping (None: endless).
         fields: Fields to read (default: all the manifest's).
+        on_corrupt_shard: A shard whose data no longer matches its checksums (checked before decoding):
+            `fail` raises `CorruptShardError`; `skip` logs it and reads on without it.
 
     Raises:
         ValueError: bad rank/world size, or this rank gets no complete shard.
@@ -64,6 +66,7 @@ class CacheDataset(IterableDataset):
         seed: int = 0,
         num_epochs: int | None = None,
         fields: list[str] | None = None,
+        on_corrupt_shard: str = "fail",
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -71,6 +74,9 @@ class CacheDataset(IterableDataset):
         self.reader = CacheReader(cache_dir)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_epochs, self.fields = num_epochs, fields
+        self.on_corrupt_shard = on_corrupt_shard
+        self.corrupt_shards: list[int] = []
+        """Shards found corrupt while reading (and skipped), in the order found."""
         complete = self.reader.complete_shards()
         self.skipped_shards = sorted(set(range(self.reader.num_shards)) - set(complete))
         if self.skipped_shards:
@@ -119,13 +125,28 @@ class CacheDataset(IterableDataset):
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self.reader.read_shard, plan[0][0], self.fields) if plan else None
             for index, (shard, offsets) in enumerate(plan):
-                data = pending.result()
+                try:
+                    data = pending.result()
+                except CorruptShardError as err:
+                    data = self._corrupt(err)
                 if index + 1 < len(plan):
                     pending = pool.submit(self.reader.read_shard, plan[index + 1][0], self.fields)
+                if data is None:  # skipped: its sequences count as handed out, so positions stay exact
+                    self.consumed += len(offsets)
+                    continue
                 for offset in offsets.tolist():
                     sample = {name: tensor[offset] for name, tensor in data.items()}
                     sample["sequence_index"] = first_of_shard[shard] + offset
                     yield sample
+
+    def _corrupt(self, err: CorruptShardError) -> None:
+        """on_corrupt_shard=fail: raise; skip: say so once per shard and read on without it."""
+        if self.on_corrupt_shard == "fail":
+            raise err
+        if err.index not in self.corrupt_shards:
+            log.error("skipping corrupt shard %d (train.on_corrupt_shard=skip): %s", err.index, err)
+            self.corrupt_shards.append(err.index)
+        return None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -139,6 +160,9 @@ class CacheDataset(IterableDataset):
             for sample in self._read_epoch(self.epoch, self.consumed, worker, num_workers):
                 self.consumed += 1
                 yield sample
+            if set(self.shards) <= set(self.corrupt_shards):
+                raise CorruptShardError(self.shards[0], f"{self.reader.root}: every shard this rank reads "
+                                        f"({self.shards}) is corrupt")  # fmt: skip
             self.epoch, self.consumed = self.epoch + 1, 0
 
     # ---- resume state --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from ..cache import Manifest, read_manifest
 from ..cache.act_stats import activation_stats, teacher_ms
-from ..config import ConfigError, StudentConfig, TrainJobConfig
+from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig
 from ..student.init import SecondMoment
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.load import Teacher, load_teacher
@@ -82,9 +82,10 @@ class CacheSource:
 
     name = "offline"
 
-    def __init__(self, cache_dir: str | Path, manifest: Manifest, rank: int, world_size: int, seed: int):
+    def __init__(self, cache_dir: str | Path, manifest: Manifest, rank: int, world_size: int, cfg: TrainConfig):
         self.cache_dir, self.manifest = cache_dir, manifest
-        self.dataset = CacheDataset(cache_dir, rank=rank, world_size=world_size, seed=seed)
+        self.dataset = CacheDataset(cache_dir, rank=rank, world_size=world_size, seed=cfg.seed,
+                                    on_corrupt_shard=cfg.on_corrupt_shard)  # fmt: skip
         reader = self.dataset.reader
         self.act_sums = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
 
@@ -122,10 +123,14 @@ class CacheSource:
                               "(built without activations, or by an older version); use loss.clone_normalize=batch")  # fmt: skip
         return {term: ms.to(device) for term, ms in teacher_ms(self.act_sums, cfg.loss.sink_weight).items()}
 
+    def counters(self) -> dict[str, int]:
+        return {"corrupt_shards": len(self.dataset.corrupt_shards)} if self.dataset.corrupt_shards else {}
+
     def summary(self) -> dict[str, Any]:
         num = self.dataset.num_complete_sequences
         return {"cache": str(self.cache_dir), "cache_fingerprints": self.manifest.fingerprints,
                 "sequences_per_epoch": num, "skipped_shards": self.dataset.skipped_shards,
+                "corrupt_shards": list(self.dataset.corrupt_shards),
                 "cache_act_fraction": None if self.act_sums is None else self.act_sums["sequences"] / max(num, 1)}  # fmt: skip
 
 
@@ -171,7 +176,7 @@ def train_from_cache(
                                 train=dataclasses.replace(cfg.train, seq_len=manifest.config.seq_len))
     cfg = _log_resolved(asked, asked.resolved(residual_available=manifest.has_residuals))
     _check_temperature(cfg, manifest, cache_dir)
-    source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+    source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train)
     clone_layers = list(manifest.act_layers)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, clone_layers=clone_layers,
