@@ -25,6 +25,7 @@ __all__ = [
     "LossConfig",
     "OptimConfig",
     "TrainConfig",
+    "ExportConfig",
     "TrainJobConfig",
     "ConfigError",
     "apply_overrides",
@@ -39,6 +40,8 @@ LOGIT_MODES = ("topk", "sampled", "hidden", "none")
 ACTIVATION_MODES = ("residual", "targets", "none")
 FORMATS = ("zarr", "webdataset")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -364,8 +367,15 @@ class TrainConfig:
     """A cache shard whose data no longer matches its checksums (checked as it is read, before decoding):
     fail stops training with an error naming the shard and file; skip trains on without it (counted in
     metrics.jsonl as corrupt_shards and listed in summary.json)."""
+    report_to: str = "none"
+    """Experiment tracking through accelerate's trackers, beside metrics.jsonl: none, tensorboard (event
+    files under <out>/tensorboard/), wandb (its run directory under <out>/wandb/; WANDB_MODE=offline
+    keeps it local) or all (both). Every metric of metrics.jsonl is logged, at its step."""
+    tracker_project: str = "lrc-offline"
+    """Project name the trackers file the run under (the W&B project; TensorBoard's sub-folder)."""
 
     def __post_init__(self) -> None:
+        _check_choice("train", "report_to", self.report_to, REPORT_TO)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
             _check_positive("train", name, getattr(self, name))
         _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
@@ -375,6 +385,17 @@ class TrainConfig:
         _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_device("train", "device", self.device)
+
+
+@dataclass
+class ExportConfig:
+    """The exported student: a plain Hugging Face checkpoint with a generation config and a model card."""
+
+    dtype: str = "float32"
+    """dtype of the exported weights: float32, bfloat16 (what most serving stacks load) or float16."""
+
+    def __post_init__(self) -> None:
+        _check_choice("export", "dtype", self.dtype, EXPORT_DTYPES)
 
 
 @dataclass
@@ -395,6 +416,7 @@ class TrainJobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def resolved(self, residual_available: bool) -> "TrainJobConfig":
         """This config with every `auto` training choice made: init (pca when `residual_available`), the

@@ -300,3 +300,34 @@ def test_speed_benchmark_smoke(tmp_path, tiny_dir, monkeypatch):
     assert set(result["modes"]) == {"topk", "hidden"} and (tmp_path / "vllm_speed.png").is_file()
     assert result["modes"]["topk"]["agreement"]["max_logprob_diff"] < 1e-4
     assert all(mode["ratio_vllm_vs_hf"] > 0 for mode in result["modes"].values())
+
+
+# ---- an exported student served by vLLM (marker vllm) -------------------------------------------------
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_trained_export_generates_in_vllm_as_in_transformers(tmp_path, tiny_dir):
+    """A trained export with an explicit head_dim, d_S (48) unequal to heads x head_dim (2 x 32) and an
+    untied head loads in vLLM and continues a prompt greedily exactly as `transformers` does."""
+    from vllm import LLM, SamplingParams
+
+    cache = tmp_path / "cache"
+    build_cache(CacheConfig(teacher=str(tiny_dir), seq_len=32, max_sequences=8, sequences_per_shard=8, topk=16,
+                            act_positions=8, run=_run(backend="hf")), cache, progress=False)  # fmt: skip
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1), train=TrainConfig(steps=3, batch_size=4))
+    job.student.hidden_size, job.student.head = 48, "untied"
+    train_from_cache(job, cache, tmp_path / "run", progress=False)
+    student = tmp_path / "run" / "student"
+    config = json.loads((student / "config.json").read_text())
+    assert (config["hidden_size"], config["head_dim"], config["num_attention_heads"]) == (48, 32, 2)
+    assert config["tie_word_embeddings"] is False
+    prompt = [1, 17, 42, 99, 7, 3, 250, 64]
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+    llm = LLM(model=str(student), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
+              max_model_len=64, skip_tokenizer_init=True)  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, detokenize=False)
+    got = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+    assert list(got) == expected

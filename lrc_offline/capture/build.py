@@ -307,6 +307,7 @@ def _plan(
                     "bos_token_id": teacher.tokenizer.bos_token_id, "eos_token_id": teacher.tokenizer.eos_token_id},
         "backend": _backend_record(cfg.run.backend),
         "teacher_name": cfg.teacher,
+        **({"teacher_revision": teacher.revision} if teacher.revision else {}),  # a Hub id's resolved commit
     }  # fmt: skip
     return packed, make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra), layers
 

@@ -3,7 +3,7 @@
     lrc-train train  --cache DIR --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]
     lrc-train sweep  --cache DIR --out DIR --hidden-sizes 128,192,256 [--config FILE] [section.key=value ...]
     lrc-train eval   --student DIR [--teacher NAME] (--cache DIR | --corpus NAME --heldout-docs N) [--json]
-    lrc-train export --checkpoint DIR --out DIR
+    lrc-train export --checkpoint DIR --out DIR [--teacher NAME] [--dtype float32|bfloat16|float16]
     lrc-train online --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]   (the online reference)
     lrc-train train|sweep|online --help-config | [--config FILE] [section.key=value ...] --print-config
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     export = sub.add_parser("export", help="export a checkpoint as a plain Hugging Face model")
     export.add_argument("--checkpoint", required=True, help="a checkpoints/step-* directory")
     export.add_argument("--out", required=True, help="export directory")
+    export.add_argument("--teacher", help="the teacher to generate the weights from, where the checkpoint's is elsewhere "
+                        "on this machine (a directory, Hub id or .gguf; checked against the fingerprints the "
+                        "checkpoint recorded)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the exported weights (default: the run's export.dtype)")
     online = sub.add_parser("online", help="online reference trainer: the teacher runs in every step")
     _add_job_args(online, cache=False)
     online.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), never, or a step-* dir")
@@ -117,8 +123,16 @@ def _train(args) -> int:
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     summary = train_from_cache(cfg, args.cache, args.out, resume=args.resume, progress=not args.no_progress,
                                teacher=teacher, heldout_ids=heldout)  # fmt: skip
-    print(json.dumps(summary, indent=2))
+    if _is_main_process():
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _is_main_process() -> bool:
+    """Whether this is rank 0 (or the only process): under DDP only it prints a run's summary."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _sweep(args) -> int:
@@ -128,7 +142,8 @@ def _sweep(args) -> int:
     sizes = parse_sizes(args.hidden_sizes)
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     run_sweep(cfg, args.cache, args.out, sizes, teacher=teacher, heldout_ids=heldout, progress=not args.no_progress)
-    print((Path(args.out) / "sweep.md").read_text())
+    if _is_main_process():
+        print((Path(args.out) / "sweep.md").read_text())
     return 0
 
 
@@ -163,7 +178,7 @@ def _eval(args) -> int:
 
 def _export(args) -> int:
     from ..config import TrainJobConfig, from_dict
-    from ..student.export import export_student
+    from ..student.export import export_dtype, export_student
     from ..student.lrc import build_student
     from ..teacher.load import load_teacher
     from ..training.checkpoint import load_student_weights, read_checkpoint_state
@@ -171,23 +186,42 @@ def _export(args) -> int:
 
     state = read_checkpoint_state(args.checkpoint)
     cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
-    teacher = load_teacher(cfg.teacher, dtype="float32", device="cpu")
+    teacher_name = args.teacher or cfg.teacher
+    teacher = load_teacher(teacher_name, dtype="float32", device="cpu")
     fingerprints = state.get("extra", {}).get("cache_fingerprints")
     if fingerprints:  # the student's weights are generated from the teacher's: it must be the same teacher
-        check_teacher_matches_cache(teacher.model, teacher.tokenizer, cfg.teacher, fingerprints,
+        check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher_name, fingerprints,
                                     f"{cfg.teacher!r} (as it was then)", f"the checkpoint {args.checkpoint}")  # fmt: skip
     student = build_student(teacher.model, cfg.student)
     load_student_weights(args.checkpoint, student)
-    extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint), **state.get("extra", {})}
-    print(export_student(student, args.out, teacher.tokenizer, state["config"], extra_info=extra))
+    extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint),
+             **_logged_at(Path(args.checkpoint), state["step"]), **state.get("extra", {})}  # fmt: skip
+    dtype = export_dtype(args.dtype or cfg.export.dtype)
+    print(export_student(student, args.out, teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra))
     return 0
+
+
+def _logged_at(checkpoint: Path, step: int) -> dict:
+    """Training tokens and the last held-out CE up to `step`, from the run's metrics.jsonl when the checkpoint
+    still sits in its run directory (`<run>/checkpoints/step-*`), for the model card."""
+    from ..training.metrics import read_metrics
+
+    path = checkpoint.resolve().parent.parent / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if r.get("step", step + 1) <= step] if path.is_file() else []
+    out = {"tokens": records[-1].get("tokens")} if records else {}
+    held = [r for r in records if "heldout_ce" in r]
+    if held:
+        ce = held[-1]["heldout_ce"]
+        out["heldout"] = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "step": held[-1]["step"]}
+    return out
 
 
 def _online(args) -> int:
     from ..online import train_online
 
     summary = train_online(_job_config(args), args.out, progress=not args.no_progress, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if _is_main_process():
+        print(json.dumps(summary, indent=2))
     return 0
 
 

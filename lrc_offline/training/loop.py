@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,22 +24,25 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, save_config, to_dict
-from ..student.export import export_student
+from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
 from .checkpoint import check_resumable, load_checkpoint, resume_point, rotate_checkpoints, save_checkpoint
 from .heldout import heldout_metrics
-from .metrics import MetricsWriter, read_metrics
+from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
+                      tracker_names)  # fmt: skip
 from .objective import lrc_loss
 from .optim import build_optimizer
 from .pca import fit_head_scale, head_scale_sequences
 from .reader import batch_to_device
 
 __all__ = ["BatchSource", "Run", "make_accelerator", "setup", "train", "finish", "run_training"]
+
+log = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
@@ -111,7 +115,12 @@ def make_accelerator(tc: TrainConfig) -> Accelerator:
     # The frozen teacher tensors are buffers of the student: identical on every rank, never to be
     # re-broadcast by DDP before each forward.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+    # train.report_to's trackers. Their folder is the run directory, known only when they start
+    # (`_open_metrics`); accelerate wants one now.
+    trackers = tracker_names(tc.report_to)
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp],
+                              log_with=trackers or None,
+                              project_config=ProjectConfiguration(logging_dir=".") if trackers else None)  # fmt: skip
     if accelerator.distributed_type == DistributedType.FSDP:
         # Checkpoints, export and held-out evaluation read the student's full parameters on rank 0;
         # under FSDP they are sharded. Refuse rather than save a shard or deadlock.
@@ -136,7 +145,8 @@ def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, ac
 
 def _open_metrics(run: Run) -> MetricsWriter | None:
     """The metrics file of the main process: lines after a resumed checkpoint's step are dropped (they
-    are redone); a fresh run with held-out text starts with where the init stands."""
+    are redone); a fresh run with held-out text starts with where the init stands. Every line written
+    from here on goes to the trackers too (the kept lines are in them already)."""
     if not run.accelerator.is_main_process:
         return None
     path = run.out_dir / "metrics.jsonl"
@@ -144,6 +154,8 @@ def _open_metrics(run: Run) -> MetricsWriter | None:
     metrics = MetricsWriter(path)
     for record in kept:
         metrics.write(record)
+    start_trackers(run.accelerator, run.out_dir, run.cfg.train.tracker_project, to_dict(run.cfg))
+    metrics.on_write = lambda record: log_to_trackers(run.accelerator, record)
     if run.start_step == 0 and run.heldout_ids is not None and run.cfg.train.eval_every:
         metrics.write({"step": 0, "tokens": 0, "heldout_ce": _evaluate(run)["ce"]})
     return metrics
@@ -281,7 +293,8 @@ def train(run: Run, progress: bool = True) -> None:
     tc = run.cfg.train
     bar = tqdm(total=tc.steps, initial=run.start_step, desc=run.source.name, unit="step",
                disable=not (progress and run.accelerator.is_main_process))  # fmt: skip
-    window = (time.perf_counter(), 0)
+    began = time.perf_counter()
+    window = (began, 0)
     for index in range(run.start_step, run.end_step):
         parts, grad_norm, alpha = step(run, index)
         window = (window[0], window[1] + _tokens_per_step(run))
@@ -292,12 +305,16 @@ def train(run: Run, progress: bool = True) -> None:
             if run.metrics is not None:
                 run.last_record = run.metrics.write(record)
                 bar.set_postfix(loss=f"{run.last_record['loss']:.3f}")
+                if not progress:  # a batch job's log: a line per metrics line instead of a bar
+                    per_step = (time.perf_counter() - began) / (index + 1 - run.start_step)
+                    log.info(progress_line(run.last_record, tc.steps, per_step * (tc.steps - index - 1)))
             window = (time.perf_counter(), 0)
         if is_last or (tc.checkpoint_every and (index + 1) % tc.checkpoint_every == 0):
             _checkpoint(run, index + 1)
     bar.close()
     if run.metrics is not None:
         run.metrics.close()
+    stop_trackers(run.accelerator)
 
 
 # ---- finish -----------------------------------------------------------------------------------------
@@ -314,9 +331,9 @@ def finish(run: Run) -> dict[str, Any]:
         summary["stopped_early"] = True
         return summary
     if run.accelerator.is_main_process:
-        info = {"steps": tc.steps, **run.extra}
-        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer,
-                                               to_dict(run.cfg), extra_info=info))  # fmt: skip
+        info = {"steps": tc.steps, "tokens": run.last_record.get("tokens"), "heldout": run.last_heldout, **run.extra}
+        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer, to_dict(run.cfg),
+                                               dtype=export_dtype(run.cfg.export.dtype), extra_info=info))  # fmt: skip
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.accelerator.wait_for_everyone()
     return summary

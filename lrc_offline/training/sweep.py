@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..config import ConfigError, TrainJobConfig
 from .metrics import read_metrics
@@ -37,7 +38,8 @@ def run_sweep(
     progress: bool = True,
 ) -> list[dict]:
     """Train one student per size (runs in `out_dir/d<size>/`, each resumable), then write
-    `sweep.json`, `sweep.md` and `sweep.png` to `out_dir`. Returns the table rows."""
+    `sweep.json`, `sweep.md` and `sweep.png` to `out_dir`. Returns the table rows; under DDP every rank
+    trains, and only rank 0 writes the table and returns its rows (the others return [])."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, runs = [], {}
@@ -46,12 +48,16 @@ def run_sweep(
         run_dir = out_dir / f"d{size}"
         summary = train_from_cache(run_cfg, cache_dir, run_dir, resume="auto", progress=progress,
                                    teacher=teacher, heldout_ids=heldout_ids)  # fmt: skip
+        if not PartialState().is_main_process:  # its metrics.jsonl and export are rank 0's
+            continue
         records = read_metrics(run_dir / "metrics.jsonl")
         runs[f"d_S={size}"] = records
         final = records[-1]
         rows.append({"hidden_size": size, "final_loss": final["loss"], "heldout_ce": final.get("heldout_ce"),
                      "tokens": final["tokens"], "tokens_per_s": final["tokens_per_s"],
                      "export": summary.get("export"), "run": str(run_dir)})  # fmt: skip
+    if not PartialState().is_main_process:
+        return []
     metric = "heldout_ce" if all(r["heldout_ce"] is not None for r in rows) else "final_loss"
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| d_S | final train loss | held-out CE | tokens | tokens/s |", "|---|---|---|---|---|"]
