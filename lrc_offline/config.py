@@ -347,8 +347,20 @@ class TrainConfig:
     """Device: auto (cuda if present), cpu, cuda[:N] or mps."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), no or bf16."""
+    generate_once: bool = True
+    """Generate the student's weights W^S = W^T P once per optimizer step, not once per micro-batch: the
+    micro-batches run on a detached copy that accumulates its gradient, which then flows into P in one
+    backward pass (and one gradient synchronisation under DDP). Same losses and gradients; with
+    grad_accum > 1 the gradients are summed in another order (fp32 rounding)."""
+    loss_chunk_tokens: int = 1024
+    """KD and CE fused with the output head, this many tokens at a time, so no [batch x seq x vocab]
+    logits tensor exists in the step (peak extra memory ~3 x chunk x vocab fp32). 0: from the full
+    logits (the reference path, bit for bit the unfused losses)."""
+    compile: bool = False
+    """Wrap the student in `torch.compile` (the first steps pay for compilation)."""
 
     def __post_init__(self) -> None:
+        _check_positive("train", "loss_chunk_tokens", self.loss_chunk_tokens, allow_zero=True)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
             _check_positive("train", name, getattr(self, name))
         _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
