@@ -357,7 +357,8 @@ class TrainConfig:
     logits tensor exists in the step (peak extra memory ~3 x chunk x vocab fp32). 0: from the full
     logits (the reference path, bit for bit the unfused losses)."""
     compile: bool = False
-    """Wrap the student in `torch.compile` (the first steps pay for compilation)."""
+    """Run the student's decoder layer through `torch.compile` (`LRCStudent.compile_layers`; the first
+    step pays for the compilation)."""
 
     def __post_init__(self) -> None:
         _check_positive("train", "loss_chunk_tokens", self.loss_chunk_tokens, allow_zero=True)

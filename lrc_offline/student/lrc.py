@@ -333,7 +333,8 @@ class LRCStudent(nn.Module):
         h = _mm(self.teacher_embed[input_ids_BT], weights.proj_embed)
         rope = self.rotary(h, rope_positions)
         for index in range(self.num_layers):
-            h, layer_acts = self._layer(index, weights.layers[index], h, rope, mask, o_space if index in want else None)
+            h, layer_acts = self._layer(weights.layers[index], self._frozen_tensors(index), h, rope, mask,
+                                        o_space if index in want else None)  # fmt: skip
             for term, value in layer_acts.items():
                 acts[term].append(_gather(value, clone_positions_BP))
         h = rms_norm(h, weights.final_norm, self.eps)
@@ -348,22 +349,38 @@ class LRCStudent(nn.Module):
                 out.target_ms = self.target_mean_squares(teacher_ms, layers, o_space)
         return out
 
-    def _layer(self, index: int, w: dict, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
-        """Decoder layer `index` with weights `w` (`StudentWeights.layers[index]`) on the residual stream;
-        returns the new stream and, when `o_space` is given (a clone layer), its seven clone activations
-        at every token (term -> [B, T, W])."""
+    def _frozen_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The teacher tensors `_layer` reads beyond the generated weights."""
+        frozen = self.teacher_layers[index]
+        out = {"o": frozen.o}
+        if frozen.bias("o") is not None:
+            out["o_bias"] = frozen.bias("o")
+        if frozen.has_qk_norm:
+            out.update(q_norm=frozen.q_norm, k_norm=frozen.k_norm)
+        return out
+
+    def compile_layers(self, **options) -> None:
+        """`train.compile`: run the decoder layer through `torch.compile`, one graph for all layers (they
+        take tensors of the same shapes, so one compilation serves them all). Not the whole forward:
+        torch 2.13's CPU inductor drops the gradients of the clone activations there (zero gradients
+        for P_o when only the o term is trained), which the per-layer graph does not."""
+        self._layer = torch.compile(LRCStudent._layer.__get__(self), **options)
+
+    def _layer(self, w: dict, frozen: dict, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
+        """One decoder layer with weights `w` (`StudentWeights.layers[i]`) and teacher tensors `frozen`
+        (`_frozen_tensors(i)`) on the residual stream; returns the new stream and, when `o_space` is
+        given (a clone layer), its seven clone activations at every token (term -> [B, T, W])."""
         batch, tokens, _ = h_BTS.shape
         (cos, sin), scale = rope, self.head_dim**-0.5
-        frozen = self.teacher_layers[index]
         x = rms_norm(h_BTS, w["input_norm"], self.eps)
         q = _linear(x, w["q"], w.get("q_bias"))
         k = _linear(x, w["k"], w.get("k_bias"))
         v = _linear(x, w["v"], w.get("v_bias"))
         q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
         k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        if frozen.has_qk_norm:
-            q_h = rms_norm(q_h, frozen.q_norm.to(q.dtype), self.eps)
-            k_h = rms_norm(k_h, frozen.k_norm.to(k.dtype), self.eps)
+        if "q_norm" in frozen:
+            q_h = rms_norm(q_h, frozen["q_norm"].to(q.dtype), self.eps)
+            k_h = rms_norm(k_h, frozen["k_norm"].to(k.dtype), self.eps)
         q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
         k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
         v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -377,7 +394,7 @@ class LRCStudent(nn.Module):
         h = h + f
         if o_space is None:
             return h, {}
-        a_out = _linear(ctx, frozen.o.to(ctx.dtype), frozen.bias("o")) if o_space == "teacher" else a
+        a_out = _linear(ctx, frozen["o"].to(ctx.dtype), frozen.get("o_bias")) if o_space == "teacher" else a
         return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
 
     # ------------------------------------------------------------------------------------------------

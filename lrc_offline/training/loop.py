@@ -178,9 +178,9 @@ def setup(
         init_info = state["extra"].get("init", init_info)
         source.load_state_dict(state["reader"][accelerator.process_index])
         start_step = state["step"]
-    model, optimizer = accelerator.prepare(student, optimizer)
     if tc.compile:
-        model = torch.compile(model)
+        student.compile_layers()
+    model, optimizer = accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
               clone_layers, teacher_ms, heldout_ids, {"trainer": source.name, **source.summary(), "init": init_info},
