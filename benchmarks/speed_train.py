@@ -158,7 +158,8 @@ def _plain_step(model, optimizer, micro_batches: list[dict], fused_chunk: int | 
     optimizer.zero_grad(set_to_none=True)
 
 
-def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, seq_len: int, grad_accum: int) -> dict:
+def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, seq_len: int, grad_accum: int,
+                  on_round=None) -> dict:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
     runs = {"offline": _lrc_run(teacher, args, accelerator, batch_size, grad_accum, levers=True),
@@ -191,13 +192,19 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
                 if accelerator.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
-            line.append(f"{kind} {elapsed:.2f}s")
+            line.append(f"{kind} {elapsed:.2f}s {mem.peak_increase / 2**20:.0f}MB")
             if round_index > 0:
                 times[kind].append(elapsed)
                 memory[kind] = max(memory[kind], mem.peak_increase)
         print(f"{batch_size}x{seq_len}x{grad_accum} round {round_index}: " + ", ".join(line), flush=True)
+        if round_index > 0 and on_round is not None:  # results as they come
+            on_round(_summary(times, memory, batch_size, seq_len, grad_accum))
+    return _summary(times, memory, batch_size, seq_len, grad_accum)
+
+
+def _summary(times: dict, memory: dict, batch_size: int, seq_len: int, grad_accum: int) -> dict:
     tokens = batch_size * seq_len * grad_accum
-    tps = {k: tokens * len(v) / sum(v) for k, v in times.items()}
+    tps = {k: tokens * len(v) / sum(v) for k, v in times.items() if v}
     result = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "tokens_per_s": tps,
               "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()}, "step_seconds": times}  # fmt: skip
     for a, b in (("offline", "plain"), ("offline", "online"), ("offline", "plain-fused"), ("offline", "offline-ref")):
@@ -250,9 +257,14 @@ def main() -> None:
                           "dtype": "float32" if accelerator.device.type == "cpu" else "bf16 autocast"}  # fmt: skip
     result = {"setup": setup, "reader_decode_tokens_per_s": decode_tps, "configs": []}
     for batch_size, seq, grad_accum in configs:
-        row = _bench_config(teacher, args, accelerator, out / "cache", batch_size, seq, grad_accum)
-        result["configs"].append(row)
-        (out / "speed_train.json").write_text(json.dumps(result, indent=2) + "\n")  # results as they come
+        done = list(result["configs"])
+
+        def write(row, done=done):
+            result["configs"] = done + [row]
+            (out / "speed_train.json").write_text(json.dumps(result, indent=2) + "\n")
+
+        row = _bench_config(teacher, args, accelerator, out / "cache", batch_size, seq, grad_accum, on_round=write)
+        write(row)
         print(json.dumps({k: v for k, v in row.items() if k != "step_seconds"}, indent=2), flush=True)
     _plot(result, out / "speed_train.png", args)
 
