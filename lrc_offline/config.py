@@ -373,9 +373,22 @@ class TrainConfig:
     keeps it local) or all (both). Every metric of metrics.jsonl is logged, at its step."""
     tracker_project: str = "lrc-offline"
     """Project name the trackers file the run under (the W&B project; TensorBoard's sub-folder)."""
+    generate_once: bool = True
+    """Generate the student's weights W^S = W^T P once per optimizer step, not once per micro-batch: the
+    micro-batches run on a detached copy that accumulates its gradient, which then flows into P in one
+    backward pass (and one gradient synchronisation under DDP). Same losses and gradients; with
+    grad_accum > 1 the gradients are summed in another order (fp32 rounding)."""
+    loss_chunk_tokens: int = 1024
+    """KD and CE fused with the output head, this many tokens at a time, so no [batch x seq x vocab]
+    logits tensor exists in the step (peak extra memory ~3 x chunk x vocab fp32). 0: from the full
+    logits (the reference path, bit for bit the unfused losses)."""
+    compile: bool = False
+    """Run the student's decoder layer through `torch.compile` (`LRCStudent.compile_layers`; the first
+    step pays for the compilation)."""
 
     def __post_init__(self) -> None:
         _check_choice("train", "report_to", self.report_to, REPORT_TO)
+        _check_positive("train", "loss_chunk_tokens", self.loss_chunk_tokens, allow_zero=True)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_sequences"):
             _check_positive("train", name, getattr(self, name))
         _check_positive("train", "eval_every", self.eval_every, allow_zero=True)

@@ -26,6 +26,7 @@ __all__ = [
     "kd_sampled",
     "cross_entropy_next",
     "clone_loss",
+    "fused_head_loss",
 ]
 
 _TAIL_FLOOR = 1e-6
@@ -503,3 +504,234 @@ def _position_weights(mask_BP: Tensor | None, position_weights_BP: Tensor | None
             raise ValueError(f"position_weights_BP has shape {tuple(position_weights_BP.shape)}; expected {tuple(shape)}")
         w_BP = w_BP * position_weights_BP.to(dtype)
     return w_BP
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fused, chunked head + loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def _kd_chunk(kind: str, log_q_CV: Tensor, teacher: tuple, rows: slice, temperature: float):
+    """One chunk's KD: (row_C, coef_C, target) with the row's loss [C] and its gradient w.r.t. the
+    scaled logits u = logits / temperature written as ``q * coef_C[:, None] - target``, where target is
+    ("dense", [C, V]) or ("ids", ids [C, K], values [C, K]). Teacher tensors are [N, *] (sliced by `rows`).
+
+      full, hidden:  q - p                             (coef 1, dense target p)
+      sampled:       q sum(t) - t at the sampled ids
+      topk:          q (P_K - r Q_K) - (p - r q) at the top-k ids,  r = p_tail / q_tail (0 below the floor)
+
+    with P_K, Q_K the teacher's and student's mass on the top-k ids.
+    """
+    if kind in ("logits", "hidden"):
+        if kind == "logits":
+            teacher_CV = _upcast(teacher[0][rows])
+        else:
+            hidden_ND, head_VD = teacher
+            teacher_CV = (hidden_ND[rows] @ head_VD.T).to(log_q_CV.dtype)
+        log_p_CV = torch.log_softmax(_scaled(teacher_CV, temperature), dim=-1)
+        del teacher_CV
+        row_C = _kl_rows(log_p_CV, log_q_CV)
+        return row_C, torch.ones_like(row_C), ("dense", log_p_CV.exp_())
+    ids_NK, values_NK = teacher
+    ids_CK = ids_NK[rows].long().clamp(0, log_q_CV.shape[-1] - 1)
+    log_q_CK = log_q_CV.gather(-1, ids_CK)
+    if kind == "sampled":
+        counts_CK = values_NK[rows].to(log_q_CK.dtype)
+        t_CK = counts_CK / counts_CK.sum(-1, keepdim=True).clamp(min=1.0)
+        row_C = (torch.xlogy(t_CK, t_CK) - t_CK * log_q_CK).sum(-1)
+        return row_C, t_CK.sum(-1), ("ids", ids_CK, t_CK)
+    log_p_CK = values_NK[rows].to(log_q_CK.dtype)
+    p_CK = log_p_CK.exp()
+    head_C = torch.where(p_CK > 0, p_CK * (log_p_CK - log_q_CK), 0.0).sum(-1)
+    mass_p_C = p_CK.sum(-1)
+    p_tail_C = (1.0 - mass_p_C).clamp(min=0.0)
+    log_mass_q_C = torch.logsumexp(log_q_CK, dim=-1)
+    q_tail_raw_C = -torch.expm1(log_mass_q_C)
+    q_tail_C = q_tail_raw_C.clamp(min=_TAIL_FLOOR)
+    row_C = head_C + torch.xlogy(p_tail_C, p_tail_C) - p_tail_C * torch.log(q_tail_C)
+    r_C = torch.where(q_tail_raw_C >= _TAIL_FLOOR, p_tail_C / q_tail_C, 0.0)
+    coef_C = mass_p_C - r_C * log_mass_q_C.exp()
+    return row_C, coef_C, ("ids", ids_CK, torch.where(p_CK > 0, p_CK, 0.0) - r_C[:, None] * log_q_CK.exp())
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """kd_weight * KD + beta * CE straight from the final hidden state and the head weight, chunk by chunk.
+
+    Each chunk of C tokens makes its logits, their log-softmax, both losses and the gradient of their
+    weighted sum w.r.t. those logits, then folds that gradient into the gradients of the hidden state
+    [N, S] and of the head weight [V, S] (two matmuls) and drops the chunk. The gradients are complete
+    at the end of the forward pass, so the backward pass only scales them: nothing of size
+    [tokens, vocab] outlives a chunk, in the forward or the backward, and the logits are never
+    recomputed. At temperature 1 KD and CE share one log-softmax and one exponential.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_NS, weight_VS, ce_targets_N, kd_valid_N, ce_valid_N, kind, teacher, kd_weight, beta,
+                temperature, chunk_tokens):  # fmt: skip
+        num_tokens, vocab = hidden_NS.shape[0], weight_VS.shape[0]
+        device = hidden_NS.device
+        autocast = torch.is_autocast_enabled(device.type)
+        mm_dtype = torch.get_autocast_dtype(device.type) if autocast else torch.promote_types(hidden_NS.dtype, weight_VS.dtype)
+        acc_dtype = torch.promote_types(mm_dtype, torch.float32)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        use_kd, use_ce = kind is not None and kd_weight > 0, beta > 0
+
+        def inverse(valid_N):  # (count, 1 / count or 0 when nothing is valid: all-masked gives exact zeros)
+            count = valid_N.sum()
+            return count, (count > 0) / count.clamp(min=1).to(acc_dtype)
+
+        kd_count, kd_scale = inverse(kd_valid_N)
+        ce_count, ce_scale = inverse(ce_valid_N)
+        with torch.autocast(device.type, enabled=False):
+            h_NS, w_VS = hidden_NS.detach().to(mm_dtype), weight_VS.detach().to(mm_dtype)
+            grad_h_NS = torch.empty(h_NS.shape, dtype=acc_dtype, device=device) if need_grad else None
+            grad_w_VS = torch.empty((vocab, h_NS.shape[1]), dtype=acc_dtype, device=device) if need_grad else None
+            kd_sum = torch.zeros((), dtype=acc_dtype, device=device)
+            ce_sum = torch.zeros((), dtype=acc_dtype, device=device)
+            for start in range(0, num_tokens, chunk_tokens):
+                rows = slice(start, min(start + chunk_tokens, num_tokens))
+                logits_CV = (h_NS[rows] @ w_VS.T).to(acc_dtype)
+                kd_a_C = kd_valid_N[rows] * (kd_weight * kd_scale / temperature)
+                ce_b_C = ce_valid_N[rows] * (beta * ce_scale)
+                grad_CV = None
+                if use_ce:
+                    log_q1_CV = torch.log_softmax(logits_CV, dim=-1)
+                    targets_C1 = ce_targets_N[rows, None]
+                    nll_C = -log_q1_CV.gather(-1, targets_C1).squeeze(-1)
+                    ce_sum += torch.where(ce_valid_N[rows], nll_C, 0.0).sum()
+                if use_kd:
+                    shared = use_ce and temperature == 1.0
+                    log_q_CV = log_q1_CV if shared else torch.log_softmax(_scaled(logits_CV, temperature), dim=-1)
+                    row_C, coef_C, target = _kd_chunk(kind, log_q_CV, teacher, rows, temperature)
+                    kd_sum += torch.where(kd_valid_N[rows], row_C, 0.0).sum()
+                    if need_grad:
+                        q_coef_C = kd_a_C * coef_C + (ce_b_C if shared else 0.0)
+                        grad_CV = log_q_CV.exp_().mul_(q_coef_C[:, None])
+                        if target[0] == "dense":
+                            grad_CV.addcmul_(target[1], kd_a_C[:, None], value=-1.0)
+                        else:
+                            grad_CV.scatter_add_(-1, target[1], target[2] * -kd_a_C[:, None])
+                        if shared:
+                            grad_CV.scatter_add_(-1, targets_C1, -ce_b_C[:, None])
+                    del target
+                if use_ce and need_grad and not (use_kd and temperature == 1.0):
+                    ce_grad_CV = log_q1_CV.exp_().mul_(ce_b_C[:, None]).scatter_add_(-1, targets_C1, -ce_b_C[:, None])
+                    grad_CV = ce_grad_CV if grad_CV is None else grad_CV.add_(ce_grad_CV)
+                del logits_CV
+                if not need_grad:
+                    continue
+                if grad_CV is None:  # neither loss is on: zero gradients
+                    grad_CV = torch.zeros((rows.stop - rows.start, vocab), dtype=acc_dtype, device=device)
+                grad_mm_CV = grad_CV.to(mm_dtype)
+                del grad_CV
+                grad_h_NS[rows] = grad_mm_CV @ w_VS
+                if mm_dtype == acc_dtype:
+                    if start == 0:
+                        torch.mm(grad_mm_CV.T, h_NS[rows], out=grad_w_VS)
+                    else:
+                        grad_w_VS.addmm_(grad_mm_CV.T, h_NS[rows])
+                elif start == 0:
+                    grad_w_VS.copy_(grad_mm_CV.T @ h_NS[rows])
+                else:
+                    grad_w_VS += grad_mm_CV.T @ h_NS[rows]
+        kd = kd_sum / kd_count.clamp(min=1) * (kd_count > 0)
+        ce = ce_sum / ce_count.clamp(min=1) * (ce_count > 0)
+        total = (kd_weight * kd if use_kd else torch.zeros_like(kd)) + (beta * ce if use_ce else 0.0)
+        ctx.save_for_backward(grad_h_NS, grad_w_VS)
+        ctx.dtypes = (hidden_NS.dtype, weight_VS.dtype)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        grad_h_NS, grad_w_VS = ctx.saved_tensors
+        grad_h = grad_w = None
+        if grad_h_NS is not None:
+            scale = grad_total.to(grad_h_NS.dtype)
+            grad_h = (grad_h_NS * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            grad_w = (grad_w_VS * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return (grad_h, grad_w) + (None,) * 9
+
+
+def fused_head_loss(
+    hidden_BTS: Tensor,
+    head_weight_VS: Tensor,
+    input_ids_BT: Tensor,
+    mask_BT: Tensor,
+    kd_weight: float = 1.0,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    teacher_logits_BTV: Tensor | None = None,
+    teacher_hidden_BTD: Tensor | None = None,
+    teacher_head_VD: Tensor | None = None,
+    topk_ids_BTK: Tensor | None = None,
+    topk_logprobs_BTK: Tensor | None = None,
+    sampled_ids_BTN: Tensor | None = None,
+    sampled_counts_BTN: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """kd_weight * KD + beta * CE of the logits ``hidden @ head_weight.T``, never holding them whole.
+
+    Equals ``kd_weight * <the KD of the teacher signal given> + beta * cross_entropy_next`` on the full
+    logits (the same functions as `kl_full`, `kl_from_hidden`, `kl_topk`, `kd_sampled`) to fp32
+    rounding, with the same masking and normalisation, but makes the logits `chunk_tokens` tokens at a
+    time (see `_FusedHeadLoss`): peak extra memory is a few chunk_tokens x V fp32 buffers plus the
+    gradients of the inputs, instead of several B x T x V tensors. Gradients flow to `hidden_BTS` and
+    `head_weight_VS` only; double backward is not supported. Give at most one teacher signal (none: CE
+    only, and kd is 0).
+
+    Args:
+        hidden_BTS: The student's final normed hidden state [B, T, S].
+        head_weight_VS: The student's output head [V, S].
+        input_ids_BT: Token ids [B, T] (CE targets are the next ids).
+        mask_BT: Valid tokens [B, T], bool or 0/1.
+        kd_weight, beta: Weights of KD and CE in the returned total.
+        temperature: KD temperature (CE is always at 1). No T^2 factor.
+        chunk_tokens: Tokens per chunk.
+        teacher_logits_BTV: Full teacher logits [B, T, V].
+        teacher_hidden_BTD, teacher_head_VD: Teacher final hidden states and head (logits = h @ head.T).
+        topk_ids_BTK, topk_logprobs_BTK: Teacher top-k with tail bucket (see `kl_topk`).
+        sampled_ids_BTN, sampled_counts_BTN: Sampled-KD counts (see `kd_sampled`).
+
+    Returns:
+        (total, kd, ce): the differentiable total and its two parts (detached), fp32 scalars.
+    """
+    _check_temperature(temperature)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    batch_shape = hidden_BTS.shape[:-1]
+    if input_ids_BT.shape != batch_shape or head_weight_VS.shape[-1] != hidden_BTS.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden_BTS.shape)}, head {tuple(head_weight_VS.shape)} and input ids "
+                         f"{tuple(input_ids_BT.shape)} must be [B, T, S], [V, S] and [B, T]")  # fmt: skip
+    signals = {
+        "logits": (teacher_logits_BTV,),
+        "hidden": (teacher_hidden_BTD, teacher_head_VD),
+        "topk": (topk_ids_BTK, topk_logprobs_BTK),
+        "sampled": (sampled_ids_BTN, sampled_counts_BTN),
+    }
+    given = [k for k, tensors in signals.items() if tensors[0] is not None]
+    if len(given) > 1:
+        raise ValueError(f"fused_head_loss: give one teacher signal, got {given}")
+    kind = given[0] if given else None
+    teacher = tuple(t.detach() for t in signals[kind]) if kind else ()
+    if kind and any(t is None for t in teacher):
+        raise ValueError(f"fused_head_loss: the {kind} signal needs all of its tensors")
+    if kind and tuple(teacher[0].shape[:-1]) != tuple(batch_shape):
+        raise ValueError(f"the {kind} teacher signal {tuple(teacher[0].shape)} does not match B, T = {tuple(batch_shape)}")
+    if kind == "hidden":  # the teacher's head runs in the common dtype of its inputs, as in kl_from_hidden
+        dtype = torch.promote_types(teacher[0].dtype, teacher[1].dtype)
+        teacher = (teacher[0].reshape(-1, teacher[0].shape[-1]).to(dtype), teacher[1].to(dtype))
+    else:
+        teacher = tuple(t.reshape(-1, t.shape[-1]) for t in teacher)
+    valid_BT = _check_mask(mask_BT, batch_shape, "mask_BT")
+    vocab = head_weight_VS.shape[0]
+    # Position t predicts input_ids[t + 1]; the last position of a row predicts nothing.
+    pair_valid_BT = torch.zeros_like(valid_BT)
+    pair_valid_BT[:, :-1] = valid_BT[:, :-1] & valid_BT[:, 1:]
+    targets_BT = torch.zeros_like(input_ids_BT, dtype=torch.long)
+    targets_BT[:, :-1] = input_ids_BT[:, 1:].long()
+    targets_BT = torch.where(pair_valid_BT, targets_BT, 0).clamp(0, vocab - 1)
+    return _FusedHeadLoss.apply(
+        hidden_BTS.reshape(-1, hidden_BTS.shape[-1]), head_weight_VS, targets_BT.reshape(-1), valid_BT.reshape(-1),
+        pair_valid_BT.reshape(-1), kind, teacher, float(kd_weight), float(beta), float(temperature), chunk_tokens,
+    )  # fmt: skip

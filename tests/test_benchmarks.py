@@ -20,10 +20,14 @@ def _run(script: str, args: list[str], monkeypatch) -> None:
 
 
 def test_speed_train_smoke(tmp_path, monkeypatch):
-    _run("speed_train.py", [*TINY, "--hidden-size", "16", "--batch-size", "2", "--seq-len", "32", "--rounds", "1",
-                            "--out", str(tmp_path)], monkeypatch)  # fmt: skip
+    _run("speed_train.py", [*TINY, "--hidden-size", "16", "--configs", "2x32x1,1x32x2", "--chunk-tokens", "16",
+                            "--rounds", "1", "--out", str(tmp_path)], monkeypatch)  # fmt: skip
     result = json.loads((tmp_path / "speed_train.json").read_text())
-    assert set(result["tokens_per_s"]) == {"offline", "online", "plain"} and result["ratio_offline_vs_online"] > 0
+    assert [(r["batch_size"], r["grad_accum"]) for r in result["configs"]] == [(2, 1), (1, 2)]
+    for row in result["configs"]:
+        assert set(row["tokens_per_s"]) == {"offline", "offline-ref", "online", "plain", "plain-fused"}
+        assert row["ratio_offline_vs_online"] > 0 and row["ratio_offline_vs_plain"] > 0
+        assert set(row["peak_memory_mb"]) == set(row["tokens_per_s"])
     assert (tmp_path / "speed_train.png").is_file()
 
 

@@ -27,7 +27,7 @@ from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
 from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
 from .hf_config import check_exportable
 
-__all__ = ["LRCStudent", "build_student", "StudentOutput", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
+__all__ = ["LRCStudent", "build_student", "StudentOutput", "StudentWeights", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
 
 READ_TERMS = ("q", "k", "v", "gate", "up")
 """Projections that read the residual stream: W^S = W^T P."""
@@ -37,11 +37,70 @@ _TEACHER_TENSORS = ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "pos
 
 
 @dataclass
+class StudentWeights:
+    """Everything trainable a forward reads, generated from the parameters: per layer the student's
+    weights W^S (`layer_weights`) plus its two norm weights and, for the clone targets in student space,
+    P_o and P_down; the embedding projection, the final norm and the head [V, S].
+
+    Generated once per optimizer step (`LRCStudent.generate_weights`), the step's micro-batches run on a
+    `detached` copy whose gradients accumulate; `backward` then sends them into the parameters through
+    one backward pass of the generation (one matmul per weight per step, not per micro-batch).
+    """
+
+    layers: list[dict[str, torch.Tensor]]
+    proj_embed: torch.Tensor
+    final_norm: torch.Tensor
+    head: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in layer.values()] + [self.proj_embed, self.final_norm, self.head]
+
+    def _rebuilt(self, tensors: list[torch.Tensor]) -> "StudentWeights":
+        it = iter(tensors)
+        layers = [{k: next(it) for k in layer} for layer in self.layers]
+        return StudentWeights(layers, next(it), next(it), next(it))
+
+    def detached(self) -> "StudentWeights":
+        """Leaf copies sharing storage, whose gradients accumulate over micro-batches (in fp32 when a
+        weight is in lower precision, e.g. generated under bf16 autocast, so grad_accum 16 loses nothing)."""
+        leaves = []
+        for t in self.tensors():
+            leaf = t.detach().requires_grad_(t.requires_grad)
+            if leaf.requires_grad and leaf.dtype not in (torch.float32, torch.float64):
+                leaf.register_post_accumulate_grad_hook(_accumulate_fp32)
+            leaves.append(leaf)
+        return self._rebuilt(leaves)
+
+    def backward(self, leaves: "StudentWeights") -> None:
+        """Backpropagate the gradients accumulated on `leaves` (from `detached`) into the parameters."""
+        pairs = [(t, _leaf_grad(leaf)) for t, leaf in zip(self.tensors(), leaves.tensors()) if t.requires_grad]
+        pairs = [(t, g.to(t.dtype)) for t, g in pairs if g is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _accumulate_fp32(leaf: torch.Tensor) -> None:
+    """Move a low-precision leaf's fresh gradient into its fp32 sum (`leaf.grad_fp32`)."""
+    grad = leaf.grad
+    leaf.grad = None
+    total = getattr(leaf, "grad_fp32", None)
+    if total is None:
+        leaf.grad_fp32 = grad.float()
+    else:
+        total.add_(grad)
+
+
+def _leaf_grad(leaf: torch.Tensor) -> torch.Tensor | None:
+    return getattr(leaf, "grad_fp32", None) if leaf.grad is None else leaf.grad
+
+
+@dataclass
 class StudentOutput:
     """What one forward gives the objective (everything it needs from the student, so a wrapped
     student, DDP today and FSDP later, is only ever called, never reached into)."""
 
-    logits_BTV: torch.Tensor
+    logits_BTV: torch.Tensor | None
+    """None when the forward was asked for `hidden_BTS` and `head_weight_VS` instead (fused head + loss)."""
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
     """For the clone layers asked for: term -> [L, B, P, W] student activations."""
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -51,6 +110,10 @@ class StudentOutput:
     compared in (detached)."""
     teacher_head_VD: torch.Tensor | None = None
     """The teacher's output head (its embedding when tied), for KD from cached final hidden states."""
+    hidden_BTS: torch.Tensor | None = None
+    """With `logits=False`: the final normed hidden state; the logits are hidden_BTS @ head_weight_VS.T."""
+    head_weight_VS: torch.Tensor | None = None
+    """With `logits=False`: the student's output head."""
 
 
 class _FrozenLayer(nn.Module):
@@ -198,13 +261,23 @@ class LRCStudent(nn.Module):
             return self.embedding_weight()
         return _mm(self.teacher_lm_head, self.proj_lm_head)
 
+    def generate_weights(self) -> StudentWeights:
+        """Every weight a forward reads (see `StudentWeights`), with the graph back to the parameters."""
+        layers = []
+        for index, layer in enumerate(self.layers):
+            w = self.layer_weights(index)
+            w.update(input_norm=layer.input_norm, post_norm=layer.post_norm, proj_o=layer.proj["o"],
+                     proj_down=layer.proj["down"])  # fmt: skip
+            layers.append(w)
+        return StudentWeights(layers, self.proj_embed, self.final_norm, self.head_weight())
+
     # ------------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------------
 
     def forward(
         self,
-        input_ids_BT: torch.Tensor,
+        input_ids_BT: torch.Tensor | None = None,
         attention_mask_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
         clone_positions_BP: torch.Tensor | None = None,
@@ -213,7 +286,10 @@ class LRCStudent(nn.Module):
         o_space: str = "student",
         teacher_acts: dict[str, torch.Tensor] | None = None,
         teacher_ms: dict[str, torch.Tensor] | None = None,
-    ) -> StudentOutput:
+        weights: StudentWeights | None = None,
+        logits: bool = True,
+        generate_weights: bool = False,
+    ) -> StudentOutput | StudentWeights:
         """Student logits and, at `clone_positions_BP` of `clone_layers`, the seven clone activations.
 
         Args:
@@ -230,7 +306,15 @@ class LRCStudent(nn.Module):
                 weights) or `act_<term>` [B, L, P, W] (the targets). Returned in `targets`.
             teacher_ms: term -> [L] teacher-space mean squares of the targets (fixed clone normalisers);
                 returned in `target_ms` in the space each term is compared in.
+            weights: the weights to run on (`generate_weights`, or its `detached` copy); None generates them.
+            logits: return the logits; False returns the final normed hidden state and the head instead,
+                for the fused head + loss (no [B, T, V] tensor).
+            generate_weights: return `generate_weights()` and nothing else (the call that generates the
+                weights once per optimizer step goes through the wrapped student, so DDP syncs its backward).
         """
+        if generate_weights:
+            return self.generate_weights()
+        weights = self.generate_weights() if weights is None else weights
         batch, tokens = input_ids_BT.shape
         device = input_ids_BT.device
         rope_positions = position_ids_BT
@@ -246,51 +330,71 @@ class LRCStudent(nn.Module):
             want = set(range(self.num_layers) if clone_layers is None else clone_layers)
         acts: dict[str, list[torch.Tensor]] = {m: [] for m in CLONE_TERMS} if want else {}
 
-        h = _mm(self.teacher_embed[input_ids_BT], self.proj_embed)
+        h = _mm(self.teacher_embed[input_ids_BT], weights.proj_embed)
         rope = self.rotary(h, rope_positions)
         for index in range(self.num_layers):
-            h, layer_acts = self._layer(index, h, rope, mask, o_space if index in want else None)
+            h, layer_acts = self._layer(weights.layers[index], self._frozen_tensors(index), h, rope, mask,
+                                        o_space if index in want else None)  # fmt: skip
             for term, value in layer_acts.items():
                 acts[term].append(_gather(value, clone_positions_BP))
-        logits = rms_norm(h, self.final_norm, self.eps) @ self.head_weight().t()
-        out = StudentOutput(logits, {m: torch.stack(v) for m, v in acts.items()}, teacher_head_VD=self.teacher_head())
+        h = rms_norm(h, weights.final_norm, self.eps)
+        out = StudentOutput(h @ weights.head.t() if logits else None, {m: torch.stack(v) for m, v in acts.items()},
+                            teacher_head_VD=self.teacher_head())  # fmt: skip
+        if not logits:
+            out.hidden_BTS, out.head_weight_VS = h, weights.head
         if want and teacher_acts is not None:
             layers = sorted(want)
-            out.targets = self.clone_targets(teacher_acts, layers, o_space)
+            out.targets = self.clone_targets(teacher_acts, layers, o_space, weights)
             if teacher_ms is not None:
                 out.target_ms = self.target_mean_squares(teacher_ms, layers, o_space)
         return out
 
-    def _layer(self, index: int, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
-        """Decoder layer `index` on the residual stream; returns the new stream and, when `o_space` is
+    def _frozen_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The teacher tensors `_layer` reads beyond the generated weights."""
+        frozen = self.teacher_layers[index]
+        out = {"o": frozen.o}
+        if frozen.bias("o") is not None:
+            out["o_bias"] = frozen.bias("o")
+        if frozen.has_qk_norm:
+            out.update(q_norm=frozen.q_norm, k_norm=frozen.k_norm)
+        return out
+
+    def compile_layers(self, **options) -> None:
+        """`train.compile`: run the decoder layer through `torch.compile`, one graph for all layers (they
+        take tensors of the same shapes, so one compilation serves them all). Not the whole forward:
+        torch 2.13's CPU inductor drops the gradients of the clone activations there (zero gradients
+        for P_o when only the o term is trained), which the per-layer graph does not."""
+        self._layer = torch.compile(LRCStudent._layer.__get__(self), **options)
+
+    def _layer(self, w: dict, frozen: dict, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
+        """One decoder layer with weights `w` (`StudentWeights.layers[i]`) and teacher tensors `frozen`
+        (`_frozen_tensors(i)`) on the residual stream; returns the new stream and, when `o_space` is
         given (a clone layer), its seven clone activations at every token (term -> [B, T, W])."""
         batch, tokens, _ = h_BTS.shape
         (cos, sin), scale = rope, self.head_dim**-0.5
-        layer, frozen = self.layers[index], self.teacher_layers[index]
-        w = self.layer_weights(index)
-        x = rms_norm(h_BTS, layer.input_norm, self.eps)
+        x = rms_norm(h_BTS, w["input_norm"], self.eps)
         q = _linear(x, w["q"], w.get("q_bias"))
         k = _linear(x, w["k"], w.get("k_bias"))
         v = _linear(x, w["v"], w.get("v_bias"))
         q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
         k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        if frozen.has_qk_norm:
-            q_h = rms_norm(q_h, frozen.q_norm.to(q.dtype), self.eps)
-            k_h = rms_norm(k_h, frozen.k_norm.to(k.dtype), self.eps)
+        if "q_norm" in frozen:
+            q_h = rms_norm(q_h, frozen["q_norm"].to(q.dtype), self.eps)
+            k_h = rms_norm(k_h, frozen["k_norm"].to(k.dtype), self.eps)
         q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
         k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
         v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
         ctx = attention(q_h, k_h, v_h, mask, scale)
         a = _linear(ctx, w["o"], w.get("o_bias"))
         h = h_BTS + a
-        x2 = rms_norm(h, layer.post_norm, self.eps)
+        x2 = rms_norm(h, w["post_norm"], self.eps)
         gate = _linear(x2, w["gate"], w.get("gate_bias"))
         up = _linear(x2, w["up"], w.get("up_bias"))
         f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
         h = h + f
         if o_space is None:
             return h, {}
-        a_out = _linear(ctx, frozen.o.to(ctx.dtype), frozen.bias("o")) if o_space == "teacher" else a
+        a_out = _linear(ctx, frozen["o"].to(ctx.dtype), frozen.get("o_bias")) if o_space == "teacher" else a
         return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
 
     # ------------------------------------------------------------------------------------------------
@@ -312,14 +416,15 @@ class LRCStudent(nn.Module):
             return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
         return {m: teacher_acts[f"act_{m}"].transpose(0, 1) for m in CLONE_TERMS}
 
-    def clone_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int], o_space: str) -> dict:
+    def clone_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int], o_space: str,
+                      weights: StudentWeights | None = None) -> dict:  # fmt: skip
         """`teacher_targets` in the space each term is compared in: down always in student space (P^T t),
-        o too unless `o_space` is teacher."""
+        o too unless `o_space` is teacher. `weights` supplies P_o and P_down (default: the parameters)."""
         targets = self.teacher_targets(teacher_acts, layers)
         if o_space == "teacher":
-            targets["down"] = self.targets_to_student_space({"down": targets["down"]}, layers)["down"]
+            targets["down"] = self.targets_to_student_space({"down": targets["down"]}, layers, weights)["down"]
             return targets
-        return self.targets_to_student_space(targets, layers)
+        return self.targets_to_student_space(targets, layers, weights)
 
     @torch.no_grad()
     def target_mean_squares(self, teacher_ms: dict[str, torch.Tensor], layers: list[int], o_space: str) -> dict:
@@ -351,14 +456,19 @@ class LRCStudent(nn.Module):
         out["o"] = a
         return out
 
-    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int]) -> dict:
+    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int],
+                                 weights: StudentWeights | None = None) -> dict:  # fmt: skip
         """Project the o and down targets ([L, B, P, D] each) into student space: P_m^T t, i.e. t @ P_m.
 
-        Gradients flow into P_o and P_down through this projection, as in the paper's loss."""
+        Gradients flow into P_o and P_down (or `weights`' copies of them) through this projection, as
+        in the paper's loss."""
         out = dict(targets)
         for m in WRITE_TERMS:
             if m in targets:
-                proj = torch.stack([self.layers[i].proj[m] for i in layers])  # [L, D, S]
+                if weights is None:
+                    proj = torch.stack([self.layers[i].proj[m] for i in layers])  # [L, D, S]
+                else:
+                    proj = torch.stack([weights.layers[i][f"proj_{m}"] for i in layers])
                 out[m] = torch.einsum("lbpd,lds->lbps", targets[m].to(proj.dtype), proj)
         return out
 

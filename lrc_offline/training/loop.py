@@ -193,6 +193,8 @@ def setup(
         init_info = state["extra"].get("init", init_info)
         source.load_state_dict(state["reader"][accelerator.process_index])
         start_step = state["step"]
+    if tc.compile:
+        student.compile_layers()
     model, optimizer = accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
@@ -217,22 +219,32 @@ def _next_batch(run: Run, alpha: float) -> dict[str, torch.Tensor]:
 
 
 def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
-    """Optimizer step `index` (0-based): micro-batches, loss, backward (gradients synchronised on the
-    last micro-batch only), clip, step. Returns the loss parts averaged over micro-batches, the gradient
-    norm before clipping and the clone weight used."""
+    """Optimizer step `index` (0-based): generate the student's weights (once, with train.generate_once),
+    micro-batches (loss, backward), the backward of the generation (gradients synchronised once), clip,
+    step. Returns the loss parts averaged over micro-batches, the gradient norm before clipping and the
+    clone weight used. Reads nothing back to the host: the caller does, at log steps."""
     cfg, accelerator, num_micro = run.cfg, run.accelerator, run.cfg.train.grad_accum
     alpha = cfg.loss.alpha_at(index, cfg.train.steps)
+    chunk_tokens = cfg.train.loss_chunk_tokens or None
+    generated = leaves = None
+    if cfg.train.generate_once:
+        with accelerator.autocast():
+            generated = run.model(generate_weights=True)
+        leaves = generated.detached()
     parts_sum: dict[str, torch.Tensor] = {}
     for micro in range(num_micro):
         batch = _next_batch(run, alpha)
-        sync = micro == num_micro - 1
+        # With generated weights no micro-batch touches a parameter: the gradients sync in their backward.
+        sync = micro == num_micro - 1 and generated is None
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             with accelerator.autocast():
                 loss, parts = lrc_loss(run.model, batch, cfg.loss, run.clone_layers, alpha=alpha,
-                                       teacher_ms=run.teacher_ms)  # fmt: skip
+                                       teacher_ms=run.teacher_ms, weights=leaves, chunk_tokens=chunk_tokens)  # fmt: skip
             accelerator.backward(loss / num_micro)
         for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + value / num_micro
+            parts_sum[key] = parts_sum[key] + value / num_micro if key in parts_sum else value / num_micro
+    if generated is not None:
+        generated.backward(leaves)
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or float("inf"))
     run.optimizer.step()
     run.scheduler.step()

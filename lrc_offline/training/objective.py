@@ -64,6 +64,29 @@ def _logit_parts(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher
     return total, parts
 
 
+def _fused_logit_parts(out, batch: dict, cfg: LossConfig, chunk_tokens: int):
+    """`_logit_parts` through `losses.fused_head_loss`: from the final hidden state and the head, chunk
+    by chunk, never the [B, T, V] logits."""
+    input_ids = batch["input_ids"].long()
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    signal = {}
+    if cfg.kd_weight > 0:
+        if "teacher_logits" in batch:
+            signal = {"teacher_logits_BTV": batch["teacher_logits"]}
+        elif "hidden" in batch:
+            signal = {"teacher_hidden_BTD": batch["hidden"].to(out.teacher_head_VD.dtype),
+                      "teacher_head_VD": out.teacher_head_VD}  # fmt: skip
+        elif "topk_ids" in batch:
+            signal = {"topk_ids_BTK": batch["topk_ids"], "topk_logprobs_BTK": batch["topk_logprobs"]}
+        elif "sampled_ids" in batch:
+            signal = {"sampled_ids_BTN": batch["sampled_ids"], "sampled_counts_BTN": batch["sampled_counts"]}
+    total, kd, ce = losses.fused_head_loss(out.hidden_BTS, out.head_weight_VS, input_ids, mask, cfg.kd_weight,
+                                           cfg.beta, cfg.temperature, chunk_tokens, **signal)  # fmt: skip
+    parts = ({"kd": kd} if signal else {}) | ({"ce": ce} if cfg.beta > 0 else {})
+    return total, parts
+
+
 def logit_loss(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher_head_VD: torch.Tensor | None = None):
     """kd_weight * L_KD + beta * L_CE of `logits_BTV` on `batch`: the objective without its clone term
     (`teacher_head_VD`, the teacher's output head, is needed for a `hidden` batch only)."""
@@ -99,6 +122,8 @@ def lrc_loss(
     document_mask: bool = False,
     alpha: float | None = None,
     teacher_ms: dict[str, torch.Tensor] | None = None,
+    weights=None,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss and its detached parts for logging (kd, ce, clone, clone/<term>).
 
@@ -111,6 +136,10 @@ def lrc_loss(
         alpha: the clone weight of this step (None: cfg.alpha); see `LossConfig.alpha_at`.
         teacher_ms: term -> [L] teacher-space mean squares of the targets at `clone_layers`, needed by
             clone_normalize=cache (see `lrc_offline.cache.activation_stats`).
+        weights: the student's weights generated once for this optimizer step (`StudentWeights`, see
+            `training.loop.step`); None: the student generates them in its forward.
+        chunk_tokens: compute KD and CE fused with the head, this many tokens at a time, never holding
+            the [B, T, V] logits (`losses.fused_head_loss`); None or 0: from the full logits.
     """
     alpha = cfg.alpha if alpha is None else alpha
     use_clone = alpha > 0 and "act_positions" in batch
@@ -126,8 +155,13 @@ def lrc_loss(
         o_space=cfg.o_space,
         teacher_acts={k: batch[k] for k in _ACT_FIELDS if k in batch} if use_clone else None,
         teacher_ms=teacher_ms if use_clone and cfg.clone_normalize == "cache" else None,
+        weights=weights,
+        logits=not chunk_tokens,
     )
-    total, parts = _logit_parts(out.logits_BTV, batch, cfg, out.teacher_head_VD)
+    if chunk_tokens:
+        total, parts = _fused_logit_parts(out, batch, cfg, chunk_tokens)
+    else:
+        total, parts = _logit_parts(out.logits_BTV, batch, cfg, out.teacher_head_VD)
     parts = {k: v.detach() for k, v in parts.items()}
     if use_clone:
         clone_mask, position_weights = clone_weights(batch, cfg)
