@@ -52,7 +52,8 @@ class BatchSource(Protocol):
     """What the progress bar and the export's `trainer` record call this kind of run."""
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches of `batch_size` sequences (host or device tensors), from the saved position."""
+        """Endless batches of `batch_size` sequences (host or device tensors), from the saved position: a
+        generator, closed when the run ends."""
 
     def epoch(self) -> float:
         """Epochs handed out so far (fractional)."""
@@ -324,6 +325,7 @@ def train(run: Run, progress: bool = True) -> None:
         if is_last or (tc.checkpoint_every and (index + 1) % tc.checkpoint_every == 0):
             _checkpoint(run, index + 1)
     bar.close()
+    run.batches.close()  # here, not whenever the garbage collector gets to it: the reader's prefetch stops
     if run.metrics is not None:
         run.metrics.close()
     stop_trackers(run.accelerator)

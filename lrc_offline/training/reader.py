@@ -122,7 +122,8 @@ class CacheDataset(IterableDataset):
             skip = 0
         # The next shard is read and decoded in a background thread while this one is handed out, so
         # the training step does not wait on decompression (two shards sit in memory at a time).
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             pending = pool.submit(self.reader.read_shard, plan[0][0], self.fields) if plan else None
             for index, (shard, offsets) in enumerate(plan):
                 try:
@@ -138,6 +139,10 @@ class CacheDataset(IterableDataset):
                     sample = {name: tensor[offset] for name, tensor in data.items()}
                     sample["sequence_index"] = first_of_shard[shard] + offset
                     yield sample
+        finally:
+            # Never wait for the prefetch here: an abandoned iterator may be finalised by the garbage
+            # collector on any thread, zarr's own I/O thread included, which the prefetch itself needs.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _corrupt(self, err: CorruptShardError) -> None:
         """on_corrupt_shard=fail: raise; skip: say so once per shard and read on without it."""
@@ -240,15 +245,19 @@ def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator
     """Batches of `batch_size` samples; pulls exactly one batch of samples per batch, so the dataset's
     position after a batch counts exactly the sequences handed out so far (a short tail is dropped)."""
     iterator = iter(samples)
-    while True:
-        chunk = []
-        for sample in iterator:
-            chunk.append(sample)
-            if len(chunk) == batch_size:
-                break
-        if len(chunk) < batch_size:
-            return
-        yield collate(chunk)
+    try:
+        while True:
+            chunk = []
+            for sample in iterator:
+                chunk.append(sample)
+                if len(chunk) == batch_size:
+                    break
+            if len(chunk) < batch_size:
+                return
+            yield collate(chunk)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
