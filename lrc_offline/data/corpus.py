@@ -29,6 +29,7 @@ __all__ = [
     "CorpusError",
     "PackedCorpus",
     "corpus_fingerprint",
+    "count_sequences",
     "load_documents",
     "pack_documents",
     "split_heldout",
@@ -145,6 +146,18 @@ class PackedCorpus:
         return self.input_ids.shape[1]
 
 
+def count_sequences(num_tokens: int, seq_len: int, max_sequences: int | None) -> int:
+    """How many whole sequences `num_tokens` packed tokens make (at most `max_sequences`).
+
+    Raises:
+        CorpusError: not even one.
+    """
+    if num_tokens < seq_len:
+        raise CorpusError(f"corpus has {num_tokens} tokens, fewer than one sequence of seq_len={seq_len}; add text "
+                          "or lower cache.seq_len")  # fmt: skip
+    return num_tokens // seq_len if max_sequences is None else min(num_tokens // seq_len, max_sequences)
+
+
 def pack_documents(
     docs: list[str],
     tokenizer: Any,
@@ -179,14 +192,7 @@ def pack_documents(
     max_tokens = None if max_sequences is None else max_sequences * seq_len
     doc_ids, doc_starts, num_tokens = _tokenize(docs, tokenizer, len(prefix) + len(suffix), max_tokens, batch_docs)
 
-    num_sequences = num_tokens // seq_len
-    if num_sequences == 0:
-        raise CorpusError(
-            f"corpus has {num_tokens} tokens, fewer than one sequence of seq_len={seq_len}; add text or "
-            "lower cache.seq_len"
-        )
-    if max_sequences is not None:
-        num_sequences = min(num_sequences, max_sequences)
+    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
     kept = num_sequences * seq_len
 
     # np.fromiter over a chain is ~7x faster than torch.tensor on a flattened Python list.

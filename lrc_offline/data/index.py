@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..fsutil import TMP_PREFIX, fsync_path, temp_path, write_json_atomic
+from .corpus import count_sequences
 from .sources import CorpusError, CorpusSpec, Unit, corpus_units, iter_unit_documents
 
 __all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index", "tokenize_units", "my_units"]
@@ -283,14 +284,7 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
         # the document holding token cap-1 fills the last sequence: tokenising in memory stops there
         k = _doc_at(index, doc_offsets, token_offsets, cap - 1)
         num_documents, num_tokens = k + 1, _doc_start(index, doc_offsets, token_offsets, k + 1)
-    num_sequences = num_tokens // seq_len
-    if num_sequences == 0:
-        raise CorpusError(
-            f"corpus has {num_tokens} tokens, fewer than one sequence of seq_len={seq_len}; add text or "
-            "lower cache.seq_len"
-        )
-    if max_sequences is not None:
-        num_sequences = min(num_sequences, max_sequences)
+    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
     digest = hashlib.sha256(f"lrc-index-{INDEX_VERSION}:heldout={heldout_docs}".encode())
     for record in records:
         digest.update(f":{record['num_documents']}:{record['digest']}".encode())
