@@ -48,7 +48,7 @@ from .positions import sample_positions_batch
 from .signals import logit_fields
 from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
-__all__ = ["BuildReport", "build_cache", "tokenize_corpus", "load_tokenizer", "corpus_spec", "teacher_geometry", "my_shards", "capture_batch"]
+__all__ = ["BuildReport", "build_cache", "tokenize_corpus", "corpus_spec", "teacher_geometry", "my_shards", "capture_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -246,20 +246,6 @@ def tokenize_corpus(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-def load_tokenizer(name: str):
-    """Teacher `name`'s tokenizer, without loading its weights where the checkpoint allows (a tokenise
-    worker needs only the tokenizer; the build checks the index's tokenizer fingerprint anyway)."""
-    from ..teacher import load as teacher_load
-    from ..teacher.tiny import TINY_FAMILIES, tiny_tokenizer
-
-    if name.startswith("tiny-random:") and name.split(":", 1)[1] in TINY_FAMILIES:
-        return tiny_tokenizer()
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return teacher_load._load_tokenizer(path, None)
-    return load_teacher(name).tokenizer  # built-in checkpoints and GGUF files
 
 
 def _remove_stale_manifest_temporaries(root: Path) -> None:

@@ -25,24 +25,25 @@ __all__ = ["main"]
 log = logging.getLogger("lrc-cache")
 
 
+def _add_cache_job_args(parser: argparse.ArgumentParser, index_help: str, count_help: str, example: str) -> None:
+    parser.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
+    parser.add_argument("--out", help="cache directory (required)")
+    parser.add_argument("--shard-index", type=int, help=index_help)
+    parser.add_argument("--num-shards", type=int, help=count_help)
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    add_config_args(parser, CacheConfig)
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="lrc-cache", description="Run the teacher once; store its signal in a sharded cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or complete) a cache")
-    build.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
-    build.add_argument("--out", help="cache directory (required)")
-    build.add_argument("--shard-index", type=int, help="build only this shard (with --num-shards: shards I, I+N, ...)")
-    build.add_argument("--num-shards", type=int, help="number of parallel workers splitting the shards")
+    _add_cache_job_args(build, "build only this shard (with --num-shards: shards I, I+N, ...)",
+                        "number of parallel workers splitting the shards", "topk=32 format=webdataset")  # fmt: skip
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
-    build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. topk=32 format=webdataset")
-    add_config_args(build, CacheConfig)
     tokenize = sub.add_parser("tokenize", help="tokenise the corpus into the cache's index (this worker's files)")
-    tokenize.add_argument("--config", help="JSON or YAML cache config (fields of CacheConfig); defaults if omitted")
-    tokenize.add_argument("--out", help="cache directory (required)")
-    tokenize.add_argument("--shard-index", type=int, help="this worker's index I (with --num-shards N: units I, I+N, ...)")
-    tokenize.add_argument("--num-shards", type=int, help="number of parallel tokenising workers")
-    tokenize.add_argument("overrides", nargs="*", help="key=value overrides, e.g. corpus=/data/*.jsonl.zst")
-    add_config_args(tokenize, CacheConfig)
+    _add_cache_job_args(tokenize, "this worker's index I (with --num-shards N: units I, I+N, ...)",
+                        "number of parallel tokenising workers", "corpus=/data/*.jsonl.zst")  # fmt: skip
     inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
     inspect.add_argument("cache")
     inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -79,7 +80,8 @@ def _build(args) -> int:
 
 
 def _tokenize(args) -> int:
-    from ..capture.build import load_tokenizer, tokenize_corpus
+    from ..capture.build import tokenize_corpus
+    from ..teacher.load import load_tokenizer
     from ..config import ConfigError
 
     cfg = _cache_config(args)

