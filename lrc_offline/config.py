@@ -62,6 +62,15 @@ def _check_device(section: str, name: str, value: Any) -> None:
         raise ConfigError(f"{section}.{name}={value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
+def _check_storage_options(section: str, options: dict[str, Any]) -> None:
+    from .storage import StorageError, check_storage_options
+
+    try:
+        check_storage_options(options, f"{section}.storage_options")
+    except StorageError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -99,6 +108,10 @@ class BuildRunConfig:
     vllm_enforce_eager: bool = True
     """backend=vllm: run without torch.compile and CUDA graphs; a build is prefill only, where they gain
     little and compiling costs minutes at start-up."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """For an --out URL (s3://bucket/prefix, gs://...): options of its fsspec filesystem, e.g.
+    {endpoint_url: ..., profile: ..., client_kwargs: {region_name: ...}} for s3fs. No secrets (refused):
+    credentials come from the standard chain (environment, AWS_ENDPOINT_URL, profile, instance role)."""
 
     def __post_init__(self) -> None:
         s = "cache.run"
@@ -109,6 +122,7 @@ class BuildRunConfig:
         _check_device(s, "device", self.device)
         _check_positive(s, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
         _check_positive(s, "vllm_pipeline_parallel_size", self.vllm_pipeline_parallel_size)
+        _check_storage_options(s, self.storage_options)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"{s}.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
 
@@ -367,6 +381,10 @@ class TrainConfig:
     """A cache shard whose data no longer matches its checksums (checked as it is read, before decoding):
     fail stops training with an error naming the shard and file; skip trains on without it (counted in
     metrics.jsonl as corrupt_shards and listed in summary.json)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """For a cache (and PCA basis) named by URL (s3://bucket/prefix, gs://...): options of its fsspec
+    filesystem, e.g. {endpoint_url: ..., profile: ...} for s3fs. No secrets (refused): credentials come
+    from the standard chain (environment, AWS_ENDPOINT_URL, profile, instance role)."""
     report_to: str = "none"
     """Experiment tracking through accelerate's trackers, beside metrics.jsonl: none, tensorboard (event
     files under <out>/tensorboard/), wandb (its run directory under <out>/wandb/; WANDB_MODE=offline
@@ -396,6 +414,7 @@ class TrainConfig:
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
+        _check_storage_options("train", self.storage_options)
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_device("train", "device", self.device)
 

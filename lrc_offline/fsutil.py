@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TMP_PREFIX", "temp_path", "fsync_path", "write_file_atomic", "write_json_atomic", "atomic_dir"]
+__all__ = ["TMP_PREFIX", "temp_path", "fsync_path", "write_file_atomic", "json_bytes", "write_json_atomic", "atomic_dir", "remove_path"]
 
 TMP_PREFIX = ".tmp-"
 """Name prefix of work in progress (`temp_path`); `lrc_offline.cache.clean_stale` removes such entries."""
@@ -80,9 +80,14 @@ def write_file_atomic(path: str | Path, write: bytes | Callable[[Path], None], e
     return True
 
 
+def json_bytes(data: Any) -> bytes:
+    """`data` as indented JSON with sorted keys: the one way manifests and records are written."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: str | Path, data: Any, exclusive: bool = False) -> bool:
-    """`write_file_atomic` of `data` as indented JSON with sorted keys (see there for `exclusive`)."""
-    return write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), exclusive)
+    """`write_file_atomic` of `data` as `json_bytes` (see there for `exclusive`)."""
+    return write_file_atomic(path, json_bytes(data), exclusive)
 
 
 @contextlib.contextmanager
@@ -100,3 +105,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file or directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

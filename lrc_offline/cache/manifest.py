@@ -29,7 +29,8 @@ from lrc_offline.cache.schema import (
 )
 from lrc_offline.config import FORMATS, BuildRunConfig, CacheConfig, ConfigError, from_dict, to_dict
 from lrc_offline.differences import differences
-from lrc_offline.fsutil import write_json_atomic
+from lrc_offline.fsutil import json_bytes
+from lrc_offline.storage import Location, as_location
 
 __all__ = ["FINGERPRINT_KEYS", "Manifest", "make_manifest", "read_manifest", "create_manifest"]
 
@@ -298,17 +299,19 @@ def make_manifest(
     )
 
 
-def read_manifest(root: str | Path) -> Manifest:
-    """Read and check ``<root>/manifest.json``.
+def read_manifest(root: str | Path | Location) -> Manifest:
+    """Read and check ``<root>/manifest.json`` (`root` a directory or an fsspec URL).
 
     Raises:
         FileNotFoundError: `root` holds no manifest (not a cache, or its build never started).
         CacheFormatError: the manifest is not valid JSON, is newer than supported, or is malformed.
+        StorageError: the location cannot be reached (see `lrc_offline.storage`).
     """
-    path = Path(root) / MANIFEST_NAME
+    root = as_location(root)
+    path = root.name_of(MANIFEST_NAME)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
+        text = root.read_bytes(MANIFEST_NAME).decode()
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(
             f"{path} not found: {root} is not a teacher cache, or its build never started (run `lrc-cache build`)"
         ) from None
@@ -319,10 +322,10 @@ def read_manifest(root: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
-def create_manifest(root: Path, manifest: Manifest) -> bool:
+def create_manifest(root: Location, manifest: Manifest) -> bool:
     """Write ``<root>/manifest.json`` unless one exists; True when this call created it.
 
     The write is atomic (no reader sees half a file) and exclusive (of many workers starting at once,
-    exactly one creates it; the rest compare): see `fsutil.write_file_atomic`.
+    exactly one creates it; the rest compare): see `Location.write_bytes`.
     """
-    return write_json_atomic(Path(root) / MANIFEST_NAME, manifest.to_dict(), exclusive=True)
+    return root.write_bytes(MANIFEST_NAME, json_bytes(manifest.to_dict()), exclusive=True)

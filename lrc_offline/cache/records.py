@@ -7,6 +7,10 @@ A cache directory::
     shards/shard-00000.done.json    completion record, written last: the shard is complete iff it exists
     shards/.tmp-*                   work in progress of a running (or crashed) build; never read
 
+The root is a local directory or an fsspec URL (see `lrc_offline.storage`); on object storage there is
+no rename and no temporary: data objects are uploaded under their final names, and the record is still
+the one commit (see `store.ShardWriter.commit`).
+
 A completion record::
 
     {"index": 0, "first_sequence": 0, "num_sequences": 64, "num_tokens": 131072,
@@ -19,22 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.schema import CacheFormatError
-from lrc_offline.fsutil import fsync_path
+from lrc_offline.fsutil import fsync_path, remove_path
+from lrc_offline.storage import Location, as_location
 
 __all__ = [
     "MANIFEST_NAME",
     "SHARDS_DIR",
     "shard_name",
+    "record_name",
     "record_path",
     "fsync_tree",
     "file_digests",
     "sha256_file",
     "read_record",
+    "check_record",
     "remove_path",
 ]
 
@@ -50,9 +56,14 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:05d}{_SHARD_SUFFIX[fmt]}"
 
 
+def record_name(index: int) -> str:
+    """Completion record of shard `index`, relative to the cache root."""
+    return f"{SHARDS_DIR}/shard-{index:05d}.done.json"
+
+
 def record_path(root: Path, index: int) -> Path:
-    """Completion record of shard `index`."""
-    return Path(root) / SHARDS_DIR / f"shard-{index:05d}.done.json"
+    """Completion record of shard `index` of the local cache at `root`."""
+    return Path(root) / record_name(index)
 
 
 def fsync_tree(path: Path) -> None:
@@ -92,20 +103,26 @@ def file_digests(path: Path, name: str) -> dict[str, dict[str, Any]]:
     return files
 
 
-def read_record(root: Path, index: int, manifest_digest: str | None = None) -> dict[str, Any] | None:
-    """The completion record of shard `index`, or None when the shard is not complete.
+def read_record(root: Path | Location, index: int, manifest_digest: str | None = None) -> dict[str, Any] | None:
+    """The completion record of shard `index` of the cache at `root`, or None when the shard is not complete.
 
     Raises:
         CacheFormatError: the record exists but is not valid JSON, lacks keys, or (with `manifest_digest`)
             was written under another manifest.
     """
-    path = record_path(root, index)
+    root = as_location(root)
     try:
-        text = path.read_text()
+        data = root.read_bytes(record_name(index))
     except FileNotFoundError:
         return None
+    return check_record(data, index, manifest_digest, root)
+
+
+def check_record(data: bytes, index: int, manifest_digest: str | None, root: Location) -> dict[str, Any]:
+    """Shard `index`'s completion record parsed from `data` and checked (see `read_record`)."""
+    path = root.name_of(record_name(index))
     try:
-        record = json.loads(text)
+        record = json.loads(data)
     except json.JSONDecodeError as err:
         raise CacheFormatError(
             f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}"
@@ -116,18 +133,9 @@ def read_record(root: Path, index: int, manifest_digest: str | None = None) -> d
         )
     if manifest_digest is not None and record["manifest"] != manifest_digest:
         raise CacheFormatError(
-            f"{path}: shard {index} was built under another manifest than {root / 'manifest.json'} "
+            f"{path}: shard {index} was built under another manifest than {root.name_of(MANIFEST_NAME)} "
             "(was the manifest replaced?); delete the shard and its record and rebuild it"
         )
     if record["index"] != index:
         raise CacheFormatError(f"{path}: completion record is for shard {record['index']}, not {index}")
     return record
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or directory tree if it exists."""
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)

@@ -1,15 +1,24 @@
 """Writing and reading whole shards of a cache, safely under crashes, retries and parallel workers.
 
 A shard is complete exactly when its completion record exists. A writer builds the shard under a
-temporary name, chunk by chunk as batches arrive (`ShardWriter`), flushes it, checksums it, renames it into place and only then writes the record, so a
-crash at any point leaves either no record (the shard is rebuilt) or a complete shard. Shard i holds
-sequences [i * S, min((i + 1) * S, num_sequences)), so workers can build any subset independently.
+temporary name, chunk by chunk as batches arrive (`ShardWriter`), flushes it, checksums it, renames it
+into place and only then writes the record, so a crash at any point leaves either no record (the shard
+is rebuilt) or a complete shard. Shard i holds sequences [i * S, min((i + 1) * S, num_sequences)), so
+workers can build any subset independently.
+
+On object storage (an fsspec URL; see `lrc_offline.storage`) there is no rename. The shard is written
+to a local staging directory, its data objects are uploaded under their final names, and the record is
+created last with a conditional put: the same single commit. Objects no record names (a crashed
+upload) are invisible to readers, overwritten by a rebuild and removed by `clean_stale`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +32,15 @@ from lrc_offline.cache.records import (
     SHARDS_DIR,
     file_digests,
     fsync_tree,
+    check_record,
     read_record,
-    record_path,
+    record_name,
     remove_path,
-    sha256_file,
     shard_name,
 )
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
-from lrc_offline.fsutil import TMP_PREFIX, temp_path, write_json_atomic
+from lrc_offline.fsutil import TMP_PREFIX, json_bytes, temp_path, write_json_atomic
+from lrc_offline.storage import Location, StorageError, as_location
 
 __all__ = ["CacheMismatchError", "CacheWriter", "ShardWriter", "CacheReader", "clean_stale"]
 
@@ -54,8 +64,8 @@ class CacheMismatchError(ValueError):
 class _Layout:
     """What writer and reader share: the manifest, its fields and the shard arithmetic."""
 
-    def __init__(self, root: str | Path, manifest: Manifest) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Location, manifest: Manifest) -> None:
+        self.location = self.root = root  # `root` is kept for messages: str() is the path or URL
         self._use(manifest)
 
     def _use(self, manifest: Manifest) -> None:
@@ -76,15 +86,15 @@ class _Layout:
         per_shard = self.manifest.sequences_per_shard
         return index * per_shard, min((index + 1) * per_shard, self.manifest.num_sequences)
 
-    def shard_path(self, index: int) -> Path:
-        """Where shard `index`'s data lives (a .zarr directory or a .tar file)."""
-        return self.root / SHARDS_DIR / shard_name(index, self.format)
+    def shard_name(self, index: int) -> str:
+        """Where shard `index`'s data lives (a .zarr directory or a .tar file), relative to the root."""
+        return f"{SHARDS_DIR}/{shard_name(index, self.format)}"
 
     def is_complete(self, index: int) -> bool:
         """Whether shard `index` has a readable completion record."""
         self._check_index(index)
         try:
-            return read_record(self.root, index, self.manifest_digest) is not None
+            return read_record(self.location, index, self.manifest_digest) is not None
         except CacheFormatError:
             return False
 
@@ -93,30 +103,34 @@ class CacheWriter(_Layout):
     """Creates a cache (or joins one being built) and writes whole shards.
 
     Args:
-        root: Cache directory (created if needed).
+        root: Cache directory (created if needed) or fsspec URL.
         manifest: From `make_manifest`. If the cache exists, its manifest must agree (then `self.manifest`
             is the existing one).
+        storage_options: For a URL: the fsspec filesystem's options (no secrets; see `lrc_offline.storage`).
 
     Raises:
         CacheMismatchError: the existing cache was built with a different manifest.
         PermissionError, OSError: `root` cannot be created or written; the message names the path.
+        StorageError: the URL cannot be reached or written (missing bucket, refused credentials).
     """
 
-    def __init__(self, root: str | Path, manifest: Manifest) -> None:
+    def __init__(self, root: str | Path | Location, manifest: Manifest, storage_options: dict | None = None) -> None:
         if not isinstance(manifest, Manifest):
             raise TypeError(f"manifest must be a Manifest (from make_manifest), got {type(manifest).__name__}")
-        super().__init__(root, manifest)
-        shards = self.root / SHARDS_DIR
+        super().__init__(as_location(root, storage_options), manifest)
         try:
-            shards.mkdir(parents=True, exist_ok=True)
-            created = create_manifest(self.root, manifest)
+            if self.location.is_local:
+                (self.location.local / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+            created = create_manifest(self.location, manifest)
+        except StorageError:
+            raise
         except OSError as err:
             raise type(err)(
                 err.errno, f"cannot write the cache at {self.root} ({err.strerror}); choose a writable "
                 "output directory or fix its permissions", str(err.filename or self.root)
             ) from err
         if not created:
-            existing = read_manifest(self.root)
+            existing = read_manifest(self.location)
             differences = existing.differences(manifest)
             if differences:
                 raise CacheMismatchError(
@@ -141,8 +155,11 @@ class CacheWriter(_Layout):
     def remove_stale(self, index: int) -> int:
         """Remove leftover temporaries of shard `index` (a killed write, or a replaced shard not yet
         deleted); returns how many. Only the worker (re)building the shard should call it."""
+        if not self.location.is_local:
+            return 0  # nothing is written under a temporary name there (see ShardWriter)
         removed = 0
-        for entry in (self.root / SHARDS_DIR).glob(f"{TMP_PREFIX}{self.shard_path(index).name}-*"):
+        name = shard_name(index, self.format)
+        for entry in (self.location.local / SHARDS_DIR).glob(f"{TMP_PREFIX}{name}-*"):
             remove_path(entry)
             removed += 1
         return removed
@@ -187,7 +204,8 @@ class ShardWriter:
     """One shard being written, batch by batch: ``write`` rows in order, then ``commit``.
 
     Data goes to a temporary name (chunk by chunk: memory holds one chunk, not the shard); ``commit``
-    flushes and checksums it, renames it into place and writes the completion record last. Used as a
+    flushes and checksums it, renames it into place and writes the completion record last. For a cache
+    on object storage the temporary is a local staging directory, and ``commit`` uploads it. Used as a
     context manager, leaving without a commit (an error, Ctrl-C) removes the temporary.
     """
 
@@ -195,8 +213,13 @@ class ShardWriter:
         self.cache, self.index = cache, index
         self.first, self.end = cache.shard_range(index)
         self.where = f"shard {index} of {cache.root}"
-        self.final = cache.shard_path(index)
-        self.tmp = temp_path(self.final)
+        self.final = cache.shard_name(index)
+        self._staging: Path | None = None
+        if cache.location.is_local:
+            self.tmp = temp_path(cache.location.local / self.final)
+        else:
+            self._staging = Path(tempfile.mkdtemp(prefix=f"lrc-{Path(self.final).stem}-"))
+            self.tmp = self._staging / Path(self.final).name
         self.written = 0
         self._sink = cache._shard_format.ShardSink(self.tmp, cache.fields, self.first, self.end - self.first)
         self._done = False
@@ -241,30 +264,54 @@ class ShardWriter:
         num = self.end - self.first
         if self.written != num:
             raise ValueError(f"{self.where}: holds {self.written} sequences, expected {num}")
-        root = self.cache.root
+        location = self.cache.location
         try:
             field_bytes = self._sink.close()
-            fsync_tree(self.tmp)
-            files = file_digests(self.tmp, f"{SHARDS_DIR}/{self.final.name}")
+            if location.is_local:
+                fsync_tree(self.tmp)
+            record = {
+                "index": self.index,
+                "manifest": self.cache.manifest_digest,
+                "first_sequence": self.first,
+                "num_sequences": num,
+                "num_tokens": num * self.cache.manifest.config.seq_len,
+                "files": file_digests(self.tmp, self.final),
+                "field_bytes": field_bytes,
+                "stats": stats,
+            }
             # The old record (if any) describes files about to be replaced: drop it first, so a crash
             # from here on leaves the shard incomplete rather than wrongly complete.
-            record_path(root, self.index).unlink(missing_ok=True)
-            CacheWriter._replace(self.tmp, self.final)
+            location.remove(record_name(self.index))
+            if location.is_local:
+                CacheWriter._replace(self.tmp, location.local / self.final)
+                write_json_atomic(location.local / record_name(self.index), record)
+            else:
+                record = self._upload(record)
         except BaseException:
             self.abort()
             raise
-        record = {
-            "index": self.index,
-            "manifest": self.cache.manifest_digest,
-            "first_sequence": self.first,
-            "num_sequences": num,
-            "num_tokens": num * self.cache.manifest.config.seq_len,
-            "files": files,
-            "field_bytes": field_bytes,
-            "stats": stats,
-        }
-        write_json_atomic(record_path(root, self.index), record)
         self._done = True
+        self._remove_staging()
+        return record
+
+    def _upload(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Object storage: data objects first, then the record, created only if absent (the commit).
+
+        Two workers that built the same shard race here. When the other created the record first and its
+        files equal ours (a deterministic build), ours changed nothing; when they differ, our objects may
+        have overwritten some of theirs, so we upload ours again, whole, and replace the record: the
+        last uploader's objects and record stand together.
+        """
+        location = self.cache.location
+        location.upload(self.tmp, self.final)
+        body = json_bytes(record)
+        if location.write_bytes(record_name(self.index), body, exclusive=True):
+            return record
+        existing = read_record(location, self.index, self.cache.manifest_digest)
+        if existing is not None and existing["files"] == record["files"]:
+            return existing
+        location.upload(self.tmp, self.final)
+        location.write_bytes(record_name(self.index), body)
         return record
 
     def abort(self) -> None:
@@ -274,24 +321,44 @@ class ShardWriter:
             self._sink.abort()
         finally:
             remove_path(self.tmp)
+            self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 class CacheReader(_Layout):
     """Reads a cache: its manifest, completion records and whole shards.
 
     Args:
-        root: Cache directory.
+        root: Cache directory or fsspec URL.
+        storage_options: For a URL: the fsspec filesystem's options (no secrets; see `lrc_offline.storage`).
 
     Raises:
-        FileNotFoundError, CacheFormatError: see `read_manifest`.
+        FileNotFoundError, CacheFormatError, StorageError: see `read_manifest`.
     """
 
-    def __init__(self, root: str | Path) -> None:
-        super().__init__(root, read_manifest(root))
+    def __init__(self, root: str | Path | Location, storage_options: dict | None = None) -> None:
+        location = as_location(root, storage_options)
+        super().__init__(location, read_manifest(location))
 
     def complete_shards(self) -> list[int]:
-        """Indices of shards with a completion record (not checksummed: see `verify_cache`)."""
-        return [i for i in range(self.num_shards) if self.is_complete(i)]
+        """Indices of shards with a valid completion record (not checksummed: see `verify_cache`): one
+        listing of shards/, then the records found, read concurrently on object storage."""
+        names = set(self.location.names(SHARDS_DIR))
+        found = [i for i in range(self.num_shards) if record_name(i).split("/")[-1] in names]
+        records = self.location.read_many([record_name(i) for i in found], missing_ok=True)
+        complete = []
+        for i in found:
+            if record_name(i) not in records:
+                continue  # deleted since the listing (a worker is rebuilding the shard)
+            try:
+                check_record(records[record_name(i)], i, self.manifest_digest, self.location)
+            except CacheFormatError:
+                continue
+            complete.append(i)
+        return complete
 
     def shard_record(self, index: int) -> dict[str, Any]:
         """Completion record of shard `index`.
@@ -300,10 +367,10 @@ class CacheReader(_Layout):
             CacheFormatError: the shard is not complete (no record) or its record is damaged.
         """
         self._check_index(index)
-        record = read_record(self.root, index, self.manifest_digest)
+        record = read_record(self.location, index, self.manifest_digest)
         if record is None:
             raise CacheFormatError(
-                f"shard {index} of {self.root} is not complete (no {record_path(self.root, index).name}); "
+                f"shard {index} of {self.root} is not complete (no {record_name(index)}); "
                 "build it, or read only complete_shards()"
             )
         return record
@@ -320,29 +387,42 @@ class CacheReader(_Layout):
             unknown = [f for f in fields if f not in names]
             if unknown:
                 raise KeyError(f"fields {unknown} are not in the cache at {self.root}; it holds {list(names)}")
-        self._check_files(index, record, fields)
-        return self._shard_format.read(self.shard_path(index), self.fields, fields, record["first_sequence"])
+        objects = self._fetch_checked(index, record, fields)
+        where = self.location.name_of(self.shard_name(index))
+        return self._shard_format.read_objects(objects, where, self.fields, fields, record["first_sequence"])
 
-    def _check_files(self, index: int, record: dict[str, Any], fields: Sequence[str] | None) -> None:
-        """Refuse a shard whose files (those `fields` are read from) differ from its completion record.
+    def _fetch_checked(self, index: int, record: dict[str, Any], fields: Sequence[str] | None) -> dict[str, bytes]:
+        """The shard's objects (those `fields` are read from), each read once, whole, into memory and
+        checked against the completion record; keyed by their path inside the shard ('' for a tar).
 
         A file missing or truncated would read as zeros (Zarr fill values) or fail obscurely; a changed
-        byte would decode into wrong numbers. Sizes, then sha256 (read at ~1 GB/s, far faster than
-        training consumes a shard), before anything is decoded.
+        byte would decode into wrong numbers. Sizes, then sha256 (~1 GB/s, far faster than training
+        consumes a shard), before anything is decoded.
 
         Raises:
             CorruptShardError: naming the shard and the file.
         """
         shard = shard_name(index, self.format)
+        prefix = self.shard_name(index)
+        wanted = {}
         for rel, info in record["files"].items():
             parts = rel.split("/")  # shards/<shard>.zarr/<field>/... or shards/<shard>.tar
             if fields is not None and len(parts) > 3 and parts[2] not in fields:
                 continue  # a Zarr array this read does not open
-            path = self.root / rel
-            if not path.is_file() or path.stat().st_size != info["bytes"]:
-                raise CorruptShardError(index, f"{path}: missing or resized since {shard} was written")
-            if sha256_file(path) != info["sha256"]:
+            wanted[rel] = info
+        try:
+            objects = self.location.read_many(sorted(wanted))
+        except FileNotFoundError as err:
+            raise CorruptShardError(index, f"{err.filename}: missing or resized since {shard} was written") from err
+        checked = {}
+        for rel, data in objects.items():
+            path = self.location.name_of(rel)
+            if len(data) != wanted[rel]["bytes"]:
+                raise CorruptShardError(index, f"{path}: resized since {shard} was written")
+            if hashlib.sha256(data).hexdigest() != wanted[rel]["sha256"]:
                 raise CorruptShardError(index, f"{path}: content differs from the checksum {shard} was recorded with")
+            checked[rel[len(prefix) + 1:]] = data
+        return checked
 
     def iter_sequences(
         self, shards: Sequence[int] | None = None, fields: Sequence[str] | None = None
@@ -363,30 +443,48 @@ class CacheReader(_Layout):
                 yield sample
 
 
-def clean_stale(root: str | Path) -> int:
-    """Remove a crashed build's leftovers: temporary entries and shard data without a completion record.
+def clean_stale(root: str | Path | Location, storage_options: dict | None = None) -> int:
+    """Remove a crashed build's leftovers: temporary entries, shard data without a completion record, and
+    objects inside a complete shard that its record does not name.
 
     Run it only while no worker is writing to this cache: another worker's work in progress looks
     exactly like a crashed one's.
 
     Returns:
-        Number of entries removed.
+        Number of entries (files, directories, or a shard's objects) removed.
     """
-    root = Path(root)
-    shards = root / SHARDS_DIR
+    location = as_location(root, storage_options)
     removed = 0
-    for entry in sorted(root.glob(TMP_PREFIX + "*")):  # an interrupted manifest creation
-        remove_path(entry)
-        removed += 1
-    for entry in sorted((root / "index").glob(TMP_PREFIX + "*")):  # an interrupted tokenise worker
-        remove_path(entry)
-        removed += 1
-    if not shards.is_dir():
-        return removed
-    for entry in sorted(shards.iterdir()):
-        match = _SHARD_DATA.match(entry.name)
-        orphan = match is not None and not record_path(root, int(match.group(1))).exists()
-        if entry.name.startswith(TMP_PREFIX) or orphan:
-            remove_path(entry)
+    for entry in location.names(""):
+        if entry.startswith(TMP_PREFIX):  # an interrupted manifest creation
+            location.remove(entry)
             removed += 1
+    for entry in location.names("index"):
+        if entry.startswith(TMP_PREFIX):  # an interrupted tokenise worker
+            location.remove(f"index/{entry}")
+            removed += 1
+    records: dict[int, dict[str, Any] | None] = {}
+    for entry in location.names(SHARDS_DIR):
+        rel = f"{SHARDS_DIR}/{entry}"
+        match = _SHARD_DATA.match(entry)
+        if entry.startswith(TMP_PREFIX):
+            location.remove(rel)
+            removed += 1
+            continue
+        if match is None:
+            continue
+        index = int(match.group(1))
+        try:
+            records[index] = read_record(location, index)
+        except CacheFormatError:
+            records[index] = None  # a damaged record: the shard is rebuilt; its data stays until then
+            continue
+        if records[index] is None:
+            location.remove(rel)
+            removed += 1
+            continue
+        unnamed = sorted(set(location.files(rel)) - set(records[index]["files"]))
+        for name in unnamed:
+            location.remove(name)
+        removed += bool(unnamed)
     return removed

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.dtypes import logical_itemsize
-from lrc_offline.cache.records import SHARDS_DIR, read_record, sha256_file
+from lrc_offline.cache.records import read_record
 from lrc_offline.cache.schema import CacheFormatError
 from lrc_offline.cache.act_stats import activation_stats
 from lrc_offline.cache.store import CacheReader
+from lrc_offline.storage import Location
 
 __all__ = ["VerifyReport", "verify_cache", "inspect_cache"]
 
@@ -47,38 +48,36 @@ def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str
             f"record says {record['num_sequences']} sequences from {record['first_sequence']}, "
             f"manifest says [{first}, {end})"
         )
-    shard = reader.shard_path(index)
-    prefix = f"{SHARDS_DIR}/{shard.name}"
+    prefix = reader.shard_name(index)
     listed = record["files"]
     if not listed or any(rel != prefix and not rel.startswith(prefix + "/") for rel in listed):
         return f"record lists files outside {prefix}"
+    location = reader.location
+    present = location.files(prefix)  # one listing: sizes of every object the shard has
     for rel, info in sorted(listed.items()):
-        path = reader.root / rel
-        if not path.is_file():
+        if rel not in present:
             return f"missing file {rel}"
-        if path.stat().st_size != info["bytes"]:
-            return f"size mismatch in {rel}: {path.stat().st_size} bytes, record says {info['bytes']}"
-        if sha256_file(path) != info["sha256"]:
+        if present[rel] != info["bytes"]:
+            return f"size mismatch in {rel}: {present[rel]} bytes, record says {info['bytes']}"
+        if location.sha256(rel) != info["sha256"]:
             return f"checksum mismatch in {rel}"
-    if shard.is_dir():
-        present = {f"{prefix}/{p.relative_to(shard).as_posix()}" for p in shard.rglob("*") if p.is_file()}
-        extra = sorted(present - set(listed))
-        if extra:
-            return f"unexpected file {extra[0]} not in the completion record"
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        return f"unexpected file {extra[0]} not in the completion record"
     return None
 
 
-def verify_cache(root: str | Path) -> VerifyReport:
-    """Recompute every checksum of every complete shard of the cache at `root`.
+def verify_cache(root: str | Path | Location, storage_options: dict | None = None) -> VerifyReport:
+    """Recompute every checksum of every complete shard of the cache at `root` (a directory or URL).
 
     Returns:
         A report listing complete, missing and bad shards (with the reason, naming the file).
     """
-    reader = CacheReader(root)
+    reader = CacheReader(root, storage_options)
     report = VerifyReport(num_shards=reader.num_shards)
     for index in range(reader.num_shards):
         try:
-            record = read_record(reader.root, index, reader.manifest_digest)
+            record = read_record(reader.location, index, reader.manifest_digest)
         except CacheFormatError as err:
             report.bad[index] = str(err)
             continue
@@ -105,7 +104,7 @@ def _weighted_stats(records: list[dict[str, Any]]) -> dict[str, float]:
     return {key: totals[key] / weights[key] for key in sorted(totals) if weights[key] > 0}
 
 
-def inspect_cache(root: str | Path) -> dict[str, Any]:
+def inspect_cache(root: str | Path | Location, storage_options: dict | None = None) -> dict[str, Any]:
     """Summary of the cache at `root` from its manifest and completion records (no data is read).
 
     Returns:
@@ -116,7 +115,7 @@ def inspect_cache(root: str | Path) -> dict[str, Any]:
         ``activations`` (None without activations): the fraction of sequences carrying them and the
         teacher targets' mean square per term and layer, at sink positions and elsewhere.
     """
-    reader = CacheReader(root)
+    reader = CacheReader(root, storage_options)
     manifest = reader.manifest
     records = [reader.shard_record(i) for i in reader.complete_shards()]
     seq_len = manifest.config.seq_len

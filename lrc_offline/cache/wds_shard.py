@@ -20,6 +20,7 @@ import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from lrc_offline.cache.compression import compress_npy, decompress_npy, npy_suff
 from lrc_offline.cache.dtypes import decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
 
-__all__ = ["KEY_DIGITS", "ShardSink", "member_name", "write_to_dir", "read"]
+__all__ = ["KEY_DIGITS", "ShardSink", "member_name", "write_to_dir", "read", "read_objects"]
 
 KEY_DIGITS = 10
 """Digits of a sample key (the global sequence index, zero-padded)."""
@@ -138,10 +139,30 @@ def read(
         CacheFormatError: an unsafe, unknown, duplicate, missing or malformed member, or keys that are
             not one contiguous run; the message names the tar and the member.
     """
-    path = Path(path)
+    try:
+        file = open(path, "rb")
+    except OSError as err:
+        raise CacheFormatError(f"{path}: not a readable tar ({err})") from err
+    with file:
+        return _read_tar(file, str(path), specs, fields, first_sequence)
+
+
+def read_objects(
+    objects: dict[str, bytes], where: str, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None,
+    first_sequence: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`read` from the tar's bytes held in memory (``objects`` = {"": bytes}, as the cache reader fetches a
+    shard whole from object storage and checks it); `where` names the shard in errors."""
+    (data,) = objects.values()
+    return _read_tar(io.BytesIO(data), where, specs, fields, first_sequence)
+
+
+def _read_tar(
+    file: Any, path: str, specs: Sequence[FieldSpec], fields: Sequence[str] | None, first_sequence: int | None
+) -> dict[str, torch.Tensor]:
     stored = {name: (spec, dtype, shape) for spec in specs for name, dtype, shape in stored_arrays(spec)}
     wanted = {s.name for s in specs if fields is None or s.name in fields}
-    present, values = _read_members(path, stored, wanted)
+    present, values = _read_members(file, path, stored, wanted)
     keys = _sample_keys(path, present, set(stored), first_sequence)
 
     def load(spec: FieldSpec) -> dict[str, np.ndarray]:
@@ -151,7 +172,7 @@ def read(
 
 
 def _read_members(
-    path: Path, stored: dict[str, tuple[FieldSpec, np.dtype, tuple[int, ...]]], wanted: set[str]
+    file: Any, path: str, stored: dict[str, tuple[FieldSpec, np.dtype, tuple[int, ...]]], wanted: set[str]
 ) -> tuple[dict[int, set[str]], dict[str, dict[int, np.ndarray]]]:
     """Checks every member of the tar and decompresses those of the `wanted` fields.
 
@@ -162,7 +183,7 @@ def _read_members(
     present: dict[int, set[str]] = {}
     values: dict[str, dict[int, np.ndarray]] = {n: {} for n, (spec, _, _) in stored.items() if spec.name in wanted}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(fileobj=file, mode="r:") as tar:
             for member in tar:
                 where = f"{path}: member {member.name!r}"
                 key, name = _parse_member(member, where, stored)
@@ -207,7 +228,7 @@ def _load_member(
     return array
 
 
-def _sample_keys(path: Path, present: dict[int, set[str]], stored: set[str], first_sequence: int | None) -> list[int]:
+def _sample_keys(path: str, present: dict[int, set[str]], stored: set[str], first_sequence: int | None) -> list[int]:
     """The tar's sample keys in order, checked to be one contiguous run from `first_sequence` (when
     given) with every stored array present for each."""
     keys = sorted(present)

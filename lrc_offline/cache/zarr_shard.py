@@ -16,16 +16,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import cpu
 
 from lrc_offline.cache.compression import zarr_compressors
 from lrc_offline.cache.dtypes import SCALE_SUFFIX, decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
-__all__ = ["ShardSink", "write_to_dir", "read", "chunk_sequences"]
+__all__ = ["ShardSink", "write_to_dir", "read", "read_objects", "chunk_sequences"]
 
 _ALLOWED_CODECS = {"bytes", "blosc", "zstd"}
 """Codecs this format writes; anything else in a shard's metadata is refused before decoding."""
@@ -152,9 +154,24 @@ def read(
         CacheFormatError: the group is missing, was written for other sequences, or an array does not
             match its spec; the message names the shard and the array.
     """
-    path = Path(path)
+    return _read_group(str(path), str(path), specs, fields, first_sequence)
+
+
+def read_objects(
+    objects: dict[str, bytes], where: str, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None,
+    first_sequence: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`read` from a shard's objects held in memory (path inside the shard -> bytes), e.g. fetched whole
+    from object storage and checked against the completion record; `where` names the shard in errors."""
+    store = zarr.storage.MemoryStore({key: cpu.Buffer.from_bytes(data) for key, data in objects.items()}, read_only=True)
+    return _read_group(store, where, specs, fields, first_sequence)
+
+
+def _read_group(
+    store: Any, path: str, specs: Sequence[FieldSpec], fields: Sequence[str] | None, first_sequence: int | None
+) -> dict[str, torch.Tensor]:
     try:
-        group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+        group = zarr.open_group(store=store, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.BaseZarrError) as err:
         raise CacheFormatError(f"{path}: not a Zarr v3 group ({err})") from err
     attrs = dict(group.attrs)
@@ -173,7 +190,7 @@ def read(
     return out
 
 
-def _load_arrays(group: zarr.Group, spec: FieldSpec, path: Path) -> dict[str, np.ndarray]:
+def _load_arrays(group: zarr.Group, spec: FieldSpec, path: str) -> dict[str, np.ndarray]:
     """The arrays storing `spec`, each checked (dtype, shape, only allowed codecs) before it is read."""
     stored = {}
     for name, dtype, shape in stored_arrays(spec):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from ..teacher.load import Teacher, load_teacher, resolve_device, resolve_dtype
 from ..data import CorpusError, CorpusSpec
 from ..data.index import PackedIndex, TokenIndex, my_units, open_index, tokenize_units
 from ..fsutil import TMP_PREFIX
+from ..storage import Location, as_location
 from ..teacher.fingerprint import tokenizer_fingerprint
 from .writer import ShardPipeline
 from .positions import sample_positions_batch
@@ -154,7 +154,7 @@ def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: tuple[FieldSpec, ..
 
 def build_cache(
     cfg: CacheConfig,
-    out: str | Path,
+    out: str | Path | Location,
     shard_index: int | None = None,
     num_workers: int | None = None,
     progress: bool = True,
@@ -164,7 +164,8 @@ def build_cache(
 
     Args:
         cfg: what to capture and how to store it.
-        out: cache directory.
+        out: cache directory or fsspec URL (s3://bucket/prefix; see `lrc_offline.storage`), reached with
+            ``cfg.run.storage_options``.
         shard_index, num_workers: build a subset (see `my_shards`); None builds every shard.
         progress: show a progress bar.
         teacher: an already loaded teacher (must be the one `cfg.teacher` names); loaded when None.
@@ -174,17 +175,18 @@ def build_cache(
         CorpusError, TeacherLoadError: bad corpus or teacher.
     """
     start = time.perf_counter()
+    out = as_location(out, cfg.run.storage_options)
     teacher = _teacher_for(cfg, teacher)
-    created = not Path(out).exists()
+    created = not out.exists()
     packed, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
     try:
         shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before any shard or manifest
     except ConfigError:
         if created:
-            shutil.rmtree(out, ignore_errors=True)  # only the index was written: leave nothing behind
+            out.remove("")  # only the index was written: leave nothing behind
         raise
     writer = CacheWriter(out, manifest)
-    _remove_stale_manifest_temporaries(Path(out))
+    _remove_stale_manifest_temporaries(out)
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
     todo = [i for i in shards if not writer.is_complete(i)]
     report.skipped = [i for i in shards if i not in todo]
@@ -215,7 +217,7 @@ def corpus_spec(cfg: CacheConfig) -> CorpusSpec:
 
 
 def tokenize_corpus(
-    cfg: CacheConfig, out: str | Path, tokenizer, worker: int | None = None, num_workers: int | None = None,
+    cfg: CacheConfig, out: str | Path | Location, tokenizer, worker: int | None = None, num_workers: int | None = None,
     all_missing: bool = False,
 ) -> TokenIndex:  # fmt: skip
     """Tokenise this worker's units of the corpus into the index under `out` (see `data.index`).
@@ -229,7 +231,7 @@ def tokenize_corpus(
         CorpusError: bad corpus, or an index there built for another corpus or tokenizer. When this call
             created `out`, it is removed again: nothing half-written is left.
     """
-    out = Path(out)
+    out = as_location(out, cfg.run.storage_options)
     created = not out.exists()
     try:
         index = TokenIndex.create(out, corpus_spec(cfg), tokenizer, tokenizer_fingerprint(tokenizer))
@@ -244,14 +246,16 @@ def tokenize_corpus(
         return index
     except CorpusError:
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            out.remove("")
         raise
 
 
-def _remove_stale_manifest_temporaries(root: Path) -> None:
+def _remove_stale_manifest_temporaries(root: Location) -> None:
     """Once the manifest exists, a temporary of it is a killed worker's (a live one finds the manifest
-    there and discards its own)."""
-    for entry in root.glob(TMP_PREFIX + "manifest.json-*"):
+    there and discards its own). Object storage has none: the manifest is created by one conditional put."""
+    if not root.is_local:
+        return
+    for entry in root.local.glob(TMP_PREFIX + "manifest.json-*"):
         entry.unlink(missing_ok=True)
 
 
@@ -272,7 +276,7 @@ def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
 
 
 def _plan(
-    cfg: CacheConfig, teacher: Teacher, out: str | Path, worker: int | None, num_workers: int | None
+    cfg: CacheConfig, teacher: Teacher, out: Location, worker: int | None, num_workers: int | None
 ) -> tuple[PackedIndex, Manifest, list[int]]:
     """The packed corpus (from the tokenised index, tokenising what is missing), the manifest it and the
     teacher make, and the activation layers."""
@@ -280,8 +284,8 @@ def _plan(
     try:
         packed = open_index(index, cfg.seq_len, cfg.heldout_docs, cfg.max_sequences)
     except CorpusError:
-        if not any((Path(out) / "shards").glob("*")) and not (Path(out) / "manifest.json").exists():
-            shutil.rmtree(out, ignore_errors=True)  # nothing but the index: leave nothing half-made
+        if not out.files("shards") and not out.exists("manifest.json"):
+            out.remove("")  # nothing but the index: leave nothing half-made
         raise
     geometry = teacher_geometry(teacher.config)
     layers = act_layers(cfg, geometry)

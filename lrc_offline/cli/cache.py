@@ -6,6 +6,10 @@
     lrc-cache inspect DIR [--json]
     lrc-cache verify DIR
     lrc-cache clean DIR      (after a killed build: remove its temporary files; never during a build)
+
+DIR may be an fsspec URL (s3://bucket/prefix, gs://..., file://...): inspect, verify and clean reach it
+through the standard credential chain (environment, AWS_ENDPOINT_URL, AWS_PROFILE, instance role);
+build and tokenize also take cache.run.storage_options.
 """
 
 from __future__ import annotations
@@ -151,12 +155,13 @@ def _clean(args) -> int:
     from ..cache import clean_stale
     from ..cache.records import MANIFEST_NAME
     from ..fsutil import TMP_PREFIX
+    from ..storage import as_location
 
-    root = Path(args.cache)
+    root = as_location(args.cache)
     # a build killed while creating its manifest leaves only temporary entries: that is still a cache
-    if not (root / MANIFEST_NAME).is_file() and not any(root.glob(TMP_PREFIX + "*")):
+    if not root.is_file(MANIFEST_NAME) and not any(name.startswith(TMP_PREFIX) for name in root.names()):
         raise FileNotFoundError(f"{root} is not a cache (no {MANIFEST_NAME} there); nothing removed")
-    print(f"removed {clean_stale(args.cache)} leftover item(s) from {args.cache}")
+    print(f"removed {clean_stale(root)} leftover item(s) from {root}")
     return 0
 
 

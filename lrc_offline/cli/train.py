@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 from ..config import TrainJobConfig
@@ -62,7 +63,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     export = sub.add_parser("export", help="export a checkpoint as a plain Hugging Face model")
     export.add_argument("--checkpoint", required=True, help="a checkpoints/step-* directory")
-    export.add_argument("--out", required=True, help="export directory")
+    export.add_argument("--out", required=True, help="export directory, or an fsspec URL (s3://bucket/prefix) to upload it to")
     export.add_argument("--teacher", help="the teacher to generate the weights from, where the checkpoint's is elsewhere "
                         "on this machine (a directory, Hub id or .gguf; checked against the fingerprints the "
                         "checkpoint recorded)")
@@ -98,9 +99,10 @@ def _teacher_and_heldout(cfg, cache: str):
     """The teacher (the config's, else the cache's) and the packed held-out sequences, if any."""
     from ..cache import read_manifest
     from ..evaluation import heldout_sequences
+    from ..storage import as_location
     from ..teacher.load import load_teacher, resolve_device
 
-    manifest = read_manifest(cache)
+    manifest = read_manifest(as_location(cache, cfg.train.storage_options))
     _set_local_device()
     teacher = load_teacher(cfg.teacher or manifest.teacher_name, dtype="auto",
                            device=resolve_device(cfg.train.device))  # fmt: skip
@@ -183,6 +185,7 @@ def _export(args) -> int:
     from ..teacher.load import load_teacher
     from ..training.checkpoint import load_student_weights, read_checkpoint_state
     from ..training.trainer import check_teacher_matches_cache
+    from ..storage import as_location, is_url
 
     state = read_checkpoint_state(args.checkpoint)
     cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
@@ -197,7 +200,16 @@ def _export(args) -> int:
     extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint),
              **_logged_at(Path(args.checkpoint), state["step"]), **state.get("extra", {})}  # fmt: skip
     dtype = export_dtype(args.dtype or cfg.export.dtype)
-    print(export_student(student, args.out, teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra))
+    if not is_url(args.out):
+        print(export_student(student, args.out, teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra))
+        return 0
+    target = as_location(args.out)  # object storage: export locally, then upload the finished folder
+    if target.is_file("config.json"):
+        raise FileExistsError(f"{target} already holds an export (config.json); choose another --out")
+    with tempfile.TemporaryDirectory(prefix="lrc-export-") as tmp:
+        export_student(student, Path(tmp) / "student", teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra)
+        target.upload(Path(tmp) / "student", "", last=("config.json",))  # readers look for config.json
+    print(target)
     return 0
 
 

@@ -11,6 +11,10 @@ Layout of ``<cache>/index/``::
                              the unit is tokenised iff it exists
     .tmp-*                   work in progress; never read
 
+The index lives with its cache, locally or on object storage (a `storage.Location`). There a part is
+written to a local temporary and uploaded before its record, and a worker reading parts downloads those
+its sequences lie in to a local scratch directory to memory-map them.
+
 Tokenising splits the units between workers (unit u goes to worker u mod N), so any number of workers
 writes the same parts; packing is arithmetic on the parts' counts, so the packed sequences are identical
 whatever the number of tokenising workers, and equal to `corpus.pack_documents` over the same
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fsutil import TMP_PREFIX, fsync_path, temp_path, write_json_atomic
+from ..fsutil import TMP_PREFIX, fsync_path, json_bytes, temp_path, write_file_atomic
+from ..storage import Location, as_location
 from .corpus import count_sequences
 from .sources import CorpusError, CorpusSpec, Unit, corpus_units, iter_unit_documents
 
@@ -65,15 +71,18 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
 class TokenIndex:
     """An index directory and the corpus and tokenizer it is for."""
 
-    root: Path
+    root: Location
     spec: CorpusSpec
     units: list[Unit]
     tokenizer_fingerprint: str
     bos_token_id: int | None
     eos_token_id: int | None
 
+    def __post_init__(self) -> None:
+        self._scratch: tempfile.TemporaryDirectory | None = None  # local copies of remote parts
+
     @classmethod
-    def create(cls, cache_dir: str | Path, spec: CorpusSpec, tokenizer: Any, tokenizer_fingerprint: str) -> TokenIndex:
+    def create(cls, cache_dir: str | Path | Location, spec: CorpusSpec, tokenizer: Any, tokenizer_fingerprint: str) -> TokenIndex:
         """The index of `spec` under `cache_dir` (created if absent; an existing one must agree).
 
         Raises:
@@ -81,14 +90,14 @@ class TokenIndex:
                 with another tokenizer.
             CorpusError: the corpus cannot be listed.
         """
-        index = cls(Path(cache_dir) / INDEX_DIR, spec, corpus_units(spec), tokenizer_fingerprint,
+        index = cls(as_location(cache_dir) / INDEX_DIR, spec, corpus_units(spec), tokenizer_fingerprint,
                     tokenizer.bos_token_id, tokenizer.eos_token_id)  # fmt: skip
-        index.root.mkdir(parents=True, exist_ok=True)
-        created = write_json_atomic(index.root / "index.json", index._header(), exclusive=True)
-        for entry in index.root.glob(TMP_PREFIX + "index.json-*"):  # a killed worker's (see fsutil)
-            entry.unlink(missing_ok=True)
+        created = index.root.write_bytes("index.json", json_bytes(index._header()), exclusive=True)
+        if index.root.is_local:
+            for entry in index.root.local.glob(TMP_PREFIX + "index.json-*"):  # a killed worker's (see fsutil)
+                entry.unlink(missing_ok=True)
         if not created:
-            existing = json.loads((index.root / "index.json").read_text())
+            existing = json.loads(index.root.read_bytes("index.json"))
             if existing != index._header():
                 diff = [k for k in index._header() if existing.get(k) != index._header()[k]]
                 raise IndexError_(
@@ -108,24 +117,35 @@ class TokenIndex:
                           "eos_token_id": self.eos_token_id},
         }  # fmt: skip
 
-    def _part(self, u: int, suffix: str) -> Path:
-        return self.root / f"part-{u:06d}.{suffix}"
+    @staticmethod
+    def _part(u: int, suffix: str) -> str:
+        return f"part-{u:06d}.{suffix}"
 
     def record(self, u: int) -> dict[str, Any] | None:
         """Unit `u`'s record, or None when it is not tokenised yet."""
         try:
-            return json.loads(self._part(u, "json").read_text())
+            return json.loads(self.root.read_bytes(self._part(u, "json")))
         except FileNotFoundError:
             return None
 
+    def records(self) -> dict[int, dict[str, Any]]:
+        """Every tokenised unit's record, read concurrently (one listing, then the records)."""
+        names = self.root.files()
+        done = [u for u in range(len(self.units)) if self._part(u, "json") in names]
+        data = self.root.read_many([self._part(u, "json") for u in done])
+        return {u: json.loads(data[self._part(u, "json")]) for u in done}
+
     def missing(self) -> list[int]:
         """Units without a record."""
-        return [u for u in range(len(self.units)) if not self._part(u, "json").is_file()]
+        names = self.root.files()
+        return [u for u in range(len(self.units)) if self._part(u, "json") not in names]
 
     def remove_stale(self, units: Sequence[int]) -> None:
         """Remove temporaries a killed worker left for `units` (they are about to be re-tokenised)."""
+        if not self.root.is_local:
+            return  # parts are uploaded whole from a local temporary: nothing half-written is there
         for u in units:
-            for entry in self.root.glob(f"{TMP_PREFIX}part-{u:06d}.*"):
+            for entry in self.root.local.glob(f"{TMP_PREFIX}part-{u:06d}.*"):
                 entry.unlink(missing_ok=True)
 
     def tokenize_unit(self, u: int, tokenizer: Any) -> dict[str, Any]:
@@ -134,7 +154,9 @@ class TokenIndex:
         num_special = len(prefix) + len(suffix)
         digest = hashlib.sha256()
         num_docs = num_tokens = 0
-        paths = {s: self._part(u, s) for s in ("tokens", "starts")}
+        staging = None if self.root.is_local else tempfile.TemporaryDirectory(prefix="lrc-index-")
+        folder = self.root.local if staging is None else Path(staging.name)
+        paths = {s: folder / self._part(u, s) for s in ("tokens", "starts")}
         tmps = {s: temp_path(p) for s, p in paths.items()}
         try:
             with open(tmps["tokens"], "wb") as tokens_file, open(tmps["starts"], "wb") as starts_file:
@@ -162,23 +184,41 @@ class TokenIndex:
                     if doc is None:
                         break
             for s in tmps:
-                fsync_path(tmps[s])
+                if staging is None:
+                    fsync_path(tmps[s])
                 tmps[s].replace(paths[s])
+                if staging is not None:
+                    self.root.upload(paths[s], paths[s].name)
         finally:
             for tmp in tmps.values():
                 tmp.unlink(missing_ok=True)
+            if staging is not None:
+                staging.cleanup()
         record = {"unit": u, "num_documents": num_docs, "num_tokens": num_tokens,
                   "digest": "sha256:" + digest.hexdigest()}  # fmt: skip
-        write_json_atomic(self._part(u, "json"), record)  # last: the unit is tokenised
+        self.root.write_bytes(self._part(u, "json"), json_bytes(record))  # last: the unit is tokenised
         return record
 
     def tokens(self, u: int) -> np.ndarray:
         """Unit `u`'s token stream, memory-mapped (int32)."""
-        return _mmap(self._part(u, "tokens"), "<i4")
+        return _mmap(self._local_part(u, "tokens"), "<i4")
 
     def starts(self, u: int) -> np.ndarray:
         """Unit `u`'s document starts in its stream, memory-mapped (int64)."""
-        return _mmap(self._part(u, "starts"), "<i8")
+        return _mmap(self._local_part(u, "starts"), "<i8")
+
+    def _local_part(self, u: int, suffix: str) -> Path:
+        """A local file holding the part: itself, or (object storage) a copy downloaded once into this
+        index's scratch directory, removed with the index object."""
+        name = self._part(u, suffix)
+        if self.root.is_local:
+            return self.root.local / name
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="lrc-index-")
+        path = Path(self._scratch.name) / name
+        if not path.exists():
+            write_file_atomic(path, self.root.read_bytes(name))
+        return path
 
 
 def _mmap(path: Path, dtype: str) -> np.ndarray:
@@ -189,7 +229,8 @@ def _mmap(path: Path, dtype: str) -> np.ndarray:
 
 def tokenize_units(index: TokenIndex, tokenizer: Any, units: Sequence[int], progress=None) -> list[int]:
     """Tokenise those of `units` not tokenised yet; returns the units tokenised by this call."""
-    todo = [u for u in units if index.record(u) is None]
+    missing = set(index.missing())
+    todo = [u for u in units if u in missing]
     index.remove_stale(todo)
     for u in todo:
         index.tokenize_unit(u, tokenizer)
@@ -258,7 +299,8 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
             f"{index.root}: {len(missing)} of {len(index.units)} corpus units are not tokenised (first: "
             f"{index.units[missing[0]].label()}); run `lrc-cache tokenize` with the same config and --out first"
         )
-    records = [index.record(u) for u in range(len(index.units))]
+    by_unit = index.records()
+    records = [by_unit[u] for u in range(len(index.units))]
     docs = np.array([r["num_documents"] for r in records], dtype=np.int64)
     tokens = np.array([r["num_tokens"] for r in records], dtype=np.int64)
     doc_offsets = np.concatenate([[0], np.cumsum(docs)])
@@ -311,6 +353,6 @@ def _doc_at(index: TokenIndex, doc_offsets: np.ndarray, token_offsets: np.ndarra
 
 def index_size(index: TokenIndex) -> int:
     """Bytes of the index's part files."""
-    return sum(p.stat().st_size for p in index.root.glob("part-*") if p.is_file())
+    return sum(size for name, size in index.root.files().items() if name.startswith("part-"))
 
 

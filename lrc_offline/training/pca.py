@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..cache import CacheReader
 from ..config import ConfigError, TrainJobConfig
-from ..fsutil import write_file_atomic
+from ..storage import Location, as_location
 from ..student.init import SecondMoment, calibrate_head_scale
 from ..student.lrc import LRCStudent
 from .objective import logit_loss
@@ -25,9 +25,15 @@ __all__ = ["cache_second_moment", "second_moment_path", "head_scale_sequences", 
 log = logging.getLogger(__name__)
 
 
-def second_moment_path(cache_dir: str | Path, exclude_sink: bool, max_sequences: int | None = None) -> Path:
+def second_moment_name(exclude_sink: bool, max_sequences: int | None = None) -> str:
+    """Where the second moment is kept, relative to the cache root."""
     name = f"second_moment{'-nosink' if exclude_sink else ''}{f'-{max_sequences}seq' if max_sequences else ''}"
-    return Path(cache_dir) / "pca" / f"{name}.safetensors"
+    return f"pca/{name}.safetensors"
+
+
+def second_moment_path(cache_dir: str | Path, exclude_sink: bool, max_sequences: int | None = None) -> Path:
+    """`second_moment_name` in the local cache directory `cache_dir`."""
+    return Path(cache_dir) / second_moment_name(exclude_sink, max_sequences)
 
 
 def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | None) -> SecondMoment:
@@ -66,17 +72,21 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
     return moment
 
 
-def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_sequences: int | None = None) -> SecondMoment:
+def cache_second_moment(
+    cache_dir: str | Path | Location, exclude_sink: bool = False, max_sequences: int | None = None
+) -> SecondMoment:
     """The second moment of the cache's RMS-normalised residual vectors (layer inputs h and post-attention
     streams h + a, all layers and positions of the
     first `max_sequences` complete sequences, or all), read from `CACHE/pca/` when present, else computed
     and saved there (atomically)."""
-    path = second_moment_path(cache_dir, exclude_sink, max_sequences)
-    reader = CacheReader(cache_dir)
+    location = as_location(cache_dir)
+    name = second_moment_name(exclude_sink, max_sequences)
+    path = location.name_of(name)
+    reader = CacheReader(location)
     # "pooled-2": the layer inputs and the post-attention streams (files of the input-only pass are redone)
     fingerprint = "pooled-2:" + reader.manifest.fingerprints["corpus"] + ":" + str(reader.complete_shards())
-    if path.is_file():
-        data = load_file(str(path))
+    if location.is_file(name):
+        data = safetensors.torch.load(location.read_bytes(name))
         stored = bytes(data.pop("fingerprint").tolist()).decode()
         if stored == fingerprint:
             return SecondMoment.from_state_dict(data)
@@ -84,8 +94,7 @@ def cache_second_moment(cache_dir: str | Path, exclude_sink: bool = False, max_s
     moment = _accumulate(reader, exclude_sink, max_sequences)
     state = moment.state_dict() | {"fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}
     try:
-        path.parent.mkdir(exist_ok=True)
-        write_file_atomic(path, lambda tmp: save_file(state, str(tmp)))
+        location.write_bytes(name, safetensors.torch.save(state))
     except OSError as err:  # a read-only cache still trains; the pass just is not reused
         log.warning("could not store the PCA second moment beside the cache (%s); using it in memory", err)
     return moment

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..cache import CacheReader, CorruptShardError
+from ..storage import Location
 from ..config import BuildRunConfig, ConfigError
 from ..seeding import generator
 
@@ -45,7 +46,7 @@ class CacheDataset(IterableDataset):
     """Per-sequence dicts of a cache's fields (plus ``sequence_index``), in a seeded order, epoch after epoch.
 
     Args:
-        cache_dir: Cache directory (holding ``manifest.json``).
+        cache_dir: Cache directory (holding ``manifest.json``) or URL (a `storage.Location`).
         rank: This process's rank.
         world_size: Number of processes reading the cache.
         seed: Seed of the shard and sequence order.
@@ -60,7 +61,7 @@ class CacheDataset(IterableDataset):
 
     def __init__(
         self,
-        cache_dir: str | Path,
+        cache_dir: str | Path | Location,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,

@@ -22,6 +22,7 @@ from ..cache.act_stats import activation_stats, teacher_ms
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig
 from ..student.init import SecondMoment
 from ..teacher.fingerprint import teacher_fingerprints
+from ..storage import Location, as_location
 from ..teacher.load import Teacher, load_teacher
 from .loop import make_accelerator, run_training
 from .pca import cache_head_scale_batches, cache_second_moment
@@ -82,7 +83,7 @@ class CacheSource:
 
     name = "offline"
 
-    def __init__(self, cache_dir: str | Path, manifest: Manifest, rank: int, world_size: int, cfg: TrainConfig):
+    def __init__(self, cache_dir: str | Path | Location, manifest: Manifest, rank: int, world_size: int, cfg: TrainConfig):
         self.cache_dir, self.manifest = cache_dir, manifest
         self.dataset = CacheDataset(cache_dir, rank=rank, world_size=world_size, seed=cfg.seed,
                                     on_corrupt_shard=cfg.on_corrupt_shard)  # fmt: skip
@@ -136,7 +137,7 @@ class CacheSource:
 
 def train_from_cache(
     cfg: TrainJobConfig,
-    cache_dir: str | Path,
+    cache_dir: str | Path | Location,
     out_dir: str | Path,
     resume: str | Path = "auto",
     progress: bool = True,
@@ -148,7 +149,8 @@ def train_from_cache(
 
     Args:
         cfg: The run config (`cfg.train.seq_len` is taken from the cache).
-        cache_dir: A cache built by `lrc-cache build`; only its complete shards are read.
+        cache_dir: A cache built by `lrc-cache build` (a directory or an fsspec URL, reached with
+            ``cfg.train.storage_options``); only its complete shards are read.
         out_dir: Run directory (see `training.loop`).
         resume: `auto` continues from the latest checkpoint in `out_dir` (if any), `never` starts afresh
             (refusing an `out_dir` that has checkpoints), or a `step-*` directory to continue from.
@@ -164,6 +166,7 @@ def train_from_cache(
         CheckpointError, ReaderStateError: the checkpoint does not fit this run.
     """
     accelerator = make_accelerator(cfg.train)
+    cache_dir = as_location(cache_dir, cfg.train.storage_options)
     manifest = read_manifest(cache_dir)
     if isinstance(teacher, Teacher):
         teacher.model.to(accelerator.device)

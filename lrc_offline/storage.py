@@ -1,0 +1,380 @@
+"""Where caches and their companions live: a local directory, or a prefix on object storage named by an
+fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``, ``memory://`` in tests).
+
+A `Location` is a directory-like prefix with the few operations the cache needs: read and write whole
+objects, create one exclusively, list, delete, checksum. Locally it works on files (writes are atomic
+renames); remotely it calls the fsspec filesystem of the URL's protocol, retrying transient errors
+(timeouts, 5xx, throttling) with backoff and naming the object when an error persists.
+
+A string with ``<protocol>://`` is always a URL: a protocol fsspec does not know, or whose package is
+not installed, is an error, never a local folder named ``s3:``. Credentials come from the protocol's
+standard chain (for S3: the environment, ``AWS_ENDPOINT_URL``, the AWS config/profile, the instance
+role); ``storage_options`` (endpoint, region, profile) may not carry secrets, so that none can reach a
+manifest, a config file or a log.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .fsutil import remove_path, write_file_atomic
+
+__all__ = ["Location", "StorageError", "as_location", "is_url", "check_storage_options"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$")
+_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|session|^key$|private", re.IGNORECASE)
+_TRANSIENT = re.compile(
+    r"SlowDown|Throttl|TooManyRequests|RequestTimeout|ServiceUnavailable|InternalError|Timeout|timed out|"
+    r"Connection (?:reset|refused|aborted)|\b50[0234]\b|BrokenPipe|ServerDisconnected",
+    re.IGNORECASE,
+)
+_HASH_BLOCK = 8 << 20
+RETRIES = 5
+"""Attempts of one remote operation before its error is reported (backoff 0.5, 1, 2, 4 s, jittered)."""
+
+
+class StorageError(OSError):
+    """A location that cannot be reached or used: unknown protocol, missing package, missing bucket,
+    refused credentials, or an error that persisted through retries. The message names the object."""
+
+
+def is_url(where: str | Path) -> bool:
+    """Whether `where` names a location by URL (``<protocol>://...``) rather than a local path."""
+    return isinstance(where, str) and _URL.match(where) is not None
+
+
+def check_storage_options(options: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """`options` as a dict, refusing keys that carry secrets (they would be saved with the config).
+
+    Raises:
+        StorageError: a secret-looking key (key, secret, token, password, ...), naming the fix.
+    """
+    options = dict(options or {})
+    secrets = sorted(k for k in _flat_keys(options) if _SECRET_KEY.search(k))
+    if secrets:
+        raise StorageError(
+            f"{where}: storage_options may not hold credentials ({', '.join(secrets)}); they would be saved "
+            "with the config. Use the standard chain instead: environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), an AWS profile (storage_options: {profile: NAME}) or "
+            "an instance role"
+        )
+    return options
+
+
+def _flat_keys(options: Mapping[str, Any]) -> Iterable[str]:
+    for key, value in options.items():
+        yield str(key)
+        if isinstance(value, Mapping):
+            yield from _flat_keys(value)
+
+
+def _transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    return _TRANSIENT.search(f"{type(err).__name__} {err}") is not None
+
+
+class Location:
+    """A directory: a local path, or a prefix on an fsspec filesystem.
+
+    Args:
+        where: A path, a ``file://`` URL, or any other fsspec URL.
+        storage_options: Keyword arguments for the fsspec filesystem (e.g. ``endpoint_url``,
+            ``client_kwargs: {region_name: ...}``, ``profile`` for s3fs); no secrets.
+
+    Raises:
+        StorageError: an unknown protocol, a protocol whose package is missing, credentials in the URL
+            or in `storage_options`.
+    """
+
+    def __init__(self, where: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.storage_options = check_storage_options(storage_options, str(where))
+        match = _URL.match(where) if isinstance(where, str) else None
+        self.protocol = match.group(1).lower() if match else "file"
+        self.fs: Any = None
+        if match is None or self.protocol == "file":
+            self.local: Path | None = Path(match.group(2) if match else where)
+            self.url = str(self.local)
+            self._prefix = ""
+            return
+        self.local = None
+        rest = match.group(2).rstrip("/")
+        if "@" in rest.split("/", 1)[0]:
+            raise StorageError(f"{where}: credentials in a URL are refused (they would be saved with the config); "
+                               "use the environment, a profile or an instance role")  # fmt: skip
+        self.url = f"{self.protocol}://{rest}"
+        self.fs = _filesystem(self.protocol, self.storage_options, where)
+        self._prefix = self.fs._strip_protocol(self.url).rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return self.local is not None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.url, self.protocol) == (other.url, other.protocol)
+
+    def __hash__(self) -> int:
+        return hash((self.url, self.protocol))
+
+    def __truediv__(self, rel: str) -> Location:
+        return self.child(rel)
+
+    def child(self, rel: str) -> Location:
+        """The location `rel` (a '/'-separated relative path) below this one."""
+        sub = object.__new__(Location)
+        sub.__dict__.update(self.__dict__)
+        if self.local is not None:
+            sub.local = self.local / rel
+            sub.url = str(sub.local)
+        else:
+            sub._prefix = f"{self._prefix}/{rel.strip('/')}"
+            sub.url = f"{self.url}/{rel.strip('/')}"
+        return sub
+
+    def name_of(self, rel: str = "") -> str:
+        """The full name of `rel` (a path or URL), for messages."""
+        return self.url if not rel else (str(self.local / rel) if self.local is not None else f"{self.url}/{rel}")
+
+    def _key(self, rel: str) -> str:
+        return self._prefix if not rel else f"{self._prefix}/{rel}"
+
+    def _path(self, rel: str) -> Path:
+        assert self.local is not None
+        return self.local / rel if rel else self.local
+
+    def _remote(self, op: Callable[[], T], rel: str, what: str) -> T:
+        """Run one remote operation on `rel`, retrying transient errors with backoff."""
+        for attempt in range(RETRIES):
+            try:
+                return op()
+            except FileNotFoundError as err:
+                if "bucket" in str(err).lower():
+                    raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
+                raise
+            except Exception as err:  # s3fs/gcsfs raise a mix of OSError, botocore and aiohttp errors
+                if not _transient(err) or attempt == RETRIES - 1:
+                    raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
+                delay = 0.5 * 2**attempt * (0.5 + random.random())
+                log.warning("%s %s: %s; retrying in %.1f s", what, self.name_of(rel), err, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # ---- reading
+
+    def exists(self, rel: str = "") -> bool:
+        if self.local is not None:
+            return self._path(rel).exists()
+        return self._remote(lambda: self.fs.exists(self._key(rel)), rel, "checking")
+
+    def is_file(self, rel: str = "") -> bool:
+        if self.local is not None:
+            return self._path(rel).is_file()
+        return self._remote(lambda: self.fs.isfile(self._key(rel)), rel, "checking")
+
+    def read_bytes(self, rel: str = "") -> bytes:
+        """The whole object `rel`. Raises FileNotFoundError (its ``filename`` the full name) when it does
+        not exist."""
+        try:
+            if self.local is not None:
+                return self._path(rel).read_bytes()
+            return self._remote(lambda: self.fs.cat_file(self._key(rel)), rel, "reading")
+        except FileNotFoundError as err:
+            raise _not_found(self.name_of(rel)) from err
+
+    def read_many(self, rels: Iterable[str], missing_ok: bool = False) -> dict[str, bytes]:
+        """Several whole objects (fetched concurrently on object storage). Raises FileNotFoundError
+        naming the first missing one, unless `missing_ok` (then missing ones are left out)."""
+        rels = list(rels)
+        if self.local is not None or not rels:
+            out = {}
+            for rel in rels:
+                try:
+                    out[rel] = self.read_bytes(rel)
+                except FileNotFoundError:
+                    if not missing_ok:
+                        raise
+            return out
+        keys = [self._key(rel) for rel in rels]
+        got = self._remote(lambda: self.fs.cat(keys, on_error="return"), rels[0], f"reading {len(rels)} objects from")
+        out = {}
+        for rel, key in zip(rels, keys):
+            value = got.get(key) if isinstance(got, dict) else None
+            if isinstance(value, FileNotFoundError) or value is None:
+                if missing_ok:
+                    continue
+                raise _not_found(self.name_of(rel))
+            if isinstance(value, BaseException):  # one object failed: retry it alone (retries transient errors)
+                value = self.read_bytes(rel)
+            out[rel] = value
+        return out
+
+    def size(self, rel: str) -> int:
+        if self.local is not None:
+            return self._path(rel).stat().st_size
+        return int(self._remote(lambda: self.fs.size(self._key(rel)), rel, "sizing"))
+
+    def sha256(self, rel: str) -> str:
+        """Hex sha256 of object `rel`, streamed in 8 MiB blocks."""
+        digest = hashlib.sha256()
+        if self.local is not None:
+            with open(self._path(rel), "rb") as file:
+                while block := file.read(_HASH_BLOCK):
+                    digest.update(block)
+            return digest.hexdigest()
+
+        def stream() -> str:
+            digest = hashlib.sha256()
+            with self.fs.open(self._key(rel), "rb", block_size=_HASH_BLOCK) as file:
+                while block := file.read(_HASH_BLOCK):
+                    digest.update(block)
+            return digest.hexdigest()
+
+        return self._remote(stream, rel, "checksumming")
+
+    def files(self, rel: str = "") -> dict[str, int]:
+        """Every object at or below `rel`, as its path relative to this location -> bytes ({} if none)."""
+        if self.local is not None:
+            base = self._path(rel)
+            if base.is_file():
+                return {rel: base.stat().st_size}
+            if not base.is_dir():
+                return {}
+            root = self._path("")
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(base.rglob("*")) if p.is_file()}
+        key = self._key(rel)
+        try:
+            found = self._remote(lambda: self.fs.find(key, detail=True), rel, "listing")
+        except FileNotFoundError:
+            return {}
+        self.fs.invalidate_cache()
+        prefix = self._prefix + "/"
+        return {name[len(prefix):]: int(info.get("size") or 0) for name, info in sorted(found.items())
+                if name.startswith(prefix) and info.get("type", "file") != "directory"}  # fmt: skip
+
+    def names(self, rel: str = "") -> list[str]:
+        """Names of the entries directly under `rel` (files, directories, object prefixes); [] if none.
+        One shallow listing: on object storage a delimiter listing, so a shard's many chunk objects
+        are one entry."""
+        if self.local is not None:
+            folder = self._path(rel)
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        key = self._key(rel)
+        try:
+            found = self._remote(lambda: self.fs.ls(key, detail=False, refresh=True), rel, "listing")
+        except FileNotFoundError:
+            return []
+        return sorted({name.rstrip("/").rsplit("/", 1)[-1] for name in found if name.rstrip("/") != key})
+
+    # ---- writing
+
+    def write_bytes(self, rel: str, data: bytes, exclusive: bool = False) -> bool:
+        """Write object `rel` whole: readers see the old object (or none) or the new one, never a part.
+
+        Args:
+            exclusive: Never replace an existing object: of several writers creating it at once, exactly
+                one succeeds (a conditional put, If-None-Match, on S3; an exclusive hard link locally;
+                elsewhere put-then-read-back, where the writer whose bytes are not there lost).
+
+        Returns:
+            True when this call wrote the object; False only with `exclusive` when it already existed.
+        """
+        if self.local is not None:
+            path = self._path(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return write_file_atomic(path, data, exclusive=exclusive)
+        key = self._key(rel)
+        if not exclusive:
+            self._remote(lambda: self.fs.pipe_file(key, data), rel, "writing")
+            return True
+        if self.protocol in ("s3", "s3a"):
+            try:
+                self._remote(lambda: self.fs.pipe_file(key, data, mode="create"), rel, "creating")
+                return True
+            except StorageError as err:
+                if "PreconditionFailed" in str(err) or "412" in str(err) or isinstance(err.__cause__, FileExistsError):
+                    return False
+                raise
+        if self.exists(rel):
+            return False
+        self._remote(lambda: self.fs.pipe_file(key, data), rel, "creating")
+        return self.read_bytes(rel) == data
+
+    def upload(self, source: Path, rel: str, last: Sequence[str] = ()) -> None:
+        """Copy a local file, or every file of a local directory tree, to `rel`: files in sorted order,
+        those named in `last` (e.g. the file whose presence marks the whole as usable) after the rest."""
+        source = Path(source)
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.relative_to(source).as_posix() in last)
+        for file in files:
+            inner = file.relative_to(source).as_posix()
+            sub = rel if file == source else (f"{rel}/{inner}" if rel else inner)
+            if self.local is not None:
+                write_file_atomic(self._path(sub), file.read_bytes())
+            else:
+                key = self._key(sub)
+                self._remote(lambda: self.fs.put_file(str(file), key), sub, "uploading")
+
+    def remove(self, rel: str) -> None:
+        """Delete object `rel`, or every object under prefix `rel`; nothing there is fine."""
+        if self.local is not None:
+            remove_path(self._path(rel))
+            return
+        names = self.files(rel)
+        if names:
+            keys = [self._key(n) for n in names]
+            self._remote(lambda: self.fs.rm(keys), rel, "deleting")
+        self.fs.invalidate_cache()
+
+
+def _not_found(name: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, "not found", name)
+
+
+def _filesystem(protocol: str, options: dict[str, Any], where: str) -> Any:
+    try:
+        import fsspec
+
+        cls = fsspec.get_filesystem_class(protocol)
+    except ValueError as err:
+        raise StorageError(f"{where}: unknown storage protocol {protocol!r} ({err}); use a local path or an "
+                           "fsspec URL such as s3://bucket/prefix") from err  # fmt: skip
+    except ImportError as err:
+        raise StorageError(f"{where}: the {protocol}:// protocol needs a package that is not installed ({err})") from err
+    # skip_instance_cache: a filesystem made before a fork (prefetch threads, dataloader workers) is not reused
+    return cls(**options, skip_instance_cache=True) if protocol not in ("memory",) else cls(**options)
+
+
+def _storage_error(err: BaseException, what: str) -> StorageError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, PermissionError) or re.search(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|"
+                                                     r"Forbidden|\b403\b|NoCredentials", str(err) + type(err).__name__):
+        return StorageError(f"{what}: access refused ({text}); check the credentials (environment, profile, "
+                            "instance role) and the endpoint (AWS_ENDPOINT_URL or storage_options)")  # fmt: skip
+    if "NoSuchBucket" in str(err) or "bucket does not exist" in str(err).lower():
+        return StorageError(f"{what}: the bucket does not exist ({text}); create it or fix the URL")
+    return StorageError(f"{what}: {type(err).__name__}: {text}")
+
+
+def as_location(where: str | Path | Location, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """`where` as a Location (returned as is when it already is one)."""
+    return where if isinstance(where, Location) else Location(where, storage_options)
