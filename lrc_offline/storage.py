@@ -40,6 +40,7 @@ _TRANSIENT = re.compile(
     r"Connection (?:reset|refused|aborted)|\b50[0234]\b|BrokenPipe|ServerDisconnected",
     re.IGNORECASE,
 )
+_NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist", re.IGNORECASE)
 _HASH_BLOCK = 8 << 20
 RETRIES = 5
 """Attempts of one remote operation before its error is reported (backoff 0.5, 1, 2, 4 s, jittered)."""
@@ -168,7 +169,7 @@ class Location:
             try:
                 return op()
             except FileNotFoundError as err:
-                if "bucket" in str(err).lower():
+                if _NO_BUCKET.search(str(err)):
                     raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
                 raise
             except Exception as err:  # s3fs/gcsfs raise a mix of OSError, botocore and aiohttp errors
@@ -370,7 +371,7 @@ def _storage_error(err: BaseException, what: str) -> StorageError:
                                                      r"Forbidden|\b403\b|NoCredentials", str(err) + type(err).__name__):
         return StorageError(f"{what}: access refused ({text}); check the credentials (environment, profile, "
                             "instance role) and the endpoint (AWS_ENDPOINT_URL or storage_options)")  # fmt: skip
-    if "NoSuchBucket" in str(err) or "bucket does not exist" in str(err).lower():
+    if _NO_BUCKET.search(str(err)):
         return StorageError(f"{what}: the bucket does not exist ({text}); create it or fix the URL")
     return StorageError(f"{what}: {type(err).__name__}: {text}")
 

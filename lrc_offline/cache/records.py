@@ -123,7 +123,7 @@ def check_record(data: bytes, index: int, manifest_digest: str | None, root: Loc
     path = root.name_of(record_name(index))
     try:
         record = json.loads(data)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CacheFormatError(
             f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}"
         ) from err

@@ -103,8 +103,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..training.checkpoint import CheckpointError
     from ..training.reader import ReaderStateError
     from ..training.trainer import TeacherMismatchError
+    from ..storage import StorageError
 
-    return (ConfigError, CorpusError, TeacherLoadError, UnsupportedArchitectureError, CacheFormatError,
+    return (StorageError, FileExistsError, ConfigError, CorpusError, TeacherLoadError, UnsupportedArchitectureError, CacheFormatError,
             CacheMismatchError, CheckpointError, ReaderStateError, TeacherMismatchError, FileNotFoundError,
             PermissionError)  # fmt: skip
 
