@@ -105,6 +105,15 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cache"] == url and summary["sequences_per_epoch"] == 32
 
+    if fmt == "zarr":  # an export uploaded to the bucket: a plain HF folder, config.json last
+        assert train_main(["export", "--checkpoint", str(run / "checkpoints" / "step-000002"),
+                           "--out", f"s3://{bucket}/student"]) == 0  # fmt: skip
+        exported = _objects(bucket, "student")
+        assert {"config.json", "model.safetensors"} <= set(exported)
+        assert json.loads(exported["config.json"]) == json.loads((run / "student" / "config.json").read_text())
+        assert train_main(["export", "--checkpoint", str(run / "checkpoints" / "step-000002"),
+                           "--out", f"s3://{bucket}/student"]) == 2  # fmt: skip  (refuses to overwrite)
+
     # the secret access key is in no object of the cache and no file of the run
     leaks = [k for k, v in remote.items() if SECRET.encode() in v]
     leaks += [str(p) for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
