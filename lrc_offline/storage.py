@@ -42,6 +42,7 @@ _TRANSIENT = re.compile(
 )
 _NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist", re.IGNORECASE)
 _HASH_BLOCK = 8 << 20
+_LISTING_CACHED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
 RETRIES = 5
 """Attempts of one remote operation before its error is reported (backoff 0.5, 1, 2, 4 s, jittered)."""
 
@@ -216,10 +217,11 @@ class Location:
                         raise
             return out
         keys = [self._key(rel) for rel in rels]
-        got = self._remote(lambda: self.fs.cat(keys, on_error="return"), rels[0], f"reading {len(rels)} objects from")
+        # cat_ranges: one GET per object, all at once (cat would first expand the paths: a HEAD each)
+        got = self._remote(lambda: self.fs.cat_ranges(keys, None, None, on_error="return"), rels[0],
+                           f"reading {len(rels)} objects from")  # fmt: skip
         out = {}
-        for rel, key in zip(rels, keys):
-            value = got.get(key) if isinstance(got, dict) else None
+        for rel, value in zip(rels, got):
             if isinstance(value, FileNotFoundError) or value is None:
                 if missing_ok:
                     continue
@@ -361,8 +363,11 @@ def _filesystem(protocol: str, options: dict[str, Any], where: str) -> Any:
                            "fsspec URL such as s3://bucket/prefix") from err  # fmt: skip
     except ImportError as err:
         raise StorageError(f"{where}: the {protocol}:// protocol needs a package that is not installed ({err})") from err
+    if protocol in _LISTING_CACHED:
+        # other workers write the same prefix: a cached listing would hide their shards and records
+        options = {"use_listings_cache": False, **options}
     # skip_instance_cache: a filesystem made before a fork (prefetch threads, dataloader workers) is not reused
-    return cls(**options, skip_instance_cache=True) if protocol not in ("memory",) else cls(**options)
+    return cls(**options, skip_instance_cache=True) if protocol != "memory" else cls(**options)
 
 
 def _storage_error(err: BaseException, what: str) -> StorageError:

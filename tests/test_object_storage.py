@@ -33,7 +33,7 @@ from test_cache_format import FINGERPRINTS, GEOMETRY, NUM_SEQUENCES, make_cfg, r
 SECRET = "lrc-test-secret-Q7f3a9c2e81b"
 SMALL = ["seq_len=16", "max_sequences=32", "sequences_per_shard=4", "topk=4", "act_positions=4", "heldout_docs=2"]
 TRAIN = ["--no-progress", "train.steps=2", "train.batch_size=4", "train.log_every=1", "train.eval_sequences=2",
-         "student.hidden_size=16", "student.init=random"]  # fmt: skip
+         "student.hidden_size=16"]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -101,9 +101,12 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     assert "8/8 shards complete and verified" in capsys.readouterr().out
 
     run = tmp_path / "run"
-    assert train_main(["train", "--cache", url, "--out", str(run), *TRAIN]) == 0
+    init = "student.init=pca" if fmt == "zarr" else "student.init=random"  # PCA: its basis is stored in the bucket
+    assert train_main(["train", "--cache", url, "--out", str(run), *TRAIN, init]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cache"] == url and summary["sequences_per_epoch"] == 32
+    if fmt == "zarr":
+        assert [k for k in _objects(bucket, "cache") if k.startswith("pca/")] == ["pca/second_moment-1024seq.safetensors"]
 
     if fmt == "zarr":  # an export uploaded to the bucket: a plain HF folder, config.json last
         assert train_main(["export", "--checkpoint", str(run / "checkpoints" / "step-000002"),
