@@ -203,10 +203,24 @@ class Location:
         except FileNotFoundError as err:
             raise _not_found(self.name_of(rel)) from err
 
-    def read_many(self, rels: Iterable[str], missing_ok: bool = False) -> dict[str, bytes]:
+    def read_many(self, rels: Iterable[str], missing_ok: bool = False, sizes: Sequence[int] | None = None) -> dict[str, bytes]:
         """Several whole objects (fetched concurrently on object storage). Raises FileNotFoundError
-        naming the first missing one, unless `missing_ok` (then missing ones are left out)."""
+        naming the first missing one, unless `missing_ok` (then missing ones are left out).
+
+        `sizes`, when known (a completion record has them), saves a size request per object: each is
+        one ranged GET of exactly that many bytes (a shorter object comes back short, which the caller's
+        size check catches)."""
         rels = list(rels)
+        if sizes is not None and 0 in sizes:  # a ranged GET cannot ask for zero bytes: check those exist
+            out = {}
+            for rel, n in zip(rels, sizes):
+                if n == 0 and self.exists(rel):
+                    out[rel] = b""
+                elif n == 0 and not missing_ok:
+                    raise _not_found(self.name_of(rel))
+            rest = [(rel, n) for rel, n in zip(rels, sizes) if n]
+            out.update(self.read_many([rel for rel, _ in rest], missing_ok, [n for _, n in rest]))
+            return out
         if self.local is not None or not rels:
             out = {}
             for rel in rels:
@@ -217,8 +231,11 @@ class Location:
                         raise
             return out
         keys = [self._key(rel) for rel in rels]
-        # cat_ranges: one GET per object, all at once (cat would first expand the paths: a HEAD each)
-        got = self._remote(lambda: self.fs.cat_ranges(keys, None, None, on_error="return"), rels[0],
+        # cat_ranges: all at once, no path expansion (cat would HEAD each path first); with the sizes
+        # given, no size lookup either (s3fs otherwise asks each object's size before reading it)
+        starts = None if sizes is None else [0] * len(keys)
+        ends = None if sizes is None else [int(n) for n in sizes]
+        got = self._remote(lambda: self.fs.cat_ranges(keys, starts, ends, on_error="return"), rels[0],
                            f"reading {len(rels)} objects from")  # fmt: skip
         out = {}
         for rel, value in zip(rels, got):

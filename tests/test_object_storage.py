@@ -295,3 +295,15 @@ def test_transient_errors_are_retried_and_persistent_ones_name_the_object(monkey
         location.read_bytes("object")
     with pytest.raises(FileNotFoundError, match="flaky://bucket/x/missing"):
         Location("flaky://bucket/x").read_bytes("missing")
+
+
+def test_read_many_takes_sizes_and_empty_objects():
+    location = Location(f"memory://lrc-{uuid.uuid4().hex[:8]}")
+    location.write_bytes("empty", b"")
+    location.write_bytes("full", b"xyz")
+    assert location.read_many(["empty", "full"], sizes=[0, 3]) == {"empty": b"", "full": b"xyz"}
+    assert location.read_many(["full"], sizes=[2]) == {"full": b"xy"}  # the caller's size check sees it
+    assert location.read_many(["empty", "gone"], sizes=[0, 0], missing_ok=True) == {"empty": b""}
+    with pytest.raises(FileNotFoundError) as err:
+        location.read_many(["empty", "gone"], sizes=[0, 5])
+    assert err.value.filename == f"{location}/gone"

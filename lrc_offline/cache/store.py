@@ -411,7 +411,8 @@ class CacheReader(_Layout):
                 continue  # a Zarr array this read does not open
             wanted[rel] = info
         try:
-            objects = self.location.read_many(sorted(wanted))
+            names = sorted(wanted)
+            objects = self.location.read_many(names, sizes=[wanted[rel]["bytes"] for rel in names])
         except FileNotFoundError as err:
             raise CorruptShardError(index, f"{err.filename}: missing or resized since {shard} was written") from err
         checked = {}
