@@ -169,8 +169,8 @@ def main() -> None:
         row["baseline: full fp16 logits"] = vocab * 2
         row["baseline: 7 targets at every position (bf16, raw)"] = layers * 2 * (heads * head_dim + 2 * kv * head_dim + 2 * d + 2 * ffn)
         table[model] = row
-    errors = {codec: codec_errors(caches["topk+residual"], caches[build])
-              for codec, build in (("int4", "topk+residual, log8 + int4"), ("float8", "topk+residual, float8"))}  # fmt: skip
+    coded = {"int4": "topk+residual, log8 + int4", "float8": "topk+residual, float8"}
+    errors = {codec: codec_errors(caches["topk+residual"], caches[build]) for codec, build in coded.items()}
     clipped = log8_clipped(caches["topk+residual"])
     result = {"setup": vars(args), "measured_total_bytes_per_token": measured, "fields": per_field, "table": table,
               "relative_error_vs_bf16": errors, "log8_clipped_fraction": clipped}  # fmt: skip

@@ -223,8 +223,32 @@ def test_the_documented_numpy_recipe_decodes_a_plain_zarr_shard(tmp_path):
     writer.write_shard(0, arrays)
     expected = CacheReader(tmp_path).read_shard(0)
     group = zarr.open_group(str(tmp_path / "shards" / "shard-00000.zarr"), mode="r")
-    assert group["act_input"].attrs["logical_dtype"] == "int4" and group["topk_logprobs__max"].attrs["role"] == "row_max"
+    assert group["act_input"].attrs["logical_dtype"] == "int4"
+    assert group["topk_logprobs__max"].attrs["role"] == "row_max"
     act = namespace["int4_decode"](group["act_input"][:], group["act_input__scale"][:], 576)
     np.testing.assert_allclose(act, expected["act_input"].numpy(), rtol=0, atol=1e-5)
     logprobs = namespace["log8_decode"](group["topk_logprobs"][:], group["topk_logprobs__max"][:])
     np.testing.assert_allclose(logprobs, expected["topk_logprobs"].numpy(), rtol=0, atol=1e-6)
+
+
+def test_training_runs_from_an_int4_and_log8_cache(tmp_path):
+    from lrc_offline.config import StudentConfig, TrainConfig, TrainJobConfig
+    from lrc_offline.training.metrics import read_metrics
+    from lrc_offline.training.trainer import train_from_cache
+
+    build_cache(_cfg(max_sequences=8, sequences_per_shard=4, act_dtype="int4", logprob_dtype="log8"), tmp_path / "c",
+                progress=False)  # fmt: skip
+    cfg = TrainJobConfig(student=StudentConfig(hidden_size=16), train=TrainConfig(steps=2, batch_size=4, log_every=1))
+    train_from_cache(cfg, tmp_path / "c", tmp_path / "r", progress=False)
+    records = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and "clone" in r for r in records)
+
+
+@pytest.mark.parametrize("act_dtype", ["float8", "int4"])
+def test_reading_some_fields_fetches_their_companion_arrays(tmp_path, act_dtype):
+    build_cache(_cfg(max_sequences=4, sequences_per_shard=4, act_dtype=act_dtype, logprob_dtype="log8"),
+                tmp_path / "c", progress=False)  # fmt: skip
+    reader = CacheReader(tmp_path / "c")
+    whole = reader.read_shard(0)
+    for name in ("act_input", "topk_logprobs"):
+        assert torch.equal(reader.read_shard(0, fields=[name])[name], whole[name])

@@ -186,7 +186,8 @@ class Manifest:
             fields = tuple(FieldSpec.from_dict(f) for f in data["fields"])
             if schema_for(fields) > version:
                 raise CacheFormatError(
-                    f"schema_version {version} cannot describe its fields' dtypes, which need schema {schema_for(fields)}"
+                    f"schema_version {version} cannot describe its fields' dtypes, which need schema "
+                    f"{schema_for(fields)}"
                 )
             return cls(
                 schema_version=version,
