@@ -2,9 +2,9 @@
 
 For held-out sequences: the teacher's full logits give the reference gradient of KL(p_T || p_S) with
 respect to the student's logits. Each cached signal is produced exactly as `lrc-cache build` stores it
-(top-k log-probs in the cache's float16, N sampled draws, the bf16 final hidden state) and its KD loss's
-gradient is compared: the angle between the two gradients and the ratio of their norms, over all tokens
-(flattened), for two students: the random init of the paper and the PCA init (near the teacher).
+(top-k log-probs in float16 or as log8 codes, N sampled draws, the bf16 final hidden state) and its KD
+loss's gradient is compared: the angle between the two gradients and the ratio of their norms, over all
+tokens (flattened), for two students: the random init of the paper and the PCA init (near the teacher).
 
     python benchmarks/fidelity.py --out benchmarks/results/fidelity
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lrc_offline import losses
+from lrc_offline.cache import dequantize_log8, quantize_log8
 from lrc_offline.capture.signals import logprobs_at, sampled_signal, topk_signal
 from lrc_offline.config import StudentConfig
 from lrc_offline.evaluation import heldout_sequences
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=288)
     parser.add_argument("--ks", default="1,8,32,64,256,1024")
+    parser.add_argument("--logprob-dtypes", default="float16,log8", help="how top-k log-probs are stored")
     parser.add_argument("--draws", default="16,64", help="N draws for the sampled signal")
     parser.add_argument("--out", default="benchmarks/results/fidelity")
     args = parser.parse_args()
@@ -80,8 +82,12 @@ def main() -> None:
         for k in [int(k) for k in args.ks.split(",")]:
             top_ids, top_lp, _ = topk_signal(teacher_logprobs, k)
             top_ids = top_ids.reshape(*ids.shape, k)
-            top_lp = top_lp.to(torch.float16).float().reshape(*ids.shape, k)  # as stored (float16)
-            row[f"topk k={k}"] = _compare(_grad(lambda x: losses.kl_topk(x, top_ids, top_lp, mask), logits), ref)
+            for dtype in args.logprob_dtypes.split(","):
+                stored = {"float16": lambda lp: lp.to(torch.float16).float(),
+                          "log8": lambda lp: dequantize_log8(*quantize_log8(lp))}[dtype](top_lp)  # fmt: skip
+                stored = stored.reshape(*ids.shape, k)
+                label = f"topk k={k}" if dtype == "float16" else f"topk k={k} ({dtype})"
+                row[label] = _compare(_grad(lambda x: losses.kl_topk(x, top_ids, stored, mask), logits), ref)
         for n in [int(n) for n in args.draws.split(",")]:
             gen = torch.Generator().manual_seed(1)
             s_ids, counts = sampled_signal(teacher_logprobs, n, gen)

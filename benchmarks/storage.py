@@ -1,10 +1,14 @@
-"""Bytes per token of every logit and activation mode, measured on a real teacher and extrapolated.
+"""Bytes per token of every logit and activation mode and storage lever, measured on a real teacher and extrapolated.
 
-Builds (or reuses) one small cache per mode with the real teacher, reads each field's measured
-compression ratio, and reports bytes per token against two naive baselines: full fp16 logits and all
-seven clone targets stored at every position. The same per-field ratios, applied to the geometry of
-Llama-3.2-3B and Qwen2.5-3B, give their figures (compression of activations depends on the teacher, so
-those are estimates; ids and log-probs compress alike across teachers).
+Builds (or reuses) one small cache per mode, and per storage lever (int4 activations and log8 log-probs;
+float8 activations), with the real teacher, reads each stored field's measured compression ratio, and
+reports bytes per token against two naive baselines: full fp16 logits and all seven clone targets stored
+at every position. The same per-field ratios, applied to the fields a cache of Llama-3.2-3B and Qwen2.5-3B
+geometry holds, give their figures (compression of activations depends on the teacher, so those are
+estimates; ids and log-probs compress alike across teachers). Whole-cache rows at the production shape
+(2048-token sequences) show which combinations reach the 500 B/token budget of a paper-size run. The
+lossy activation codecs' relative error per stored row is reported at attention-sink positions (massive
+activations) and elsewhere, against the bf16 cache of the same sequences and positions.
 
     python benchmarks/storage.py --out benchmarks/results/storage
 """
@@ -13,44 +17,93 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from lrc_offline.cache import inspect_cache
+import torch
+
+from lrc_offline.cache import CacheReader, TeacherGeometry, cache_fields, inspect_cache
+from lrc_offline.cache.dtypes import stored_arrays
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig
 from lrc_offline.teacher.load import load_teacher
 
-MODES = [("topk", "residual"), ("sampled", "none"), ("hidden", "none"), ("topk", "targets")]
+BUILDS = {
+    "topk+residual": dict(logit_mode="topk", activation_mode="residual"),
+    "sampled+none": dict(logit_mode="sampled", activation_mode="none"),
+    "hidden+none": dict(logit_mode="hidden", activation_mode="none"),
+    "topk+targets": dict(logit_mode="topk", activation_mode="targets"),
+    "topk+residual, log8 + int4": dict(logit_mode="topk", activation_mode="residual", logprob_dtype="log8",
+                                       act_dtype="int4"),
+    "topk+residual, float8": dict(logit_mode="topk", activation_mode="residual", act_dtype="float8"),
+}  # fmt: skip
+"""Caches built on the measured teacher (CacheConfig overrides); every other setting is shared."""
 # name: (hidden, layers, heads, kv_heads, head_dim, ffn, vocab)
 GEOMETRIES = {
     "SmolLM2-135M": (576, 30, 9, 3, 64, 1536, 49152),
     "Llama-3.2-3B": (3072, 28, 24, 8, 128, 8192, 128256),
     "Qwen2.5-3B": (2048, 36, 16, 2, 128, 11008, 151936),
 }
+BUDGET = 500
+"""Bytes per token a paper-size run can afford in all (20B tokens in 10 TB)."""
 
 
-def _widths(geometry) -> dict[str, int]:
-    d, _, heads, kv, head_dim, ffn, _ = geometry
-    return {"act_q": heads * head_dim, "act_k": kv * head_dim, "act_v": kv * head_dim, "act_o": d,
-            "act_gate": ffn, "act_up": ffn, "act_down": d, "act_input": d, "act_attn": d, "hidden": d}  # fmt: skip
+def _raw_bytes(spec) -> int:
+    """Bytes of one sequence of `spec` before compression: its value array and any per-row companion."""
+    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in stored_arrays(spec))
 
 
-def extrapolate(fields: dict, geometry, cfg: CacheConfig) -> dict[str, float]:
-    """Bytes per token of each stored field for `geometry`, with the measured compression ratios."""
-    d, layers, *_ , vocab = geometry
-    widths = _widths(geometry)
-    fraction = min(cfg.act_positions, cfg.seq_len) / cfg.seq_len
-    out = {}
-    for name, field in fields.items():
-        itemsize = {"int32": 4, "uint16": 2, "float32": 4, "float16": 2, "bfloat16": 2}[field["dtype"]]
-        if name in widths and name != "hidden":
-            logical = layers * fraction * widths[name] * itemsize
-        elif name == "hidden":
-            logical = d * itemsize
-        else:  # per-token ids, log-probs, counts, positions: geometry-independent shapes
-            logical = field["logical_bytes_per_token"]
-        out[name] = logical / field["compression_ratio"]
-    return out
+def _geometry(dims) -> TeacherGeometry:
+    d, layers, heads, kv, head_dim, ffn, vocab = dims
+    return TeacherGeometry(hidden_size=d, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                           intermediate_size=ffn, vocab_size=vocab)  # fmt: skip
+
+
+def extrapolate(ratios: dict, dims, cfg: CacheConfig, names: list[str] | None = None) -> float:
+    """Bytes per token of the fields `names` (None: all) of a cache built with `cfg` for a teacher of
+    `dims`: each field's bytes before compression over its measured compression ratio."""
+    total = 0.0
+    for spec in cache_fields(cfg, _geometry(dims)):
+        if names is None or spec.name in names:
+            total += _raw_bytes(spec) / cfg.seq_len / ratios[(spec.name, spec.dtype)]
+    return total
+
+
+def codec_errors(reference: Path, coded: Path, num_massive: int = 4) -> dict[str, dict[str, float]]:
+    """Mean relative L2 error per stored activation row of the cache at `coded` against the one at
+    `reference` (same sequences and positions), at attention-sink positions and elsewhere: over the whole
+    row, and over the row less its `num_massive` largest channels (where a sink's massive activations sit)."""
+    ref_reader, coded_reader = CacheReader(reference), CacheReader(coded)
+    errors: dict[str, dict[str, list]] = {}
+    for index in ref_reader.complete_shards():
+        ref, got = ref_reader.read_shard(index), coded_reader.read_shard(index)
+        sink_BP = ref["position_ids"].gather(1, ref["act_positions"].long()) == 0
+        for name in ("act_input", "act_attn"):
+            x, y = ref[name].float().transpose(1, 2), got[name].transpose(1, 2)  # [B, P, layers, d]
+            rest = torch.ones_like(x, dtype=torch.bool).scatter(-1, x.abs().topk(num_massive, -1).indices, False)
+            relative = {
+                "row": (y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30),
+                "rest": ((y - x) * rest).norm(dim=-1) / (x * rest).norm(dim=-1).clamp_min(1e-30),
+            }  # each [B, P, layers]
+            entry = errors.setdefault(name, {})
+            for part, relative_BPL in relative.items():
+                entry.setdefault(f"sink {part}", []).append(relative_BPL[sink_BP].flatten())
+                entry.setdefault(f"other {part}", []).append(relative_BPL[~sink_BP].flatten())
+    return {name: {where: float(torch.cat(parts).mean()) for where, parts in entry.items()}
+            for name, entry in errors.items()}  # fmt: skip
+
+
+def log8_clipped(reference: Path) -> float:
+    """Fraction of the top-k log-probs in the cache at `reference` more than 15.94 nats below their row's
+    max, which log8 clips."""
+    reader = CacheReader(reference)
+    clipped = total = 0
+    for index in reader.complete_shards():
+        logprobs = reader.read_shard(index, fields=["topk_logprobs"])["topk_logprobs"].float()
+        below = logprobs.amax(-1, keepdim=True) - logprobs
+        clipped += int((below > 255.5 / 16).sum())
+        total += below.numel()
+    return clipped / total
 
 
 def main() -> None:
@@ -61,49 +114,81 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--act-positions", type=int, default=16)
+    parser.add_argument("--production-seq-len", type=int, default=2048,
+                        help="sequence length of the whole-cache rows (the paper's LRC-1.7B run)")
     parser.add_argument("--out", default="benchmarks/results/storage")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(args.teacher)
-    measured, per_field = {}, {}
+    measured, ratios, per_field = {}, {}, {}
     base = dict(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs, seq_len=args.seq_len,
                 max_sequences=args.sequences,
                 sequences_per_shard=args.sequences, topk=64, num_draws=64, logprob_dtype="float16",
                 act_positions=args.act_positions, act_dtype="bfloat16")  # fmt: skip
-    for logit_mode, act_mode in MODES:
-        cfg = CacheConfig(logit_mode=logit_mode, activation_mode=act_mode, **base)
-        build_cache(cfg, out / f"cache-{logit_mode}-{act_mode}", teacher=teacher)
-        info = inspect_cache(out / f"cache-{logit_mode}-{act_mode}")
-        for name, field in info["fields"].items():
-            field["logical_bytes_per_token"] = field["logical_bytes"] / info["tokens"]
-            per_field[name] = field
-        measured[f"{logit_mode}+{act_mode}"] = info["bytes_per_token"]
-        print(f"{logit_mode}+{act_mode}: {info['bytes_per_token']:.1f} B/token", flush=True)
+    caches = {}
+    for build, overrides in BUILDS.items():
+        cfg = CacheConfig(**{**base, **overrides})
+        caches[build] = out / ("cache-" + build.replace(", ", "-").replace(" + ", "-").replace("+", "-"))
+        build_cache(cfg, caches[build], teacher=teacher)
+        info = inspect_cache(caches[build])
+        for spec in CacheReader(caches[build]).fields:
+            field = info["fields"][spec.name]
+            field["raw_bytes_per_token"] = _raw_bytes(spec) / cfg.seq_len
+            field["compression_ratio"] = _raw_bytes(spec) * info["complete_sequences"] / field["stored_bytes"]
+            ratios[(spec.name, spec.dtype)] = field["compression_ratio"]
+            per_field[f"{spec.name} ({spec.dtype})"] = field
+        measured[build] = info["bytes_per_token"]
+        print(f"{build}: {info['bytes_per_token']:.1f} B/token", flush=True)
 
-    cfg = CacheConfig(**base)
-    groups = {
-        "logits: topk k=64 (fp16 log-probs)": ["topk_ids", "topk_logprobs"],
-        "logits: sampled N=64": ["sampled_ids", "sampled_counts"],
-        "logits: hidden (bf16)": ["hidden"],
-        f"activations: residual, {args.act_positions}/{args.seq_len} positions": ["act_input", "act_attn", "act_positions"],
-        f"activations: targets, {args.act_positions}/{args.seq_len} positions": [
-            "act_q", "act_k", "act_v", "act_o", "act_gate", "act_up", "act_down", "act_positions"],
-        "tokens (input_ids + position_ids)": ["input_ids", "position_ids"],
+    span = f"{args.act_positions}/{args.seq_len} positions"
+    residual, ids = ["act_input", "act_attn", "act_positions"], ["input_ids", "position_ids"]
+    rows = {  # label: (CacheConfig overrides, fields counted; None: the whole cache)
+        "logits: topk k=64 (fp16 log-probs)": (BUILDS["topk+residual"], ["topk_ids", "topk_logprobs"]),
+        "logits: topk k=64 (log8 log-probs)": (BUILDS["topk+residual, log8 + int4"], ["topk_ids", "topk_logprobs"]),
+        "logits: sampled N=64": (BUILDS["sampled+none"], ["sampled_ids", "sampled_counts"]),
+        "logits: hidden (bf16)": (BUILDS["hidden+none"], ["hidden"]),
+        f"activations: residual, {span}": (BUILDS["topk+residual"], residual),
+        f"activations: residual, {span}, float8": (BUILDS["topk+residual, float8"], residual),
+        f"activations: residual, {span}, int4": (BUILDS["topk+residual, log8 + int4"], residual),
+        f"activations: targets, {span}": (BUILDS["topk+targets"], [
+            "act_q", "act_k", "act_v", "act_o", "act_gate", "act_up", "act_down", "act_positions"]),
+        "tokens (input_ids + position_ids)": (BUILDS["topk+residual"], ids),
     }  # fmt: skip
+    production = dict(seq_len=args.production_seq_len)
+    for positions, logprobs, acts in [(32, "float16", "bfloat16"), (32, "log8", "float8"), (32, "log8", "int4"),
+                                      (16, "log8", "int4"), (8, "log8", "int4")]:  # fmt: skip
+        label = f"cache: top-64 {logprobs} + residual {acts} at {positions}/{args.production_seq_len}"
+        rows[label] = (dict(BUILDS["topk+residual"], logprob_dtype=logprobs, act_dtype=acts, **production,
+                            act_positions=positions), None)  # fmt: skip
     table = {}
-    for model, geometry in GEOMETRIES.items():
-        fields = extrapolate(per_field, geometry, cfg)
-        row = {group: sum(fields[f] for f in names) for group, names in groups.items()}
-        d, layers, heads, kv, head_dim, ffn, vocab = geometry
+    for model, dims in GEOMETRIES.items():
+        row = {label: extrapolate(ratios, dims, CacheConfig(**{**base, **overrides}), names)
+               for label, (overrides, names) in rows.items()}  # fmt: skip
+        d, layers, heads, kv, head_dim, ffn, vocab = dims
         row["baseline: full fp16 logits"] = vocab * 2
         row["baseline: 7 targets at every position (bf16, raw)"] = layers * 2 * (heads * head_dim + 2 * kv * head_dim + 2 * d + 2 * ffn)
         table[model] = row
-    result = {"setup": vars(args), "measured_total_bytes_per_token": measured, "fields": per_field, "table": table}
+    coded = {"int4": "topk+residual, log8 + int4", "float8": "topk+residual, float8"}
+    errors = {codec: codec_errors(caches["topk+residual"], caches[build]) for codec, build in coded.items()}
+    clipped = log8_clipped(caches["topk+residual"])
+    result = {"setup": vars(args), "measured_total_bytes_per_token": measured, "fields": per_field, "table": table,
+              "relative_error_vs_bf16": errors, "log8_clipped_fraction": clipped}  # fmt: skip
     (out / "storage.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| bytes per token | " + " | ".join(GEOMETRIES) + " |", "|---" * (len(GEOMETRIES) + 1) + "|"]
     for group in table["SmolLM2-135M"]:
-        lines.append(f"| {group} | " + " | ".join(f"{table[m][group]:,.0f}" for m in GEOMETRIES) + " |")
+        cells = [f"{table[m][group]:,.0f}" for m in GEOMETRIES]
+        if group.startswith("cache:"):
+            cells = [c + (" (ok)" if table[m][group] <= BUDGET else "") for c, m in zip(cells, GEOMETRIES)]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += ["", f"(ok): within the {BUDGET} B/token budget.", "",
+              "| relative L2 error per stored row vs bf16 | at sinks: row | less its 4 largest | "
+              "elsewhere: row | less its 4 largest |", "|---|---|---|---|---|"]  # fmt: skip
+    for codec, per_name in errors.items():
+        for name, e in per_name.items():
+            lines.append(f"| {codec} {name} | {e['sink row']:.3f} | {e['sink rest']:.3f} | {e['other row']:.3f} | "
+                         f"{e['other rest']:.3f} |")  # fmt: skip
+    lines += ["", f"log8: {clipped:.2%} of the top-64 log-probs lie over 15.94 nats below their row max (clipped)."]
     (out / "storage.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -112,11 +197,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 7))
     groups_all = list(table["SmolLM2-135M"])
     width = 0.8 / len(GEOMETRIES)
     for i, model in enumerate(GEOMETRIES):
-        ax.barh([y + i * width for y in range(len(groups_all))], [table[model][g] for g in groups_all], width, label=model)
+        ax.barh([y + i * width for y in range(len(groups_all))], [table[model][g] for g in groups_all], width,
+                label=model)  # fmt: skip
     ax.set_yticks([y + width for y in range(len(groups_all))], groups_all, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("bytes per token (log scale)")

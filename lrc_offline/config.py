@@ -39,7 +39,8 @@ __all__ = [
 LOGIT_MODES = ("topk", "sampled", "hidden", "none")
 ACTIVATION_MODES = ("residual", "targets", "none")
 FORMATS = ("zarr", "webdataset")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8", "int4")
+LOGPROB_DTYPES = ("float32", "float16", "bfloat16", "log8")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -162,7 +163,8 @@ class CacheConfig:
     num_draws: int = 64
     """N, the number of teacher draws per token for logit_mode=sampled."""
     logprob_dtype: str = "float32"
-    """Storage dtype of top-k log-probs."""
+    """Storage dtype of top-k log-probs (log8 is lossy: 8-bit steps of 1/16 nat below the row max, which is
+    kept exactly; docs/cache_format.md)."""
     activation_mode: str = "residual"
     """Clone-loss activations: residual (layer input and attention output), targets (all seven) or none."""
     act_layers: list[int] | None = None
@@ -176,7 +178,8 @@ class CacheConfig:
     """Activation budget: the fraction of sequences that carry activations (a seeded choice per sequence;
     the others store zeros, flagged by act_present, and train without the clone loss)."""
     act_dtype: str = "bfloat16"
-    """Storage dtype of activations and hidden states (float8 is lossy, with a per-row scale)."""
+    """Storage dtype of activations and hidden states (float8 and int4 are lossy, with a per-row scale; int4
+    quantises each row after a fixed random Hadamard rotation; docs/cache_format.md)."""
     seed: int = 0
     """Seed for position sampling and sampled-KD draws; a rebuild with the same seed is identical."""
     run: BuildRunConfig = field(default_factory=BuildRunConfig)
@@ -187,7 +190,7 @@ class CacheConfig:
         _check_choice(s, "format", self.format, FORMATS)
         _check_choice(s, "logit_mode", self.logit_mode, LOGIT_MODES)
         _check_choice(s, "activation_mode", self.activation_mode, ACTIVATION_MODES)
-        _check_choice(s, "logprob_dtype", self.logprob_dtype, ("float32", "float16", "bfloat16"))
+        _check_choice(s, "logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
         _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
         if self.run.backend == "vllm" and self.activation_mode != "none":
             raise ConfigError(

@@ -6,6 +6,7 @@ this package. This package knows nothing of teachers' forward passes or of train
 """
 
 from lrc_offline.cache.dtypes import FLOAT8_MAX, dequantize_float8, quantize_float8
+from lrc_offline.cache.quantize import dequantize_int4, dequantize_log8, quantize_int4, quantize_log8
 from lrc_offline.cache.manifest import (
     FINGERPRINT_KEYS,
     Manifest,
@@ -53,4 +54,8 @@ __all__ = [
     "inspect_cache",
     "quantize_float8",
     "dequantize_float8",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_log8",
+    "dequantize_log8",
 ]

@@ -17,6 +17,13 @@ Zarr and .npy know no bfloat16 or float8, so:
     number is at most 2**-4 of it; below the normal range the absolute error is half the subnormal
     spacing, scaled back).
 
+- ``int4`` (lossy, opt-in) is stored as uint8 bytes holding two 4-bit codes of the Hadamard-rotated row,
+  ``[n, *shape[:-1], ceil(shape[-1] / 2)]``, plus a ``<name>__scale`` float32 array like float8's; it
+  decodes to float32 within ``|decode(x) - x|_2 <= sqrt(R) * scale / 2`` per row (`quantize.py`).
+- ``log8`` (lossy, opt-in, for log-probs) is stored as uint8 codes of ``(row max - x) / (1/16)`` plus a
+  ``<name>__max`` float32 array holding each row's max exactly, shape ``[n, *shape[:-1]]``; it decodes
+  to float32 within 1/32 for values within 15.94 of the row max (`quantize.py`).
+
 Every other logical dtype is stored as the same numpy dtype.
 """
 
@@ -27,12 +34,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from lrc_offline.cache.schema import CacheFormatError, FieldSpec
+from lrc_offline.cache.quantize import dequantize_int4, dequantize_log8, quantize_int4, quantize_log8
+from lrc_offline.cache.schema import ROW_CODED_DTYPES, CacheFormatError, FieldSpec
 
 __all__ = [
     "FLOAT8_MAX",
     "SCALE_SUFFIX",
+    "ROW_MAX_SUFFIX",
     "stored_arrays",
+    "array_role",
     "logical_itemsize",
     "check_input",
     "encode",
@@ -46,7 +56,12 @@ FLOAT8_MAX = 448.0
 """Largest finite torch.float8_e4m3fn value; a row's max magnitude maps to it."""
 
 SCALE_SUFFIX = "__scale"
-"""Name suffix of the per-row scale array stored next to a float8 field."""
+"""Name suffix of the per-row scale array stored next to a float8 or int4 field."""
+
+ROW_MAX_SUFFIX = "__max"
+"""Name suffix of the per-row max array stored next to a log8 field."""
+
+_COMPANION = {"float8": SCALE_SUFFIX, "int4": SCALE_SUFFIX, "log8": ROW_MAX_SUFFIX}
 
 _STORAGE = {
     "int32": np.dtype("int32"),
@@ -56,6 +71,8 @@ _STORAGE = {
     "float16": np.dtype("float16"),
     "bfloat16": np.dtype("uint16"),
     "float8": np.dtype("uint8"),
+    "int4": np.dtype("uint8"),
+    "log8": np.dtype("uint8"),
 }
 _TORCH = {
     "int32": torch.int32,
@@ -65,22 +82,35 @@ _TORCH = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float8": torch.float32,
+    "int4": torch.float32,
+    "log8": torch.float32,
 }
 _INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "uint16": (0, 2**16 - 1), "uint8": (0, 2**8 - 1)}
-_FLOAT8_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+_ROW_CODED_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def stored_arrays(spec: FieldSpec) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, numpy dtype, per-sequence shape) of each array that stores `spec`, value array first."""
-    arrays = [(spec.name, _STORAGE[spec.dtype], spec.shape)]
-    if spec.dtype == "float8":
-        arrays.append((spec.name + SCALE_SUFFIX, np.dtype("float32"), spec.shape[:-1]))
+    shape = spec.shape
+    if spec.dtype == "int4":
+        shape = (*shape[:-1], -(-shape[-1] // 2))  # two codes per byte
+    arrays = [(spec.name, _STORAGE[spec.dtype], shape)]
+    if spec.dtype in _COMPANION:
+        arrays.append((spec.name + _COMPANION[spec.dtype], np.dtype("float32"), spec.shape[:-1]))
     return arrays
 
 
-def logical_itemsize(dtype: str) -> int:
-    """Bytes per element of a logical dtype before compression (float8: 1, its scales not counted)."""
-    return _STORAGE[dtype].itemsize
+def array_role(name: str) -> str:
+    """What a stored array holds, by its name: values, scale (float8, int4) or row_max (log8)."""
+    if name.endswith(SCALE_SUFFIX):
+        return "scale"
+    return "row_max" if name.endswith(ROW_MAX_SUFFIX) else "values"
+
+
+def logical_itemsize(dtype: str) -> float:
+    """Bytes per element of a logical dtype before compression (float8 and log8: 1, int4: 0.5; their
+    per-row companions not counted)."""
+    return 0.5 if dtype == "int4" else _STORAGE[dtype].itemsize
 
 
 def check_input(spec: FieldSpec, tensor: object, num_sequences: int, where: str) -> torch.Tensor:
@@ -88,11 +118,12 @@ def check_input(spec: FieldSpec, tensor: object, num_sequences: int, where: str)
 
     Integer fields accept any integer tensor whose values fit the logical dtype (capture code gets
     int64 ids from ``topk``); float fields must already be in their logical dtype, because a silent
-    cast would change what was captured; float8 fields take float32, bfloat16 or float16 values.
+    cast would change what was captured; float8, int4 and log8 fields take float32, bfloat16 or float16
+    values, all finite (log8: a finite max per row, -inf allowed below it).
 
     Raises:
         TypeError: not a CPU tensor, or a dtype the field does not accept.
-        ValueError: wrong shape, integers out of range, or non-finite values for a float8 field.
+        ValueError: wrong shape, integers out of range, or values a row-coded field cannot represent.
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{where}: field {spec.name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -113,11 +144,20 @@ def check_input(spec: FieldSpec, tensor: object, num_sequences: int, where: str)
                     f"{where}: field {spec.name} has values in [{lo}, {hi}], outside {spec.dtype} [{low}, {high}]"
                 )
             tensor = wide.to(_TORCH[spec.dtype])
-    elif spec.dtype == "float8":
-        if tensor.dtype not in _FLOAT8_INPUTS:
-            raise TypeError(f"{where}: float8 field {spec.name} takes float32/bfloat16/float16, got {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{where}: float8 field {spec.name} holds inf or nan, which a scale cannot represent")
+    elif spec.dtype in ROW_CODED_DTYPES:
+        if tensor.dtype not in _ROW_CODED_INPUTS:
+            raise TypeError(
+                f"{where}: {spec.dtype} field {spec.name} takes float32/bfloat16/float16, got {tensor.dtype}"
+            )
+        if spec.dtype == "log8":
+            if bool(torch.isnan(tensor).any() | (tensor == float("inf")).any()):
+                raise ValueError(f"{where}: log8 field {spec.name} holds nan or +inf, which are not log-probs")
+            if tensor.numel() and not bool(torch.isfinite(tensor.amax(dim=-1)).all()):
+                raise ValueError(f"{where}: log8 field {spec.name} has a row of -inf only; its max must be finite")
+        elif not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{where}: {spec.dtype} field {spec.name} holds inf or nan, which a scale cannot represent"
+            )
     elif tensor.dtype != _TORCH[spec.dtype]:
         raise TypeError(
             f"{where}: field {spec.name} must be {_TORCH[spec.dtype]} (cache dtype {spec.dtype}), got "
@@ -145,9 +185,10 @@ def dequantize_float8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def encode(spec: FieldSpec, tensor: torch.Tensor) -> dict[str, np.ndarray]:
     """The arrays that store `tensor` (already checked by `check_input`), keyed by stored name."""
-    if spec.dtype == "float8":
-        codes, scale = quantize_float8(tensor)
-        return {spec.name: codes.numpy(), spec.name + SCALE_SUFFIX: scale.numpy()}
+    if spec.dtype in _COMPANION:
+        quantize = {"float8": quantize_float8, "int4": quantize_int4, "log8": quantize_log8}[spec.dtype]
+        codes, companion = quantize(tensor)
+        return {spec.name: codes.numpy(), spec.name + _COMPANION[spec.dtype]: companion.numpy()}
     if spec.dtype == "bfloat16":
         return {spec.name: tensor.view(torch.int16).numpy().view(np.uint16)}
     if spec.dtype == "uint16":
@@ -156,7 +197,7 @@ def encode(spec: FieldSpec, tensor: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.Tensor:
-    """The logical tensor [n, *spec.shape] from its stored arrays (float8 decodes to float32).
+    """The logical tensor [n, *spec.shape] from its stored arrays (float8, int4 and log8 decode to float32).
 
     Raises:
         CacheFormatError: a stored array is missing or has the wrong dtype or shape; names `where`.
@@ -177,8 +218,11 @@ def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.
         num = array.shape[0]
         arrays[name] = array
     values = arrays[spec.name]
-    if spec.dtype == "float8":
-        return dequantize_float8(torch.from_numpy(values), torch.from_numpy(arrays[spec.name + SCALE_SUFFIX]))
+    if spec.dtype in _COMPANION:
+        codes, companion = torch.from_numpy(values), torch.from_numpy(arrays[spec.name + _COMPANION[spec.dtype]])
+        if spec.dtype == "int4":
+            return dequantize_int4(codes, companion, spec.shape[-1])
+        return (dequantize_float8 if spec.dtype == "float8" else dequantize_log8)(codes, companion)
     if spec.dtype in ("bfloat16", "uint16"):
         # torch.from_numpy has no uint16 path on every supported version; go through int16 bits.
         return torch.from_numpy(values.view(np.int16)).view(_TORCH[spec.dtype])

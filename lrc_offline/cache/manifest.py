@@ -26,6 +26,7 @@ from lrc_offline.cache.schema import (
     TeacherGeometry,
     act_layers,
     cache_fields,
+    schema_for,
 )
 from lrc_offline.config import FORMATS, BuildRunConfig, CacheConfig, ConfigError, from_dict, to_dict
 from lrc_offline.differences import differences
@@ -182,12 +183,18 @@ class Manifest:
             run = {k: v for k, v in build.items() if k in _BUILD_RUN_FIELDS}
             if not isinstance(data["fields"], list):
                 raise CacheFormatError("fields must be a list")
+            fields = tuple(FieldSpec.from_dict(f) for f in data["fields"])
+            if schema_for(fields) > version:
+                raise CacheFormatError(
+                    f"schema_version {version} cannot describe its fields' dtypes, which need schema "
+                    f"{schema_for(fields)}"
+                )
             return cls(
                 schema_version=version,
                 format=data["format"],
                 config=from_dict(CacheConfig, {**config, "run": run}, "config"),
                 geometry=TeacherGeometry.from_dict(data["geometry"]),
-                fields=tuple(FieldSpec.from_dict(f) for f in data["fields"]),
+                fields=fields,
                 fingerprints=dict(data["fingerprints"]),
                 num_sequences=data["num_sequences"],
                 sequences_per_shard=data["sequences_per_shard"],
@@ -207,7 +214,8 @@ class Manifest:
 
     def differences(self, other: Manifest) -> list[str]:
         """Human-readable differences from `other`, ignoring the volatile parts and the schema version
-        (schemas 1 and 2 describe the same shard data: 2 only moved the run options out of config).
+        (schemas 1 and 2 describe the same shard data: 2 only moved the run options out of config; 3
+        differs from 2 only in field dtypes, which are compared).
 
         Returns:
             Lines like ``"config.topk: 32 in the existing cache, 64 requested"`` (this manifest being
@@ -282,13 +290,15 @@ def make_manifest(
         raise ValueError(f"num_sequences={num_sequences!r} must be a positive integer")
     if cfg.max_sequences is not None and num_sequences > cfg.max_sequences:
         raise ValueError(f"num_sequences={num_sequences} exceeds cache.max_sequences={cfg.max_sequences}")
+    fields = tuple(cache_fields(cfg, geometry))
     return Manifest(
-        schema_version=SCHEMA_VERSION,
+        # The layout is schema 2's; 3 only when a field's dtype needs it, so older code reads the rest.
+        schema_version=max(2, schema_for(fields)),
         format=cfg.format,
         # a copy: the caller's config may change after, the manifest never does
         config=from_dict(CacheConfig, to_dict(cfg)),
         geometry=geometry,
-        fields=tuple(cache_fields(cfg, geometry)),
+        fields=fields,
         fingerprints=dict(fingerprints),
         num_sequences=num_sequences,
         sequences_per_shard=cfg.sequences_per_shard,

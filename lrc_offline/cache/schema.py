@@ -19,6 +19,8 @@ from lrc_offline.config import CacheConfig
 __all__ = [
     "SCHEMA_VERSION",
     "LOGICAL_DTYPES",
+    "ROW_CODED_DTYPES",
+    "schema_for",
     "CODECS",
     "CacheFormatError",
     "TeacherGeometry",
@@ -28,13 +30,23 @@ __all__ = [
     "act_layers",
 ]
 
-SCHEMA_VERSION = 2
-"""Version of the on-disk layout; readers refuse caches written with a newer one. 2: the build's run options
-(batch size, device, dtype, backend, engine options) moved from the manifest's ``config`` to ``build``;
-the shard data and records are as in 1, which stays readable (see `manifest._legacy_digest`)."""
+SCHEMA_VERSION = 3
+"""Newest version of the on-disk layout this code reads and writes; readers refuse caches written with a
+newer one. 2: the build's run options (batch size, device, dtype, backend, engine options) moved from the
+manifest's ``config`` to ``build``; the shard data and records are as in 1, which stays readable (see
+`manifest._legacy_digest`). 3: the int4 and log8 encodings (`quantize.py`). A manifest records the lowest
+version that describes it (2, or `schema_for` its fields), so a cache using neither stays at 2, readable
+by older code, and older code refuses one that uses them by its version."""
 
-LOGICAL_DTYPES = ("int32", "uint16", "uint8", "float32", "float16", "bfloat16", "float8")
-"""Dtypes a field may declare; bfloat16 and float8 are stored as integer bits (see `dtypes.py`)."""
+LOGICAL_DTYPES = ("int32", "uint16", "uint8", "float32", "float16", "bfloat16", "float8", "int4", "log8")
+"""Dtypes a field may declare; bfloat16 is stored as integer bits, float8, int4 and log8 as integer codes
+with a per-row companion array (see `dtypes.py`)."""
+
+ROW_CODED_DTYPES = ("float8", "int4", "log8")
+"""Lossy dtypes coded per row (the last axis) with a float32 companion per row; they decode to float32."""
+
+_SINCE_SCHEMA = {"int4": 3, "log8": 3}
+"""Dtypes newer than schema 2, with the schema that introduced them."""
 
 CODECS = (
     "blosc-zstd-shuffle",
@@ -102,7 +114,7 @@ class FieldSpec:
     shape: tuple[int, ...]
     """Shape of one sequence's slice."""
     dtype: str
-    """Logical dtype, one of LOGICAL_DTYPES (what a reader gets back; float8 decodes to float32)."""
+    """Logical dtype, one of LOGICAL_DTYPES (what a reader gets back; the ROW_CODED_DTYPES decode to float32)."""
     codec: str
     """Compression codec, one of CODECS."""
 
@@ -120,8 +132,8 @@ class FieldSpec:
             raise CacheFormatError(f"field {self.name}: dtype {self.dtype!r} is not one of {list(LOGICAL_DTYPES)}")
         if self.codec not in CODECS:
             raise CacheFormatError(f"field {self.name}: codec {self.codec!r} is not one of {list(CODECS)}")
-        if self.dtype == "float8" and not self.shape:
-            raise CacheFormatError(f"field {self.name}: float8 needs at least one axis (scales are per row)")
+        if self.dtype in ROW_CODED_DTYPES and not self.shape:
+            raise CacheFormatError(f"field {self.name}: {self.dtype} needs at least one axis (it is coded per row)")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (shape as a list)."""
@@ -143,6 +155,11 @@ def _checked_keys(cls: type, data: Any, where: str) -> dict[str, Any]:
             f"{where} {data!r}: missing keys {sorted(names - set(data))}, unknown keys {sorted(set(data) - names)}"
         )
     return dict(data)
+
+
+def schema_for(fields: list[FieldSpec] | tuple[FieldSpec, ...]) -> int:
+    """The oldest schema version that knows every field's dtype: 1, or 3 with an int4 or log8 field."""
+    return max([1, *(_SINCE_SCHEMA.get(spec.dtype, 1) for spec in fields)])
 
 
 def num_act_positions(cfg: CacheConfig, seq_len: int) -> int:

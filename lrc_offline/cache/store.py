@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lrc_offline.cache import wds_shard, zarr_shard
-from lrc_offline.cache.dtypes import check_input
+from lrc_offline.cache.dtypes import check_input, stored_arrays
 from lrc_offline.cache.manifest import Manifest, create_manifest, read_manifest
 from lrc_offline.cache.records import (
     SHARDS_DIR,
@@ -376,7 +376,8 @@ class CacheReader(_Layout):
         return record
 
     def read_shard(self, index: int, fields: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Fields of every sequence of shard `index`, each [n, *shape] in its logical dtype (float8 -> float32).
+        """Fields of every sequence of shard `index`, each [n, *shape] in its logical dtype (float8, int4 and
+        log8 decode to float32).
 
         The uint16 field sampled_counts comes back as torch.uint16, which supports few ops: call
         ``.long()`` or ``.float()`` first.
@@ -404,10 +405,14 @@ class CacheReader(_Layout):
         """
         shard = shard_name(index, self.format)
         prefix = self.shard_name(index)
+        # A field is read from its value array and any per-row companion (``<field>__scale``, ...).
+        arrays = None if fields is None else {
+            name for spec in self.fields if spec.name in fields for name, _, _ in stored_arrays(spec)
+        }
         wanted = {}
         for rel, info in record["files"].items():
-            parts = rel.split("/")  # shards/<shard>.zarr/<field>/... or shards/<shard>.tar
-            if fields is not None and len(parts) > 3 and parts[2] not in fields:
+            parts = rel.split("/")  # shards/<shard>.zarr/<array>/... or shards/<shard>.tar
+            if arrays is not None and len(parts) > 3 and parts[2] not in arrays:
                 continue  # a Zarr array this read does not open
             wanted[rel] = info
         try:

@@ -110,7 +110,8 @@ def inspect_cache(root: str | Path | Location, storage_options: dict | None = No
     Returns:
         A JSON-ready dict: sequences and tokens (declared and complete), complete/total shards, stored
         bytes and bytes per token (total and per field), per-field compression ratio (bytes before
-        compression / stored bytes; float8 counts 1 byte per element, scales excluded), fingerprints,
+        compression / stored bytes; float8 and log8 count 1 byte per element, int4 half a byte, their per-row
+        companions excluded), fingerprints,
         config, ``stats``: each numeric completion-record stat, token-weighted over complete shards, and
         ``activations`` (None without activations): the fraction of sequences carrying them and the
         teacher targets' mean square per term and layer, at sink positions and elsewhere.

@@ -1,7 +1,8 @@
 """One shard as a WebDataset tar: one sample per sequence, one ``.npy`` member per stored array.
 
 Members are named ``<key>.<array>.<suffix>`` with ``key = f"{global_sequence_index:010d}"``,
-``array`` a field name (or ``<field>__scale`` for float8 scales) and ``suffix`` ``npy``, ``npy.zst``
+``array`` a field name (or a per-row companion: ``<field>__scale`` for float8 and int4, ``<field>__max``
+for log8) and ``suffix`` ``npy``, ``npy.zst``
 or ``npy.blosc`` depending on the field's codec (see `compression.py`). Each member holds that one
 sequence's slice, so ``webdataset.WebDataset`` yields one sample per sequence and plain
 ``tarfile`` + ``numpy`` (+ ``numcodecs`` for compressed members) can read it.
@@ -124,7 +125,7 @@ def _check_member(member: tarfile.TarInfo, where: str) -> None:
 def read(
     path: str | Path, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None, first_sequence: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read a whole shard, decoded to logical dtypes (float8 -> float32).
+    """Read a whole shard, decoded to logical dtypes (float8, int4, log8 -> float32).
 
     Every member is checked (name, type, field, suffix) even when its field is not requested; only
     requested fields are decompressed.

@@ -5,7 +5,8 @@ Layout of ``shard-00000.zarr/``::
     zarr.json                      group; attributes lrc_offline_schema, first_sequence, num_sequences
     <field>/zarr.json              array [num_seqs, *shape]; attributes field, logical_dtype, codec, role
     <field>/c/<i>/0/...            chunks: a few whole sequences each
-    <field>__scale/...             float8 fields only: float32 per-row scales [num_seqs, *shape[:-1]]
+    <field>__scale/...             float8 and int4 fields only: float32 per-row scales [num_seqs, *shape[:-1]]
+    <field>__max/...               log8 fields only: float32 per-row maxima [num_seqs, *shape[:-1]]
 
 Every chunk is written once, whole (a shard is written chunk by chunk as batches arrive), every chunk is written even when it equals the fill
 value, and nothing time- or host-dependent goes into the files, so a rebuild is byte-identical.
@@ -24,7 +25,7 @@ import zarr
 from zarr.core.buffer import cpu
 
 from lrc_offline.cache.compression import zarr_compressors
-from lrc_offline.cache.dtypes import SCALE_SUFFIX, decode_fields, encode, stored_arrays
+from lrc_offline.cache.dtypes import array_role, decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
 __all__ = ["ShardSink", "write_to_dir", "read", "read_objects", "chunk_sequences"]
@@ -79,7 +80,6 @@ class ShardSink:
         self._written: dict[str, int] = {}
         for spec in self.specs:
             for name, dtype, shape in stored_arrays(spec):
-                role = "scale" if name.endswith(SCALE_SUFFIX) else "values"
                 self._arrays[name] = group.create_array(
                     name,
                     shape=(num_sequences, *shape),
@@ -87,7 +87,9 @@ class ShardSink:
                     chunks=(chunk_sequences(shape, np.dtype(dtype).itemsize, num_sequences), *shape),
                     compressors=zarr_compressors(spec.codec),
                     fill_value=0,
-                    attributes={"field": spec.name, "logical_dtype": spec.dtype, "codec": spec.codec, "role": role},
+                    attributes={
+                        "field": spec.name, "logical_dtype": spec.dtype, "codec": spec.codec, "role": array_role(name)
+                    },
                     # A chunk equal to the fill value would otherwise be skipped; its absence would then be
                     # indistinguishable from a lost file, which verification must catch.
                     config={"write_empty_chunks": True},
@@ -142,7 +144,7 @@ def write_to_dir(
 def read(
     path: str | Path, specs: Sequence[FieldSpec], fields: Sequence[str] | None = None, first_sequence: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read a whole shard, decoded to logical dtypes (float8 -> float32).
+    """Read a whole shard, decoded to logical dtypes (float8, int4, log8 -> float32).
 
     Args:
         path: The shard's ``.zarr`` directory.

@@ -34,6 +34,7 @@ from ..cache import (
     num_act_positions,
 )
 from ..cache.act_stats import act_present, batch_act_sums, merge_act_sums
+from ..cache.schema import ROW_CODED_DTYPES
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
@@ -143,12 +144,12 @@ def capture_batch(
 
 
 def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: tuple[FieldSpec, ...]) -> dict[str, torch.Tensor]:
-    """Cast each field to the logical dtype the manifest declares (float8 is quantised by the store)."""
+    """Cast each field to the logical dtype the manifest declares (float8, int4 and log8 are coded by the store)."""
     dtypes = {spec.name: spec.dtype for spec in fields}
     out = {}
     for name, value in arrays.items():
         dtype = dtypes[name]
-        out[name] = value if dtype == "float8" else value.to(getattr(torch, dtype))
+        out[name] = value if dtype in ROW_CODED_DTYPES else value.to(getattr(torch, dtype))
     return out
 
 
