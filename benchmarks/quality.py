@@ -46,6 +46,10 @@ VARIANTS = {
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001"]),
     "p-warm60": ("(p) PCA init (untied), LRC cache P=16, lr 1e-4, warmup 60", [],
                  ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    # Storage levers (issue 16): the same run from a cache with 4-bit activations and 8-bit log-probs.
+    "p16-int4-log8": ("(p) PCA init, warmup 60, cache int4 activations + log8 log-probs",
+                      ["act_dtype=int4", "logprob_dtype=log8"],
+                      ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }

@@ -219,3 +219,23 @@ def test_shards_of_a_replaced_manifest_are_not_complete(tmp_path, llama):
     assert not any(writer.is_complete(i) for i in range(writer.num_shards))
     report = verify_cache(tmp_path / "c")
     assert not report.ok and all("another manifest" in reason for reason in report.bad.values())
+
+
+def test_host_copies_of_a_batch():
+    from lrc_offline.capture.writer import host_ready, to_host
+
+    batch = torch.arange(24.0).view(2, 3, 4)
+    copy = to_host(batch)
+    host_ready()()
+    assert copy.device.type == "cpu" and torch.equal(copy, batch)
+
+
+@pytest.mark.gpu
+def test_host_copies_from_cuda_are_pinned_and_land_before_ready_returns():
+    from lrc_offline.capture.writer import host_ready, to_host
+
+    batch = torch.randn(64, 4096, device="cuda")
+    copy = to_host(batch * 2)  # the source is a temporary: stream order keeps it valid until copied
+    ready = host_ready()
+    ready()
+    assert copy.is_pinned() and torch.equal(copy, (batch * 2).cpu())

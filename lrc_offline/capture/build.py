@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from ..data.index import PackedIndex, TokenIndex, my_units, open_index, tokenize
 from ..fsutil import TMP_PREFIX
 from ..storage import Location, as_location
 from ..teacher.fingerprint import tokenizer_fingerprint
-from .writer import ShardPipeline
+from .writer import ShardPipeline, host_ready, to_host
 from .positions import sample_positions_batch
 from .signals import logit_fields
 from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
@@ -126,25 +127,30 @@ def capture_batch(
         out.update(fields)
         stats.update(logit_stats)
     if captured.hidden_BTD is not None:
-        out["hidden"] = captured.hidden_BTD.float().cpu()
+        out["hidden"] = to_host(captured.hidden_BTD.float())
     if positions is not None:
         present_B = torch.tensor([act_present(cfg.seed, j, cfg.act_fraction) for j in sequence_indices])
         sink_BP = position_ids_BT.to(device).gather(1, positions.long()) == 0
         stats["act_stats"] = batch_act_sums({m: captured.acts[m] for m in CLONE_TERMS}, sink_BP, present_B)
-        out["act_positions"] = positions.to(torch.int32).cpu()
+        out["act_positions"] = to_host(positions.to(torch.int32))
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
         keep_B1111 = present_B[:, None, None, None]
         for term, name in names.items():
-            acts_BLPW = captured.acts[term].transpose(0, 1).float().cpu()
-            out[name] = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111  # [B, L, P, W]
+            acts_BLPW = captured.acts[term].transpose(0, 1).float()
+            acts_BLPW = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111.to(device)  # [B, L, P, W]
+            out[name] = to_host(acts_BLPW)
         if cfg.act_fraction < 1:
             out["act_present"] = present_B.to(torch.uint8)[:, None]
     return out, stats
 
 
-def _storage_dtypes(arrays: dict[str, torch.Tensor], fields: tuple[FieldSpec, ...]) -> dict[str, torch.Tensor]:
-    """Cast each field to the logical dtype the manifest declares (float8, int4 and log8 are coded by the store)."""
+def _storage_dtypes(
+    arrays: dict[str, torch.Tensor], fields: tuple[FieldSpec, ...], ready: Callable[[], None] = lambda: None
+) -> dict[str, torch.Tensor]:
+    """Cast each field to the logical dtype the manifest declares (float8, int4 and log8 are coded by the
+    store), once `ready` says the batch's copies from the device have landed."""
+    ready()
     dtypes = {spec.name: spec.dtype for spec in fields}
     out = {}
     for name, value in arrays.items():
@@ -316,7 +322,8 @@ def _capture_shard(capture, packed: PackedIndex, writer: CacheWriter, pipeline: 
         hi = min(lo + cfg.run.batch_size, end)
         arrays, stats = capture(input_ids[lo - first : hi - first], position_ids[lo - first : hi - first],
                                 list(range(lo, hi)))  # fmt: skip
-        pipeline.write(functools.partial(_storage_dtypes, arrays, writer.fields))  # cast in the writer thread
+        ready = host_ready()  # the batch's device-to-host copies are queued, not waited for
+        pipeline.write(functools.partial(_storage_dtypes, arrays, writer.fields, ready))  # cast in the writer thread
         act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value

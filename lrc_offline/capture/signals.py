@@ -11,6 +11,7 @@ import torch
 
 from ..config import CacheConfig
 from .positions import position_seed
+from .writer import to_host
 
 __all__ = ["logprobs_at", "topk_signal", "sampled_signal", "unique_counts", "entropy", "logit_fields"]
 
@@ -78,7 +79,7 @@ def logit_fields(
             parts.setdefault("sampled_ids", []).append(ids)
             parts.setdefault("sampled_counts", []).append(counts)
         entropy_sum = entropy_sum + entropy(logprobs).sum()
-    out = {name: torch.stack(values).cpu() for name, values in parts.items()}
+    out = {name: to_host(torch.stack(values)) for name, values in parts.items()}
     stats = {"teacher_entropy_sum": float(entropy_sum)}
     if cfg.logit_mode == "topk":
         stats["topk_tail_mass_sum"] = float(tail_sum)

@@ -23,9 +23,30 @@ import torch
 from ..cache import CacheWriter
 from ..cache.store import ShardWriter
 
-__all__ = ["ShardPipeline"]
+__all__ = ["ShardPipeline", "to_host", "host_ready"]
 
 _STOP = ("stop",)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `tensor`. From a CUDA device the copy goes into pinned memory without blocking the
+    host (pageable copies block and run at a fraction of the bandwidth): call `host_ready` once a batch's
+    copies are queued, and its returned function before reading them."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    return out
+
+
+def host_ready() -> Callable[[], None]:
+    """After a batch's `to_host` copies: a function that returns once they have landed (an event recorded
+    on the current CUDA stream behind them; the writer thread waits on it, not the teacher's loop)."""
+    if not torch.cuda.is_initialized():
+        return lambda: None
+    event = torch.cuda.Event()
+    event.record()
+    return event.synchronize
 
 
 class ShardPipeline:
