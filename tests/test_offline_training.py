@@ -254,6 +254,32 @@ def test_torchrun_two_processes(caches, tmp_path):
     assert len(read_metrics(tmp_path / "out" / "metrics.jsonl")) == 6
 
 
+@pytest.mark.slow
+def test_ddp_weights_generated_once_per_step_equal_per_micro_batch(caches, tmp_path):
+    """Two processes under DDP with gradient accumulation 2: generating the student's weights once per
+    optimizer step (P's gradient reduced once) trains like generating them per micro-batch."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from lrc_offline.config import OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
+        from lrc_offline.training.trainer import train_from_cache
+        cfg = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=1e-2, warmup_steps=2),
+                             train=TrainConfig(steps=4, batch_size=2, grad_accum=2, log_every=1, device="cpu",
+                                               generate_once=sys.argv[1] == "once", checkpoint_every=0))
+        train_from_cache(cfg, {str(caches["residual"])!r}, sys.argv[2], progress=False)
+    """))
+    runs = {}
+    for mode in ("once", "per-micro-batch"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), mode,
+                   str(tmp_path / mode)]  # fmt: skip
+        subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        runs[mode] = read_metrics(tmp_path / mode / "metrics.jsonl")
+    assert len(runs["once"]) == len(runs["per-micro-batch"]) == 4
+    for once, per in zip(runs["once"], runs["per-micro-batch"]):
+        assert once["loss"] == pytest.approx(per["loss"], rel=1e-5, abs=1e-6)
+        assert once["grad_norm"] == pytest.approx(per["grad_norm"], rel=1e-4)
+
+
 # ---- refusals and partial caches -----------------------------------------------------------------------
 
 
