@@ -97,7 +97,7 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     assert cache_main(["inspect", url, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["complete_shards"] == info["total_shards"] == 8 and info["root"] == url
-    assert cache_main(["verify", url]) == 0
+    assert cache_main(["verify", url, "--storage-options", json.dumps({"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})]) == 0
     assert "8/8 shards complete and verified" in capsys.readouterr().out
 
     run = tmp_path / "run"
@@ -189,16 +189,18 @@ def test_user_errors_are_one_line_and_exit_2(bucket, tmp_path, monkeypatch, caps
     assert cache_main(["inspect", "s3://no-such-bucket-lrc/cache"]) == 2
     assert cache_main(["build", "--out", "s3://no-such-bucket-lrc/cache", "--no-progress", *SMALL]) == 2
     assert cache_main(["verify", "nosuchproto://bucket/cache"]) == 2
+    assert cache_main(["inspect", f"s3://{bucket}/cache", "--storage-options", '{"secret": "x"}']) == 2
     assert train_main(["train", "--cache", "nosuchproto://bucket/cache", "--out", str(tmp_path / "r"), *TRAIN]) == 2
     assert cache_main(["build", "--out", f"s3://{bucket}/c", "--no-progress", 'run.storage_options={"secret_access_key": "x"}']) == 2
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks credentials
     assert cache_main(["inspect", f"s3://{bucket}/cache"]) == 2
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 6, errors
+    assert len(errors) == 7, errors
     assert "bucket does not exist" in errors[0] and "bucket does not exist" in errors[1]
-    assert "unknown storage protocol 'nosuchproto'" in errors[2] and "unknown storage protocol" in errors[3]
-    assert "may not hold credentials" in errors[4] and "access refused" in errors[5]
+    assert "unknown storage protocol 'nosuchproto'" in errors[2] and "may not hold credentials" in errors[3]
+    assert "unknown storage protocol" in errors[4]
+    assert "may not hold credentials" in errors[5] and "access refused" in errors[6]
     assert os.listdir(tmp_path) == []  # no folder named "s3:" or "nosuchproto:"
     assert not any(SECRET in e for e in errors)
 

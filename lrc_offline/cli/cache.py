@@ -7,9 +7,9 @@
     lrc-cache verify DIR
     lrc-cache clean DIR      (after a killed build: remove its temporary files; never during a build)
 
-DIR may be an fsspec URL (s3://bucket/prefix, gs://..., file://...): inspect, verify and clean reach it
-through the standard credential chain (environment, AWS_ENDPOINT_URL, AWS_PROFILE, instance role);
-build and tokenize also take cache.run.storage_options.
+DIR may be an fsspec URL (s3://bucket/prefix, gs://..., file://...), reached through the standard
+credential chain (environment, AWS_ENDPOINT_URL, AWS_PROFILE, instance role) and the filesystem's
+options: cache.run.storage_options for build and tokenize, --storage-options JSON for the others.
 """
 
 from __future__ import annotations
@@ -49,14 +49,25 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     _add_cache_job_args(tokenize, "this worker's index I (with --num-shards N: units I, I+N, ...)",
                         "number of parallel tokenising workers", "corpus=/data/*.jsonl.zst")  # fmt: skip
     inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
-    inspect.add_argument("cache")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     verify = sub.add_parser("verify", help="recompute every checksum; non-zero exit on a bad or missing shard")
-    verify.add_argument("cache")
     clean = sub.add_parser("clean", help="remove temporary files and unrecorded shard data left by killed builds "
                            "(only while no build of this cache is running)")  # fmt: skip
-    clean.add_argument("cache")
+    for command in (inspect, verify, clean):
+        command.add_argument("cache", help="cache directory or URL (s3://bucket/prefix, ...)")
+        command.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+                             help='for a URL: fsspec options, e.g. \'{"profile": "research"}\' (no secrets)')  # fmt: skip
     return parser, sub.choices
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _cache_config(args) -> CacheConfig:
@@ -111,7 +122,7 @@ def _has_cuda() -> bool:
 def _inspect(args) -> int:
     from ..cache import inspect_cache
 
-    info = inspect_cache(args.cache)
+    info = inspect_cache(args.cache, args.storage_options)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -141,7 +152,7 @@ def _inspect(args) -> int:
 def _verify(args) -> int:
     from ..cache import verify_cache
 
-    report = verify_cache(args.cache)
+    report = verify_cache(args.cache, args.storage_options)
     for index, reason in sorted(report.bad.items()):
         print(f"BAD     shard {index}: {reason}")
     for index in report.missing:
@@ -157,7 +168,7 @@ def _clean(args) -> int:
     from ..fsutil import TMP_PREFIX
     from ..storage import as_location
 
-    root = as_location(args.cache)
+    root = as_location(args.cache, args.storage_options)
     # a build killed while creating its manifest leaves only temporary entries: that is still a cache
     if not root.is_file(MANIFEST_NAME) and not any(name.startswith(TMP_PREFIX) for name in root.names()):
         raise FileNotFoundError(f"{root} is not a cache (no {MANIFEST_NAME} there); nothing removed")
