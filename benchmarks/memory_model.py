@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from lrc_offline.config import LossConfig
+from lrc_offline.config import LossConfig, TrainConfig
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.training.objective import lrc_loss
 
 GIB = 2**30
+CHUNK_TOKENS = TrainConfig().loss_chunk_tokens
+"""The fused head + loss's chunk (`train.loss_chunk_tokens`), as a run uses it."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ RUNS = [  # (teacher, d_S, micro-batch sequences in train/*.yaml, tokens per seq
 
 def saved_bytes(d_T=256, d_S=128, heads=4, kv=2, hd=64, f=512, V=1000, L=2, B=2, T=128, P=8) -> int:
     """Bytes autograd saves for the backward of one `lrc_loss` (top-8 KD + CE + clone loss from residuals
-    at P positions, bf16 autocast), not counting the student's parameters and the teacher's buffers."""
+    at P positions, bf16 autocast, the fused head + loss in chunks of CHUNK_TOKENS), not counting the
+    student's parameters and the teacher's buffers."""
     cfg = transformers.LlamaConfig(hidden_size=d_T, intermediate_size=f, num_attention_heads=heads,
                                    num_key_value_heads=kv, head_dim=hd, vocab_size=V, num_hidden_layers=L,
                                    tie_word_embeddings=False, max_position_embeddings=4096)  # fmt: skip
@@ -82,7 +85,7 @@ def saved_bytes(d_T=256, d_S=128, heads=4, kv=2, hd=64, f=512, V=1000, L=2, B=2,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        lrc_loss(student, batch, LossConfig())
+        lrc_loss(student, batch, LossConfig(), chunk_tokens=CHUNK_TOKENS)
     return sum(seen.values())
 
 
@@ -125,9 +128,13 @@ def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], w
     per_layer_token = (c["c_dS"] * d_S + c["c_f"] * geo.ffn + c["c_q"] * geo.q_w + c["c_kv"] * geo.kv_w
                        + c["c_head"] * geo.heads + c["c_0"])  # fmt: skip
     acts = tokens * geo.layers * per_layer_token
-    logits = tokens * (c["c_V"] * geo.vocab + c["c_dS_out"] * d_S + c["c_rest"])
-    # W^S of every layer (bf16) is generated per micro-batch and kept for the backward
-    generated = 2 * geo.layers * d_S * (2 * geo.q_w + 2 * geo.kv_w + 3 * geo.ffn) + 2 * geo.vocab * d_S * 2
+    # the fused head + loss: per token what autograd saves (the hidden state's gradient, made in the
+    # forward), plus the head's gradient [V, d_S] in fp32 and, while it runs, ~3 fp32 [chunk, V] buffers
+    chunk = min(CHUNK_TOKENS, tokens) if CHUNK_TOKENS else tokens
+    logits = tokens * (c["c_V"] * geo.vocab + c["c_dS_out"] * d_S + c["c_rest"]) + 4 * geo.vocab * d_S + 12 * chunk * geo.vocab
+    # W^S of every layer and the head (bf16), generated once per optimizer step and kept for the step,
+    # with its gradient summed over the micro-batches in fp32 (`train.generate_once`): 6 bytes a weight
+    generated = 6 * (geo.layers * d_S * (2 * geo.q_w + 2 * geo.kv_w + 3 * geo.ffn) + 2 * geo.vocab * d_S)
     if fsdp:
         layer_teacher = 2 * (geo.d_T * (2 * geo.q_w + 2 * geo.kv_w) + 3 * geo.d_T * geo.ffn)
         gathered = layer_teacher + 4 * 7 * geo.d_T * d_S  # one layer's teacher weights and projections
