@@ -398,7 +398,9 @@ class TrainConfig:
     """Generate the student's weights W^S = W^T P once per optimizer step, not once per micro-batch: the
     micro-batches run on a detached copy that accumulates its gradient, which then flows into P in one
     backward pass (and one gradient synchronisation under DDP). Same losses and gradients; with
-    grad_accum > 1 the gradients are summed in another order (fp32 rounding)."""
+    grad_accum > 1 the gradients are summed in another order (fp32 rounding). Only with grad_accum > 1:
+    with one micro-batch the weights are generated once anyway, and each layer's W^S gradient flowing
+    straight into P needs less memory than holding all of them (fp32) for the step (docs/scaling.md)."""
     loss_chunk_tokens: int = 1024
     """KD and CE fused with the output head, this many tokens at a time, so no [batch x seq x vocab]
     logits tensor exists in the step (peak extra memory ~3 x chunk x vocab fp32). 0: from the full

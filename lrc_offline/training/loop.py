@@ -228,7 +228,7 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
     alpha = cfg.loss.alpha_at(index, cfg.train.steps)
     chunk_tokens = cfg.train.loss_chunk_tokens or None
     generated = leaves = None
-    if cfg.train.generate_once:
+    if cfg.train.generate_once and num_micro > 1:  # one micro-batch: the plain path generates once too
         with accelerator.autocast():
             generated = run.model(generate_weights=True)
         leaves = generated.detached()
