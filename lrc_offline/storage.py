@@ -16,6 +16,7 @@ manifest, a config file or a log.
 from __future__ import annotations
 
 import errno
+import os
 import hashlib
 import logging
 import random
@@ -34,12 +35,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$")
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|session|^key$|private", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|session|^key$|_key$|private|connection_string|"
+                         r"sas|signature", re.IGNORECASE)
+_USERINFO = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+"""A URL carrying `user:password@` (`container@account`, as Azure names a container, is no secret)."""
 _TRANSIENT = re.compile(
     r"SlowDown|Throttl|TooManyRequests|RequestTimeout|ServiceUnavailable|InternalError|Timeout|timed out|"
-    r"Connection (?:reset|refused|aborted)|\b50[0234]\b|BrokenPipe|ServerDisconnected",
+    r"Connection (?:reset|refused|aborted)|\b50[0234]\b|BrokenPipe|ServerDisconnected|ConditionalRequestConflict|"
+    r"RequestLimitExceeded|reduce your request rate",
     re.IGNORECASE,
 )
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, getattr(errno, "EREMOTEIO", 121)}
+"""What s3fs makes of 5xx and throttling responses (SlowDown and 503 -> EBUSY, 500 -> EREMOTEIO)."""
 _NO_BUCKET = re.compile(r"NoSuchBucket|bucket does not exist", re.IGNORECASE)
 _HASH_BLOCK = 8 << 20
 _LISTING_CACHED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
@@ -64,7 +71,7 @@ def check_storage_options(options: Mapping[str, Any] | None, where: str) -> dict
         StorageError: a secret-looking key (key, secret, token, password, ...), naming the fix.
     """
     options = dict(options or {})
-    secrets = sorted(k for k in _flat_keys(options) if _SECRET_KEY.search(k))
+    secrets = sorted(k for k, value in _flat_items(options) if _SECRET_KEY.search(k) or _USERINFO.search(str(value)))
     if secrets:
         raise StorageError(
             f"{where}: storage_options may not hold credentials ({', '.join(secrets)}); they would be saved "
@@ -75,19 +82,34 @@ def check_storage_options(options: Mapping[str, Any] | None, where: str) -> dict
     return options
 
 
-def _flat_keys(options: Mapping[str, Any]) -> Iterable[str]:
+def _flat_items(options: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
     for key, value in options.items():
-        yield str(key)
         if isinstance(value, Mapping):
-            yield from _flat_keys(value)
+            yield from _flat_items(value)
+        else:
+            yield str(key), value
 
 
 def _transient(err: BaseException) -> bool:
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    """Whether `err` (or what it was translated from) is a timeout, a 5xx, throttling or a conflict worth
+    retrying."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
-    return _TRANSIENT.search(f"{type(err).__name__} {err}") is not None
+    if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+        return True
+    chain = [err, err.__cause__, err.__context__]
+    return any(_TRANSIENT.search(f"{type(e).__name__} {e} {_service_code(e)}") for e in chain if e is not None)
+
+
+def _service_code(err: BaseException | None) -> str:
+    """The service's error code (botocore's ``response["Error"]["Code"]``) behind `err`, or ''."""
+    for e in (err, getattr(err, "__cause__", None)):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 class Location:
@@ -107,7 +129,7 @@ class Location:
         self.storage_options = check_storage_options(storage_options, str(where))
         match = _URL.match(where) if isinstance(where, str) else None
         self.protocol = match.group(1).lower() if match else "file"
-        self.fs: Any = None
+        self._fs: Any = None
         if match is None or self.protocol == "file":
             self.local: Path | None = Path(match.group(2) if match else where)
             self.url = str(self.local)
@@ -115,12 +137,20 @@ class Location:
             return
         self.local = None
         rest = match.group(2).rstrip("/")
-        if "@" in rest.split("/", 1)[0]:
+        if _USERINFO.search(f"://{rest}"):
             raise StorageError(f"{where}: credentials in a URL are refused (they would be saved with the config); "
                                "use the environment, a profile or an instance role")  # fmt: skip
         self.url = f"{self.protocol}://{rest}"
-        self.fs = _filesystem(self.protocol, self.storage_options, where)
-        self._prefix = self.fs._strip_protocol(self.url).rstrip("/")
+        self._fs, self._pid = _filesystem(self.protocol, self.storage_options, where), os.getpid()
+        self._prefix = self._fs._strip_protocol(self.url).rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem; made anew in a forked process (DataLoader workers), where the parent's
+        asynchronous filesystems refuse to run."""
+        if self._fs is not None and self._pid != os.getpid():
+            self._fs, self._pid = _filesystem(self.protocol, self.storage_options, self.url), os.getpid()
+        return self._fs
 
     @property
     def is_local(self) -> bool:
@@ -173,6 +203,8 @@ class Location:
                 if _NO_BUCKET.search(str(err)):
                     raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
                 raise
+            except FileExistsError:
+                raise  # a conditional create that found the object: the caller's answer, not an error
             except Exception as err:  # s3fs/gcsfs raise a mix of OSError, botocore and aiohttp errors
                 if not _transient(err) or attempt == RETRIES - 1:
                     raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
@@ -239,6 +271,8 @@ class Location:
                            f"reading {len(rels)} objects from")  # fmt: skip
         out = {}
         for rel, value in zip(rels, got):
+            if isinstance(value, FileNotFoundError) and _NO_BUCKET.search(str(value)):
+                raise _storage_error(value, f"reading {self.name_of(rel)}")
             if isinstance(value, FileNotFoundError) or value is None:
                 if missing_ok:
                     continue
@@ -330,8 +364,10 @@ class Location:
             try:
                 self._remote(lambda: self.fs.pipe_file(key, data, mode="create"), rel, "creating")
                 return True
-            except StorageError as err:
-                if "PreconditionFailed" in str(err) or "412" in str(err) or isinstance(err.__cause__, FileExistsError):
+            except FileExistsError:
+                return False
+            except StorageError as err:  # a store that answers 412 without naming the condition
+                if _service_code(err.__cause__) == "PreconditionFailed":
                     return False
                 raise
         if self.exists(rel):
@@ -349,7 +385,7 @@ class Location:
             inner = file.relative_to(source).as_posix()
             sub = rel if file == source else (f"{rel}/{inner}" if rel else inner)
             if self.local is not None:
-                write_file_atomic(self._path(sub), file.read_bytes())
+                self.write_bytes(sub, file.read_bytes())
             else:
                 key = self._key(sub)
                 self._remote(lambda: self.fs.put_file(str(file), key), sub, "uploading")

@@ -4,6 +4,7 @@ contents are read back with boto3, independently of our code."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -283,7 +284,8 @@ def test_transient_errors_are_retried_and_persistent_ones_name_the_object(monkey
         def cat_file(self, path, *args, **kwargs):
             if self.failures["n"] > 0:
                 self.failures["n"] -= 1
-                raise OSError("503 Service Unavailable (SlowDown)")
+                # what s3fs raises for SlowDown and 503 responses
+                raise OSError(errno.EBUSY, "Please reduce your request rate.")
             return super().cat_file(path, *args, **kwargs)
 
     fsspec.register_implementation("flaky", Flaky, clobber=True)
@@ -293,7 +295,7 @@ def test_transient_errors_are_retried_and_persistent_ones_name_the_object(monkey
     Flaky.failures["n"] = 2
     assert location.read_bytes("object") == b"payload"  # two 503s, then success
     Flaky.failures["n"] = storage.RETRIES
-    with pytest.raises(StorageError, match="reading flaky://bucket/x/object: OSError: 503"):
+    with pytest.raises(StorageError, match="reading flaky://bucket/x/object: OSError: .*reduce your request rate"):
         location.read_bytes("object")
     with pytest.raises(FileNotFoundError, match="flaky://bucket/x/missing"):
         Location("flaky://bucket/x").read_bytes("missing")
@@ -309,3 +311,34 @@ def test_read_many_takes_sizes_and_empty_objects():
     with pytest.raises(FileNotFoundError) as err:
         location.read_many(["empty", "gone"], sizes=[0, 5])
     assert err.value.filename == f"{location}/gone"
+
+
+def test_credentials_are_refused_wherever_they_would_be_saved(tmp_path):
+    from lrc_offline.storage import check_storage_options
+
+    for options in ({"secret": "x"}, {"account_key": "x"}, {"connection_string": "x"},
+                    {"client_kwargs": {"aws_session_token": "x"}}, {"endpoint_url": "http://user:pw@host:9000"}):  # fmt: skip
+        with pytest.raises(StorageError, match="may not hold credentials"):
+            check_storage_options(options, "test")
+    assert check_storage_options({"endpoint_url": "http://host:9000", "profile": "research"}, "test")
+    with pytest.raises(StorageError, match="credentials in a URL"):
+        Location("s3://user:pw@bucket/cache")
+    # an upload into a local folder that does not exist yet (an export to file://)
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "a.json").write_text("{}")
+    Location(f"file://{tmp_path}/new/export").upload(tmp_path / "src", "")
+    assert (tmp_path / "new" / "export" / "sub" / "a.json").read_text() == "{}"
+
+
+def test_build_rebuilds_a_shard_whose_files_do_not_match_its_record(bucket):
+    """A record beside objects of other sizes (a worker killed while overwriting a shard another had just
+    committed): readers refuse it by checksum, and the next build rebuilds it instead of skipping it."""
+    url = f"s3://{bucket}/cache"
+    args = ["build", "--out", url, "--no-progress", *SMALL]
+    assert cache_main(args) == 0
+    before = _objects(bucket, "cache")
+    victim = next(k for k in sorted(before) if k.startswith("shards/shard-00002.zarr/act_input/c/"))
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"cache/{victim}", Body=before[victim][:-7])
+    assert list(verify_cache(url).bad) == [2]
+    assert cache_main(args) == 0
+    assert verify_cache(url).ok and _objects(bucket, "cache")[victim] == before[victim]

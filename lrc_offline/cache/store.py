@@ -90,13 +90,23 @@ class _Layout:
         """Where shard `index`'s data lives (a .zarr directory or a .tar file), relative to the root."""
         return f"{SHARDS_DIR}/{shard_name(index, self.format)}"
 
-    def is_complete(self, index: int) -> bool:
-        """Whether shard `index` has a readable completion record."""
+    def is_complete(self, index: int, check_sizes: bool = False) -> bool:
+        """Whether shard `index` has a readable completion record (and, with `check_sizes`, every file
+        it lists is there at its recorded size: one listing, no data read).
+
+        The size check is what a build runs before skipping a shard: two workers building the same
+        shard at once, one killed half way through replacing the other's files, can leave a record
+        beside files that are not all its own; the build then rebuilds the shard.
+        """
         self._check_index(index)
         try:
-            return read_record(self.location, index, self.manifest_digest) is not None
+            record = read_record(self.location, index, self.manifest_digest)
         except CacheFormatError:
             return False
+        if record is None or not check_sizes:
+            return record is not None
+        present = self.location.files(self.shard_name(index))
+        return all(present.get(rel) == info["bytes"] for rel, info in record["files"].items())
 
 
 class CacheWriter(_Layout):
@@ -299,17 +309,25 @@ class ShardWriter:
 
         Two workers that built the same shard race here. When the other created the record first and its
         files equal ours (a deterministic build), ours changed nothing; when they differ, our objects may
-        have overwritten some of theirs, so we upload ours again, whole, and replace the record: the
-        last uploader's objects and record stand together.
+        have overwritten some of theirs, so we remove their record, upload ours again, whole, and write
+        ours: the last uploader's objects and record stand together. A worker killed while its first
+        upload overwrites a shard another worker has just committed leaves that record beside mixed
+        objects: readers refuse it by checksum, and a build's `is_complete(check_sizes=True)` rebuilds it.
         """
         location = self.cache.location
         location.upload(self.tmp, self.final)
         body = json_bytes(record)
         if location.write_bytes(record_name(self.index), body, exclusive=True):
             return record
-        existing = read_record(location, self.index, self.cache.manifest_digest)
+        try:
+            existing = read_record(location, self.index, self.cache.manifest_digest)
+        except CacheFormatError:
+            existing = None
         if existing is not None and existing["files"] == record["files"]:
             return existing
+        # Theirs differs: the shard is made incomplete first, so that a crash from here on leaves no
+        # record beside objects that are partly ours.
+        location.remove(record_name(self.index))
         location.upload(self.tmp, self.final)
         location.write_bytes(record_name(self.index), body)
         return record

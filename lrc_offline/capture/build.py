@@ -195,7 +195,7 @@ def build_cache(
     writer = CacheWriter(out, manifest)
     _remove_stale_manifest_temporaries(out)
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
-    todo = [i for i in shards if not writer.is_complete(i)]
+    todo = [i for i in shards if not writer.is_complete(i, check_sizes=True)]
     report.skipped = [i for i in shards if i not in todo]
     total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
