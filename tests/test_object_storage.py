@@ -109,6 +109,12 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     if fmt == "zarr":
         assert [k for k in _objects(bucket, "cache") if k.startswith("pca/")] == ["pca/second_moment-1024seq.safetensors"]
 
+    if fmt == "zarr":  # zarr itself opens a shard from the bucket, through its own fsspec store
+        import zarr
+
+        group = zarr.open_group(f"{url}/shards/shard-00001.zarr", mode="r",
+                                storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})  # fmt: skip
+        assert torch.equal(torch.from_numpy(group["input_ids"][:]), CacheReader(url).read_shard(1)["input_ids"])
     if fmt == "zarr":  # an export uploaded to the bucket: a plain HF folder, config.json last
         assert train_main(["export", "--checkpoint", str(run / "checkpoints" / "step-000002"),
                            "--out", f"s3://{bucket}/student"]) == 0  # fmt: skip
