@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The chain on one CUDA GPU, in bf16, with the SmolLM2-135M teacher: the GPU test tier, a cache build
+# (hf backend) against a plain teacher forward, training from the cache (DDP with one process), and the
+# step speed side by side. Sized for ~10 minutes on one H100/H200-class GPU; writes everything under
+# OUT (default benchmarks/results/gpu_smoke) and a summary to OUT/summary.txt.
+#
+#     ./setup.sh && bash benchmarks/gpu_smoke.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-benchmarks/results/gpu_smoke}}
+mkdir -p "$out"
+py=${PYTHON:-.venv/bin/python}
+log() { echo "== $*" | tee -a "$out/summary.txt"; }
+
+$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)" \
+    | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/device.txt" 2>/dev/null || true
+
+log "GPU test tier (pytest -m gpu)"
+$py -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -5 | tee -a "$out/summary.txt"
+
+log "cache build vs plain forward (SmolLM2-135M, 256 x 256 tokens, bf16)"
+$py benchmarks/corpus_scale.py speed --out "$out/corpus_scale" --sequences 256 --batch-size 32 --rounds 2 \
+    2>&1 | tail -3 | tee -a "$out/summary.txt"
+
+log "cache build (lrc-cache build, bf16 on cuda) and verify"
+rm -rf "$out/cache"
+.venv/bin/lrc-cache build --out "$out/cache" --no-progress teacher=smollm2-135m corpus=wiki-en seq_len=256 \
+    max_sequences=512 sequences_per_shard=128 heldout_docs=200 run.device=cuda run.compute_dtype=bfloat16 \
+    run.batch_size=32 2>&1 | tail -2 | tee -a "$out/summary.txt"
+.venv/bin/lrc-cache verify "$out/cache" | tail -1 | tee -a "$out/summary.txt"
+
+log "training from the cache (d_S 288, bf16 autocast, 100 steps of 8 x 256)"
+rm -rf "$out/run"
+.venv/bin/lrc-train train --cache "$out/cache" --out "$out/run" --no-progress student.hidden_size=288 \
+    train.steps=100 train.batch_size=8 train.eval_every=50 train.device=cuda train.mixed_precision=bf16 \
+    > "$out/train_summary.json"
+$py - "$out" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+out = sys.argv[1]
+lines = [json.loads(l) for l in open(f"{out}/run/metrics.jsonl")]
+last = lines[-1]
+print(f"steps {last['step']}, loss {last['loss']:.3f}, tokens/s {last.get('tokens_per_s', 0):.0f}, "
+      f"held-out CE {[round(l['heldout_ce'], 3) for l in lines if 'heldout_ce' in l]}")
+EOF
+
+log "step speed side by side (offline, online, plain) at 8x256 and 2x256 x grad_accum 4"
+$py benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 --rounds 3 \
+    --out "$out/speed_train" 2>&1 | tail -12 | tee -a "$out/summary.txt"
+
+log "done: $out/summary.txt"
