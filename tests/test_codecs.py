@@ -18,7 +18,6 @@ from lrc_offline.cache import (
     CacheReader,
     CacheWriter,
     Manifest,
-    TeacherGeometry,
     dequantize_int4,
     dequantize_log8,
     make_manifest,
@@ -32,10 +31,7 @@ from lrc_offline.capture.build import build_cache
 from lrc_offline.config import BuildRunConfig, CacheConfig, ConfigError
 from lrc_offline.teacher.load import load_teacher
 
-GEOMETRY = TeacherGeometry(
-    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=320
-)
-FINGERPRINTS = {"teacher_config": "tc", "teacher_weights": "tw", "tokenizer": "tok", "corpus": "corp"}
+from test_cache_format import FINGERPRINTS, GEOMETRY  # noqa: E402  (the same tiny cache geometry)
 
 
 def numpy_rotation(width: int) -> np.ndarray:
