@@ -50,6 +50,8 @@ VARIANTS = {
     "p16-int4-log8": ("(p) PCA init, warmup 60, cache int4 activations + log8 log-probs",
                       ["act_dtype=int4", "logprob_dtype=log8"],
                       ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    "p16-log8": ("(p) PCA init, warmup 60, cache log8 log-probs", ["logprob_dtype=log8"],
+                 ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
