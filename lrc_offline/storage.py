@@ -162,12 +162,6 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and (self.url, self.protocol) == (other.url, other.protocol)
-
-    def __hash__(self) -> int:
-        return hash((self.url, self.protocol))
-
     def __truediv__(self, rel: str) -> Location:
         return self.child(rel)
 

@@ -487,7 +487,6 @@ def clean_stale(root: str | Path | Location, storage_options: dict | None = None
         if entry.startswith(TMP_PREFIX):  # an interrupted tokenise worker
             location.remove(f"index/{entry}")
             removed += 1
-    records: dict[int, dict[str, Any] | None] = {}
     for entry in location.names(SHARDS_DIR):
         rel = f"{SHARDS_DIR}/{entry}"
         match = _SHARD_DATA.match(entry)
@@ -499,15 +498,14 @@ def clean_stale(root: str | Path | Location, storage_options: dict | None = None
             continue
         index = int(match.group(1))
         try:
-            records[index] = read_record(location, index)
+            record = read_record(location, index)
         except CacheFormatError:
-            records[index] = None  # a damaged record: the shard is rebuilt; its data stays until then
-            continue
-        if records[index] is None:
+            continue  # a damaged record: the shard is rebuilt; its data stays until then
+        if record is None:
             location.remove(rel)
             removed += 1
             continue
-        unnamed = sorted(set(location.files(rel)) - set(records[index]["files"]))
+        unnamed = sorted(set(location.files(rel)) - set(record["files"]))
         for name in unnamed:
             location.remove(name)
         removed += bool(unnamed)

@@ -135,10 +135,10 @@ def capture_batch(
         out["act_positions"] = to_host(positions.to(torch.int32))
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
-        keep_B1111 = present_B[:, None, None, None]
+        keep_B1111 = present_B[:, None, None, None].to(device)
         for term, name in names.items():
             acts_BLPW = captured.acts[term].transpose(0, 1).float()
-            acts_BLPW = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111.to(device)  # [B, L, P, W]
+            acts_BLPW = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111  # [B, L, P, W]
             out[name] = to_host(acts_BLPW)
         if cfg.act_fraction < 1:
             out["act_present"] = present_B.to(torch.uint8)[:, None]
@@ -246,10 +246,11 @@ def tokenize_corpus(
         if num_workers is None and worker is not None:  # a single shard: tokenise everything
             units = my_units(len(index.units), None, None)
         tokenize_units(index, tokenizer, units)
-        if all_missing and index.missing():
+        missing = index.missing() if all_missing else []
+        if missing:
             log.warning("the tokenised index lacks %d unit(s) of other workers; tokenising them here (run "
-                        "`lrc-cache tokenize` as its own phase to split this work)", len(index.missing()))  # fmt: skip
-            tokenize_units(index, tokenizer, index.missing())
+                        "`lrc-cache tokenize` as its own phase to split this work)", len(missing))  # fmt: skip
+            tokenize_units(index, tokenizer, missing)
         return index
     except CorpusError:
         if created:

@@ -293,13 +293,13 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
         CorpusError: the index is incomplete, the corpus is empty, `heldout_docs` leaves no training
             document, or the training documents make fewer tokens than one sequence.
     """
-    missing = index.missing()
+    by_unit = index.records()  # one listing, then the records
+    missing = [u for u in range(len(index.units)) if u not in by_unit]
     if missing:
         raise IndexError_(
             f"{index.root}: {len(missing)} of {len(index.units)} corpus units are not tokenised (first: "
             f"{index.units[missing[0]].label()}); run `lrc-cache tokenize` with the same config and --out first"
         )
-    by_unit = index.records()
     records = [by_unit[u] for u in range(len(index.units))]
     docs = np.array([r["num_documents"] for r in records], dtype=np.int64)
     tokens = np.array([r["num_tokens"] for r in records], dtype=np.int64)
