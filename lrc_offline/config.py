@@ -400,7 +400,8 @@ class TrainConfig:
     backward pass (and one gradient synchronisation under DDP). Same losses and gradients; with
     grad_accum > 1 the gradients are summed in another order (fp32 rounding). Only with grad_accum > 1:
     with one micro-batch the weights are generated once anyway, and each layer's W^S gradient flowing
-    straight into P needs less memory than holding all of them (fp32) for the step (docs/scaling.md)."""
+    straight into P needs less memory than holding all of them (fp32) for the step (docs/scaling.md).
+    Not under parallelism=fsdp2, where each layer generates its weights under its own all-gather."""
     loss_chunk_tokens: int = 1024
     """KD and CE fused with the output head, this many tokens at a time, so no [batch x seq x vocab]
     logits tensor exists in the step (peak extra memory ~3 x chunk x vocab fp32). 0: from the full
@@ -408,6 +409,13 @@ class TrainConfig:
     compile: bool = False
     """Run the student's decoder layer through `torch.compile` (`LRCStudent.compile_layers`; the first
     step pays for the compilation)."""
+    parallelism: str = "ddp"
+    """How processes share the student. ddp: every process holds the whole student, teacher included
+    (the trainable projections are small). fsdp2: the teacher's weights, the projections and their Adam
+    moments are sharded per layer over all processes (torch FSDP2), for teachers that do not fit one
+    GPU beside their projections; checkpoints are sharded (torch.distributed.checkpoint) and resume on
+    another number of processes too. Launch either with a plain multi-process launcher (torchrun,
+    accelerate launch --multi_gpu), not an accelerate FSDP config."""
 
     def __post_init__(self) -> None:
         _check_choice("train", "report_to", self.report_to, REPORT_TO)
@@ -419,6 +427,7 @@ class TrainConfig:
         _check_positive("train", "clone_positions", self.clone_positions)
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
+        _check_choice("train", "parallelism", self.parallelism, ("ddp", "fsdp2"))
         _check_storage_options("train", self.storage_options)
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_device("train", "device", self.device)

@@ -134,15 +134,161 @@ class _FrozenLayer(nn.Module):
     def bias(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"{name}_bias") if name in self.bias_names else None
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors `decoder_layer` reads beyond the generated weights."""
+        out = {"o": self.o}
+        if self.bias("o") is not None:
+            out["o_bias"] = self.bias("o")
+        if self.has_qk_norm:
+            out.update(q_norm=self.q_norm, k_norm=self.k_norm)
+        return out
+
+
+def frozen_buffers_to_parameters(module: nn.Module) -> None:
+    """Re-register `module`'s own buffers as parameters with requires_grad=False (same tensors), for a
+    sharded student: FSDP2 shards parameters, never buffers."""
+    for name in list(module._buffers):
+        tensor = module._buffers.pop(name)
+        module._non_persistent_buffers_set.discard(name)
+        module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What one decoder layer needs to know about the shapes."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    d_student: int
+
+
+@dataclass
+class _CloneRequest:
+    """What a clone layer's forward is asked for beyond the residual stream: the activations at
+    `positions_BP` (o in `o_space`), and with `teacher_acts` ([B, P, *] of this layer, as cached) the
+    targets, with `teacher_ms` (term -> scalar, teacher space) their normalisers."""
+
+    positions_BP: torch.Tensor
+    o_space: str
+    teacher_acts: dict[str, torch.Tensor] | None = None
+    teacher_ms: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class _CloneResult:
+    acts: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor] | None = None
+    target_ms: dict[str, torch.Tensor] | None = None
+
 
 class _StudentLayer(nn.Module):
-    """One layer's trainable parameters."""
+    """One decoder layer of the student: its trainable parameters (seven projections, two norm weights)
+    and the frozen teacher layer its weights are generated from (`teacher`).
 
-    def __init__(self, d_teacher: int, d_student: int):
+    Everything the layer does, generating its weights, running on the residual stream, its clone
+    activations, targets and normalisers, happens inside `forward`: a sharded student (FSDP2, one group
+    per layer) gathers the layer's tensors for that call only.
+    """
+
+    def __init__(self, weights: LayerWeights, d_student: int, geometry: _Geometry):
         super().__init__()
+        d_teacher = weights.q.shape[1]
+        self.teacher = _FrozenLayer(weights)
         self.proj = nn.ParameterDict({m: nn.Parameter(torch.empty(d_teacher, d_student)) for m in CLONE_TERMS})
         self.input_norm = nn.Parameter(torch.ones(d_student))
         self.post_norm = nn.Parameter(torch.ones(d_student))
+        self.geometry = geometry
+        self.decoder = decoder_layer
+        """The layer's computation (`LRCStudent.compile_layers` swaps in a compiled one)."""
+
+    def layer_weights(self) -> dict[str, torch.Tensor]:
+        """Student weights ([out, in] like nn.Linear), biases under `<name>_bias`."""
+        frozen, proj = self.teacher, self.proj
+        dtype = proj["q"].dtype
+        out = {}
+        for m in READ_TERMS:
+            out[m] = _mm(getattr(frozen, m), proj[m])
+            bias = frozen.bias(m)
+            if bias is not None:
+                out[f"{m}_bias"] = bias.to(dtype)
+        for m in WRITE_TERMS:
+            out[m] = _mm(getattr(frozen, m).t(), proj[m]).t()
+            bias = frozen.bias(m)
+            if bias is not None:
+                out[f"{m}_bias"] = bias.to(dtype) @ proj[m]
+        return out
+
+    def generate(self) -> dict[str, torch.Tensor]:
+        """Everything trainable this layer's forward reads (`StudentWeights.layers[i]`)."""
+        w = self.layer_weights()
+        w.update(input_norm=self.input_norm, post_norm=self.post_norm, proj_o=self.proj["o"],
+                 proj_down=self.proj["down"])  # fmt: skip
+        return w
+
+    def forward(self, h_BTS: torch.Tensor, rope: tuple, mask, w: dict | None = None,
+                clone: _CloneRequest | None = None) -> tuple[torch.Tensor, _CloneResult | None]:  # fmt: skip
+        """The new residual stream and, for a clone layer (`clone`), its `_CloneResult`. `w`: the weights
+        to run on (generated once per step); None generates them here."""
+        w = self.generate() if w is None else w
+        h_BTS, acts = self.decoder(self.geometry, w, self.teacher.tensors(), h_BTS, rope, mask,
+                                   clone.o_space if clone is not None else None)  # fmt: skip
+        if clone is None:
+            return h_BTS, None
+        result = _CloneResult({term: _gather(value, clone.positions_BP) for term, value in acts.items()})
+        if clone.teacher_acts is not None:
+            result.targets = self.clone_targets(clone.teacher_acts, clone.o_space, w)
+            if clone.teacher_ms is not None:
+                result.target_ms = self.target_mean_squares(clone.teacher_ms, clone.o_space)
+        return h_BTS, result
+
+    @torch.no_grad()
+    def teacher_targets_from_residual(self, h_BPD: torch.Tensor, a_BPD: torch.Tensor) -> dict:
+        """All seven teacher clone targets, recomputed from the layer input h_i and the attention output
+        a_T at the cached positions (teacher space; q/k/v before RoPE)."""
+        frozen, eps = self.teacher, self.geometry.eps
+        dtype = frozen.q.dtype
+        h, a = h_BPD.to(dtype), a_BPD.to(dtype)
+        x = rms_norm(h, frozen.input_norm, eps)
+        out = {m: _linear(x, getattr(frozen, m), frozen.bias(m)) for m in ("q", "k", "v")}
+        x2 = rms_norm(h + a, frozen.post_norm, eps)
+        out["gate"] = _linear(x2, frozen.gate, frozen.bias("gate"))
+        out["up"] = _linear(x2, frozen.up, frozen.bias("up"))
+        out["down"] = _linear(swiglu(out["gate"], out["up"]), frozen.down, frozen.bias("down"))
+        out["o"] = a
+        return out
+
+    def teacher_targets(self, teacher_acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Teacher-space targets term -> [B, P, W] from this layer's cached activations [B, P, *]:
+        recomputed from residuals (`act_input`, `act_attn`) or read (`act_<term>`)."""
+        if "act_input" in teacher_acts:
+            return self.teacher_targets_from_residual(teacher_acts["act_input"], teacher_acts["act_attn"])
+        return {m: teacher_acts[f"act_{m}"] for m in CLONE_TERMS}
+
+    def clone_targets(self, teacher_acts: dict[str, torch.Tensor], o_space: str, w: dict | None = None) -> dict:
+        """`teacher_targets` in the space each term is compared in: down always in student space (P^T t,
+        i.e. t @ P, with the gradient into P as in the paper's loss), o too unless `o_space` is teacher.
+        `w` supplies P_o and P_down (default: the parameters)."""
+        targets = dict(self.teacher_targets(teacher_acts))
+        for m in ("down",) if o_space == "teacher" else WRITE_TERMS:
+            proj = self.proj[m] if w is None else w[f"proj_{m}"]
+            targets[m] = targets[m].to(proj.dtype) @ proj
+        return targets
+
+    @torch.no_grad()
+    def target_mean_squares(self, teacher_ms: dict[str, torch.Tensor], o_space: str) -> dict:
+        """Teacher-space target mean squares term -> scalar in the space each term is compared in: terms
+        compared in student space (P^T t) scale by the projection's mean gain ||P||_F^2 / d_S (exact for
+        isotropic targets)."""
+        projected = ("down",) if o_space == "teacher" else WRITE_TERMS
+        out = {}
+        for term, ms in teacher_ms.items():
+            if term in projected:
+                gain = self.proj[term].float().square().sum()
+                ms = ms.to(gain) * gain / self.geometry.d_student
+            out[term] = ms
+        return out
 
 
 def _mm(frozen: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
@@ -183,7 +329,7 @@ class LRCStudent(nn.Module):
         self.eps, self.sliding_window = weights.rms_norm_eps, weights.sliding_window
         self.tied = weights.tied and not untie_head
         self.num_layers = len(weights.layers)
-        self.teacher_layers = nn.ModuleList(_FrozenLayer(lw) for lw in weights.layers)
+        geometry = _Geometry(self.num_heads, self.num_kv_heads, self.head_dim, self.eps, hidden_size)
         self.register_buffer("teacher_embed", weights.embed, persistent=False)
         self.register_buffer("teacher_final_norm", weights.final_norm, persistent=False)
         if not self.tied:
@@ -191,11 +337,16 @@ class LRCStudent(nn.Module):
             self.register_buffer("teacher_lm_head", head, persistent=False)
         # RoPE depends only on head_dim and the rope parameters, which the student keeps.
         self.rotary = copy.deepcopy(teacher_model.model.rotary_emb)
-        self.layers = nn.ModuleList(_StudentLayer(self.d_teacher, hidden_size) for _ in range(self.num_layers))
+        self.layers = nn.ModuleList(_StudentLayer(lw, hidden_size, geometry) for lw in weights.layers)
         self.proj_embed = nn.Parameter(torch.empty(self.d_teacher, hidden_size))
         self.proj_lm_head = None if self.tied else nn.Parameter(torch.empty(self.d_teacher, hidden_size))
         self.final_norm = nn.Parameter(torch.ones(hidden_size))
         self.init_random(init_std, seed)
+
+    @property
+    def teacher_layers(self) -> list[_FrozenLayer]:
+        """Each layer's frozen teacher tensors (`layers[i].teacher`)."""
+        return [layer.teacher for layer in self.layers]
 
     # ------------------------------------------------------------------------------------------------
     # init
@@ -236,20 +387,7 @@ class LRCStudent(nn.Module):
 
     def layer_weights(self, index: int) -> dict[str, torch.Tensor]:
         """Student weights of layer `index` ([out, in] like nn.Linear), biases under `<name>_bias`."""
-        frozen, proj = self.teacher_layers[index], self.layers[index].proj
-        dtype = proj["q"].dtype
-        out = {}
-        for m in READ_TERMS:
-            out[m] = _mm(getattr(frozen, m), proj[m])
-            bias = frozen.bias(m)
-            if bias is not None:
-                out[f"{m}_bias"] = bias.to(dtype)
-        for m in WRITE_TERMS:
-            out[m] = _mm(getattr(frozen, m).t(), proj[m]).t()
-            bias = frozen.bias(m)
-            if bias is not None:
-                out[f"{m}_bias"] = bias.to(dtype) @ proj[m]
-        return out
+        return self.layers[index].layer_weights()
 
     def embedding_weight(self) -> torch.Tensor:
         """E^S = E^T P_e  [V, S]."""
@@ -263,12 +401,7 @@ class LRCStudent(nn.Module):
 
     def generate_weights(self) -> StudentWeights:
         """Every weight a forward reads (see `StudentWeights`), with the graph back to the parameters."""
-        layers = []
-        for index, layer in enumerate(self.layers):
-            w = self.layer_weights(index)
-            w.update(input_norm=layer.input_norm, post_norm=layer.post_norm, proj_o=layer.proj["o"],
-                     proj_down=layer.proj["down"])  # fmt: skip
-            layers.append(w)
+        layers = [layer.generate() for layer in self.layers]
         return StudentWeights(layers, self.proj_embed, self.final_norm, self.head_weight())
 
     # ------------------------------------------------------------------------------------------------
@@ -314,7 +447,6 @@ class LRCStudent(nn.Module):
         """
         if generate_weights:
             return self.generate_weights()
-        weights = self.generate_weights() if weights is None else weights
         batch, tokens = input_ids_BT.shape
         device = input_ids_BT.device
         rope_positions = position_ids_BT
@@ -328,35 +460,33 @@ class LRCStudent(nn.Module):
         want = set()
         if clone_positions_BP is not None:
             want = set(range(self.num_layers) if clone_layers is None else clone_layers)
-        acts: dict[str, list[torch.Tensor]] = {m: [] for m in CLONE_TERMS} if want else {}
+        slot = {index: j for j, index in enumerate(sorted(want))}  # layer -> its row in the cached [B, L, ...]
+        results: list[_CloneResult] = []
 
-        h = _mm(self.teacher_embed[input_ids_BT], weights.proj_embed)
+        h = _mm(self.teacher_embed[input_ids_BT], weights.proj_embed if weights is not None else self.proj_embed)
         rope = self.rotary(h, rope_positions)
-        for index in range(self.num_layers):
-            h, layer_acts = self._layer(weights.layers[index], self._frozen_tensors(index), h, rope, mask,
-                                        o_space if index in want else None)  # fmt: skip
-            for term, value in layer_acts.items():
-                acts[term].append(_gather(value, clone_positions_BP))
-        h = rms_norm(h, weights.final_norm, self.eps)
-        out = StudentOutput(h @ weights.head.t() if logits else None, {m: torch.stack(v) for m, v in acts.items()},
-                            teacher_head_VD=self.teacher_head())  # fmt: skip
+        for index, layer in enumerate(self.layers):
+            clone = None
+            if index in want:
+                clone = _CloneRequest(clone_positions_BP, o_space)
+                if teacher_acts is not None:
+                    clone.teacher_acts = {k: v[:, slot[index]] for k, v in teacher_acts.items()}
+                    if teacher_ms is not None:
+                        clone.teacher_ms = {k: v[slot[index]] for k, v in teacher_ms.items()}
+            h, result = layer(h, rope, mask, None if weights is None else weights.layers[index], clone)
+            if result is not None:
+                results.append(result)
+        final_norm, head = (self.final_norm, self.head_weight()) if weights is None else (weights.final_norm, weights.head)
+        h = rms_norm(h, final_norm, self.eps)
+        out = StudentOutput(h @ head.t() if logits else None, teacher_head_VD=self.teacher_head())
         if not logits:
-            out.hidden_BTS, out.head_weight_VS = h, weights.head
-        if want and teacher_acts is not None:
-            layers = sorted(want)
-            out.targets = self.clone_targets(teacher_acts, layers, o_space, weights)
-            if teacher_ms is not None:
-                out.target_ms = self.target_mean_squares(teacher_ms, layers, o_space)
-        return out
-
-    def _frozen_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """The teacher tensors `_layer` reads beyond the generated weights."""
-        frozen = self.teacher_layers[index]
-        out = {"o": frozen.o}
-        if frozen.bias("o") is not None:
-            out["o_bias"] = frozen.bias("o")
-        if frozen.has_qk_norm:
-            out.update(q_norm=frozen.q_norm, k_norm=frozen.k_norm)
+            out.hidden_BTS, out.head_weight_VS = h, head
+        if results:
+            out.acts = {m: torch.stack([r.acts[m] for r in results]) for m in CLONE_TERMS}
+            if teacher_acts is not None:
+                out.targets = {m: torch.stack([r.targets[m] for r in results]) for m in CLONE_TERMS}
+                if teacher_ms is not None:
+                    out.target_ms = {k: torch.stack([r.target_ms[k] for r in results]) for k in teacher_ms}
         return out
 
     def compile_layers(self, **options) -> None:
@@ -364,38 +494,9 @@ class LRCStudent(nn.Module):
         take tensors of the same shapes, so one compilation serves them all). Not the whole forward:
         torch 2.13's CPU inductor drops the gradients of the clone activations there (zero gradients
         for P_o when only the o term is trained), which the per-layer graph does not."""
-        self._layer = torch.compile(LRCStudent._layer.__get__(self), **options)
-
-    def _layer(self, w: dict, frozen: dict, h_BTS: torch.Tensor, rope: tuple, mask, o_space: str | None):
-        """One decoder layer with weights `w` (`StudentWeights.layers[i]`) and teacher tensors `frozen`
-        (`_frozen_tensors(i)`) on the residual stream; returns the new stream and, when `o_space` is
-        given (a clone layer), its seven clone activations at every token (term -> [B, T, W])."""
-        batch, tokens, _ = h_BTS.shape
-        (cos, sin), scale = rope, self.head_dim**-0.5
-        x = rms_norm(h_BTS, w["input_norm"], self.eps)
-        q = _linear(x, w["q"], w.get("q_bias"))
-        k = _linear(x, w["k"], w.get("k_bias"))
-        v = _linear(x, w["v"], w.get("v_bias"))
-        q_h = q.view(batch, tokens, self.num_heads, self.head_dim)
-        k_h = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
-        if "q_norm" in frozen:
-            q_h = rms_norm(q_h, frozen["q_norm"].to(q.dtype), self.eps)
-            k_h = rms_norm(k_h, frozen["k_norm"].to(k.dtype), self.eps)
-        q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
-        k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
-        v_h = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        ctx = attention(q_h, k_h, v_h, mask, scale)
-        a = _linear(ctx, w["o"], w.get("o_bias"))
-        h = h_BTS + a
-        x2 = rms_norm(h, w["post_norm"], self.eps)
-        gate = _linear(x2, w["gate"], w.get("gate_bias"))
-        up = _linear(x2, w["up"], w.get("up_bias"))
-        f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
-        h = h + f
-        if o_space is None:
-            return h, {}
-        a_out = _linear(ctx, frozen["o"].to(ctx.dtype), frozen.get("o_bias")) if o_space == "teacher" else a
-        return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
+        compiled = torch.compile(decoder_layer, **options)
+        for layer in self.layers:
+            layer.decoder = compiled
 
     # ------------------------------------------------------------------------------------------------
     # clone targets
@@ -405,72 +506,59 @@ class LRCStudent(nn.Module):
         """The teacher's output head [V, D] (its embedding when tied)."""
         return self.teacher_embed if self.tied else self.teacher_lm_head
 
-    @torch.no_grad()
     def teacher_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
         """Teacher clone targets term -> [L, B, P, W] in teacher space, recomputed from cached residuals
         (`act_input`, `act_attn`) or read (`act_<term>`); activations are [B, L, P, *] as cached."""
-        if "act_input" in teacher_acts:
-            h_LBPD = teacher_acts["act_input"].transpose(0, 1)
-            a_LBPD = teacher_acts["act_attn"].transpose(0, 1)
-            per_layer = [self.teacher_targets_from_residual(i, h_LBPD[j], a_LBPD[j]) for j, i in enumerate(layers)]
-            return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
-        return {m: teacher_acts[f"act_{m}"].transpose(0, 1) for m in CLONE_TERMS}
+        per_layer = [self.layers[i].teacher_targets({k: v[:, j] for k, v in teacher_acts.items()})
+                     for j, i in enumerate(layers)]  # fmt: skip
+        return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
 
-    def clone_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int], o_space: str,
-                      weights: StudentWeights | None = None) -> dict:  # fmt: skip
-        """`teacher_targets` in the space each term is compared in: down always in student space (P^T t),
-        o too unless `o_space` is teacher. `weights` supplies P_o and P_down (default: the parameters)."""
-        targets = self.teacher_targets(teacher_acts, layers)
-        if o_space == "teacher":
-            targets["down"] = self.targets_to_student_space({"down": targets["down"]}, layers, weights)["down"]
-            return targets
-        return self.targets_to_student_space(targets, layers, weights)
-
-    @torch.no_grad()
-    def target_mean_squares(self, teacher_ms: dict[str, torch.Tensor], layers: list[int], o_space: str) -> dict:
-        """Teacher-space target mean squares term -> [L] in the space each term is compared in: terms
-        compared in student space (P^T t) scale by the projection's mean gain ||P||_F^2 / d_S (exact for
-        isotropic targets)."""
-        projected = ("down",) if o_space == "teacher" else WRITE_TERMS
-        out = {}
-        for term, ms_L in teacher_ms.items():
-            if term in projected:
-                gain = torch.stack([self.layers[i].proj[term].float().square().sum() for i in layers])
-                ms_L = ms_L.to(gain) * gain / self.d_student
-            out[term] = ms_L
-        return out
-
-    @torch.no_grad()
     def teacher_targets_from_residual(self, index: int, h_BPD: torch.Tensor, a_BPD: torch.Tensor) -> dict:
-        """All seven teacher clone targets of layer `index`, recomputed from the layer input h_i and the
-        attention output a_T at the cached positions (teacher space; q/k/v before RoPE)."""
-        frozen = self.teacher_layers[index]
-        dtype = frozen.q.dtype
-        h, a = h_BPD.to(dtype), a_BPD.to(dtype)
-        x = rms_norm(h, frozen.input_norm, self.eps)
-        out = {m: _linear(x, getattr(frozen, m), frozen.bias(m)) for m in ("q", "k", "v")}
-        x2 = rms_norm(h + a, frozen.post_norm, self.eps)
-        out["gate"] = _linear(x2, frozen.gate, frozen.bias("gate"))
-        out["up"] = _linear(x2, frozen.up, frozen.bias("up"))
-        out["down"] = _linear(swiglu(out["gate"], out["up"]), frozen.down, frozen.bias("down"))
-        out["o"] = a
-        return out
+        """All seven teacher clone targets of layer `index` from its input h_i and attention output a_T."""
+        return self.layers[index].teacher_targets_from_residual(h_BPD, a_BPD)
 
-    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int],
-                                 weights: StudentWeights | None = None) -> dict:  # fmt: skip
-        """Project the o and down targets ([L, B, P, D] each) into student space: P_m^T t, i.e. t @ P_m.
-
-        Gradients flow into P_o and P_down (or `weights`' copies of them) through this projection, as
-        in the paper's loss."""
+    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int]) -> dict:
+        """Project the o and down targets ([L, B, P, D] each) into student space: P_m^T t, i.e. t @ P_m."""
         out = dict(targets)
         for m in WRITE_TERMS:
             if m in targets:
-                if weights is None:
-                    proj = torch.stack([self.layers[i].proj[m] for i in layers])  # [L, D, S]
-                else:
-                    proj = torch.stack([weights.layers[i][f"proj_{m}"] for i in layers])
-                out[m] = torch.einsum("lbpd,lds->lbps", targets[m].to(proj.dtype), proj)
+                out[m] = torch.stack([t.to(self.layers[i].proj[m].dtype) @ self.layers[i].proj[m]
+                                      for t, i in zip(targets[m], layers)])  # fmt: skip
         return out
+
+
+def decoder_layer(geometry: _Geometry, w: dict, frozen: dict, h_BTS: torch.Tensor, rope: tuple, mask,
+                  o_space: str | None):  # fmt: skip
+    """One decoder layer with weights `w` (`StudentWeights.layers[i]`) and teacher tensors `frozen`
+    (`_FrozenLayer.tensors`) on the residual stream; returns the new stream and, when `o_space` is
+    given (a clone layer), its seven clone activations at every token (term -> [B, T, W])."""
+    batch, tokens, _ = h_BTS.shape
+    g = geometry
+    (cos, sin), scale = rope, g.head_dim**-0.5
+    x = rms_norm(h_BTS, w["input_norm"], g.eps)
+    q = _linear(x, w["q"], w.get("q_bias"))
+    k = _linear(x, w["k"], w.get("k_bias"))
+    v = _linear(x, w["v"], w.get("v_bias"))
+    q_h = q.view(batch, tokens, g.num_heads, g.head_dim)
+    k_h = k.view(batch, tokens, g.num_kv_heads, g.head_dim)
+    if "q_norm" in frozen:
+        q_h = rms_norm(q_h, frozen["q_norm"].to(q.dtype), g.eps)
+        k_h = rms_norm(k_h, frozen["k_norm"].to(k.dtype), g.eps)
+    q_h = apply_rope(q_h.transpose(1, 2), cos, sin)
+    k_h = apply_rope(k_h.transpose(1, 2), cos, sin)
+    v_h = v.view(batch, tokens, g.num_kv_heads, g.head_dim).transpose(1, 2)
+    ctx = attention(q_h, k_h, v_h, mask, scale)
+    a = _linear(ctx, w["o"], w.get("o_bias"))
+    h = h_BTS + a
+    x2 = rms_norm(h, w["post_norm"], g.eps)
+    gate = _linear(x2, w["gate"], w.get("gate_bias"))
+    up = _linear(x2, w["up"], w.get("up_bias"))
+    f = _linear(swiglu(gate, up), w["down"], w.get("down_bias"))
+    h = h + f
+    if o_space is None:
+        return h, {}
+    a_out = _linear(ctx, frozen["o"].to(ctx.dtype), frozen.get("o_bias")) if o_space == "teacher" else a
+    return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
 
 
 def build_student(teacher_model: nn.Module, cfg) -> LRCStudent:

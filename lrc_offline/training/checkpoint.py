@@ -7,6 +7,10 @@ A checkpoint directory holds
                           loaded with `torch.load(weights_only=True)`
     state.json            version, step, every rank's reader position, the resolved config, extras
 
+or, for a sharded student (`train.parallelism=fsdp2`), `sharded/` (`torch.distributed.checkpoint` files:
+the trainable parameters and the optimizer state, one file per rank) in place of `student.safetensors`
+and the optimizer state in `trainer.pt`.
+
 It is written into a temporary sibling and renamed into place, so a directory named `step-*` is
 always complete: a crash while saving leaves only a temporary directory, which `latest_checkpoint`
 ignores.
@@ -18,15 +22,18 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..config import TrainJobConfig, to_dict
 from ..differences import differences
 from ..fsutil import atomic_dir
+from .fsdp import SHARDED_DIR, is_sharded, load_sharded, load_sharded_weights, save_sharded
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -35,6 +42,7 @@ __all__ = [
     "checkpoint_dir",
     "latest_checkpoint",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "load_checkpoint",
     "read_checkpoint_state",
     "rng_state",
@@ -147,10 +155,47 @@ def save_checkpoint(
         params = {name: p.detach().to("cpu").contiguous() for name, p in student.named_parameters()}
         save_file(params, str(tmp / _STUDENT_FILE))
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        torch.save(trainer, tmp / _TRAINER_FILE)
-        state = {"version": CHECKPOINT_VERSION, "step": step, "reader": reader_states, "config": config,
-                 "extra": extra or {}}  # fmt: skip
-        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
+    return final
+
+
+def _write_trainer_and_state(tmp: Path, trainer: dict, step: int, reader_states: list, config: dict,
+                             extra: dict | None) -> None:  # fmt: skip
+    torch.save(trainer, tmp / _TRAINER_FILE)
+    state = {"version": CHECKPOINT_VERSION, "step": step, "reader": reader_states, "config": config,
+             "extra": extra or {}}  # fmt: skip
+    (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def save_sharded_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    reader_states: list[dict[str, Any]],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """`save_checkpoint` for a sharded student, called by every rank: each writes its shards into one
+    temporary directory that rank 0 completes (trainer.pt without the optimizer, state.json) and renames
+    into place once every rank's files are written."""
+    final = checkpoint_dir(out_dir, step)
+    main = dist.get_rank() == 0
+    holder = [None]
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        holder[0] = str(Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)))
+    dist.broadcast_object_list(holder, src=0)
+    tmp = Path(holder[0])
+    save_sharded(tmp / SHARDED_DIR, student, optimizer)  # returns once every rank's files are written
+    if main:
+        trainer = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+        _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
     return final
 
 
@@ -183,6 +228,13 @@ def load_student_weights(path: str | Path, student: torch.nn.Module) -> dict[str
     """
     path = Path(path)
     state = read_checkpoint_state(path)
+    if (path / SHARDED_DIR).is_dir():
+        try:
+            load_sharded_weights(path / SHARDED_DIR, student)
+        except Exception as err:  # DCP reports a missing or misshapen tensor in many ways
+            raise CheckpointError(f"{path / SHARDED_DIR} does not fit this student ({str(err).splitlines()[0]}); "
+                                  "use the student config that saved it") from err  # fmt: skip
+        return state
     if not (path / _STUDENT_FILE).is_file():
         raise CheckpointError(f"{path} lacks {_STUDENT_FILE}; use an earlier checkpoint")
     params = load_file(str(path / _STUDENT_FILE))
@@ -216,9 +268,16 @@ def load_checkpoint(
     path = Path(path)
     if not (path / _TRAINER_FILE).is_file():
         raise CheckpointError(f"{path} lacks {_TRAINER_FILE}; resume from an earlier checkpoint")
-    state = load_student_weights(path, student)
+    if is_sharded(student) != (path / SHARDED_DIR).is_dir():
+        raise CheckpointError(f"{path} holds a {'sharded' if (path / SHARDED_DIR).is_dir() else 'plain'} student; "
+                              "resume with the train.parallelism that saved it")  # fmt: skip
     trainer = torch.load(path / _TRAINER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    if is_sharded(student):
+        state = read_checkpoint_state(path)
+        load_sharded(path / SHARDED_DIR, student, optimizer)
+    else:
+        state = load_student_weights(path, student)
+        optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:
         set_rng_state(trainer["rng"])
@@ -243,9 +302,11 @@ def resume_point(resume: str | Path, out_dir: str | Path) -> Path | None:
     return path
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes: int, path: str | Path) -> None:
+def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes: int, path: str | Path,
+                    reshardable: bool = False) -> None:  # fmt: skip
     """Refuse to resume from a checkpoint (its `state.json`) saved by a run with another configuration
-    (beyond `RESUMABLE_CHANGES`) or by another number of processes."""
+    (beyond `RESUMABLE_CHANGES`) or, unless `reshardable` (a sharded checkpoint), by another number of
+    processes."""
     lines = differences(state["config"], config, "in the checkpoint", "now", defaults=to_dict(TrainJobConfig()))
     changed = [line for line in lines if line.split(":")[0] not in RESUMABLE_CHANGES]
     if changed:
@@ -253,6 +314,6 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes
             f"{path} was saved by a run with another configuration:\n  " + "\n  ".join(changed)
             + "\nResume with the same configuration, or start a new run in another out_dir."
         )
-    if len(state["reader"]) != num_processes:
+    if len(state["reader"]) != num_processes and not reshardable:
         raise CheckpointError(f"{path} was saved by {len(state['reader'])} processes, now {num_processes}; "
                               "resume with the same number of processes")  # fmt: skip

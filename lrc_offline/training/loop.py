@@ -31,7 +31,9 @@ from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, sa
 from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
-from .checkpoint import check_resumable, load_checkpoint, resume_point, rotate_checkpoints, save_checkpoint
+from .checkpoint import (check_resumable, load_checkpoint, read_checkpoint_state, resume_point, rotate_checkpoints,
+                         save_checkpoint, save_sharded_checkpoint)  # fmt: skip
+from .fsdp import clip_grad_norm, full_trainable_state, shard_student
 from .heldout import heldout_metrics
 from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
                       tracker_names)  # fmt: skip
@@ -86,7 +88,8 @@ class Run:
     source: BatchSource
     student: LRCStudent
     model: torch.nn.Module
-    """The student as prepared by `accelerate` (DDP-wrapped on several processes): what is called."""
+    """The student as prepared by `accelerate` (DDP-wrapped on several processes), or the sharded student
+    itself (train.parallelism=fsdp2): what is called."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     out_dir: Path
@@ -99,6 +102,8 @@ class Run:
     start_step: int
     end_step: int
     resumed_from: Path | None
+    teacher_model: torch.nn.Module | None = None
+    """The teacher, for the export of a sharded student (rebuilt whole on rank 0)."""
     metrics: MetricsWriter | None = None
     batches: Iterator[dict] | None = None
     clone_sequences: int = 0
@@ -123,11 +128,16 @@ def make_accelerator(tc: TrainConfig) -> Accelerator:
                               log_with=trackers or None,
                               project_config=ProjectConfiguration(logging_dir=".") if trackers else None)  # fmt: skip
     if accelerator.distributed_type == DistributedType.FSDP:
-        # Checkpoints, export and held-out evaluation read the student's full parameters on rank 0;
-        # under FSDP they are sharded. Refuse rather than save a shard or deadlock.
-        raise ConfigError("lrc-train does not run under FSDP yet; launch with a DDP config such as "
-                          "train/accelerate/ddp_8gpu.yaml (the trainable LRC parameters are small)")  # fmt: skip
+        # accelerate's FSDP wraps the whole student, teacher buffers unsharded; lrc-train shards it
+        # itself, per layer (training/fsdp.py).
+        raise ConfigError("lrc-train shards the student itself: set train.parallelism=fsdp2 and launch with a "
+                          "multi-process config such as train/accelerate/ddp_8gpu.yaml, not an accelerate "
+                          "FSDP config")  # fmt: skip
     return accelerator
+
+
+def _sharded(run: Run) -> bool:
+    return run.cfg.train.parallelism == "fsdp2"
 
 
 # ---- setup ------------------------------------------------------------------------------------------
@@ -157,9 +167,15 @@ def _open_metrics(run: Run) -> MetricsWriter | None:
         metrics.write(record)
     start_trackers(run.accelerator, run.out_dir, run.cfg.train.tracker_project, to_dict(run.cfg))
     metrics.on_write = lambda record: log_to_trackers(run.accelerator, record)
-    if run.start_step == 0 and run.heldout_ids is not None and run.cfg.train.eval_every:
-        metrics.write({"step": 0, "tokens": 0, "heldout_ce": _evaluate(run)["ce"]})
     return metrics
+
+
+def _initial_heldout(run: Run) -> None:
+    """A fresh run with held-out text starts its metrics with where the init stands."""
+    if run.start_step == 0 and run.heldout_ids is not None and run.cfg.train.eval_every and _evaluates(run):
+        ce = _evaluate(run)["ce"]
+        if run.metrics is not None:
+            run.metrics.write({"step": 0, "tokens": 0, "heldout_ce": ce})
 
 
 def setup(
@@ -186,22 +202,33 @@ def setup(
     init_info = {"kind": cfg.student.init}
     if cfg.student.init == "pca" and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         init_info.update(_pca_start(student, source, cfg, accelerator))
+    sharded = tc.parallelism == "fsdp2"
+    if sharded:  # before the optimiser: sharding replaces the parameters
+        shard_student(student, accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     start_step = 0
     if resumed_from is not None:
-        state = load_checkpoint(resumed_from, student, optimizer, scheduler)
-        check_resumable(state, to_dict(cfg), accelerator.num_processes, resumed_from)
+        state = read_checkpoint_state(resumed_from)
+        check_resumable(state, to_dict(cfg), accelerator.num_processes, resumed_from, reshardable=sharded)
+        load_checkpoint(resumed_from, student, optimizer, scheduler)
         init_info = state["extra"].get("init", init_info)
-        source.load_state_dict(state["reader"][accelerator.process_index])
+        if len(state["reader"]) == accelerator.num_processes:
+            source.load_state_dict(state["reader"][accelerator.process_index])
+        else:
+            log.warning("%s was saved by %d processes, now %d: weights and optimizer resume; the data is read "
+                        "from the start of the data order again", resumed_from, len(state["reader"]),
+                        accelerator.num_processes)  # fmt: skip
         start_step = state["step"]
     if tc.compile:
         student.compile_layers()
-    model, optimizer = accelerator.prepare(student, optimizer)
+    # A sharded student is not wrapped: FSDP2 works on the module itself.
+    model, optimizer = (student, optimizer) if sharded else accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
               clone_layers, teacher_ms, heldout_ids, {"trainer": source.name, **source.summary(), "init": init_info},
-              start_step, end_step, resumed_from)  # fmt: skip
+              start_step, end_step, resumed_from, teacher_model=teacher.model)  # fmt: skip
     run.metrics = _open_metrics(run)
+    _initial_heldout(run)
     run.batches = source.batches(tc.batch_size)
     return run
 
@@ -228,7 +255,9 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
     alpha = cfg.loss.alpha_at(index, cfg.train.steps)
     chunk_tokens = cfg.train.loss_chunk_tokens or None
     generated = leaves = None
-    if cfg.train.generate_once and num_micro > 1:  # one micro-batch: the plain path generates once too
+    sharded = _sharded(run)
+    # one micro-batch: the plain path generates once too; sharded: each layer generates under its all-gather
+    if cfg.train.generate_once and num_micro > 1 and not sharded:
         with accelerator.autocast():
             generated = run.model(generate_weights=True)
         leaves = generated.detached()
@@ -237,7 +266,9 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
         batch = _next_batch(run, alpha)
         # With generated weights no micro-batch touches a parameter: the gradients sync in their backward.
         sync = micro == num_micro - 1 and generated is None
-        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+        if sharded:  # gradients stay unsharded and local until the last micro-batch's reduce-scatter
+            run.model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(run.model):
             with accelerator.autocast():
                 loss, parts = lrc_loss(run.model, batch, cfg.loss, run.clone_layers, alpha=alpha,
                                        teacher_ms=run.teacher_ms, weights=leaves, chunk_tokens=chunk_tokens)  # fmt: skip
@@ -246,7 +277,11 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
             parts_sum[key] = parts_sum[key] + value / num_micro if key in parts_sum else value / num_micro
     if generated is not None:
         generated.backward(leaves)
-    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip or float("inf"))
+    max_norm = cfg.optim.grad_clip or float("inf")
+    if sharded:
+        grad_norm = clip_grad_norm(run.model, max_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -256,8 +291,14 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
+def _evaluates(run: Run) -> bool:
+    """Whether this process runs the held-out evaluation: the main one, or every one of a sharded student
+    (its forward is collective)."""
+    return run.accelerator.is_main_process or _sharded(run)
+
+
 def _evaluate(run: Run) -> dict[str, float]:
-    """Held-out CE of the student (main process)."""
+    """Held-out CE of the student (see `_evaluates`)."""
     run.student.eval()
     with run.accelerator.autocast():
         result = heldout_metrics(lambda x: run.student(x).logits_BTV, run.heldout_ids, run.cfg.train.batch_size,
@@ -278,7 +319,7 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
               **run.source.counters(),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
     is_last = index + 1 == tc.steps
-    if run.heldout_ids is not None and accelerator.is_main_process and (
+    if run.heldout_ids is not None and _evaluates(run) and (
             is_last or (tc.eval_every and (index + 1) % tc.eval_every == 0)):  # fmt: skip
         record["heldout_ce"] = _evaluate(run)["ce"]
     return record
@@ -292,7 +333,12 @@ def _tokens_per_step(run: Run) -> int:
 def _checkpoint(run: Run, step_done: int) -> None:
     state = run.source.state_dict()
     states = gather_object([state]) if run.accelerator.num_processes > 1 else [state]
-    if run.accelerator.is_main_process:
+    if _sharded(run):
+        save_sharded_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
+                                to_dict(run.cfg), run.extra)  # fmt: skip
+        if run.accelerator.is_main_process and run.cfg.train.keep_checkpoints:
+            rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
+    elif run.accelerator.is_main_process:
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
                         to_dict(run.cfg), run.extra)  # fmt: skip
         if run.cfg.train.keep_checkpoints:
@@ -344,13 +390,29 @@ def finish(run: Run) -> dict[str, Any]:
     if run.end_step < tc.steps:
         summary["stopped_early"] = True
         return summary
+    student = _whole_student(run)  # collective for a sharded student
     if run.accelerator.is_main_process:
         info = {"steps": tc.steps, "tokens": run.last_record.get("tokens"), "heldout": run.last_heldout, **run.extra}
-        summary["export"] = str(export_student(run.student, run.out_dir / "student", run.tokenizer, to_dict(run.cfg),
+        summary["export"] = str(export_student(student, run.out_dir / "student", run.tokenizer, to_dict(run.cfg),
                                                dtype=export_dtype(run.cfg.export.dtype), extra_info=info))  # fmt: skip
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.accelerator.wait_for_everyone()
     return summary
+
+
+def _whole_student(run: Run) -> LRCStudent | None:
+    """The trained student, unsharded, on the main process (None on the others): the student itself, or
+    for a sharded one a copy rebuilt from the teacher on the CPU with the gathered trainable parameters."""
+    if not _sharded(run):
+        return run.student
+    state = full_trainable_state(run.student)
+    if not run.accelerator.is_main_process:
+        return None
+    whole = build_student(run.teacher_model, run.cfg.student)
+    with torch.no_grad():
+        for name, param in whole.named_parameters():
+            param.copy_(state[name])
+    return whole
 
 
 def run_training(cfg: TrainJobConfig, source: BatchSource, teacher, out_dir: str | Path, accelerator: Accelerator,

@@ -27,7 +27,8 @@ def build_optimizer(
     assert cfg.lr is not None, "optim.lr=None is resolved by TrainJobConfig.resolved() before the optimiser is built"
     projections = student.projections()
     norms = student.norm_weights()
-    assert {id(p) for p in projections + norms} == {id(p) for p in student.parameters()}, "untracked parameter"
+    trainable = [p for p in student.parameters() if p.requires_grad]  # a sharded student's teacher is frozen
+    assert {id(p) for p in projections + norms} == {id(p) for p in trainable}, "untracked parameter"
     groups = [
         {"params": projections, "weight_decay": cfg.weight_decay},
         {"params": norms, "weight_decay": 0.0},

@@ -1,0 +1,106 @@
+"""FSDP2 for the LRC student (`train.parallelism=fsdp2`): the frozen teacher and the trainable
+projections sharded per layer, sharded checkpoints, a gathered export.
+
+`shard_student` turns the teacher's tensors (buffers of the student, which FSDP2 would copy whole to
+every rank) into frozen parameters and applies `torch.distributed.fsdp.fully_shard` to each decoder
+layer (its teacher tensors, seven projections and two norms: one all-gather per layer and forward,
+under which that layer's weights W^S = W^T P are generated), then to the root (embedding, final norm,
+head). Every rank keeps 1/N of the teacher, of the projections and of their Adam moments.
+
+Checkpoints hold the trainable parameters and the optimiser through `torch.distributed.checkpoint`
+(one file per rank plus its metadata, under `step-*/sharded/`), so they load on the same number of
+processes exactly and on another number by resharding. The export gathers the full trainable state
+to rank 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)  # fmt: skip
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from ..student.lrc import LRCStudent, frozen_buffers_to_parameters
+
+__all__ = ["is_sharded", "shard_student", "save_sharded", "load_sharded", "load_sharded_weights",
+           "full_trainable_state", "SHARDED_DIR"]  # fmt: skip
+
+SHARDED_DIR = "sharded"
+"""A checkpoint's folder of `torch.distributed.checkpoint` files (FSDP2 runs)."""
+
+_SHARDED = StateDictOptions(ignore_frozen_params=True)
+_SHARDED_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # the teacher is not in it
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group; a single process not started by a launcher gets one of its own."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=30))  # fmt: skip
+
+
+def shard_student(student: LRCStudent, device: torch.device) -> None:
+    """Shard `student` in place over all processes (see the module docstring). Call after the student's
+    weights are final (PCA start) and before its optimiser is built: sharding replaces the parameters."""
+    _ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in student.layers:
+        frozen_buffers_to_parameters(layer.teacher)
+        fully_shard(layer, mesh=mesh)
+    frozen_buffers_to_parameters(student)
+    fully_shard(student, mesh=mesh)
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def clip_grad_norm(student: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the sharded gradients to `max_norm` (over all ranks); the norm before clipping, a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(trainable(student), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def save_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the trainable parameters and the optimiser state under `path`
+    (collective: all ranks call it with the same path)."""
+    state = {"model": get_model_state_dict(student, options=_SHARDED),
+             "optim": get_optimizer_state_dict(student, optimizer, options=_SHARDED)}  # fmt: skip
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load `save_sharded`'s files into the sharded `student` and its `optimizer`, on any number of
+    processes (resharded where it differs from the saving run's)."""
+    state = {"model": get_model_state_dict(student, options=_SHARDED),
+             "optim": get_optimizer_state_dict(student, optimizer, options=_SHARDED)}  # fmt: skip
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(student, state["model"], options=_SHARDED_LOAD)
+    set_optimizer_state_dict(student, optimizer, state["optim"], options=_SHARDED_LOAD)
+
+
+@torch.no_grad()
+def load_sharded_weights(path: Path, student: LRCStudent) -> None:
+    """Load the trainable parameters of `save_sharded`'s files into an unsharded `student`, in one
+    process (export or evaluation from a checkpoint)."""
+    params = {name: p.detach() for name, p in student.named_parameters() if p.requires_grad}
+    dcp.load({"model": params}, checkpoint_id=str(path), no_dist=True)
+
+
+def full_trainable_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full trainable parameters gathered on rank 0, on the CPU (an empty dict on other ranks).
+    Collective: all ranks call it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(student, options=options)
