@@ -16,6 +16,7 @@ to rank 0.
 from __future__ import annotations
 
 import datetime
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,7 +97,9 @@ def load_sharded_weights(path: Path, student: LRCStudent) -> None:
     """Load the trainable parameters of `save_sharded`'s files into an unsharded `student`, in one
     process (export or evaluation from a checkpoint)."""
     params = {name: p.detach() for name, p in student.named_parameters() if p.requires_grad}
-    dcp.load({"model": params}, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # that it reads in one process is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": params}, checkpoint_id=str(path), no_dist=True)
 
 
 def full_trainable_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -104,6 +104,8 @@ class Run:
     resumed_from: Path | None
     teacher_model: torch.nn.Module | None = None
     """The teacher, for the export of a sharded student (rebuilt whole on rank 0)."""
+    start_tokens: int = 0
+    """Training tokens before `start_step` (counted with the processes of the run that took them)."""
     metrics: MetricsWriter | None = None
     batches: Iterator[dict] | None = None
     clone_sequences: int = 0
@@ -206,7 +208,7 @@ def setup(
     if sharded:  # before the optimiser: sharding replaces the parameters
         shard_student(student, accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
-    start_step = 0
+    start_step = saved_processes = 0
     if resumed_from is not None:
         state = read_checkpoint_state(resumed_from)
         check_resumable(state, to_dict(cfg), accelerator.num_processes, resumed_from, reshardable=sharded)
@@ -218,7 +220,7 @@ def setup(
             log.warning("%s was saved by %d processes, now %d: weights and optimizer resume; the data is read "
                         "from the start of the data order again", resumed_from, len(state["reader"]),
                         accelerator.num_processes)  # fmt: skip
-        start_step = state["step"]
+        start_step, saved_processes = state["step"], len(state["reader"])
     if tc.compile:
         student.compile_layers()
     # A sharded student is not wrapped: FSDP2 works on the module itself.
@@ -227,6 +229,7 @@ def setup(
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
               clone_layers, teacher_ms, heldout_ids, {"trainer": source.name, **source.summary(), "init": init_info},
               start_step, end_step, resumed_from, teacher_model=teacher.model)  # fmt: skip
+    run.start_tokens = start_step * _tokens_per_step(run, saved_processes)
     run.metrics = _open_metrics(run)
     _initial_heldout(run)
     run.batches = source.batches(tc.batch_size)
@@ -313,7 +316,8 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     tc, accelerator = run.cfg.train, run.accelerator
     names = sorted(parts)
     values = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
-    record = {"step": index + 1, "tokens": (index + 1) * _tokens_per_step(run), **dict(zip(names, values)),
+    tokens = run.start_tokens + (index + 1 - run.start_step) * _tokens_per_step(run)
+    record = {"step": index + 1, "tokens": tokens, **dict(zip(names, values)),
               "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
               **run.source.counters(),
@@ -325,9 +329,9 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     return record
 
 
-def _tokens_per_step(run: Run) -> int:
+def _tokens_per_step(run: Run, num_processes: int | None = None) -> int:
     tc = run.cfg.train
-    return tc.batch_size * tc.grad_accum * tc.seq_len * run.accelerator.num_processes
+    return tc.batch_size * tc.grad_accum * tc.seq_len * (num_processes or run.accelerator.num_processes)
 
 
 def _checkpoint(run: Run, step_done: int) -> None:

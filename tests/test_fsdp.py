@@ -1,0 +1,198 @@
+"""train.parallelism=fsdp2: a sharded student trains like the whole one, resumes exactly, reshards.
+
+Every sharded run is a subprocess (FSDP2 needs a process group, which must not outlive the run in the
+test process): one process here, two under torchrun in the slow tier.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrc_offline.capture.build import build_cache
+from lrc_offline.config import CacheConfig, ConfigError, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.student.lrc import build_student
+from lrc_offline.teacher.load import load_teacher
+from lrc_offline.training import checkpoint as ckpt
+from lrc_offline.training.metrics import read_metrics
+from lrc_offline.training.trainer import train_from_cache
+
+STEPS = 3
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# The run both kinds of test launch: argv = parallelism, out_dir. Residual activations at every position,
+# so every clone term (o and down through their projected targets too) sends gradients into P.
+_RUN = """
+import sys, torch
+from lrc_offline.config import OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.training.trainer import train_from_cache
+cfg = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=1e-2, warmup_steps=2),
+                     train=TrainConfig(steps={steps}, batch_size=2, grad_accum=2, log_every=1, device="cpu",
+                                       parallelism=sys.argv[1], checkpoint_every=2, eval_every=2))
+heldout = torch.arange(4 * 32).reshape(4, 32) % 97
+train_from_cache(cfg, {cache!r}, sys.argv[2], progress=False, heldout_ids=heldout)
+"""
+
+# Load a checkpoint into a freshly sharded student and optimiser on however many processes run it, then
+# write (rank 0) the gathered parameters and Adam moments: argv = checkpoint, output file.
+_LOAD = """
+import sys, torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from lrc_offline.config import OptimConfig, StudentConfig
+from lrc_offline.student.lrc import build_student
+from lrc_offline.teacher.load import load_teacher
+from lrc_offline.training.checkpoint import load_checkpoint
+from lrc_offline.training.fsdp import full_trainable_state, shard_student
+from lrc_offline.training.optim import build_optimizer
+student = build_student(load_teacher("tiny-random:llama").model, StudentConfig(init="random", seed=7))
+shard_student(student, torch.device("cpu"))
+optimizer, scheduler = build_optimizer(student, OptimConfig(lr=1e-2, warmup_steps=2), 3)
+load_checkpoint(sys.argv[1], student, optimizer, scheduler)
+weights = full_trainable_state(student)
+options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+moments = get_optimizer_state_dict(student, optimizer, options=options)["state"]
+if torch.distributed.get_rank() == 0:
+    out = dict(weights)
+    for name, state in moments.items():
+        out[name + ".exp_avg"], out[name + ".exp_avg_sq"] = state["exp_avg"], state["exp_avg_sq"]
+    save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp") / "cache"
+    cfg = CacheConfig(teacher="tiny-random:llama", corpus="tiny-text", seq_len=32, max_sequences=48,
+                      sequences_per_shard=8, logit_mode="hidden", activation_mode="residual", act_positions=32,
+                      act_dtype="float32")  # fmt: skip
+    build_cache(cfg, root, progress=False)
+    return root
+
+
+def _script(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _launch(script: Path, *args, processes: int = 1) -> None:
+    if processes == 1:
+        command = [sys.executable, str(script), *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(script),
+                   *map(str, args)]  # fmt: skip
+    subprocess.run(command, check=True, timeout=600, env=_ENV)
+
+
+def _assert_same_run(a: Path, b: Path, rel: float = 1e-5) -> None:
+    """Same losses, clone terms, grad norms and held-out CE at every step; same exported weights."""
+    lines_a, lines_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in lines_a] == [r["step"] for r in lines_b]
+    for ra, rb in zip(lines_a, lines_b):
+        keys = [k for k in ra if k == "loss" or k.startswith(("clone", "kd", "ce", "grad_norm", "heldout"))]
+        assert keys and set(keys) <= set(rb)
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-6), (ra["step"], key)
+    # A whole student generates its weights once per step under grad_accum 2, a sharded one per micro-batch:
+    # the same gradients summed in another order.
+    wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=rel * 10, atol=rel)
+
+
+def _interrupt_after_step_2(run_dir: Path, copy: Path) -> Path:
+    """`run_dir` as a run killed after its step-2 checkpoint would have left it."""
+    shutil.copytree(run_dir, copy)
+    for later in ("checkpoints/step-000003", "student", "summary.json"):
+        shutil.rmtree(copy / later) if (copy / later).is_dir() else (copy / later).unlink()
+    return copy
+
+
+# ---- one process (CPU tier) -----------------------------------------------------------------------------
+
+
+def test_sharded_run_on_one_process_equals_plain_and_resumes_exactly(cache, tmp_path):
+    run = _script(tmp_path, "run.py", _RUN.format(steps=STEPS, cache=str(cache)))
+    _launch(run, "ddp", tmp_path / "plain")
+    _launch(run, "fsdp2", tmp_path / "sharded")
+    _assert_same_run(tmp_path / "plain", tmp_path / "sharded")
+    step2 = tmp_path / "sharded" / "checkpoints" / "step-000002"
+    assert (step2 / ckpt.SHARDED_DIR).is_dir() and not (step2 / "student.safetensors").exists()
+
+    # The sharded checkpoint's parameters read into a whole student in this process (export from a
+    # checkpoint) equal the plain run's checkpoint of the same step.
+    teacher = load_teacher("tiny-random:llama")
+    student = build_student(teacher.model, StudentConfig(init="random", seed=3))
+    state = ckpt.load_student_weights(step2, student)
+    assert state["step"] == 2
+    plain = load_file(tmp_path / "plain" / "checkpoints" / "step-000002" / "student.safetensors")
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(param.detach(), plain[name], rtol=1e-4, atol=1e-5)
+
+    resumed = _interrupt_after_step_2(tmp_path / "sharded", tmp_path / "resumed")
+    _launch(run, "fsdp2", resumed)
+    _assert_same_run(tmp_path / "sharded", resumed, rel=0)
+
+
+def test_sharded_checkpoint_is_refused_by_a_plain_run(cache, tmp_path):
+    run = _script(tmp_path, "run.py", _RUN.format(steps=2, cache=str(cache)))
+    _launch(run, "fsdp2", tmp_path / "out")
+    cfg = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=1e-2, warmup_steps=2),
+                         train=TrainConfig(steps=4, batch_size=2, grad_accum=2, log_every=1, device="cpu",
+                                           checkpoint_every=2, eval_every=2))  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="train.parallelism"):
+        train_from_cache(cfg, cache, tmp_path / "out", progress=False)
+
+
+def test_parallelism_is_checked():
+    with pytest.raises(ConfigError, match="parallelism"):
+        TrainConfig(parallelism="fsdp")
+
+
+# ---- two processes (slow tier) ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp2_equals_ddp_on_two_processes_resumes_and_reshards(cache, tmp_path):
+    """3 steps (grad_accum 2, every clone term, held-out evaluation) under FSDP2 equal DDP; a run resumed
+    from its step-2 checkpoint equals the uninterrupted one; the checkpoint of two processes loads its
+    weights and Adam moments identically on one process and on two."""
+    run = _script(tmp_path, "run.py", _RUN.format(steps=STEPS, cache=str(cache)))
+    _launch(run, "ddp", tmp_path / "ddp", processes=2)
+    _launch(run, "fsdp2", tmp_path / "fsdp2", processes=2)
+    _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp2")
+    step2 = tmp_path / "fsdp2" / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in (step2 / ckpt.SHARDED_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    resumed = _interrupt_after_step_2(tmp_path / "fsdp2", tmp_path / "resumed")
+    _launch(run, "fsdp2", resumed, processes=2)
+    _assert_same_run(tmp_path / "fsdp2", resumed, rel=0)
+
+    load = _script(tmp_path, "load.py", _LOAD)
+    _launch(load, step2, tmp_path / "one.safetensors", processes=1)
+    _launch(load, step2, tmp_path / "two.safetensors", processes=2)
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert set(one) == set(two) and any(k.endswith(".exp_avg_sq") for k in one)
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+    ddp = load_file(tmp_path / "ddp" / "checkpoints" / "step-000002" / "student.safetensors")
+    for name, value in ddp.items():
+        torch.testing.assert_close(one[name], value, rtol=1e-4, atol=1e-5)
+
+    # Resumed on one process from two processes' checkpoint: trains on to the end, tokens counted on.
+    reshard = _interrupt_after_step_2(tmp_path / "fsdp2", tmp_path / "reshard")
+    _launch(run, "fsdp2", reshard, processes=1)
+    lines = read_metrics(reshard / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    tokens_per_step_one_process = 2 * 2 * 32
+    assert lines[-1]["tokens"] == lines[-2]["tokens"] + tokens_per_step_one_process
