@@ -44,6 +44,20 @@ print(f"steps {last['step']}, loss {last['loss']:.3f}, tokens/s {last.get('token
       f"held-out CE {[round(l['heldout_ce'], 3) for l in lines if 'heldout_ce' in l]}")
 EOF
 
+log "the same training sharded (train.parallelism=fsdp2, one process), 20 steps"
+rm -rf "$out/run_fsdp2"
+.venv/bin/lrc-train train --cache "$out/cache" --out "$out/run_fsdp2" --no-progress student.hidden_size=288 \
+    train.steps=20 train.batch_size=8 train.device=cuda train.mixed_precision=bf16 train.parallelism=fsdp2 \
+    > "$out/train_fsdp2_summary.json"
+$py - "$out" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+out = sys.argv[1]
+sharded = [json.loads(l) for l in open(f"{out}/run_fsdp2/metrics.jsonl")]
+whole = {r["step"]: r for r in map(json.loads, open(f"{out}/run/metrics.jsonl"))}
+print("step, loss fsdp2, loss ddp (100-step schedule):", [(r["step"], round(r["loss"], 4), round(whole[r["step"]]["loss"], 4))
+                                                         for r in sharded if r["step"] in whole and "loss" in r])
+EOF
+
 log "step speed side by side (offline, online, plain) at 8x256 and 2x256 x grad_accum 4"
 $py benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 --rounds 3 \
     --out "$out/speed_train" 2>&1 | tail -12 | tee -a "$out/summary.txt"

@@ -134,11 +134,15 @@ def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], w
     logits = tokens * (c["c_V"] * geo.vocab + c["c_dS_out"] * d_S + c["c_rest"]) + 4 * geo.vocab * d_S + 12 * chunk * geo.vocab
     # W^S of every layer and the head (bf16), generated once per optimizer step and kept for the step,
     # with its gradient summed over the micro-batches in fp32 (`train.generate_once`): 6 bytes a weight
-    generated = 6 * (geo.layers * d_S * (2 * geo.q_w + 2 * geo.kv_w + 3 * geo.ffn) + 2 * geo.vocab * d_S)
+    generated_weights = geo.layers * d_S * (2 * geo.q_w + 2 * geo.kv_w + 3 * geo.ffn) + 2 * geo.vocab * d_S
+    generated = 6 * generated_weights
     if fsdp:
         layer_teacher = 2 * (geo.d_T * (2 * geo.q_w + 2 * geo.kv_w) + 3 * geo.d_T * geo.ffn)
         gathered = layer_teacher + 4 * 7 * geo.d_T * d_S  # one layer's teacher weights and projections
         teacher, states = teacher / world + gathered, states / world
+        # Each layer generates its W^S under its all-gather, per micro-batch (no generate_once); what
+        # autograd keeps of it for the backward is W^S and the bf16 copy of P (2 + 2 bytes).
+        generated = 2 * generated_weights + 2 * (trainable - geo.layers * 2 * d_S - d_S)
     parts = {"teacher_weights": teacher, "trainable_states": states, "generated_weights": generated,
              "activations": acts, "logits": logits}  # fmt: skip
     out = {k: v / GIB for k, v in parts.items()}

@@ -9,7 +9,9 @@ Student weights are generated from the frozen teacher weights in every forward:
 
 The teacher's tensors are registered as non-persistent buffers that share the teacher's storage: they
 move with the module, receive no gradient and stay out of the state dict (checkpoints hold only
-what trains).
+what trains). Each decoder layer is one module holding its teacher tensors and its parameters, and
+does all its work in its own forward, so FSDP2 can shard the student per layer (`training/fsdp.py`,
+which turns the buffers into frozen parameters: FSDP2 shards only parameters).
 
 Legend: B batch, T tokens, P clone positions, D d_T, S d_S, V vocabulary, H/G heads, K head_dim.
 """
@@ -97,7 +99,7 @@ def _leaf_grad(leaf: torch.Tensor) -> torch.Tensor | None:
 @dataclass
 class StudentOutput:
     """What one forward gives the objective (everything it needs from the student, so a wrapped
-    student, DDP today and FSDP later, is only ever called, never reached into)."""
+    student, DDP-wrapped or FSDP2-sharded, is only ever called, never reached into)."""
 
     logits_BTV: torch.Tensor | None
     """None when the forward was asked for `hidden_BTS` and `head_weight_VS` instead (fused head + loss)."""

@@ -53,8 +53,10 @@ def _ensure_process_group(device: torch.device) -> None:
 
 
 def shard_student(student: LRCStudent, device: torch.device) -> None:
-    """Shard `student` in place over all processes (see the module docstring). Call after the student's
-    weights are final (PCA start) and before its optimiser is built: sharding replaces the parameters."""
+    """Shard `student` in place over all processes (see the module docstring) and move each process's
+    shards to `device` (the student may still be on the CPU: the whole teacher never has to fit one
+    GPU). Call after the student's weights are final (PCA start) and before its optimiser is built:
+    sharding replaces the parameters."""
     _ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in student.layers:

@@ -151,7 +151,8 @@ def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, ac
     moment, info = source.second_moment(cfg.student, accelerator)
     init_pca(student, pca_basis(moment, cfg.student.hidden_size))
     num = head_scale_sequences(student, cfg)
-    batches = source.head_scale_batches(num, cfg.train.batch_size, accelerator.device) if num else []
+    device = student.proj_embed.device  # a student to be sharded is still on the CPU
+    batches = source.head_scale_batches(num, cfg.train.batch_size, device) if num else []
     info.update(fit_head_scale(student, batches, cfg))
     return info
 
@@ -199,12 +200,14 @@ def setup(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
     torch.manual_seed(tc.seed)
-    student = build_student(teacher.model, cfg.student).to(accelerator.device)
+    sharded = tc.parallelism == "fsdp2"
+    student = build_student(teacher.model, cfg.student)
+    if not sharded:  # a sharded student moves to the device shard by shard (`shard_student`)
+        student = student.to(accelerator.device)
     resumed_from = resume_point(resume, out_dir)
     init_info = {"kind": cfg.student.init}
     if cfg.student.init == "pca" and resumed_from is None:  # a resumed run takes its weights from the checkpoint
         init_info.update(_pca_start(student, source, cfg, accelerator))
-    sharded = tc.parallelism == "fsdp2"
     if sharded:  # before the optimiser: sharding replaces the parameters
         shard_student(student, accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)

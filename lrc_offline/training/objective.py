@@ -17,7 +17,7 @@ Attention-sink positions (document starts) are found from `position_ids` (else p
 The objective only ever calls the student (`student(input_ids, ..., teacher_acts=...)`, see
 `StudentOutput`): everything it needs, the clone targets in the space they are compared in, the
 normalisers and the teacher's head, comes back from that one forward. A wrapped student (DDP) is
-therefore used as it is, and a sharded one (FSDP) would gather its weights for that call only.
+therefore used as it is, and a sharded one (FSDP2) gathers its weights for that call only.
 
 Legend: B batch, T tokens, V vocabulary, D d_T, L clone layers, P positions, W width.
 """
