@@ -118,9 +118,12 @@ def fit() -> dict[str, float]:
             "c_dS_out": d_s_out, "c_rest": rest}  # fmt: skip
 
 
-def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], world: int, fsdp: bool) -> dict:
+def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], world: int, fsdp: bool,
+           checkpointing: bool = False) -> dict:  # fmt: skip
     """GiB per process under DDP (everything replicated) or FSDP2 over `world` processes (teacher weights,
-    projections, gradients and Adam moments sharded per layer; one layer gathered at a time)."""
+    projections, gradients and Adam moments sharded per layer; one layer gathered at a time), with
+    `checkpointing` (train.activation_checkpointing, FSDP2 only here) each layer keeping only its bf16
+    input and recomputing its weights and activations in the backward, one layer at a time."""
     trainable = geo.layers * (7 * geo.d_T * d_S + 2 * d_S) + 2 * geo.d_T * d_S + d_S  # untied head (PCA start)
     teacher = 2 * geo.teacher_params()  # bf16
     states = 16 * trainable  # fp32 weights, gradients, two Adam moments
@@ -143,6 +146,11 @@ def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], w
         # Each layer generates its W^S under its all-gather, per micro-batch (no generate_once); what
         # autograd keeps of it for the backward is W^S and the bf16 copy of P (2 + 2 bytes).
         generated = 2 * generated_weights + 2 * (trainable - geo.layers * 2 * d_S - d_S)
+        if checkpointing:  # one layer's worth at a time, beside the embedding's and the head's
+            head_weights = 2 * geo.vocab * d_S
+            layer_weights = (generated_weights - head_weights) / geo.layers
+            generated = 2 * (head_weights + layer_weights) + 2 * 7 * geo.d_T * d_S
+            acts = tokens * (geo.layers * 2 * d_S + per_layer_token)
     parts = {"teacher_weights": teacher, "trainable_states": states, "generated_weights": generated,
              "activations": acts, "logits": logits}  # fmt: skip
     out = {k: v / GIB for k, v in parts.items()}
@@ -161,14 +169,15 @@ def main() -> None:
           if k not in ("c_V", "c_dS_out", "c_rest")), "; outside the layers",
           f"{coefficients['c_V']:g} V + {coefficients['c_dS_out']:g} d_S + {coefficients['c_rest']:.0f}")  # fmt: skip
     rows = []
-    header = f"{'teacher -> d_S':<24}{'micro-batch':>12}{'mode':>10}" + "".join(
+    header = f"{'teacher -> d_S':<24}{'micro-batch':>12}{'mode':>14}" + "".join(
         f"{k:>18}" for k in ("teacher_weights", "trainable_states", "generated_weights", "activations", "logits", "total"))
     print(header)
-    for (geo, d_S, _, seq), batch, fsdp in itertools.product(RUNS, map(int, args.micro_batches.split(",")), (False, True)):
-        gib = memory(geo, d_S, batch, seq, coefficients, args.world, fsdp)
-        mode = f"FSDP2/{args.world}" if fsdp else "DDP"
+    modes = ((False, False), (True, False), (True, True))  # (fsdp, activation checkpointing)
+    for (geo, d_S, _, seq), batch, (fsdp, ckpt) in itertools.product(RUNS, map(int, args.micro_batches.split(",")), modes):
+        gib = memory(geo, d_S, batch, seq, coefficients, args.world, fsdp, ckpt)
+        mode = (f"FSDP2/{args.world}" if fsdp else "DDP") + ("+ckpt" if ckpt else "")
         rows.append({"teacher": geo.name, "d_S": d_S, "batch": batch, "seq_len": seq, "mode": mode, **gib})
-        print(f"{geo.name + ' -> ' + str(d_S):<24}{f'{batch}x{seq}':>12}{mode:>10}"
+        print(f"{geo.name + ' -> ' + str(d_S):<24}{f'{batch}x{seq}':>12}{mode:>14}"
               + "".join(f"{gib[k]:>18.1f}" for k in ("teacher_weights", "trainable_states", "generated_weights",
                                                       "activations", "logits", "total")))  # fmt: skip
     if args.json:

@@ -409,6 +409,11 @@ class TrainConfig:
     compile: bool = False
     """Run the student's decoder layer through `torch.compile` (`LRCStudent.compile_layers`; the first
     step pays for the compilation)."""
+    activation_checkpointing: bool = False
+    """Each decoder layer keeps only its input for the backward pass and recomputes its activations and
+    generated weights there: activation memory drops from every layer's to one layer's (plus each
+    layer's input) for about one more forward of compute per step (docs/scaling.md: what makes a 70B
+    teacher fit under fsdp2). Same losses and gradients."""
     parallelism: str = "ddp"
     """How processes share the student. ddp: every process holds the whole student, teacher included
     (the trainable projections are small). fsdp2: the teacher's weights, the projections and their Adam

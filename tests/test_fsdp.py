@@ -28,7 +28,7 @@ from lrc_offline.training.trainer import train_from_cache
 STEPS = 3
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# The run both kinds of test launch: argv = parallelism, out_dir. Residual activations at every position,
+# The run both kinds of test launch: argv = parallelism, out_dir[, activation checkpointing]. Residual activations at every position,
 # so every clone term (o and down through their projected targets too) sends gradients into P.
 _RUN = """
 import sys, torch
@@ -36,7 +36,8 @@ from lrc_offline.config import OptimConfig, StudentConfig, TrainConfig, TrainJob
 from lrc_offline.training.trainer import train_from_cache
 cfg = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=1e-2, warmup_steps=2),
                      train=TrainConfig(steps={steps}, batch_size=2, grad_accum=2, log_every=1, device="cpu",
-                                       parallelism=sys.argv[1], checkpoint_every=2, eval_every=2))
+                                       parallelism=sys.argv[1], checkpoint_every=2, eval_every=2,
+                                       activation_checkpointing=sys.argv[3:] == ["checkpointing"]))
 heldout = torch.arange(4 * 32).reshape(4, 32) % 97
 train_from_cache(cfg, {cache!r}, sys.argv[2], progress=False, heldout_ids=heldout)
 """
@@ -164,13 +165,17 @@ def test_parallelism_is_checked():
 
 @pytest.mark.slow
 def test_fsdp2_equals_ddp_on_two_processes_resumes_and_reshards(cache, tmp_path):
-    """3 steps (grad_accum 2, every clone term, held-out evaluation) under FSDP2 equal DDP; a run resumed
+    """3 steps (grad_accum 2, every clone term, held-out evaluation) under FSDP2 equal DDP, with activation
+    checkpointing too; a run resumed
     from its step-2 checkpoint equals the uninterrupted one; the checkpoint of two processes loads its
     weights and Adam moments identically on one process and on two."""
     run = _script(tmp_path, "run.py", _RUN.format(steps=STEPS, cache=str(cache)))
     _launch(run, "ddp", tmp_path / "ddp", processes=2)
     _launch(run, "fsdp2", tmp_path / "fsdp2", processes=2)
     _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp2")
+    # Sharded layers that recompute their weights and activations in the backward train the same.
+    _launch(run, "fsdp2", tmp_path / "fsdp2-checkpointing", "checkpointing", processes=2)
+    _assert_same_run(tmp_path / "fsdp2", tmp_path / "fsdp2-checkpointing")
     step2 = tmp_path / "fsdp2" / "checkpoints" / "step-000002"
     assert sorted(p.name for p in (step2 / ckpt.SHARDED_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 

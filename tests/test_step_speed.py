@@ -185,6 +185,51 @@ def test_weights_generated_once_per_step_give_the_same_losses_and_gradients(teac
     _assert_close_dicts(_grads(student), reference)
 
 
+@pytest.mark.parametrize("once", [False, True])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(teacher, once):
+    """Layers that keep only their input and recompute the rest (generated weights included) in the
+    backward: the same parts and gradients, with weights generated in the forward or once per step."""
+    gen = torch.Generator().manual_seed(6)
+    batch = _batch(teacher, "topk", gen)
+    cfg = LossConfig(alpha=0.5, o_space="student")
+    results = []
+    for checkpointing in (False, True):
+        student = LRCStudent(teacher, 24, seed=7)
+        student.checkpoint_layers(checkpointing)
+        generated = student(generate_weights=True) if once else None
+        leaves = generated.detached() if once else None
+        loss, parts = lrc_loss(student, batch, cfg, weights=leaves, chunk_tokens=5)
+        loss.backward()
+        if once:
+            generated.backward(leaves)
+        results.append((parts, _grads(student)))
+    assert set(results[0][0]) >= {"clone/o", "clone/down", "kd"}
+    _assert_close_dicts(results[1][0], results[0][0], rtol=1e-6)
+    _assert_close_dicts(results[1][1], results[0][1], rtol=1e-6)
+
+
+def test_activation_checkpointing_keeps_a_fraction_of_the_tensors_for_the_backward(teacher):
+    """What autograd keeps for the backward of a forward with clone activations, plus, with checkpointing,
+    each layer's input [B, T, S] that the checkpoint holds instead (its generated weights and
+    activations are recomputed in the backward)."""
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(8))
+    kept = {}
+    for checkpointing in (False, True):
+        student = LRCStudent(teacher, 32, seed=1)
+        student.checkpoint_layers(checkpointing)
+        total = [0]
+
+        def pack(tensor, total=total):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            student(ids, clone_positions_BP=torch.arange(8).expand(2, -1))
+        kept[checkpointing] = total[0]
+    kept[True] += student.num_layers * ids.numel() * 32 * 4  # the layers' inputs, fp32
+    assert kept[True] < 0.25 * kept[False], kept
+
+
 def test_low_precision_weights_accumulate_their_gradients_in_fp32(teacher):
     student = LRCStudent(teacher, 24, seed=5).to(torch.bfloat16)
     generated = student(generate_weights=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import CLONE_TERMS
 from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
@@ -178,13 +179,6 @@ class _CloneRequest:
     teacher_ms: dict[str, torch.Tensor] | None = None
 
 
-@dataclass
-class _CloneResult:
-    acts: dict[str, torch.Tensor]
-    targets: dict[str, torch.Tensor] | None = None
-    target_ms: dict[str, torch.Tensor] | None = None
-
-
 class _StudentLayer(nn.Module):
     """One decoder layer of the student: its trainable parameters (seven projections, two norm weights)
     and the frozen teacher layer its weights are generated from (`teacher`).
@@ -204,6 +198,9 @@ class _StudentLayer(nn.Module):
         self.geometry = geometry
         self.decoder = decoder_layer
         """The layer's computation (`LRCStudent.compile_layers` swaps in a compiled one)."""
+        self.checkpointing = False
+        """Keep only the layer's input for the backward and recompute the rest there, its generated
+        weights included (`train.activation_checkpointing`)."""
 
     def layer_weights(self) -> dict[str, torch.Tensor]:
         """Student weights ([out, in] like nn.Linear), biases under `<name>_bias`."""
@@ -230,19 +227,26 @@ class _StudentLayer(nn.Module):
         return w
 
     def forward(self, h_BTS: torch.Tensor, rope: tuple, mask, w: dict | None = None,
-                clone: _CloneRequest | None = None) -> tuple[torch.Tensor, _CloneResult | None]:  # fmt: skip
-        """The new residual stream and, for a clone layer (`clone`), its `_CloneResult`. `w`: the weights
-        to run on (generated once per step); None generates them here."""
+                clone: _CloneRequest | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+        """The new residual stream and, for a clone layer (`clone`), a dict of its clone activations
+        (`acts`: term -> [B, P, W]) and, when asked for, `targets` and `target_ms` (plain containers, so
+        a sharded layer sees every tensor it returns). `w`: the weights to run on (generated once per
+        step); None generates them here."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._run, h_BTS, rope, mask, w, clone, use_reentrant=False)
+        return self._run(h_BTS, rope, mask, w, clone)
+
+    def _run(self, h_BTS: torch.Tensor, rope: tuple, mask, w: dict | None, clone: _CloneRequest | None):
         w = self.generate() if w is None else w
         h_BTS, acts = self.decoder(self.geometry, w, self.teacher.tensors(), h_BTS, rope, mask,
                                    clone.o_space if clone is not None else None)  # fmt: skip
         if clone is None:
-            return h_BTS, None
-        result = _CloneResult({term: _gather(value, clone.positions_BP) for term, value in acts.items()})
+            return h_BTS, {}
+        result = {"acts": {term: _gather(value, clone.positions_BP) for term, value in acts.items()}}
         if clone.teacher_acts is not None:
-            result.targets = self.clone_targets(clone.teacher_acts, clone.o_space, w)
+            result["targets"] = self.clone_targets(clone.teacher_acts, clone.o_space, w)
             if clone.teacher_ms is not None:
-                result.target_ms = self.target_mean_squares(clone.teacher_ms, clone.o_space)
+                result["target_ms"] = self.target_mean_squares(clone.teacher_ms, clone.o_space)
         return h_BTS, result
 
     @torch.no_grad()
@@ -463,7 +467,7 @@ class LRCStudent(nn.Module):
         if clone_positions_BP is not None:
             want = set(range(self.num_layers) if clone_layers is None else clone_layers)
         slot = {index: j for j, index in enumerate(sorted(want))}  # layer -> its row in the cached [B, L, ...]
-        results: list[_CloneResult] = []
+        results: list[dict] = []
 
         h = _mm(self.teacher_embed[input_ids_BT], weights.proj_embed if weights is not None else self.proj_embed)
         rope = self.rotary(h, rope_positions)
@@ -476,7 +480,7 @@ class LRCStudent(nn.Module):
                     if teacher_ms is not None:
                         clone.teacher_ms = {k: v[slot[index]] for k, v in teacher_ms.items()}
             h, result = layer(h, rope, mask, None if weights is None else weights.layers[index], clone)
-            if result is not None:
+            if result:
                 results.append(result)
         final_norm, head = (self.final_norm, self.head_weight()) if weights is None else (weights.final_norm, weights.head)
         h = rms_norm(h, final_norm, self.eps)
@@ -484,12 +488,19 @@ class LRCStudent(nn.Module):
         if not logits:
             out.hidden_BTS, out.head_weight_VS = h, head
         if results:
-            out.acts = {m: torch.stack([r.acts[m] for r in results]) for m in CLONE_TERMS}
+            out.acts = {m: torch.stack([r["acts"][m] for r in results]) for m in CLONE_TERMS}
             if teacher_acts is not None:
-                out.targets = {m: torch.stack([r.targets[m] for r in results]) for m in CLONE_TERMS}
+                out.targets = {m: torch.stack([r["targets"][m] for r in results]) for m in CLONE_TERMS}
                 if teacher_ms is not None:
-                    out.target_ms = {k: torch.stack([r.target_ms[k] for r in results]) for k in teacher_ms}
+                    out.target_ms = {k: torch.stack([r["target_ms"][k] for r in results]) for k in teacher_ms}
         return out
+
+    def checkpoint_layers(self, enabled: bool = True) -> None:
+        """`train.activation_checkpointing`: every decoder layer keeps only its input for the backward and
+        recomputes the rest, its generated weights included, there (one layer's activations and weights
+        at a time instead of all of them, for about one more forward of compute)."""
+        for layer in self.layers:
+            layer.checkpointing = enabled
 
     def compile_layers(self, **options) -> None:
         """`train.compile`: run the decoder layer through `torch.compile`, one graph for all layers (they

@@ -65,7 +65,8 @@ _STUDENT_FILE, _TRAINER_FILE, _STATE_FILE = "student.safetensors", "trainer.pt",
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_sequences",
                      "train.device", "train.mixed_precision", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.on_corrupt_shard", "train.report_to", "train.tracker_project", "export.dtype",
-                     "train.compile", "train.loss_chunk_tokens", "train.generate_once", "train.storage_options")  # fmt: skip
+                     "train.compile", "train.loss_chunk_tokens", "train.generate_once", "train.storage_options",
+                     "train.activation_checkpointing")  # fmt: skip
 """Config fields a resumed run may change; any other change would make the resumed run a different run."""
 
 

@@ -226,6 +226,7 @@ def setup(
         start_step, saved_processes = state["step"], len(state["reader"])
     if tc.compile:
         student.compile_layers()
+    student.checkpoint_layers(tc.activation_checkpointing)
     # A sharded student is not wrapped: FSDP2 works on the module itself.
     model, optimizer = (student, optimizer) if sharded else accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
