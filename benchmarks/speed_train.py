@@ -13,7 +13,9 @@ Step kinds (all with AdamW, gradient clipping and `set_to_none` zeroing, at the 
   plain-fused    the same model and batches, CE through `losses.fused_head_loss` from its last hidden state
 
 Each configuration is batch x seq_len x grad_accum; the step kinds are interleaved round by round (so a
-machine that slows down mid-run slows all alike) and the first round is warm-up. Peak memory: the
+machine that slows down mid-run slows all alike) and the first round is warm-up, run under
+`torch.utils.flop_counter.FlopCounterMode`: the floating-point operations of each step kind, the speed
+ratio the arithmetic alone allows (`flop_ratio_*`: plain's FLOPs over offline's). Peak memory: the
 process's peak RSS during the step minus its RSS before it (CPU), or `max_memory_allocated` (CUDA).
 
     python benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 \
@@ -23,6 +25,7 @@ process's peak RSS during the step minus its RSS before it (CPU), or `max_memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
 
 from lrc_offline import losses
 from lrc_offline.cache import CacheReader, verify_cache
@@ -173,12 +177,14 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
     kinds = [k for k in KINDS if k in args.kinds]
     times = {k: [] for k in kinds}
     memory = {k: 0 for k in kinds}
+    flops = {}
     batches = iter_batches(CacheDataset(cache_dir, seed=0, num_epochs=None), batch_size)
     for round_index in range(args.rounds + 1):
         micro = [{k: v for k, v in next(batches).items() if k != "sequence_index"} for _ in range(grad_accum)]
         line = []
         for kind in kinds:
-            with _memory(accelerator.device) as mem:
+            counter = FlopCounterMode(display=False) if round_index == 0 else contextlib.nullcontext()
+            with _memory(accelerator.device) as mem, counter:
                 start = time.perf_counter()
                 if kind in runs:
                     run = runs[kind]
@@ -196,20 +202,25 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
             if round_index > 0:
                 times[kind].append(elapsed)
                 memory[kind] = max(memory[kind], mem.peak_increase)
+            else:
+                flops[kind] = counter.get_total_flops()
         print(f"{batch_size}x{seq_len}x{grad_accum} round {round_index}: " + ", ".join(line), flush=True)
         if round_index > 0 and on_round is not None:  # results as they come
-            on_round(_summary(times, memory, batch_size, seq_len, grad_accum))
-    return _summary(times, memory, batch_size, seq_len, grad_accum)
+            on_round(_summary(times, memory, flops, batch_size, seq_len, grad_accum))
+    return _summary(times, memory, flops, batch_size, seq_len, grad_accum)
 
 
-def _summary(times: dict, memory: dict, batch_size: int, seq_len: int, grad_accum: int) -> dict:
+def _summary(times: dict, memory: dict, flops: dict, batch_size: int, seq_len: int, grad_accum: int) -> dict:
     tokens = batch_size * seq_len * grad_accum
     tps = {k: tokens * len(v) / sum(v) for k, v in times.items() if v}
     result = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "tokens_per_s": tps,
-              "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()}, "step_seconds": times}  # fmt: skip
+              "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()}, "gflop_per_step": {
+                  k: v / 1e9 for k, v in flops.items()}, "step_seconds": times}  # fmt: skip
     for a, b in (("offline", "plain"), ("offline", "online"), ("offline", "plain-fused"), ("offline", "offline-ref")):
         if a in tps and b in tps:
             result[f"ratio_{a}_vs_{b}"] = tps[a] / tps[b]
+        if flops.get(a) and b in flops:
+            result[f"flop_ratio_{a}_vs_{b}"] = flops[b] / flops[a]
     return result
 
 
