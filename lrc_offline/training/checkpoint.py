@@ -42,7 +42,6 @@ __all__ = [
     "checkpoint_dir",
     "latest_checkpoint",
     "save_checkpoint",
-    "save_sharded_checkpoint",
     "load_checkpoint",
     "read_checkpoint_state",
     "rng_state",
@@ -140,18 +139,21 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` (replacing one of the same step) and return its directory.
+    """Write the checkpoint of `step` (replacing one of the same step) and return its directory. A
+    sharded student (FSDP2) is saved by every rank together (`_save_sharded`); a whole one by one process.
 
     Args:
         out_dir: Run directory; the checkpoint goes to `checkpoint_dir(out_dir, step)`.
         step: Optimizer steps taken.
-        student: The unwrapped student; only its parameters are saved.
+        student: The unwrapped student; only its trainable parameters are saved.
         optimizer, scheduler: Their `state_dict()`s are saved.
         reader_states: Every rank's `CacheDataset.state_dict()`, in rank order.
         config: The resolved run config (JSON-ready).
         extra: More JSON-ready facts (e.g. the cache's fingerprints).
     """
     final = checkpoint_dir(out_dir, step)
+    if is_sharded(student):
+        return _save_sharded(final, step, student, optimizer, scheduler, reader_states, config, extra)
     with atomic_dir(final) as tmp:
         params = {name: p.detach().to("cpu").contiguous() for name, p in student.named_parameters()}
         save_file(params, str(tmp / _STUDENT_FILE))
@@ -168,20 +170,11 @@ def _write_trainer_and_state(tmp: Path, trainer: dict, step: int, reader_states:
     (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def save_sharded_checkpoint(
-    out_dir: str | Path,
-    step: int,
-    student: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    reader_states: list[dict[str, Any]],
-    config: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """`save_checkpoint` for a sharded student, called by every rank: each writes its shards into one
+def _save_sharded(final: Path, step: int, student, optimizer, scheduler, reader_states: list, config: dict,
+                  extra: dict | None) -> Path:  # fmt: skip
+    """`save_checkpoint` of a sharded student, called by every rank: each writes its shards into one
     temporary directory that rank 0 completes (trainer.pt without the optimizer, state.json) and renames
     into place once every rank's files are written."""
-    final = checkpoint_dir(out_dir, step)
     main = dist.get_rank() == 0
     holder = [None]
     if main:

@@ -32,7 +32,7 @@ from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
 from .checkpoint import (check_resumable, load_checkpoint, read_checkpoint_state, resume_point, rotate_checkpoints,
-                         save_checkpoint, save_sharded_checkpoint)  # fmt: skip
+                         save_checkpoint)  # fmt: skip
 from .fsdp import clip_grad_norm, full_trainable_state, shard_student
 from .heldout import heldout_metrics
 from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
@@ -341,16 +341,11 @@ def _tokens_per_step(run: Run, num_processes: int | None = None) -> int:
 def _checkpoint(run: Run, step_done: int) -> None:
     state = run.source.state_dict()
     states = gather_object([state]) if run.accelerator.num_processes > 1 else [state]
-    if _sharded(run):
-        save_sharded_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
-                                to_dict(run.cfg), run.extra)  # fmt: skip
-        if run.accelerator.is_main_process and run.cfg.train.keep_checkpoints:
-            rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
-    elif run.accelerator.is_main_process:
+    if _sharded(run) or run.accelerator.is_main_process:  # every rank writes its shards of a sharded student
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
                         to_dict(run.cfg), run.extra)  # fmt: skip
-        if run.cfg.train.keep_checkpoints:
-            rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
+    if run.cfg.train.keep_checkpoints and run.accelerator.is_main_process:
+        rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
 
