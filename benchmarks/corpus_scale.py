@@ -4,13 +4,16 @@ memory against sequences_per_shard, and a build's speed against a plain teacher 
     python benchmarks/corpus_scale.py memory --out /tmp/corpus_scale      # >= 200 MB in 24 files, and 10x smaller
     python benchmarks/corpus_scale.py shard-size --out /tmp/corpus_scale  # sequences_per_shard 32 vs 512
     python benchmarks/corpus_scale.py speed --out /tmp/corpus_scale       # SmolLM2-135M, 32 x 256 tokens
+    python benchmarks/corpus_scale.py signals --out /tmp/corpus_scale     # top-k math alone, 8 x 256 x 49152
 
 `memory` generates synthetic gzip JSON Lines corpora (never committed), tokenises each once into the
 cache's index (`lrc-cache tokenize`, timed apart: the tokenise phase of the Slurm chain), then starts
 build worker 0 of 64 (tiny random teacher, seq_len 256) and records its peak RSS (sampled every 20 ms)
 and its time until shard 0's completion record appears. `speed` runs, in one process and alternating,
 a plain `model(input_ids)` forward and `build_cache` over the same sequences (start-up included:
-opening the index, fingerprinting the teacher, creating the cache).
+opening the index, fingerprinting the teacher, creating the cache). `signals` times the build's teacher-signal
+math alone (`logit_fields`, default top-64) against the plain log_softmax path it replaced, alternating, in
+one process, on random fp32 logits of SmolLM2's shape (8 sequences x 256 tokens x 49152).
 """
 
 from __future__ import annotations
@@ -155,9 +158,39 @@ def bench_speed(args) -> dict:
             "ratio_build_vs_plain": min(plain) / min(build)}  # fmt: skip
 
 
+def bench_signals(args) -> dict:
+    import torch
+
+    from lrc_offline.capture.signals import entropy, logit_fields, logprobs_at, topk_signal
+    from lrc_offline.config import CacheConfig
+
+    cfg = CacheConfig()
+    logits_BTV = torch.randn(args.batch_size, args.seq_len, args.vocab, generator=torch.Generator().manual_seed(0)) * 3
+
+    def plain() -> None:  # what logit_fields computed before `topk_entropy`
+        for logits_TV in logits_BTV:
+            logprobs = logprobs_at(logits_TV, cfg.temperature)
+            ids, values, tail = topk_signal(logprobs, cfg.topk)
+            entropy(logprobs).sum()
+
+    def fused() -> None:
+        logit_fields(cfg, logits_BTV, list(range(args.batch_size)))
+
+    times: dict[str, list[float]] = {"plain_s": [], "fused_s": []}
+    for _ in range(args.rounds):
+        for name, fn in (("plain_s", plain), ("fused_s", fused)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        print(f"plain {times['plain_s'][-1]:.3f}s fused {times['fused_s'][-1]:.3f}s", flush=True)
+    return {"rows": args.batch_size * args.seq_len, "vocab": args.vocab, "topk": cfg.topk,
+            "threads": torch.get_num_threads(), **times,
+            "ratio_plain_vs_fused": min(times["plain_s"]) / min(times["fused_s"])}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "shard-size", "speed"])
+    parser.add_argument("what", choices=["memory", "shard-size", "speed", "signals"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--megabytes", type=float, default=200.0, help="compressed size of the large corpus")
     parser.add_argument("--files", type=int, default=24)
@@ -167,9 +200,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=49152, help="signals: vocabulary of the random logits")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    result = {"memory": bench_memory, "shard-size": bench_shard_size, "speed": bench_speed}[args.what](args)
+    benches = {"memory": bench_memory, "shard-size": bench_shard_size, "speed": bench_speed, "signals": bench_signals}
+    result = benches[args.what](args)
     (Path(args.out) / f"corpus_scale_{args.what}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
