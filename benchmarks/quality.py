@@ -52,6 +52,12 @@ VARIANTS = {
                       ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "p16-log8": ("(p) PCA init, warmup 60, cache log8 log-probs", ["logprob_dtype=log8"],
                  ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    # Activations on a quarter of the sequences (act_fraction), alone and with the int4 + log8 codecs.
+    "p16-budget25": ("(p) PCA init, warmup 60, activations on 25% of the sequences", ["act_fraction=0.25"],
+                     ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    "p16-int4-log8-budget25": ("(p) PCA init, warmup 60, int4 + log8, activations on 25% of the sequences",
+                               ["act_dtype=int4", "logprob_dtype=log8", "act_fraction=0.25"],
+                               ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
