@@ -36,6 +36,9 @@ BUILDS = {
     "topk+residual, log8 + int4": dict(logit_mode="topk", activation_mode="residual", logprob_dtype="log8",
                                        act_dtype="int4"),
     "topk+residual, float8": dict(logit_mode="topk", activation_mode="residual", act_dtype="float8"),
+    "topk+residual, 25%": dict(logit_mode="topk", activation_mode="residual", act_fraction=0.25),
+    "topk+residual, log8 + int4, 25%": dict(logit_mode="topk", activation_mode="residual", logprob_dtype="log8",
+                                            act_dtype="int4", act_fraction=0.25),
 }  # fmt: skip
 """Caches built on the measured teacher (CacheConfig overrides); every other setting is shared."""
 # name: (hidden, layers, heads, kv_heads, head_dim, ffn, vocab)
@@ -61,11 +64,12 @@ def _geometry(dims) -> TeacherGeometry:
 
 def extrapolate(ratios: dict, dims, cfg: CacheConfig, names: list[str] | None = None) -> float:
     """Bytes per token of the fields `names` (None: all) of a cache built with `cfg` for a teacher of
-    `dims`: each field's bytes before compression over its measured compression ratio."""
+    `dims`: each field's bytes before compression over its measured compression ratio (measured at the
+    same `act_fraction`: the sequences without activations store zeros, which compress to almost nothing)."""
     total = 0.0
     for spec in cache_fields(cfg, _geometry(dims)):
         if names is None or spec.name in names:
-            total += _raw_bytes(spec) / cfg.seq_len / ratios[(spec.name, spec.dtype)]
+            total += _raw_bytes(spec) / cfg.seq_len / ratios[(spec.name, spec.dtype, cfg.act_fraction)]
     return total
 
 
@@ -129,14 +133,14 @@ def main() -> None:
     caches = {}
     for build, overrides in BUILDS.items():
         cfg = CacheConfig(**{**base, **overrides})
-        caches[build] = out / ("cache-" + build.replace(", ", "-").replace(" + ", "-").replace("+", "-"))
+        caches[build] = out / ("cache-" + build.replace(", ", "-").replace(" + ", "-").replace("+", "-").replace("%", "pct"))
         build_cache(cfg, caches[build], teacher=teacher)
         info = inspect_cache(caches[build])
         for spec in CacheReader(caches[build]).fields:
             field = info["fields"][spec.name]
             field["raw_bytes_per_token"] = _raw_bytes(spec) / cfg.seq_len
             field["compression_ratio"] = _raw_bytes(spec) * info["complete_sequences"] / field["stored_bytes"]
-            ratios[(spec.name, spec.dtype)] = field["compression_ratio"]
+            ratios[(spec.name, spec.dtype, cfg.act_fraction)] = field["compression_ratio"]
             per_field[f"{spec.name} ({spec.dtype})"] = field
         measured[build] = info["bytes_per_token"]
         print(f"{build}: {info['bytes_per_token']:.1f} B/token", flush=True)
@@ -161,6 +165,10 @@ def main() -> None:
         label = f"cache: top-64 {logprobs} + residual {acts} at {positions}/{args.production_seq_len}"
         rows[label] = (dict(BUILDS["topk+residual"], logprob_dtype=logprobs, act_dtype=acts, **production,
                             act_positions=positions), None)  # fmt: skip
+    for logprobs, acts, build in [("float16", "bfloat16", "topk+residual, 25%"),
+                                  ("log8", "int4", "topk+residual, log8 + int4, 25%")]:  # fmt: skip
+        label = f"cache: top-64 {logprobs} + residual {acts} at 32/{args.production_seq_len}, 25% of sequences"
+        rows[label] = (dict(BUILDS[build], **production, act_positions=32), None)
     table = {}
     for model, dims in GEOMETRIES.items():
         row = {label: extrapolate(ratios, dims, CacheConfig(**{**base, **overrides}), names)
