@@ -238,8 +238,12 @@ def test_cache_normaliser_in_the_objective(caches):
     total, parts = lrc_loss(student, batch, cfg, teacher_ms=ms)
     # The reference: clone_loss with the normalisers written out.
     layers = list(range(student.num_layers))
-    acts = {k: v for k, v in batch.items() if k.startswith("act_") and k != "act_positions"}
-    targets = student.targets_to_student_space(student.teacher_targets(acts, layers), layers)
+    per_layer = [student.teacher_targets_from_residual(i, batch["act_input"][:, i], batch["act_attn"][:, i])
+                 for i in layers]  # fmt: skip
+    targets = {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
+    for m in ("o", "down"):  # compared in student space: P_m^T t
+        proj_LDS = torch.stack([student.layers[i].proj[m] for i in layers])
+        targets[m] = torch.einsum("lbpd,lds->lbps", targets[m], proj_LDS)
     out = student(batch["input_ids"].long(), clone_positions_BP=batch["act_positions"], clone_layers=layers)
     fixed = {}
     for term in CLONE_TERMS:

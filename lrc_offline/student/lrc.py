@@ -519,25 +519,9 @@ class LRCStudent(nn.Module):
         """The teacher's output head [V, D] (its embedding when tied)."""
         return self.teacher_embed if self.tied else self.teacher_lm_head
 
-    def teacher_targets(self, teacher_acts: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
-        """Teacher clone targets term -> [L, B, P, W] in teacher space, recomputed from cached residuals
-        (`act_input`, `act_attn`) or read (`act_<term>`); activations are [B, L, P, *] as cached."""
-        per_layer = [self.layers[i].teacher_targets({k: v[:, j] for k, v in teacher_acts.items()})
-                     for j, i in enumerate(layers)]  # fmt: skip
-        return {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
-
     def teacher_targets_from_residual(self, index: int, h_BPD: torch.Tensor, a_BPD: torch.Tensor) -> dict:
         """All seven teacher clone targets of layer `index` from its input h_i and attention output a_T."""
         return self.layers[index].teacher_targets_from_residual(h_BPD, a_BPD)
-
-    def targets_to_student_space(self, targets: dict[str, torch.Tensor], layers: list[int]) -> dict:
-        """Project the o and down targets ([L, B, P, D] each) into student space: P_m^T t, i.e. t @ P_m."""
-        out = dict(targets)
-        for m in WRITE_TERMS:
-            if m in targets:
-                out[m] = torch.stack([t.to(self.layers[i].proj[m].dtype) @ self.layers[i].proj[m]
-                                      for t, i in zip(targets[m], layers)])  # fmt: skip
-        return out
 
 
 def decoder_layer(geometry: _Geometry, w: dict, frozen: dict, h_BTS: torch.Tensor, rope: tuple, mask,

@@ -18,11 +18,11 @@ ignores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -176,20 +176,15 @@ def _save_sharded(final: Path, step: int, student, optimizer, scheduler, reader_
     temporary directory that rank 0 completes (trainer.pt without the optimizer, state.json) and renames
     into place once every rank's files are written."""
     main = dist.get_rank() == 0
-    holder = [None]
-    if main:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        holder[0] = str(Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent)))
-    dist.broadcast_object_list(holder, src=0)
-    tmp = Path(holder[0])
-    save_sharded(tmp / SHARDED_DIR, student, optimizer)  # returns once every rank's files are written
-    if main:
-        trainer = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    dist.barrier()
+    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
+        holder = [str(tmp) if main else None]
+        dist.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+        save_sharded(tmp / SHARDED_DIR, student, optimizer)  # returns once every rank's files are written
+        if main:
+            trainer = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+            _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
+    dist.barrier()  # the other ranks return once rank 0 has renamed it into place
     return final
 
 
