@@ -58,6 +58,16 @@ VARIANTS = {
     "p16-int4-log8-budget25": ("(p) PCA init, warmup 60, int4 + log8, activations on 25% of the sequences",
                                ["act_dtype=int4", "logprob_dtype=log8", "act_fraction=0.25"],
                                ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    "p16-int4-budget25": ("(p) PCA init, warmup 60, int4 (fp16 log-probs), activations on 25% of the sequences",
+                          ["act_dtype=int4", "act_fraction=0.25"],
+                          ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    # A per-position layer subset (act_layer_fraction): every sequence keeps activations, each position a
+    # quarter of the layers (8 of SmolLM2's 30), the same bytes as a quarter of the sequences.
+    "p16-int4-layers25": ("(p) PCA init, warmup 60, int4 (fp16 log-probs), a quarter of the layers per position",
+                          ["act_dtype=int4", "act_layer_fraction=0.25"],
+                          ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    "p16-layers25": ("(p) PCA init, warmup 60, a quarter of the layers per position", ["act_layer_fraction=0.25"],
+                     ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }

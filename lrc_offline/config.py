@@ -177,6 +177,11 @@ class CacheConfig:
     act_fraction: float = 1.0
     """Activation budget: the fraction of sequences that carry activations (a seeded choice per sequence;
     the others store zeros, flagged by act_present, and train without the clone loss)."""
+    act_layer_fraction: float = 1.0
+    """Per-position layer subset: each activation position stores ceil(f L) of the L stored layers, a
+    seeded choice per sequence that covers every layer across the sequence's positions when P ceil(f L) >= L
+    (the others store zeros, flagged by act_layer_mask). The clone loss then sees every layer in every
+    sequence, at a fraction f of the activation bytes."""
     act_dtype: str = "bfloat16"
     """Storage dtype of activations and hidden states (float8 and int4 are lossy, with a per-row scale; int4
     quantises each row after a fixed random Hadamard rotation; docs/cache_format.md)."""
@@ -206,6 +211,8 @@ class CacheConfig:
             raise ConfigError(f"cache.temperature={self.temperature} must be > 0")
         if not 0 < self.act_fraction <= 1:
             raise ConfigError(f"cache.act_fraction={self.act_fraction} must be in (0, 1]")
+        if not 0 < self.act_layer_fraction <= 1:
+            raise ConfigError(f"cache.act_layer_fraction={self.act_layer_fraction} must be in (0, 1]")
         if self.seq_len < 2:
             raise ConfigError("cache.seq_len must be at least 2 (next-token targets need two tokens)")
 

@@ -351,10 +351,11 @@ def clone_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """LRC clone loss: per-layer, per-term (weighted) mean error between student activations and teacher targets.
 
-    With position weights w[b, p] (the mask times `position_weights_BP`), for each layer l and term:
-    ``err[l] = sum_bpw w * rho(s - t) / (W * sum_bp w)`` with rho the square ("mse") or `huber`.
-    With `normalize`, the error is measured in units of the target's root mean square
-    ``ms[l] = sum_bpw w * t^2 / (W * sum_bp w)`` (detached, clamped to >= eps): mse gives err / ms, huber
+    With position weights w[l, b, p] (the mask times `position_weights_BP`; a [B, P] mask is the same for
+    every layer), for each layer l and term:
+    ``err[l] = sum_bpw w * rho(s - t) / (W * sum_bp w)`` with rho the square ("mse") or `huber`, and 0 for a
+    layer no position carries. With `normalize`, the error is measured in units of the target's root mean
+    square ``ms[l] = sum_bpw w * t^2 / (W * sum_bp w)`` (detached, clamped to >= eps): mse gives err / ms, huber
     gives the mean of huber((s - t) / sqrt(ms)), so `huber_delta` is in target RMS units. `target_ms`
     replaces the batch's ms by fixed values (e.g. statistics recorded when the cache was built). Terms are
     then combined as ``sum w_term * err / (L * sum w_term)`` ("mean") or ``sum w_term * err`` ("sum", the
@@ -365,7 +366,8 @@ def clone_loss(
             down; widths may differ between terms).
         teacher_targets: Same keys and shapes; o and down already projected to the student space (their
             graph is kept, so P_o and P_down also learn from the target side, as in the paper).
-        mask_BP: Valid positions [B, P], bool or 0/1; None means all valid.
+        mask_BP: Valid positions [B, P], or per layer [L, B, P] (a cache whose positions carry a subset
+            of the layers, `cache.act_layer_fraction`), bool or 0/1; None means all valid.
         weights: term -> weight; a missing term weighs 1.0, a zero weight drops the term entirely
             (it is neither computed nor logged).
         normalize: Measure each term in units of its target's RMS.
@@ -391,13 +393,13 @@ def clone_loss(
         # The target keeps its graph: the o and down targets are P^T t, and P_o / P_down learn from
         # both sides of the MSE, as in the paper's loss. Only the normaliser is detached.
         s_LBPW, t_LBPW = _upcast(student_acts[term]), _upcast(teacher_targets[term])
-        w_BP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
-        inv_count = _inverse_count(w_BP, s_LBPW.shape[-1])
+        w_LBP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
+        inv_count_L = _inverse_count(w_LBP, s_LBPW.shape[-1])
         ms_L = None
         if normalize:
             fixed_ms_L = target_ms[term] if target_ms is not None and term in target_ms else None
-            ms_L = _clone_normaliser(term, s_LBPW, t_LBPW, w_BP, inv_count, fixed_ms_L, eps)
-        err_L = _clone_error(s_LBPW - t_LBPW, w_BP, inv_count, ms_L, loss_fn, huber_delta)
+            ms_L = _clone_normaliser(term, s_LBPW, t_LBPW, w_LBP, inv_count_L, fixed_ms_L, eps)
+        err_L = _clone_error(s_LBPW - t_LBPW, w_LBP, inv_count_L, ms_L, loss_fn, huber_delta)
         per_term[term] = err_L.detach().mean()
         weighted_terms.append(weights.get(term, 1.0) * err_L.sum())
 
@@ -449,23 +451,24 @@ def _check_clone_shapes(term: str, s_LBPW: Tensor, t_LBPW: Tensor, num_layers: i
     return s_LBPW.shape[0]
 
 
-def _inverse_count(w_BP: Tensor, width: int) -> Tensor:
-    """1 / (W * sum_bp w), or 0 when no position carries weight."""
-    total_weight = w_BP.sum() * width
-    return (total_weight > 0) / total_weight.clamp(min=torch.finfo(w_BP.dtype).tiny)
+def _inverse_count(w_LBP: Tensor, width: int) -> Tensor:
+    """1 / (W * sum_bp w) per layer [L] (or [1] for weights shared by every layer), 0 where no position
+    carries weight."""
+    total_weight_L = w_LBP.sum(dim=(1, 2)) * width
+    return (total_weight_L > 0) / total_weight_L.clamp(min=torch.finfo(w_LBP.dtype).tiny)
 
 
-def _weighted_mean_L(x_LBPW: Tensor, w_BP: Tensor, inv_count: Tensor) -> Tensor:
+def _weighted_mean_L(x_LBPW: Tensor, w_LBP: Tensor, inv_count_L: Tensor) -> Tensor:
     """Per-layer position-weighted mean of `x_LBPW` [L, B, P, W] -> [L]."""
-    return (w_BP[None, :, :, None] * x_LBPW).sum(dim=(1, 2, 3)) * inv_count
+    return (w_LBP[..., None] * x_LBPW).sum(dim=(1, 2, 3)) * inv_count_L
 
 
 def _clone_normaliser(
     term: str,
     s_LBPW: Tensor,
     t_LBPW: Tensor,
-    w_BP: Tensor,
-    inv_count: Tensor,
+    w_LBP: Tensor,
+    inv_count_L: Tensor,
     fixed_ms_L: Tensor | None,
     eps: float,
 ) -> Tensor:
@@ -476,34 +479,37 @@ def _clone_normaliser(
         if ms_L.shape != (num_layers,):
             raise ValueError(f"clone_loss: target_ms[{term!r}] has shape {tuple(ms_L.shape)}, expected ({num_layers},)")
     else:
-        ms_L = _weighted_mean_L(t_LBPW.detach().square(), w_BP, inv_count)
+        ms_L = _weighted_mean_L(t_LBPW.detach().square(), w_LBP, inv_count_L)
     return ms_L.clamp(min=eps)
 
 
 def _clone_error(
-    diff_LBPW: Tensor, w_BP: Tensor, inv_count: Tensor, ms_L: Tensor | None, loss_fn: str, huber_delta: float
+    diff_LBPW: Tensor, w_LBP: Tensor, inv_count_L: Tensor, ms_L: Tensor | None, loss_fn: str, huber_delta: float
 ) -> Tensor:
     """Per-layer error [L] of student - target: mse (divided by ms_L) or huber (of diff / sqrt(ms_L))."""
     if loss_fn == "mse":
-        err_L = _weighted_mean_L(diff_LBPW.square(), w_BP, inv_count)
+        err_L = _weighted_mean_L(diff_LBPW.square(), w_LBP, inv_count_L)
         return err_L if ms_L is None else err_L / ms_L
     if ms_L is not None:
         diff_LBPW = diff_LBPW * ms_L.rsqrt()[:, None, None, None]
-    return _weighted_mean_L(huber(diff_LBPW, huber_delta), w_BP, inv_count)
+    return _weighted_mean_L(huber(diff_LBPW, huber_delta), w_LBP, inv_count_L)
 
 
 def _position_weights(mask_BP: Tensor | None, position_weights_BP: Tensor | None, like_LBPW: Tensor) -> Tensor:
-    """[B, P] weights in the activations' dtype: the mask (0/1) times the optional position weights."""
+    """[L, B, P] (or [1, B, P] for a mask shared by every layer) weights in the activations' dtype: the mask
+    (0/1) times the optional position weights."""
     shape, dtype = like_LBPW.shape[1:3], like_LBPW.dtype
     if mask_BP is None:
-        w_BP = torch.ones(shape, dtype=dtype, device=like_LBPW.device)
+        w_LBP = torch.ones((1, *shape), dtype=dtype, device=like_LBPW.device)
+    elif mask_BP.dim() == 3:
+        w_LBP = _check_mask(mask_BP, like_LBPW.shape[:3], "mask_BP").to(dtype)
     else:
-        w_BP = _check_mask(mask_BP, shape, "mask_BP").to(dtype)
+        w_LBP = _check_mask(mask_BP, shape, "mask_BP").to(dtype)[None]
     if position_weights_BP is not None:
         if tuple(position_weights_BP.shape) != tuple(shape):
             raise ValueError(f"position_weights_BP has shape {tuple(position_weights_BP.shape)}; expected {tuple(shape)}")
-        w_BP = w_BP * position_weights_BP.to(dtype)
-    return w_BP
+        w_LBP = w_LBP * position_weights_BP.to(dtype)
+    return w_LBP
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lrc_offline.cache import CacheReader
-from lrc_offline.cache.act_stats import act_present, activation_stats, teacher_ms
+from lrc_offline.cache.act_stats import act_layer_mask, act_present, activation_stats, teacher_ms
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import (
     CLONE_TERMS,
@@ -165,7 +165,9 @@ def _cache_cfg(**kw) -> CacheConfig:
 def caches(tmp_path_factory):
     base = tmp_path_factory.mktemp("clone_caches")
     out = {}
-    for name, kw in {"full": {}, "half": {"act_fraction": 0.5}, "targets": {"activation_mode": "targets"}}.items():
+    variants = {"full": {}, "half": {"act_fraction": 0.5}, "targets": {"activation_mode": "targets"},
+                "layers": {"act_layer_fraction": 0.5}}  # fmt: skip
+    for name, kw in variants.items():
         build_cache(_cache_cfg(**kw), base / name, progress=False)
         out[name] = base / name
     return out
@@ -314,6 +316,69 @@ def test_pca_basis_of_a_budgeted_cache_skips_absent_sequences(caches):
     moment = _accumulate(reader, exclude_sink=False, max_sequences=None)
     assert moment.count == int(present.sum()) * 2 * 6 * 2  # present sequences x layers x positions x (h, h + a)
     assert bool(torch.isfinite(moment.matrix_DD).all())
+
+
+def test_layer_subset_cache_stores_each_positions_layers(caches):
+    cfg = _cache_cfg(act_layer_fraction=0.5)
+    reader, data = _all_sequences(caches["layers"])
+    _, full = _all_sequences(caches["full"])
+    mask_BLP = data["act_layer_mask"].bool()
+    want = torch.stack([act_layer_mask(cfg.seed, j, 2, 6, 0.5) for j in data["sequence_index"].tolist()])
+    assert torch.equal(mask_BLP, want)
+    assert mask_BLP.sum(1).eq(1).all() and mask_BLP.sum(2).eq(3).all()  # 1 of 2 layers a position, 3 positions a layer
+    assert torch.equal(data["act_positions"], full["act_positions"])
+    for name in ("act_input", "act_attn"):
+        assert torch.equal(data[name][mask_BLP], full[name][mask_BLP])  # same positions, same values
+        assert bool((data[name][~mask_BLP] == 0).all())
+    # The statistics are the teacher's at every sampled (layer, position), as in the full cache.
+    stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
+    full_reader = CacheReader(caches["full"])
+    assert stats == activation_stats([full_reader.shard_record(i) for i in full_reader.complete_shards()])
+
+    def act_bytes(r):
+        return sum(r.shard_record(i)["field_bytes"][f] for i in r.complete_shards() for f in ("act_input", "act_attn"))
+
+    # The zeros compress to almost nothing: the activation bytes follow the fraction.
+    assert act_bytes(reader) < 0.6 * act_bytes(full_reader)
+
+
+def test_layer_subset_batch_loss_is_the_full_batch_masked_per_layer(caches):
+    """The objective on a layer-subset batch equals the objective on the full cache's batch of the same
+    sequences with the same per-layer mask: the zeros stored outside the mask never count."""
+    _, data = _all_sequences(caches["layers"])
+    _, full = _all_sequences(caches["full"])
+    teacher = load_teacher("tiny-random:llama")
+    student = LRCStudent(teacher.model, 16, seed=0)
+    cfg = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0)
+    subset_batch = {k: v[:4] for k, v in data.items()}
+    masked_full = {k: v[:4] for k, v in full.items()} | {"act_layer_mask": subset_batch["act_layer_mask"]}
+    got, got_parts = lrc_loss(student, subset_batch, cfg)
+    want, want_parts = lrc_loss(student, masked_full, cfg)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert got_parts.keys() == want_parts.keys()
+    unmasked, _ = lrc_loss(student, {k: v[:4] for k, v in full.items()}, cfg)
+    assert not torch.allclose(got, unmasked)
+    mask, _ = clone_weights(subset_batch, cfg)
+    assert mask.shape == (2, 4, 6)
+
+
+def test_layer_subset_cache_trains_and_its_pca_basis_reads_stored_rows_only(caches, tmp_path):
+    from lrc_offline.training.pca import _accumulate
+
+    job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1), loss=LossConfig(alpha=1.0),
+                         train=TrainConfig(steps=4, batch_size=4, log_every=1))  # fmt: skip
+    train_from_cache(job, caches["layers"], tmp_path / "run", progress=False)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(r["clone"] > 0 for r in records)
+    reader, data = _all_sequences(caches["layers"])
+    moment = _accumulate(reader, exclude_sink=False, max_sequences=None)
+    assert moment.count == NUM_SEQ * 6 * 1 * 2  # sequences x positions x 1 layer each x (h, h + a)
+    full = _accumulate(CacheReader(caches["full"]), exclude_sink=False, max_sequences=None)
+    assert full.count == 2 * moment.count
+    nosink = _accumulate(reader, exclude_sink=True, max_sequences=None)
+    sinks = int((data["position_ids"].gather(1, data["act_positions"].long()) == 0).sum())
+    assert nosink.count == (NUM_SEQ * 6 - sinks) * 2
 
 
 def test_cache_built_before_a_new_config_key_is_still_resumed(tmp_path):

@@ -123,7 +123,7 @@ def naive_clone(student_acts, targets, mask, weights, normalize, reduce, eps=1e-
             sq_err, sq_tgt, count = 0.0, 0.0, 0
             for b in range(s.shape[1]):
                 for p in range(s.shape[2]):
-                    if not mask[b, p]:
+                    if not (mask[layer, b, p] if mask.dim() == 3 else mask[b, p]):
                         continue
                     for j in range(width):
                         sq_err = sq_err + (s[layer, b, p, j] - t[layer, b, p, j]) ** 2
@@ -474,6 +474,35 @@ def test_clone_loss_matches_naive(normalize, reduce):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     assert set(per_term) == {"q", "o", "down"}
     assert not any(v.requires_grad for v in per_term.values())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_clone_loss_per_layer_mask_matches_naive(normalize):
+    """A [L, B, P] mask (positions carrying a subset of the layers) against the naive loop; a layer no
+    position carries adds exactly 0."""
+    student, target, _ = _clone_inputs(27)
+    mask_LBP = torch.rand(L, B, P, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask_LBP[:, 0, 0] = True  # every layer carries at least one position
+    weights = {"q": 2.0, "o": 0.5}
+    total, _ = clone_loss(student, target, mask_LBP, weights, normalize=normalize)
+    ref = naive_clone(student, target, mask_LBP, weights, normalize, "mean")
+    torch.testing.assert_close(total, ref, rtol=1e-12, atol=1e-12)
+    for term in ("q", "o"):
+        got = torch.autograd.grad(total, student[term], retain_graph=True)[0]
+        assert bool((got[~mask_LBP] == 0).all()) and bool((got[mask_LBP] != 0).all())
+    # A [B, P] mask equals the same mask repeated for every layer.
+    shared = mask_LBP[0]
+    torch.testing.assert_close(clone_loss(student, target, shared)[0],
+                               clone_loss(student, target, shared.expand(L, B, P))[0], rtol=1e-12, atol=0)
+    # Layer 0 without any position: its error is 0 and the others' are unchanged (the mean still over L).
+    empty = mask_LBP.clone()
+    empty[0] = False
+    rest = {m: v[1:] for m, v in student.items()}, {m: v[1:] for m, v in target.items()}
+    got, _ = clone_loss(student, target, empty, weights)
+    want, _ = clone_loss(*rest, empty[1:], weights)
+    torch.testing.assert_close(got, want * (L - 1) / L, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="mask_BP"):
+        clone_loss(student, target, mask_LBP[:, :, :1])
 
 
 def test_clone_loss_per_term_and_reductions():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pytest
 import torch
 
-from lrc_offline.cache.act_stats import act_present
+from lrc_offline.cache.act_stats import act_layer_mask, act_present, layers_per_position
 from lrc_offline.capture.positions import position_seed
 from lrc_offline.seeding import generator, mixed_seed, stable_fraction, stable_seed
 
@@ -39,6 +40,26 @@ def test_pinned_values():
     assert stable_seed("lrc-positions", 0, 0) == 2943530153234914728
     assert stable_seed("lrc-positions", 1, 5) == 1927216146497460054
     assert [act_present(0, j, 0.5) for j in range(8)] == [False, True, False, True, True, False, True, True]
+    assert act_layer_mask(0, 0, 6, 4, 0.34).int().tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]] * 3
+    assert act_layer_mask(0, 1, 6, 4, 0.34).int().tolist() == [
+        [0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1], [1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("layers,positions,fraction", [(30, 16, 0.25), (36, 32, 0.25), (36, 2, 0.25), (5, 7, 0.5),
+                                                        (4, 3, 1e-3), (8, 8, 0.999)])  # fmt: skip
+def test_act_layer_mask_gives_each_position_m_layers_and_covers_every_layer(layers, positions, fraction):
+    m = layers_per_position(layers, fraction)
+    assert m == max(1, math.ceil(fraction * layers - 1e-9))
+    for index in range(5):
+        mask = act_layer_mask(7, index, layers, positions, fraction)
+        assert mask.shape == (layers, positions) and mask.dtype == torch.bool
+        assert mask.sum(0).tolist() == [m] * positions
+        per_layer = mask.sum(1)
+        if positions * m >= layers:  # covered, as evenly as the cycle allows
+            assert int(per_layer.min()) == positions * m // layers
+            assert int(per_layer.max()) - int(per_layer.min()) <= 1
+        assert torch.equal(mask, act_layer_mask(7, index, layers, positions, fraction))
+    assert act_layer_mask(7, 0, layers, positions, 1.0).all()
     assert mixed_seed(3, 1, 5) == 3000019000035
 
 

@@ -9,19 +9,24 @@ normalisers (`loss.clone_normalize=cache`) and show where a teacher's massive ac
 
 The activation budget (`cache.act_fraction`) stores activations for a seeded fraction of the
 sequences only; the others hold zeros (which compress to almost nothing) and ``act_present = 0``.
+The per-position layer subset (`cache.act_layer_fraction`) stores, at each activation position, a
+seeded subset of the layers (`act_layer_mask`), chosen so the positions of a sequence cover every
+layer; the other layers hold zeros there. The statistics are of everything the teacher produced at the
+sampled positions of the sequences that carry activations, every layer included.
 
 Legend: L stored layers, B sequences, P positions, W width.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lrc_offline.seeding import stable_fraction
 
-__all__ = ["act_present", "batch_act_sums", "merge_act_sums", "activation_stats", "teacher_ms"]
+__all__ = ["act_present", "layers_per_position", "act_layer_mask", "batch_act_sums", "merge_act_sums", "activation_stats", "teacher_ms"]
 
 
 def act_present(seed: int, sequence_index: int, fraction: float) -> bool:
@@ -29,6 +34,32 @@ def act_present(seed: int, sequence_index: int, fraction: float) -> bool:
     if fraction >= 1.0:
         return True
     return stable_fraction("lrc-act-budget", seed, sequence_index) < fraction
+
+
+def layers_per_position(num_layers: int, fraction: float) -> int:
+    """m, the layers each activation position carries under `cache.act_layer_fraction`: ceil(f L), >= 1."""
+    return max(1, math.ceil(fraction * num_layers - 1e-9))
+
+
+def act_layer_mask(seed: int, sequence_index: int, num_layers: int, num_positions: int, fraction: float) -> torch.Tensor:
+    """bool [L, P]: which of the L stored layers each of the P activation positions of sequence
+    `sequence_index` carries (seeded, stable).
+
+    The layers are put in a seeded order (by ``stable_fraction("lrc-act-layers", seed, j, layer)``) and
+    position p takes the next m = ceil(f L) of them, cyclically (entries p m .. p m + m - 1 mod L). So each
+    position carries m distinct layers, and the positions of a sequence cover every layer once P m >= L
+    (each layer then appears floor(P m / L) or one more times).
+    """
+    if fraction >= 1.0:
+        return torch.ones(num_layers, num_positions, dtype=torch.bool)
+    m = layers_per_position(num_layers, fraction)
+    keys = [stable_fraction("lrc-act-layers", seed, sequence_index, layer) for layer in range(num_layers)]
+    order = sorted(range(num_layers), key=keys.__getitem__)
+    mask = torch.zeros(num_layers, num_positions, dtype=torch.bool)
+    for p in range(num_positions):
+        for i in range(p * m, p * m + m):
+            mask[order[i % num_layers], p] = True
+    return mask
 
 
 @torch.no_grad()

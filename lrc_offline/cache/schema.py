@@ -236,4 +236,6 @@ def cache_fields(cfg: CacheConfig, geometry: TeacherGeometry) -> list[FieldSpec]
     fields += [_field(name, (nl, P, width), cfg.act_dtype) for name, width in widths.items()]
     if cfg.act_fraction < 1:
         fields.append(_field("act_present", (1,), "uint8"))
+    if cfg.act_layer_fraction < 1:
+        fields.append(_field("act_layer_mask", (nl, P), "uint8"))
     return fields

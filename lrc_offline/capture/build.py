@@ -34,7 +34,7 @@ from ..cache import (
     make_manifest,
     num_act_positions,
 )
-from ..cache.act_stats import act_present, batch_act_sums, merge_act_sums
+from ..cache.act_stats import act_layer_mask, act_present, batch_act_sums, merge_act_sums
 from ..cache.schema import ROW_CODED_DTYPES
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
@@ -135,13 +135,19 @@ def capture_batch(
         out["act_positions"] = to_host(positions.to(torch.int32))
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
-        keep_B1111 = present_B[:, None, None, None].to(device)
+        num_layers, num_positions = len(layers), positions.shape[1]
+        layer_mask_BLP = torch.stack([
+            act_layer_mask(cfg.seed, j, num_layers, num_positions, cfg.act_layer_fraction) for j in sequence_indices])
+        keep_BLP1 = (layer_mask_BLP & present_B[:, None, None])[..., None].to(device)
+        subset = cfg.act_fraction < 1 or cfg.act_layer_fraction < 1
         for term, name in names.items():
             acts_BLPW = captured.acts[term].transpose(0, 1).float()
-            acts_BLPW = acts_BLPW if cfg.act_fraction >= 1 else acts_BLPW * keep_B1111  # [B, L, P, W]
+            acts_BLPW = acts_BLPW * keep_BLP1 if subset else acts_BLPW  # [B, L, P, W]
             out[name] = to_host(acts_BLPW)
         if cfg.act_fraction < 1:
             out["act_present"] = present_B.to(torch.uint8)[:, None]
+        if cfg.act_layer_fraction < 1:
+            out["act_layer_mask"] = layer_mask_BLP.to(torch.uint8)
     return out, stats
 
 

@@ -11,7 +11,8 @@ construction. The batch says which teacher signal it carries:
 and, for the clone loss, `act_positions` [B,P] with either
     act_input, act_attn [B,L,P,D]               cached residuals: targets recomputed with the teacher's weights
     act_<term> [B,L,P,W] for the seven terms    the targets themselves
-optionally with `act_present` [B] (an activation-budget cache: which sequences carry activations).
+optionally with `act_present` [B] (an activation-budget cache: which sequences carry activations) and
+`act_layer_mask` [B,L,P] (a layer-subset cache: which layers each position carries).
 Attention-sink positions (document starts) are found from `position_ids` (else position 0).
 
 The objective only ever calls the student (`student(input_ids, ..., teacher_acts=...)`, see
@@ -102,11 +103,14 @@ def sink_positions(batch: dict) -> torch.Tensor:
 
 
 def clone_weights(batch: dict, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(mask [B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
+    """(mask [B, P], [L, B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
     mask = batch.get("act_mask")
     if "act_present" in batch:
         present_BP = batch["act_present"].reshape(-1, 1).bool().expand_as(batch["act_positions"])
         mask = present_BP if mask is None else mask.bool() & present_BP
+    if "act_layer_mask" in batch:  # each position carries a subset of the layers
+        layers_LBP = batch["act_layer_mask"].bool().transpose(0, 1)
+        mask = layers_LBP if mask is None else layers_LBP & mask.bool()
     weights = None
     if cfg.sink_weight != 1.0:
         sink = sink_positions(batch)

@@ -49,8 +49,8 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
     for index in reader.complete_shards():
         if max_sequences is not None and seen >= max_sequences:
             break
-        shard = reader.read_shard(index, ["act_input", "act_attn", "act_positions", "position_ids"] + (
-            ["act_present"] if manifest.has_field("act_present") else []))  # fmt: skip
+        optional = [name for name in ("act_present", "act_layer_mask") if manifest.has_field(name)]
+        shard = reader.read_shard(index, ["act_input", "act_attn", "act_positions", "position_ids", *optional])
         if "act_present" in shard:  # an activation-budget cache: the other sequences hold zeros
             keep = shard.pop("act_present").reshape(-1).bool()
             shard = {k: v[keep] for k, v in shard.items()}
@@ -62,11 +62,16 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
         # "Which residual vectors form the basis").
         h_NLPD = shard["act_input"].float()
         mid_NLPD = h_NLPD + shard["act_attn"].float()
+        # The stored (layer, position) rows: a layer-subset cache holds zeros in the others.
+        keep_NLP = torch.ones(h_NLPD.shape[:3], dtype=torch.bool)
+        if "act_layer_mask" in shard:
+            keep_NLP = shard["act_layer_mask"].bool()
         if exclude_sink:
             # a sink is a sampled position that starts a document (position id 0), the sequence start included
             starts_NP = torch.gather(shard["position_ids"].long(), 1, shard["act_positions"].long()) == 0
-            h_NLPD = h_NLPD.transpose(1, 2)[~starts_NP]  # [kept, L, D]
-            mid_NLPD = mid_NLPD.transpose(1, 2)[~starts_NP]
+            keep_NLP = keep_NLP & ~starts_NP[:, None, :]
+        if "act_layer_mask" in shard or exclude_sink:
+            h_NLPD, mid_NLPD = h_NLPD[keep_NLP], mid_NLPD[keep_NLP]  # [rows, D]
         moment.update(h_NLPD)
         moment.update(mid_NLPD)
     return moment
