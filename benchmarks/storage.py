@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lrc_offline.cache import CacheReader, TeacherGeometry, cache_fields, inspect_cache
+from lrc_offline.cache.act_stats import layers_per_position
 from lrc_offline.cache.dtypes import stored_arrays
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig
@@ -39,6 +40,10 @@ BUILDS = {
     "topk+residual, 25%": dict(logit_mode="topk", activation_mode="residual", act_fraction=0.25),
     "topk+residual, log8 + int4, 25%": dict(logit_mode="topk", activation_mode="residual", logprob_dtype="log8",
                                             act_dtype="int4", act_fraction=0.25),
+    "topk+residual, int4, layers 25%": dict(logit_mode="topk", activation_mode="residual", act_dtype="int4",
+                                            act_layer_fraction=0.25),
+    "topk+residual, log8 + int4, layers 25%": dict(logit_mode="topk", activation_mode="residual",
+                                                   logprob_dtype="log8", act_dtype="int4", act_layer_fraction=0.25),
 }  # fmt: skip
 """Caches built on the measured teacher (CacheConfig overrides); every other setting is shared."""
 # name: (hidden, layers, heads, kv_heads, head_dim, ffn, vocab)
@@ -62,14 +67,32 @@ def _geometry(dims) -> TeacherGeometry:
                            intermediate_size=ffn, vocab_size=vocab)  # fmt: skip
 
 
+ROW_FIELDS = ("act_input", "act_attn", "act_q", "act_k", "act_v", "act_o", "act_gate", "act_up", "act_down")
+"""Activation fields whose rows an activation budget or a layer subset leaves as zeros."""
+
+
+def kept_fraction(cfg: CacheConfig, num_layers: int) -> float:
+    """The expected fraction of a large cache's activation rows that hold values: the budget's sequences
+    times the layers a position carries."""
+    return cfg.act_fraction * layers_per_position(num_layers, cfg.act_layer_fraction) / num_layers
+
+
+def _key(spec, cfg: CacheConfig) -> tuple:
+    return spec.name, spec.dtype, cfg.act_fraction, cfg.act_layer_fraction
+
+
 def extrapolate(ratios: dict, dims, cfg: CacheConfig, names: list[str] | None = None) -> float:
     """Bytes per token of the fields `names` (None: all) of a cache built with `cfg` for a teacher of
-    `dims`: each field's bytes before compression over its measured compression ratio (measured at the
-    same `act_fraction`: the sequences without activations store zeros, which compress to almost nothing)."""
+    `dims`: each field's bytes before compression over its measured compression ratio. An activation
+    field's ratio is kept as if all its rows held values (`ratios` stores measured ratio x measured kept
+    fraction: the zero rows compress to almost nothing) and divided by the fraction this geometry keeps."""
     total = 0.0
     for spec in cache_fields(cfg, _geometry(dims)):
         if names is None or spec.name in names:
-            total += _raw_bytes(spec) / cfg.seq_len / ratios[(spec.name, spec.dtype, cfg.act_fraction)]
+            ratio = ratios[_key(spec, cfg)]
+            if spec.name in ROW_FIELDS:
+                ratio /= kept_fraction(cfg, dims[1])
+            total += _raw_bytes(spec) / cfg.seq_len / ratio
     return total
 
 
@@ -138,20 +161,24 @@ def main() -> None:
         info = inspect_cache(caches[build])
         reader = CacheReader(caches[build])
         # With act_fraction < 1 a small cache carries activations on a seeded draw of its sequences that
-        # may be far from the fraction (15 of 32 for 0.25): scale the activation fields' bytes to the
-        # fraction a large cache converges to (the sequences without them store zeros, ~nothing compressed).
+        # may be far from the fraction (15 of 32 for 0.25), and a layer subset keeps ceil(f L) / L of the
+        # rows: the activation fields' ratios are kept per row that holds values (the zero rows compress
+        # to almost nothing) and `extrapolate` scales them to each geometry's kept fraction.
         present = 1.0
         if cfg.act_fraction < 1:
             flags = [reader.read_shard(i, fields=["act_present"])["act_present"] for i in reader.complete_shards()]
             present = float(torch.cat(flags).float().mean())
+        layers = reader.manifest.geometry.num_layers
+        kept = present * layers_per_position(layers, cfg.act_layer_fraction) / layers
         for spec in reader.fields:
             field = info["fields"][spec.name]
             field["raw_bytes_per_token"] = _raw_bytes(spec) / cfg.seq_len
             field["compression_ratio"] = _raw_bytes(spec) * info["complete_sequences"] / field["stored_bytes"]
-            if spec.name.startswith("act_") and spec.name not in ("act_present", "act_positions", "act_mask"):
-                field["measured_fraction_with_activations"] = present
-                field["compression_ratio"] *= present / cfg.act_fraction
-            ratios[(spec.name, spec.dtype, cfg.act_fraction)] = field["compression_ratio"]
+            ratio = field["compression_ratio"]
+            if spec.name in ROW_FIELDS:
+                field["measured_fraction_of_rows_with_values"] = kept
+                ratio *= kept
+            ratios[_key(spec, cfg)] = ratio
             per_field[f"{spec.name} ({spec.dtype})"] = field
         measured[build] = info["bytes_per_token"]
         print(f"{build}: {info['bytes_per_token']:.1f} B/token", flush=True)
@@ -179,6 +206,10 @@ def main() -> None:
     for logprobs, acts, build in [("float16", "bfloat16", "topk+residual, 25%"),
                                   ("log8", "int4", "topk+residual, log8 + int4, 25%")]:  # fmt: skip
         label = f"cache: top-64 {logprobs} + residual {acts} at 32/{args.production_seq_len}, 25% of sequences"
+        rows[label] = (dict(BUILDS[build], **production, act_positions=32), None)
+    for logprobs, build in [("float16", "topk+residual, int4, layers 25%"),
+                            ("log8", "topk+residual, log8 + int4, layers 25%")]:  # fmt: skip
+        label = f"cache: top-64 {logprobs} + residual int4 at 32/{args.production_seq_len}, a quarter of the layers a position"
         rows[label] = (dict(BUILDS[build], **production, act_positions=32), None)
     table = {}
     for model, dims in GEOMETRIES.items():
