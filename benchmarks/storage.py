@@ -179,7 +179,7 @@ def main() -> None:
                 field["measured_fraction_of_rows_with_values"] = kept
                 ratio *= kept
             ratios[_key(spec, cfg)] = ratio
-            per_field[f"{spec.name} ({spec.dtype})"] = field
+            per_field[f"{build}: {spec.name} ({spec.dtype})"] = field
         measured[build] = info["bytes_per_token"]
         print(f"{build}: {info['bytes_per_token']:.1f} B/token", flush=True)
 

@@ -39,7 +39,7 @@ __all__ = [
 LOGIT_MODES = ("topk", "sampled", "hidden", "none")
 ACTIVATION_MODES = ("residual", "targets", "none")
 FORMATS = ("zarr", "webdataset")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8", "int4")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float8", "int4", "int4g")
 LOGPROB_DTYPES = ("float32", "float16", "bfloat16", "log8")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -184,7 +184,8 @@ class CacheConfig:
     sequence, at a fraction f of the activation bytes."""
     act_dtype: str = "bfloat16"
     """Storage dtype of activations and hidden states (float8 and int4 are lossy, with a per-row scale; int4
-    quantises each row after a fixed random Hadamard rotation; docs/cache_format.md)."""
+    quantises each row after a fixed random Hadamard rotation; int4g is int4 with a scale per 64 rotated
+    elements, 1/16 more bytes; docs/cache_format.md)."""
     seed: int = 0
     """Seed for position sampling and sampled-KD draws; a rebuild with the same seed is identical."""
     run: BuildRunConfig = field(default_factory=BuildRunConfig)

@@ -1,4 +1,4 @@
-"""The lossy int4 and log8 encodings: exactly as documented, within their bounds, in both shard formats,
+"""The lossy int4, int4g and log8 encodings: exactly as documented, within their bounds, in both shard formats,
 through a real capture, and refused by code that predates them."""
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from lrc_offline.cache import (
     read_manifest,
 )
 from lrc_offline.cache import manifest as manifest_mod
-from lrc_offline.cache.quantize import LOG8_STEP, rotate, rotation_block, unrotate
+from lrc_offline.cache.quantize import (
+    INT4G_GROUP,
+    LOG8_STEP,
+    dequantize_int4g,
+    quantize_int4g,
+    rotate,
+    rotation_block,
+    unrotate,
+)
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import BuildRunConfig, CacheConfig, ConfigError
 from lrc_offline.teacher.load import load_teacher
@@ -94,6 +102,56 @@ def test_int4_error_is_relative_to_the_rotated_row_max():
     assert 0.08 < float(relative) < 0.16
 
 
+def _recipe() -> dict:
+    """The numpy decoders of docs/cache_format.md, executed."""
+    doc = (Path(__file__).parents[1] / "docs" / "cache_format.md").read_text()
+    namespace: dict = {}
+    exec(doc.split("### Schema 3")[1].split("```python")[1].split("```")[0], namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("width", [64, 576, 96, 7, 2048, 100])
+def test_int4g_round_trip_within_documented_bound(width):
+    x = int4_rows(width, seed=width)
+    packed, scale = quantize_int4g(x)
+    groups = -(-width // INT4G_GROUP)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, -(-width // 2))
+    assert scale.dtype == torch.bfloat16 and scale.shape == (256, groups)
+    y = dequantize_int4g(packed, scale, width)
+    assert y.dtype == torch.float32 and torch.equal(y[0], x[0]) and bool(torch.isfinite(y).all())
+    # The documented bound, from the rotated groups' maxima (the stored scales round them up).
+    y_rot = torch.nn.functional.pad(rotate(x), (0, groups * INT4G_GROUP - width)).reshape(256, groups, INT4G_GROUP)
+    exact = y_rot.abs().amax(-1) / 7
+    assert bool((scale.float() >= exact).all()) and bool((scale.float() <= exact * (1 + 2**-7) + (exact == 0)).all())
+    widths = torch.full((groups,), float(INT4G_GROUP))
+    widths[-1] = width - (groups - 1) * INT4G_GROUP
+    bound = (widths * scale.float().square()).sum(-1).sqrt() / 2
+    slack = 1e-5 * x.norm(dim=-1)
+    assert bool(((y - x).norm(dim=-1) <= bound + slack).all())
+    int4_bound = math.sqrt(width) * quantize_int4(x)[1] / 2
+    assert bool((bound <= int4_bound * (1 + 2**-7) + slack).all())
+    # Plain numpy decodes it (docs/cache_format.md).
+    bits = scale.view(torch.int16).numpy().view(np.uint16)
+    by_numpy = _recipe()["int4g_decode"](packed.numpy(), bits, width)
+    np.testing.assert_allclose(by_numpy, y.numpy(), rtol=0, atol=1e-5 * float(x.abs().max()))
+
+
+def test_int4g_keeps_the_rest_of_a_sink_row():
+    """A sink row (one massive channel over Gaussian channels), width 576 (9 blocks of 64): int4's one row
+    scale is set by the massive channel's block; int4g's groups keep the other blocks' precision."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 576, generator=gen)
+    x[:, 7] = 500.0
+    rest = torch.ones(576, dtype=torch.bool)
+    rest[:64] = False  # the block the massive channel is rotated into (H mixes within blocks of 64)
+
+    def rest_error(y):
+        return float(((y - x)[:, rest].norm(dim=-1) / x[:, rest].norm(dim=-1)).mean())
+
+    int4, int4g = rest_error(dequantize_int4(*quantize_int4(x), 576)), rest_error(dequantize_int4g(*quantize_int4g(x), 576))
+    assert int4g < 0.15 and int4 > 0.9, (int4, int4g)  # int4 rounds the other blocks to (almost) zero
+
+
 def test_log8_round_trip_within_documented_bound():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(300, 1000, generator=gen) * torch.linspace(0.5, 8, 300).unsqueeze(-1)
@@ -116,9 +174,9 @@ def _cfg(**overrides) -> CacheConfig:
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
-@pytest.mark.parametrize("activation_mode", ["residual", "targets"])
-def test_int4_and_log8_round_trip_through_both_shard_formats(tmp_path, fmt, activation_mode):
-    cfg = _cfg(format=fmt, activation_mode=activation_mode, act_dtype="int4", logprob_dtype="log8")
+@pytest.mark.parametrize("activation_mode,act_dtype", [("residual", "int4"), ("targets", "int4"), ("residual", "int4g")])
+def test_int4_and_log8_round_trip_through_both_shard_formats(tmp_path, fmt, activation_mode, act_dtype):
+    cfg = _cfg(format=fmt, activation_mode=activation_mode, act_dtype=act_dtype, logprob_dtype="log8")
     writer = CacheWriter(tmp_path, make_manifest(cfg, GEOMETRY, FINGERPRINTS, 5))
     gen = torch.Generator().manual_seed(1)
     written = {}
@@ -136,16 +194,19 @@ def test_int4_and_log8_round_trip_through_both_shard_formats(tmp_path, fmt, acti
         writer.write_shard(index, arrays)
         written[index] = arrays
     reader = CacheReader(tmp_path)
-    assert reader.manifest.schema_version == 3 and reader.complete_shards() == [0, 1]
-    act_names = [spec.name for spec in reader.fields if spec.dtype == "int4"]
+    assert reader.manifest.schema_version == {"int4": 3, "int4g": 4}[act_dtype] and reader.complete_shards() == [0, 1]
+    act_names = [spec.name for spec in reader.fields if spec.dtype == act_dtype]
     assert act_names and {s.name for s in reader.fields if s.dtype == "log8"} == {"topk_logprobs"}
     for index, arrays in written.items():
         read = reader.read_shard(index)
         for name in act_names:
             x, y = arrays[name].float(), read[name]
             assert y.dtype == torch.float32 and y.shape == x.shape
-            scale = rotate(x).abs().amax(-1) / 7
-            assert bool(((y - x).norm(dim=-1) <= math.sqrt(x.shape[-1]) * scale / 2 * (1 + 1e-5)).all()), name
+            scale = rotate(x).abs().amax(-1) / 7  # the int4 row bound; int4g's is within it (x 1 + 2^-7)
+            bound = math.sqrt(x.shape[-1]) * scale / 2 * (1 + 2**-7 + 1e-5)
+            assert bool(((y - x).norm(dim=-1) <= bound).all()), name
+            if act_dtype == "int4g":
+                torch.testing.assert_close(y, dequantize_int4g(*quantize_int4g(x), x.shape[-1]), rtol=0, atol=0)
         x, y = arrays["topk_logprobs"], read["topk_logprobs"]
         assert y.dtype == torch.float32 and (y - x).abs().max() <= LOG8_STEP / 2 + 2e-6
 
@@ -186,6 +247,13 @@ def test_new_encodings_need_schema_3_and_older_code_refuses_them(tmp_path, monke
     with pytest.raises(CacheFormatError, match="written with cache schema 3, this lrc_offline reads up to 2"):
         CacheReader(tmp_path)
     monkeypatch.undo()
+    # int4g needs schema 4; schema-3 code refuses it by its version.
+    assert make_manifest(_cfg(act_dtype="int4g"), GEOMETRY, FINGERPRINTS, 5).schema_version == 4
+    CacheWriter(tmp_path / "g", make_manifest(_cfg(act_dtype="int4g"), GEOMETRY, FINGERPRINTS, 5))
+    monkeypatch.setattr(manifest_mod, "SCHEMA_VERSION", 3)
+    with pytest.raises(CacheFormatError, match="written with cache schema 4, this lrc_offline reads up to 3"):
+        CacheReader(tmp_path / "g")
+    monkeypatch.undo()
     # A manifest claiming an older schema than its dtypes need is malformed.
     data = {**json.loads((tmp_path / "manifest.json").read_text()), "schema_version": 2}
     with pytest.raises(CacheFormatError, match="need schema 3"):
@@ -204,10 +272,7 @@ def test_new_encodings_need_schema_3_and_older_code_refuses_them(tmp_path, monke
 def test_the_documented_numpy_recipe_decodes_a_plain_zarr_shard(tmp_path):
     import zarr
 
-    doc = (Path(__file__).parents[1] / "docs" / "cache_format.md").read_text()
-    recipe = doc.split("### Schema 3")[1].split("```python")[1].split("```")[0]
-    namespace: dict = {}
-    exec(recipe, namespace)
+    namespace = _recipe()
     cfg = _cfg(act_dtype="int4", logprob_dtype="log8", act_positions=16)
     geometry = dataclasses.replace(GEOMETRY, hidden_size=576)  # 9 Hadamard blocks of 64
     writer = CacheWriter(tmp_path, make_manifest(cfg, geometry, FINGERPRINTS, 3))
@@ -227,20 +292,21 @@ def test_the_documented_numpy_recipe_decodes_a_plain_zarr_shard(tmp_path):
     np.testing.assert_allclose(logprobs, expected["topk_logprobs"].numpy(), rtol=0, atol=1e-6)
 
 
-def test_training_runs_from_an_int4_and_log8_cache(tmp_path):
+@pytest.mark.parametrize("act_dtype", ["int4", "int4g"])
+def test_training_runs_from_an_int4_and_log8_cache(tmp_path, act_dtype):
     from lrc_offline.config import StudentConfig, TrainConfig, TrainJobConfig
     from lrc_offline.training.metrics import read_metrics
     from lrc_offline.training.trainer import train_from_cache
 
-    build_cache(_cfg(max_sequences=8, sequences_per_shard=4, act_dtype="int4", logprob_dtype="log8"), tmp_path / "c",
-                progress=False)  # fmt: skip
+    build_cache(_cfg(max_sequences=8, sequences_per_shard=4, act_dtype=act_dtype, logprob_dtype="log8"),
+                tmp_path / "c", progress=False)  # fmt: skip
     cfg = TrainJobConfig(student=StudentConfig(hidden_size=16), train=TrainConfig(steps=2, batch_size=4, log_every=1))
     train_from_cache(cfg, tmp_path / "c", tmp_path / "r", progress=False)
     records = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert len(records) == 2 and all(math.isfinite(r["loss"]) and "clone" in r for r in records)
 
 
-@pytest.mark.parametrize("act_dtype", ["float8", "int4"])
+@pytest.mark.parametrize("act_dtype", ["float8", "int4", "int4g"])
 def test_reading_some_fields_fetches_their_companion_arrays(tmp_path, act_dtype):
     build_cache(_cfg(max_sequences=4, sequences_per_shard=4, act_dtype=act_dtype, logprob_dtype="log8"),
                 tmp_path / "c", progress=False)  # fmt: skip

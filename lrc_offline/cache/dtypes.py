@@ -20,6 +20,9 @@ Zarr and .npy know no bfloat16 or float8, so:
 - ``int4`` (lossy, opt-in) is stored as uint8 bytes holding two 4-bit codes of the Hadamard-rotated row,
   ``[n, *shape[:-1], ceil(shape[-1] / 2)]``, plus a ``<name>__scale`` float32 array like float8's; it
   decodes to float32 within ``|decode(x) - x|_2 <= sqrt(R) * scale / 2`` per row (`quantize.py`).
+- ``int4g`` (lossy, opt-in) is int4 with one scale per 64 rotated elements: the same packed codes plus a
+  ``<name>__scale`` array of bfloat16 bits (uint16), shape ``[n, *shape[:-1], ceil(shape[-1] / 64)]``
+  (`quantize.py`).
 - ``log8`` (lossy, opt-in, for log-probs) is stored as uint8 codes of ``(row max - x) / (1/16)`` plus a
   ``<name>__max`` float32 array holding each row's max exactly, shape ``[n, *shape[:-1]]``; it decodes
   to float32 within 1/32 for values within 15.94 of the row max (`quantize.py`).
@@ -34,7 +37,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from lrc_offline.cache.quantize import dequantize_int4, dequantize_log8, quantize_int4, quantize_log8
+from lrc_offline.cache.quantize import (
+    INT4G_GROUP,
+    dequantize_int4,
+    dequantize_int4g,
+    dequantize_log8,
+    quantize_int4,
+    quantize_int4g,
+    quantize_log8,
+)
 from lrc_offline.cache.schema import ROW_CODED_DTYPES, CacheFormatError, FieldSpec
 
 __all__ = [
@@ -61,7 +72,7 @@ SCALE_SUFFIX = "__scale"
 ROW_MAX_SUFFIX = "__max"
 """Name suffix of the per-row max array stored next to a log8 field."""
 
-_COMPANION = {"float8": SCALE_SUFFIX, "int4": SCALE_SUFFIX, "log8": ROW_MAX_SUFFIX}
+_COMPANION = {"float8": SCALE_SUFFIX, "int4": SCALE_SUFFIX, "int4g": SCALE_SUFFIX, "log8": ROW_MAX_SUFFIX}
 
 _STORAGE = {
     "int32": np.dtype("int32"),
@@ -72,6 +83,7 @@ _STORAGE = {
     "bfloat16": np.dtype("uint16"),
     "float8": np.dtype("uint8"),
     "int4": np.dtype("uint8"),
+    "int4g": np.dtype("uint8"),
     "log8": np.dtype("uint8"),
 }
 _TORCH = {
@@ -83,6 +95,7 @@ _TORCH = {
     "bfloat16": torch.bfloat16,
     "float8": torch.float32,
     "int4": torch.float32,
+    "int4g": torch.float32,
     "log8": torch.float32,
 }
 _INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "uint16": (0, 2**16 - 1), "uint8": (0, 2**8 - 1)}
@@ -92,25 +105,27 @@ _ROW_CODED_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 def stored_arrays(spec: FieldSpec) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, numpy dtype, per-sequence shape) of each array that stores `spec`, value array first."""
     shape = spec.shape
-    if spec.dtype == "int4":
+    if spec.dtype in ("int4", "int4g"):
         shape = (*shape[:-1], -(-shape[-1] // 2))  # two codes per byte
     arrays = [(spec.name, _STORAGE[spec.dtype], shape)]
-    if spec.dtype in _COMPANION:
+    if spec.dtype == "int4g":  # bfloat16 bits, one per group of INT4G_GROUP
+        arrays.append((spec.name + SCALE_SUFFIX, np.dtype("uint16"), (*spec.shape[:-1], -(-spec.shape[-1] // INT4G_GROUP))))
+    elif spec.dtype in _COMPANION:
         arrays.append((spec.name + _COMPANION[spec.dtype], np.dtype("float32"), spec.shape[:-1]))
     return arrays
 
 
 def array_role(name: str) -> str:
-    """What a stored array holds, by its name: values, scale (float8, int4) or row_max (log8)."""
+    """What a stored array holds, by its name: values, scale (float8, int4, int4g) or row_max (log8)."""
     if name.endswith(SCALE_SUFFIX):
         return "scale"
     return "row_max" if name.endswith(ROW_MAX_SUFFIX) else "values"
 
 
 def logical_itemsize(dtype: str) -> float:
-    """Bytes per element of a logical dtype before compression (float8 and log8: 1, int4: 0.5; their
-    per-row companions not counted)."""
-    return 0.5 if dtype == "int4" else _STORAGE[dtype].itemsize
+    """Bytes per element of a logical dtype before compression (float8 and log8: 1, int4 and int4g: 0.5;
+    their scale companions not counted)."""
+    return 0.5 if dtype in ("int4", "int4g") else _STORAGE[dtype].itemsize
 
 
 def check_input(spec: FieldSpec, tensor: object, num_sequences: int, where: str) -> torch.Tensor:
@@ -185,6 +200,9 @@ def dequantize_float8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def encode(spec: FieldSpec, tensor: torch.Tensor) -> dict[str, np.ndarray]:
     """The arrays that store `tensor` (already checked by `check_input`), keyed by stored name."""
+    if spec.dtype == "int4g":
+        codes, scale = quantize_int4g(tensor)
+        return {spec.name: codes.numpy(), spec.name + SCALE_SUFFIX: scale.view(torch.int16).numpy().view(np.uint16)}
     if spec.dtype in _COMPANION:
         quantize = {"float8": quantize_float8, "int4": quantize_int4, "log8": quantize_log8}[spec.dtype]
         codes, companion = quantize(tensor)
@@ -197,7 +215,7 @@ def encode(spec: FieldSpec, tensor: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.Tensor:
-    """The logical tensor [n, *spec.shape] from its stored arrays (float8, int4 and log8 decode to float32).
+    """The logical tensor [n, *spec.shape] from its stored arrays (float8, int4, int4g and log8 decode to float32).
 
     Raises:
         CacheFormatError: a stored array is missing or has the wrong dtype or shape; names `where`.
@@ -218,6 +236,9 @@ def decode(spec: FieldSpec, stored: dict[str, np.ndarray], where: str) -> torch.
         num = array.shape[0]
         arrays[name] = array
     values = arrays[spec.name]
+    if spec.dtype == "int4g":
+        scale = torch.from_numpy(arrays[spec.name + SCALE_SUFFIX].view(np.int16)).view(torch.bfloat16)
+        return dequantize_int4g(torch.from_numpy(values), scale, spec.shape[-1])
     if spec.dtype in _COMPANION:
         codes, companion = torch.from_numpy(values), torch.from_numpy(arrays[spec.name + _COMPANION[spec.dtype]])
         if spec.dtype == "int4":

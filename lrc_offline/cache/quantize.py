@@ -19,6 +19,17 @@ pads a zero code). Decoding returns float32 ``s * (H (code * scale))``.
   about ``sqrt(2 ln R) / (7 sqrt(12))`` (12% at R = 576). Up to float32 rounding (~1e-6 of the row
   norm), for rows whose scale is a normal float32.
 
+``int4g``: ``int4`` with one scale per group of ``INT4G_GROUP`` = 64 consecutive rotated elements instead
+of one per row (the last group of a width that is not a multiple of 64 is shorter), so a group's 15
+levels span its own range, not the row's largest block's: ``scale_g = max|y_g| / 7`` rounded up to the
+next bfloat16 (stored as its 16 bits, so a group costs 2 bytes on top of its 32 bytes of codes),
+``code = round(y / scale_g)`` in -7..7, packed as in int4. Decoding returns float32
+``s * (H (code * scale_g))``.
+
+  Error bound: each rotated element is off by at most ``scale_g / 2``, so per row
+  ``|decode(x) - x|_2 <= sqrt(sum_g n_g scale_g^2) / 2`` (n_g the group's width), at most the int4 bound
+  of the same row up to the bfloat16 rounding of the scales (a factor <= 1 + 2^-7).
+
 ``log8``: a row of log-probs keeps its maximum exactly (a float32 companion) and stores
 ``code = round((max - x) / LOG8_STEP)`` clipped to 0..255 as uint8; decoding returns float32
 ``max - code * LOG8_STEP``.
@@ -47,12 +58,18 @@ __all__ = [
     "unrotate",
     "quantize_int4",
     "dequantize_int4",
+    "INT4G_GROUP",
+    "quantize_int4g",
+    "dequantize_int4g",
     "quantize_log8",
     "dequantize_log8",
 ]
 
 INT4_MAX = 7
 """Largest int4 code magnitude: a rotated row's max magnitude maps to it (codes are symmetric, -7..7)."""
+
+INT4G_GROUP = 64
+"""Rotated elements per int4g scale."""
 
 LOG8_STEP = 1 / 16
 """Spacing of log8 codes, in nats below the row max."""
@@ -114,18 +131,61 @@ def quantize_int4(x_NR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # An all-zero row (or one so tiny its scale underflows) gets scale 1: its codes are all zero anyway.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = (torch.round(y / scale).clamp(-INT4_MAX, INT4_MAX) + 8).to(torch.uint8)
-    if codes.shape[-1] % 2:
-        codes = torch.cat([codes, torch.full_like(codes[..., :1], 8)], dim=-1)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return packed.contiguous(), scale.squeeze(-1)
+    return _pack_nibbles(codes), scale.squeeze(-1)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
     """Inverse of `quantize_int4`: float32 rows [..., width] from packed codes [..., ceil(width/2)] and
     scales [...]."""
+    return unrotate(_unpack_codes(packed, width) * scale.unsqueeze(-1))
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [..., R] -> bytes [..., ceil(R/2)], element 2j in the low nibble (odd R padded with 8)."""
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, torch.full_like(codes[..., :1], 8)], dim=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+
+
+def _unpack_codes(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of `_pack_nibbles`: float32 codes -7..7 [..., width]."""
     nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)[..., :width]
-    codes = nibbles.to(torch.float32) - 8
-    return unrotate(codes * scale.unsqueeze(-1))
+    return nibbles.to(torch.float32) - 8
+
+
+def _grouped(y_NR: torch.Tensor) -> torch.Tensor:
+    """[..., R] -> [..., G, INT4G_GROUP], zero-padded to G = ceil(R / INT4G_GROUP) whole groups."""
+    width = y_NR.shape[-1]
+    groups = -(-width // INT4G_GROUP)
+    padded = torch.nn.functional.pad(y_NR, (0, groups * INT4G_GROUP - width))
+    return padded.reshape(*y_NR.shape[:-1], groups, INT4G_GROUP)
+
+
+def _bfloat16_up(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite float32 `x` rounded up to the next bfloat16 value, returned as bfloat16 (exact)."""
+    bits = x.float().contiguous().view(torch.int32)
+    up = (bits + 0xFFFF) & ~0xFFFF  # clear the 16 low bits after carrying any of them into bit 16
+    return up.view(torch.float32).to(torch.bfloat16)
+
+
+def quantize_int4g(x_NR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4g codes packed two per byte (uint8 [..., ceil(R/2)]) and bfloat16 scales [..., ceil(R/64)] of
+    `x_NR` [..., R]; see the module docstring for the layout and the error bound."""
+    width = x_NR.shape[-1]
+    y_NGK = _grouped(rotate(x_NR))
+    scale = _bfloat16_up(y_NGK.abs().amax(dim=-1) / INT4_MAX)
+    # An all-zero group (or one so tiny its scale underflows) gets scale 1: its codes are all zero anyway.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(y_NGK / scale.float().unsqueeze(-1)).clamp(-INT4_MAX, INT4_MAX) + 8
+    codes = codes.reshape(*x_NR.shape[:-1], -1)[..., :width].to(torch.uint8)
+    return _pack_nibbles(codes), scale
+
+
+def dequantize_int4g(packed: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of `quantize_int4g`: float32 rows [..., width] from packed codes [..., ceil(width/2)] and
+    bfloat16 scales [..., ceil(width/64)]."""
+    y_NGK = _grouped(_unpack_codes(packed, width)) * scale.float().unsqueeze(-1)
+    return unrotate(y_NGK.reshape(*packed.shape[:-1], -1)[..., :width])
 
 
 def quantize_log8(x_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

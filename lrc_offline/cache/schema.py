@@ -30,22 +30,24 @@ __all__ = [
     "act_layers",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Newest version of the on-disk layout this code reads and writes; readers refuse caches written with a
 newer one. 2: the build's run options (batch size, device, dtype, backend, engine options) moved from the
 manifest's ``config`` to ``build``; the shard data and records are as in 1, which stays readable (see
-`manifest._legacy_digest`). 3: the int4 and log8 encodings (`quantize.py`). A manifest records the lowest
+`manifest._legacy_digest`). 3: the int4 and log8 encodings (`quantize.py`). 4: the int4g encoding
+(int4 with a scale per 64 rotated elements). A manifest records the lowest
 version that describes it (2, or `schema_for` its fields), so a cache using neither stays at 2, readable
 by older code, and older code refuses one that uses them by its version."""
 
-LOGICAL_DTYPES = ("int32", "uint16", "uint8", "float32", "float16", "bfloat16", "float8", "int4", "log8")
-"""Dtypes a field may declare; bfloat16 is stored as integer bits, float8, int4 and log8 as integer codes
-with a per-row companion array (see `dtypes.py`)."""
+LOGICAL_DTYPES = ("int32", "uint16", "uint8", "float32", "float16", "bfloat16", "float8", "int4", "int4g", "log8")
+"""Dtypes a field may declare; bfloat16 is stored as integer bits, float8, int4, int4g and log8 as integer
+codes with a companion array of scales (per row; int4g per 64 elements) or row maxima (see `dtypes.py`)."""
 
-ROW_CODED_DTYPES = ("float8", "int4", "log8")
-"""Lossy dtypes coded per row (the last axis) with a float32 companion per row; they decode to float32."""
+ROW_CODED_DTYPES = ("float8", "int4", "int4g", "log8")
+"""Lossy dtypes coded per row (the last axis) with a companion array of scales or maxima; they decode to
+float32."""
 
-_SINCE_SCHEMA = {"int4": 3, "log8": 3}
+_SINCE_SCHEMA = {"int4": 3, "log8": 3, "int4g": 4}
 """Dtypes newer than schema 2, with the schema that introduced them."""
 
 CODECS = (
@@ -158,7 +160,8 @@ def _checked_keys(cls: type, data: Any, where: str) -> dict[str, Any]:
 
 
 def schema_for(fields: list[FieldSpec] | tuple[FieldSpec, ...]) -> int:
-    """The oldest schema version that knows every field's dtype: 1, or 3 with an int4 or log8 field."""
+    """The oldest schema version that knows every field's dtype: 1, 3 with an int4 or log8 field, 4 with
+    an int4g field."""
     return max([1, *(_SINCE_SCHEMA.get(spec.dtype, 1) for spec in fields)])
 
 
