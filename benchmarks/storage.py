@@ -40,8 +40,11 @@ BUILDS = {
     "topk+residual, 25%": dict(logit_mode="topk", activation_mode="residual", act_fraction=0.25),
     "topk+residual, log8 + int4, 25%": dict(logit_mode="topk", activation_mode="residual", logprob_dtype="log8",
                                             act_dtype="int4", act_fraction=0.25),
+    "topk+residual, int4g": dict(logit_mode="topk", activation_mode="residual", act_dtype="int4g"),
     "topk+residual, int4, layers 25%": dict(logit_mode="topk", activation_mode="residual", act_dtype="int4",
                                             act_layer_fraction=0.25),
+    "topk+residual, int4g, layers 25%": dict(logit_mode="topk", activation_mode="residual", act_dtype="int4g",
+                                             act_layer_fraction=0.25),
     "topk+residual, log8 + int4, layers 25%": dict(logit_mode="topk", activation_mode="residual",
                                                    logprob_dtype="log8", act_dtype="int4", act_layer_fraction=0.25),
 }  # fmt: skip
@@ -193,13 +196,15 @@ def main() -> None:
         f"activations: residual, {span}": (BUILDS["topk+residual"], residual),
         f"activations: residual, {span}, float8": (BUILDS["topk+residual, float8"], residual),
         f"activations: residual, {span}, int4": (BUILDS["topk+residual, log8 + int4"], residual),
+        f"activations: residual, {span}, int4g": (BUILDS["topk+residual, int4g"], residual),
         f"activations: targets, {span}": (BUILDS["topk+targets"], [
             "act_q", "act_k", "act_v", "act_o", "act_gate", "act_up", "act_down", "act_positions"]),
         "tokens (input_ids + position_ids)": (BUILDS["topk+residual"], ids),
     }  # fmt: skip
     production = dict(seq_len=args.production_seq_len)
     for positions, logprobs, acts in [(32, "float16", "bfloat16"), (32, "log8", "float8"), (32, "log8", "int4"),
-                                      (16, "log8", "int4"), (8, "log8", "int4")]:  # fmt: skip
+                                      (32, "float16", "int4"), (32, "float16", "int4g"), (16, "log8", "int4"),
+                                      (8, "log8", "int4")]:  # fmt: skip
         label = f"cache: top-64 {logprobs} + residual {acts} at {positions}/{args.production_seq_len}"
         rows[label] = (dict(BUILDS["topk+residual"], logprob_dtype=logprobs, act_dtype=acts, **production,
                             act_positions=positions), None)  # fmt: skip
@@ -207,9 +212,10 @@ def main() -> None:
                                   ("log8", "int4", "topk+residual, log8 + int4, 25%")]:  # fmt: skip
         label = f"cache: top-64 {logprobs} + residual {acts} at 32/{args.production_seq_len}, 25% of sequences"
         rows[label] = (dict(BUILDS[build], **production, act_positions=32), None)
-    for logprobs, build in [("float16", "topk+residual, int4, layers 25%"),
-                            ("log8", "topk+residual, log8 + int4, layers 25%")]:  # fmt: skip
-        label = f"cache: top-64 {logprobs} + residual int4 at 32/{args.production_seq_len}, a quarter of the layers a position"
+    for logprobs, acts, build in [("float16", "int4", "topk+residual, int4, layers 25%"),
+                                  ("log8", "int4", "topk+residual, log8 + int4, layers 25%"),
+                                  ("float16", "int4g", "topk+residual, int4g, layers 25%")]:  # fmt: skip
+        label = f"cache: top-64 {logprobs} + residual {acts} at 32/{args.production_seq_len}, a quarter of the layers a position"
         rows[label] = (dict(BUILDS[build], **production, act_positions=32), None)
     table = {}
     for model, dims in GEOMETRIES.items():
@@ -219,7 +225,7 @@ def main() -> None:
         row["baseline: full fp16 logits"] = vocab * 2
         row["baseline: 7 targets at every position (bf16, raw)"] = layers * 2 * (heads * head_dim + 2 * kv * head_dim + 2 * d + 2 * ffn)
         table[model] = row
-    coded = {"int4": "topk+residual, log8 + int4", "float8": "topk+residual, float8"}
+    coded = {"int4": "topk+residual, log8 + int4", "int4g": "topk+residual, int4g", "float8": "topk+residual, float8"}
     errors = {codec: codec_errors(caches["topk+residual"], caches[build]) for codec, build in coded.items()}
     clipped = log8_clipped(caches["topk+residual"])
     result = {"setup": vars(args), "measured_total_bytes_per_token": measured, "fields": per_field, "table": table,
