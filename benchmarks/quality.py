@@ -68,6 +68,12 @@ VARIANTS = {
                           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "p16-layers25": ("(p) PCA init, warmup 60, a quarter of the layers per position", ["act_layer_fraction=0.25"],
                      ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    # int4 with a scale per 64 rotated elements (int4g), alone and with a quarter of the layers per position.
+    "p16-int4g": ("(p) PCA init, warmup 60, int4g activations (fp16 log-probs)", ["act_dtype=int4g"],
+                  ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    "p16-int4g-layers25": ("(p) PCA init, warmup 60, int4g (fp16 log-probs), a quarter of the layers per position",
+                           ["act_dtype=int4g", "act_layer_fraction=0.25"],
+                           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
