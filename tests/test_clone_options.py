@@ -340,6 +340,11 @@ def test_layer_subset_cache_stores_each_positions_layers(caches):
 
     # The zeros compress to almost nothing: the activation bytes follow the fraction.
     assert act_bytes(reader) < 0.6 * act_bytes(full_reader)
+    from lrc_offline.cache import inspect_cache
+
+    summary = inspect_cache(caches["layers"])["activations"]
+    assert (summary["layers_per_position"], summary["stored_layers"]) == (1, 2)
+    assert inspect_cache(caches["full"])["activations"]["layers_per_position"] == 2
 
 
 def test_layer_subset_batch_loss_is_the_full_batch_masked_per_layer(caches):

@@ -14,7 +14,7 @@ from typing import Any
 from lrc_offline.cache.dtypes import logical_itemsize
 from lrc_offline.cache.records import read_record
 from lrc_offline.cache.schema import CacheFormatError
-from lrc_offline.cache.act_stats import activation_stats
+from lrc_offline.cache.act_stats import activation_stats, layers_per_position
 from lrc_offline.cache.store import CacheReader
 from lrc_offline.storage import Location
 
@@ -153,18 +153,22 @@ def inspect_cache(root: str | Path | Location, storage_options: dict | None = No
         "fingerprints": dict(manifest.fingerprints),
         "config": manifest.config_dict(),
         "stats": _weighted_stats(records),
-        "activations": _activation_summary(records, complete_sequences),
+        "activations": _activation_summary(records, complete_sequences, manifest),
     }
 
 
-def _activation_summary(records: list[dict[str, Any]], complete_sequences: int) -> dict[str, Any] | None:
-    """Which fraction of the sequences carry activations, and the teacher targets' mean square per term and
-    layer at attention-sink positions and elsewhere (where massive activations show up)."""
+def _activation_summary(records: list[dict[str, Any]], complete_sequences: int, manifest) -> dict[str, Any] | None:
+    """Which fraction of the sequences carry activations, how many of the stored layers each position
+    carries, and the teacher targets' mean square per term and layer at attention-sink positions and
+    elsewhere (where massive activations show up)."""
     sums = activation_stats(records)
     if sums is None:
         return None
+    num_layers = len(manifest.act_layers)
     out: dict[str, Any] = {"sequences": sums["sequences"],
                            "fraction": sums["sequences"] / complete_sequences if complete_sequences else None,
+                           "layers_per_position": layers_per_position(num_layers, manifest.config.act_layer_fraction),
+                           "stored_layers": num_layers,
                            "sink_positions": sums["sink_positions"], "other_positions": sums["other_positions"],
                            "mean_square": {}}  # fmt: skip
     for term in sums["other_sq"]:

@@ -138,8 +138,9 @@ def _inspect(args) -> int:
         print(f"  stat  {key:<16} {value:.4g}")
     acts = info.get("activations")
     if acts:
-        print(f"  activations in {acts['sequences']} sequences ({acts['fraction']:.0%}); target mean square, "
-              "largest layer, at sink positions / elsewhere:")  # fmt: skip
+        print(f"  activations in {acts['sequences']} sequences ({acts['fraction']:.0%}), "
+              f"{acts['layers_per_position']} of {acts['stored_layers']} layers a position; target mean square "
+              "(every layer), largest layer, at sink positions / elsewhere:")  # fmt: skip
         for term, ms in acts["mean_square"].items():
             sink, other = ms["sink"], ms["other"]
             i, j = max(range(len(sink)), key=sink.__getitem__), max(range(len(other)), key=other.__getitem__)
