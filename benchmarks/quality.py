@@ -74,6 +74,12 @@ VARIANTS = {
     "p16-int4g-layers25": ("(p) PCA init, warmup 60, int4g (fp16 log-probs), a quarter of the layers per position",
                            ["act_dtype=int4g", "act_layer_fraction=0.25"],
                            ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60"]),
+    # The same cache with fixed clone normalisers from the build's statistics (loss.clone_normalize=cache):
+    # a batch whose positions carry no sink for some layer no longer shrinks that layer's normaliser.
+    "p16-int4g-layers25-msc": ("(p) PCA init, warmup 60, int4g, a quarter of the layers per position, cache normalisers",
+                               ["act_dtype=int4g", "act_layer_fraction=0.25"],
+                               ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "optim.warmup_steps=60",
+                                "loss.clone_normalize=cache"]),
     "q": ("(q) PCA init (untied), KD only, lr 1e-4", [],
           ["student.init=pca", "student.head=untied", "optim.lr=0.0001", "loss.alpha=0"]),
 }
