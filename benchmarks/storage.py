@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lrc_offline.cache import CacheReader, TeacherGeometry, cache_fields, inspect_cache
+from lrc_offline.cache import CacheReader, TeacherGeometry, cache_fields, inspect_cache, num_act_positions
 from lrc_offline.cache.act_stats import layers_per_position
 from lrc_offline.cache.dtypes import stored_arrays
 from lrc_offline.capture.build import build_cache
@@ -76,8 +76,12 @@ ROW_FIELDS = ("act_input", "act_attn", "act_q", "act_k", "act_v", "act_o", "act_
 
 def kept_fraction(cfg: CacheConfig, num_layers: int) -> float:
     """The expected fraction of a large cache's activation rows that hold values: the budget's sequences
-    times the layers a position carries."""
-    return cfg.act_fraction * layers_per_position(num_layers, cfg.act_layer_fraction) / num_layers
+    times the layers a position carries (a layer subset keeps every layer at the sequence's start, one of
+    its P positions)."""
+    if cfg.act_layer_fraction >= 1:
+        return cfg.act_fraction
+    m, P = layers_per_position(num_layers, cfg.act_layer_fraction), num_act_positions(cfg, cfg.seq_len)
+    return cfg.act_fraction * (num_layers + (P - 1) * m) / (P * num_layers)
 
 
 def _key(spec, cfg: CacheConfig) -> tuple:
@@ -171,8 +175,10 @@ def main() -> None:
         if cfg.act_fraction < 1:
             flags = [reader.read_shard(i, fields=["act_present"])["act_present"] for i in reader.complete_shards()]
             present = float(torch.cat(flags).float().mean())
-        layers = reader.manifest.geometry.num_layers
-        kept = present * layers_per_position(layers, cfg.act_layer_fraction) / layers
+        kept = present
+        if cfg.act_layer_fraction < 1:
+            masks = [reader.read_shard(i, fields=["act_layer_mask"])["act_layer_mask"] for i in reader.complete_shards()]
+            kept *= float(torch.cat(masks).float().mean())
         for spec in reader.fields:
             field = info["fields"][spec.name]
             field["raw_bytes_per_token"] = _raw_bytes(spec) / cfg.seq_len

@@ -40,6 +40,7 @@ def test_pinned_values():
     assert stable_seed("lrc-positions", 0, 0) == 2943530153234914728
     assert stable_seed("lrc-positions", 1, 5) == 1927216146497460054
     assert [act_present(0, j, 0.5) for j in range(8)] == [False, True, False, True, True, False, True, True]
+    assert mixed_seed(3, 1, 5) == 3000019000035
     assert act_layer_mask(0, 0, 6, 4, 0.34).int().tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]] * 3
     assert act_layer_mask(0, 1, 6, 4, 0.34).int().tolist() == [
         [0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1], [1, 0, 1, 0]]
@@ -59,8 +60,11 @@ def test_act_layer_mask_gives_each_position_m_layers_and_covers_every_layer(laye
             assert int(per_layer.min()) == positions * m // layers
             assert int(per_layer.max()) - int(per_layer.min()) <= 1
         assert torch.equal(mask, act_layer_mask(7, index, layers, positions, fraction))
+        start = torch.zeros(positions, dtype=torch.bool)
+        start[0] = True
+        with_start = act_layer_mask(7, index, layers, positions, fraction, start)
+        assert bool(with_start[:, 0].all()) and torch.equal(with_start[:, 1:], mask[:, 1:])
     assert act_layer_mask(7, 0, layers, positions, 1.0).all()
-    assert mixed_seed(3, 1, 5) == 3000019000035
 
 
 @pytest.mark.parametrize("keys", [(0,), (0, 0), (3, 1), (3, 1, 5), (2**62, 2**62, 9), (5, 0, 17)])

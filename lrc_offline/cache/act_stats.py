@@ -11,7 +11,8 @@ The activation budget (`cache.act_fraction`) stores activations for a seeded fra
 sequences only; the others hold zeros (which compress to almost nothing) and ``act_present = 0``.
 The per-position layer subset (`cache.act_layer_fraction`) stores, at each activation position, a
 seeded subset of the layers (`act_layer_mask`), chosen so the positions of a sequence cover every
-layer; the other layers hold zeros there. The statistics are of everything the teacher produced at the
+layer, and every layer at the sequence's start (position 0, the strongest attention sink); the other
+layers hold zeros there. The statistics are of everything the teacher produced at the
 sampled positions of the sequences that carry activations, every layer included.
 
 Legend: L stored layers, B sequences, P positions, W width.
@@ -41,14 +42,20 @@ def layers_per_position(num_layers: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * num_layers - 1e-9))
 
 
-def act_layer_mask(seed: int, sequence_index: int, num_layers: int, num_positions: int, fraction: float) -> torch.Tensor:
+def act_layer_mask(
+    seed: int, sequence_index: int, num_layers: int, num_positions: int, fraction: float,
+    start_P: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """bool [L, P]: which of the L stored layers each of the P activation positions of sequence
     `sequence_index` carries (seeded, stable).
 
     The layers are put in a seeded order (by ``stable_fraction("lrc-act-layers", seed, j, layer)``) and
     position p takes the next m = ceil(f L) of them, cyclically (entries p m .. p m + m - 1 mod L). So each
     position carries m distinct layers, and the positions of a sequence cover every layer once P m >= L
-    (each layer then appears floor(P m / L) or one more times).
+    (each layer then appears floor(P m / L) or one more times). The sequence's start (`start_P`, bool [P]:
+    True at the position whose index is 0) carries every layer: the teacher's strongest attention sink,
+    whose massive activations are the clone loss's largest targets, is cloned in every layer of every
+    sequence, and a batch's per-layer normalisers always see it. Other document starts follow the rule.
     """
     if fraction >= 1.0:
         return torch.ones(num_layers, num_positions, dtype=torch.bool)
@@ -59,6 +66,8 @@ def act_layer_mask(seed: int, sequence_index: int, num_layers: int, num_position
     for p in range(num_positions):
         for i in range(p * m, p * m + m):
             mask[order[i % num_layers], p] = True
+    if start_P is not None:
+        mask[:, start_P.to(torch.bool).cpu()] = True
     return mask
 
 

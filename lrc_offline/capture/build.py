@@ -136,8 +136,10 @@ def capture_batch(
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
         num_layers, num_positions = len(layers), positions.shape[1]
+        start_BP = positions.cpu() == 0  # the sequence start carries every layer of a layer subset
         layer_mask_BLP = torch.stack([
-            act_layer_mask(cfg.seed, j, num_layers, num_positions, cfg.act_layer_fraction) for j in sequence_indices])
+            act_layer_mask(cfg.seed, j, num_layers, num_positions, cfg.act_layer_fraction, start_P)
+            for j, start_P in zip(sequence_indices, start_BP)])  # fmt: skip
         keep_BLP1 = (layer_mask_BLP & present_B[:, None, None])[..., None].to(device)
         subset = cfg.act_fraction < 1 or cfg.act_layer_fraction < 1
         for term, name in names.items():
