@@ -54,6 +54,7 @@ GEOMETRIES = {
     "SmolLM2-135M": (576, 30, 9, 3, 64, 1536, 49152),
     "Llama-3.2-3B": (3072, 28, 24, 8, 128, 8192, 128256),
     "Qwen2.5-3B": (2048, 36, 16, 2, 128, 11008, 151936),
+    "Qwen2.5-7B": (3584, 28, 28, 4, 128, 18944, 152064),
 }
 BUDGET = 500
 """Bytes per token a paper-size run can afford in all (20B tokens in 10 TB)."""
