@@ -181,8 +181,8 @@ class CacheConfig:
     """Per-position layer subset: each activation position stores ceil(f L) of the L stored layers, a
     seeded choice per sequence that covers every layer across the sequence's positions when P ceil(f L) >= L,
     and the sequence's start (position 0, the strongest attention sink) stores every layer (the others
-    store zeros, flagged by act_layer_mask). The clone loss then sees every layer in every sequence, at about a fraction f of the
-    activation bytes."""
+    store zeros, flagged by act_layer_mask). The clone loss then sees every layer in every sequence, at
+    about a fraction f of the activation bytes."""
     act_dtype: str = "bfloat16"
     """Storage dtype of activations and hidden states (float8 and int4 are lossy, with a per-row scale; int4
     quantises each row after a fixed random Hadamard rotation; int4g is int4 with a scale per 64 rotated

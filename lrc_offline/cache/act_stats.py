@@ -27,7 +27,15 @@ import torch
 
 from lrc_offline.seeding import stable_fraction
 
-__all__ = ["act_present", "layers_per_position", "act_layer_mask", "batch_act_sums", "merge_act_sums", "activation_stats", "teacher_ms"]
+__all__ = [
+    "act_present",
+    "layers_per_position",
+    "act_layer_mask",
+    "batch_act_sums",
+    "merge_act_sums",
+    "activation_stats",
+    "teacher_ms",
+]
 
 
 def act_present(seed: int, sequence_index: int, fraction: float) -> bool:
@@ -62,10 +70,9 @@ def act_layer_mask(
     m = layers_per_position(num_layers, fraction)
     keys = [stable_fraction("lrc-act-layers", seed, sequence_index, layer) for layer in range(num_layers)]
     order = sorted(range(num_layers), key=keys.__getitem__)
+    entries_PM = (torch.arange(num_positions)[:, None] * m + torch.arange(m)) % num_layers
     mask = torch.zeros(num_layers, num_positions, dtype=torch.bool)
-    for p in range(num_positions):
-        for i in range(p * m, p * m + m):
-            mask[order[i % num_layers], p] = True
+    mask[torch.tensor(order)[entries_PM], torch.arange(num_positions)[:, None]] = True
     if start_P is not None:
         mask[:, start_P.to(torch.bool).cpu()] = True
     return mask

@@ -135,21 +135,21 @@ def capture_batch(
         out["act_positions"] = to_host(positions.to(torch.int32))
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
-        num_layers, num_positions = len(layers), positions.shape[1]
-        start_BP = positions.cpu() == 0  # the sequence start carries every layer of a layer subset
-        layer_mask_BLP = torch.stack([
-            act_layer_mask(cfg.seed, j, num_layers, num_positions, cfg.act_layer_fraction, start_P)
-            for j, start_P in zip(sequence_indices, start_BP)])  # fmt: skip
-        keep_BLP1 = (layer_mask_BLP & present_B[:, None, None])[..., None].to(device)
-        subset = cfg.act_fraction < 1 or cfg.act_layer_fraction < 1
+        keep_BLP1 = None  # rows left as zeros: the activation budget's sequences, the layer subset's layers
+        if cfg.act_layer_fraction < 1:
+            start_BP = positions.cpu() == 0  # the sequence start carries every layer
+            layer_mask_BLP = torch.stack([
+                act_layer_mask(cfg.seed, j, len(layers), positions.shape[1], cfg.act_layer_fraction, start_P)
+                for j, start_P in zip(sequence_indices, start_BP)])  # fmt: skip
+            out["act_layer_mask"] = layer_mask_BLP.to(torch.uint8)
+            keep_BLP1 = (layer_mask_BLP & present_B[:, None, None])[..., None].to(device)
+        elif cfg.act_fraction < 1:
+            keep_BLP1 = present_B[:, None, None, None].to(device)
         for term, name in names.items():
-            acts_BLPW = captured.acts[term].transpose(0, 1).float()
-            acts_BLPW = acts_BLPW * keep_BLP1 if subset else acts_BLPW  # [B, L, P, W]
-            out[name] = to_host(acts_BLPW)
+            acts_BLPW = captured.acts[term].transpose(0, 1).float()  # [B, L, P, W]
+            out[name] = to_host(acts_BLPW if keep_BLP1 is None else acts_BLPW * keep_BLP1)
         if cfg.act_fraction < 1:
             out["act_present"] = present_B.to(torch.uint8)[:, None]
-        if cfg.act_layer_fraction < 1:
-            out["act_layer_mask"] = layer_mask_BLP.to(torch.uint8)
     return out, stats
 
 
