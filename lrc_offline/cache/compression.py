@@ -124,6 +124,6 @@ def decompress_npy(data: bytes, codec: str, expected_bytes: int, where: str) -> 
     if len(data) > limit:
         raise CacheFormatError(f"{where}: {len(data)} bytes, expected at most {limit}")
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)  # an object array (a pickle) is refused
     except (ValueError, EOFError, OSError) as err:
         raise CacheFormatError(f"{where}: not a valid .npy array ({err})") from err

@@ -8,6 +8,9 @@ Legend: B batch, T tokens, H query heads, G key/value heads, K head_dim, D hidde
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -63,13 +66,35 @@ def attention_bias(
     return allowed | torch.eye(num_tokens, dtype=torch.bool, device=device)[None, None]
 
 
+@functools.cache
+def _cpu_dispatch_below_hardware() -> bool:
+    """The CPU has AVX-512 but ATen dispatches to a lower instruction set (ATEN_CPU_CAPABILITY)."""
+    return torch.cpu._is_avx512_supported() and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _cpu_flash_fails(q: torch.Tensor) -> bool:
+    """Whether torch's CPU flash attention would fail on `q`: its reduced-precision backward packs with
+    AVX-512 VNNI chosen from the hardware, but is built for the instruction set ATen dispatches to, so
+    under ATEN_CPU_CAPABILITY=default or avx2 on a CPU that has AVX-512 it raises (`pack_vnni2 is only
+    supported when avx512 is supported`). The math kernel computes the same attention there."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and _cpu_dispatch_below_hardware()
+
+
+def _math_sdpa():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def attention(
     q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """Grouped-query attention (causal when `mask` is None); returns the context [B, T, H*K]."""
     num_heads, num_kv = q_BHTK.shape[1], k_BGTK.shape[1]
-    ctx = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, is_causal=mask is None,
-                                         scale=scale, enable_gqa=num_kv != num_heads)  # fmt: skip
+    kernel = _math_sdpa() if _cpu_flash_fails(q_BHTK) else contextlib.nullcontext()
+    with kernel:
+        ctx = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, is_causal=mask is None,
+                                             scale=scale, enable_gqa=num_kv != num_heads)  # fmt: skip
     batch, _, tokens, head_dim = ctx.shape
     return ctx.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 

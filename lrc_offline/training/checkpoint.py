@@ -13,7 +13,8 @@ and the optimizer state in `trainer.pt`.
 
 It is written into a temporary sibling and renamed into place, so a directory named `step-*` is
 always complete: a crash while saving leaves only a temporary directory, which `latest_checkpoint`
-ignores.
+ignores. Its files are read only through `safe_load` (nothing in a checkpoint can run code when it is
+loaded; a damaged file is a one-line `CheckpointError`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import TrainJobConfig, to_dict
 from ..differences import differences
 from ..fsutil import atomic_dir
 from .fsdp import SHARDED_DIR, is_sharded, load_sharded, load_sharded_weights, save_sharded
+from .safe_load import CheckpointError, load_safetensors_file, load_trainer_file
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -67,10 +69,6 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.compile", "train.loss_chunk_tokens", "train.generate_once", "train.storage_options",
                      "train.activation_checkpointing")  # fmt: skip
 """Config fields a resumed run may change; any other change would make the resumed run a different run."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged, of another version, or does not fit the run resuming from it."""
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -218,15 +216,11 @@ def load_student_weights(path: str | Path, student: torch.nn.Module) -> dict[str
     path = Path(path)
     state = read_checkpoint_state(path)
     if (path / SHARDED_DIR).is_dir():
-        try:
-            load_sharded_weights(path / SHARDED_DIR, student)
-        except Exception as err:  # DCP reports a missing or misshapen tensor in many ways
-            raise CheckpointError(f"{path / SHARDED_DIR} does not fit this student ({str(err).splitlines()[0]}); "
-                                  "use the student config that saved it") from err  # fmt: skip
+        load_sharded_weights(path / SHARDED_DIR, student)
         return state
     if not (path / _STUDENT_FILE).is_file():
         raise CheckpointError(f"{path} lacks {_STUDENT_FILE}; use an earlier checkpoint")
-    params = load_file(str(path / _STUDENT_FILE))
+    params = load_safetensors_file(path / _STUDENT_FILE)
     own = dict(student.named_parameters())
     if set(params) != set(own) or any(params[n].shape != own[n].shape for n in own):
         raise CheckpointError(
@@ -260,7 +254,11 @@ def load_checkpoint(
     if is_sharded(student) != (path / SHARDED_DIR).is_dir():
         raise CheckpointError(f"{path} holds a {'sharded' if (path / SHARDED_DIR).is_dir() else 'plain'} student; "
                               "resume with the train.parallelism that saved it")  # fmt: skip
-    trainer = torch.load(path / _TRAINER_FILE, map_location="cpu", weights_only=True)
+    trainer = load_trainer_file(path / _TRAINER_FILE)
+    needed = {"scheduler", "rng"} | (set() if is_sharded(student) else {"optimizer"})
+    missing = sorted(needed - set(trainer)) if isinstance(trainer, dict) else sorted(needed)
+    if missing:
+        raise CheckpointError(f"{path / _TRAINER_FILE} lacks {missing}; resume from an earlier checkpoint")
     if is_sharded(student):
         state = read_checkpoint_state(path)
         load_sharded(path / SHARDED_DIR, student, optimizer)

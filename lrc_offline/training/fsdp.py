@@ -9,8 +9,8 @@ head). Every rank keeps 1/N of the teacher, of the projections and of their Adam
 
 Checkpoints hold the trainable parameters and the optimiser through `torch.distributed.checkpoint`
 (one file per rank plus its metadata, under `step-*/sharded/`), so they load on the same number of
-processes exactly and on another number by resharding. The export gathers the full trainable state
-to rank 0.
+processes exactly and on another number by resharding; they are read through `safe_load.load_dcp`,
+which unpickles nothing that could run code. The export gathers the full trainable state to rank 0.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..student.lrc import LRCStudent, frozen_buffers_to_parameters
+from .safe_load import load_dcp
 
 __all__ = ["is_sharded", "shard_student", "save_sharded", "load_sharded", "load_sharded_weights",
            "full_trainable_state", "SHARDED_DIR"]  # fmt: skip
@@ -86,10 +87,14 @@ def save_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Op
 
 def load_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load `save_sharded`'s files into the sharded `student` and its `optimizer`, on any number of
-    processes (resharded where it differs from the saving run's)."""
+    processes (resharded where it differs from the saving run's).
+
+    Raises:
+        CheckpointError: a refused, damaged or missing file, or one that does not fit `student`.
+    """
     state = {"model": get_model_state_dict(student, options=_SHARDED),
              "optim": get_optimizer_state_dict(student, optimizer, options=_SHARDED)}  # fmt: skip
-    dcp.load(state, checkpoint_id=str(path))
+    load_dcp(state, path)
     set_model_state_dict(student, state["model"], options=_SHARDED_LOAD)
     set_optimizer_state_dict(student, optimizer, state["optim"], options=_SHARDED_LOAD)
 
@@ -97,11 +102,15 @@ def load_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Op
 @torch.no_grad()
 def load_sharded_weights(path: Path, student: LRCStudent) -> None:
     """Load the trainable parameters of `save_sharded`'s files into an unsharded `student`, in one
-    process (export or evaluation from a checkpoint)."""
+    process (export or evaluation from a checkpoint).
+
+    Raises:
+        CheckpointError: a refused, damaged or missing file, or one that does not fit `student`.
+    """
     params = {name: p.detach() for name, p in student.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():  # that it reads in one process is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": params}, checkpoint_id=str(path), no_dist=True)
+        load_dcp({"model": params}, path, no_dist=True)
 
 
 def full_trainable_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ def cache_second_moment(
     # "pooled-2": the layer inputs and the post-attention streams (files of the input-only pass are redone)
     fingerprint = "pooled-2:" + reader.manifest.fingerprints["corpus"] + ":" + str(reader.complete_shards())
     if location.is_file(name):
-        data = safetensors.torch.load(location.read_bytes(name))
+        data = safetensors.torch.load(location.read_bytes(name))  # safetensors: raw tensors, no pickle
         stored = bytes(data.pop("fingerprint").tolist()).decode()
         if stored == fingerprint:
             return SecondMoment.from_state_dict(data)
