@@ -5,6 +5,7 @@ A cache directory::
     manifest.json                   what the cache holds (see `manifest.py`)
     shards/shard-00000.zarr/        or shards/shard-00000.tar: the shard's data
     shards/shard-00000.done.json    completion record, written last: the shard is complete iff it exists
+                                    (one that exists but does not parse or check is damage: the shard is corrupt)
     shards/.tmp-*                   work in progress of a running (or crashed) build; never read
 
 The root is a local directory or an fsspec URL (see `lrc_offline.storage`); on object storage there is
@@ -13,7 +14,7 @@ the one commit (see `store.ShardWriter.commit`).
 
 A completion record::
 
-    {"index": 0, "first_sequence": 0, "num_sequences": 64, "num_tokens": 131072,
+    {"index": 0, "manifest": "sha256:...", "first_sequence": 0, "num_sequences": 64, "num_tokens": 131072,
      "files": {"shards/shard-00000.zarr/zarr.json": {"bytes": 312, "sha256": "..."}, ...},
      "field_bytes": {"input_ids": 70021, ...}, "stats": {...}}
 """
@@ -41,6 +42,7 @@ __all__ = [
     "sha256_file",
     "read_record",
     "check_record",
+    "DamagedRecordError",
     "remove_path",
 ]
 
@@ -49,6 +51,16 @@ SHARDS_DIR = "shards"
 _SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
 _RECORD_KEYS = ("index", "manifest", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
 _HASH_BLOCK = 1 << 20
+
+
+class DamagedRecordError(CacheFormatError):
+    """A completion record that exists but cannot be trusted: not JSON, keys missing or malformed, written
+    under another manifest or for another shard. Unlike a missing record (a shard not built yet), this is
+    damage: readers treat the shard as corrupt."""
+
+    def __init__(self, index: int, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.index, self.problem = index, problem
 
 
 def shard_name(index: int, fmt: str) -> str:
@@ -107,8 +119,8 @@ def read_record(root: Path | Location, index: int, manifest_digest: str | None =
     """The completion record of shard `index` of the cache at `root`, or None when the shard is not complete.
 
     Raises:
-        CacheFormatError: the record exists but is not valid JSON, lacks keys, or (with `manifest_digest`)
-            was written under another manifest.
+        DamagedRecordError: the record exists but is not valid JSON, lacks keys, has malformed ones, or
+            (with `manifest_digest`) was written under another manifest.
     """
     root = as_location(root)
     try:
@@ -121,21 +133,36 @@ def read_record(root: Path | Location, index: int, manifest_digest: str | None =
 def check_record(data: bytes, index: int, manifest_digest: str | None, root: Location) -> dict[str, Any]:
     """Shard `index`'s completion record parsed from `data` and checked (see `read_record`)."""
     path = root.name_of(record_name(index))
+    fix = f"delete it and rebuild shard {index}"
     try:
         record = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheFormatError(
-            f"{path}: completion record is not valid JSON ({err}); delete it and rebuild shard {index}"
-        ) from err
+        raise DamagedRecordError(index, f"{path}: completion record is not valid JSON ({err})", fix) from err
     if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
-        raise CacheFormatError(
-            f"{path}: completion record lacks keys {list(_RECORD_KEYS)}; delete it and rebuild shard {index}"
-        )
+        missing = [key for key in _RECORD_KEYS if key not in record] if isinstance(record, dict) else list(_RECORD_KEYS)
+        raise DamagedRecordError(index, f"{path}: completion record lacks keys {missing}", fix)
+    wrong = _wrongly_typed(record)
+    if wrong:
+        raise DamagedRecordError(index, f"{path}: completion record has malformed {wrong}", fix)
     if manifest_digest is not None and record["manifest"] != manifest_digest:
-        raise CacheFormatError(
-            f"{path}: shard {index} was built under another manifest than {root.name_of(MANIFEST_NAME)} "
-            "(was the manifest replaced?); delete the shard and its record and rebuild it"
+        raise DamagedRecordError(
+            index, f"{path}: shard {index} was built under another manifest than {root.name_of(MANIFEST_NAME)} "
+            "(was the manifest replaced?)", "delete the shard and its record and rebuild it"
         )
     if record["index"] != index:
-        raise CacheFormatError(f"{path}: completion record is for shard {record['index']}, not {index}")
+        raise DamagedRecordError(index, f"{path}: completion record is for shard {record['index']}, not {index}", fix)
     return record
+
+
+def _wrongly_typed(record: dict[str, Any]) -> list[str]:
+    """Keys of a parsed record whose values do not have the types the writer gives them."""
+    wrong = [key for key in ("index", "first_sequence", "num_sequences", "num_tokens")
+             if isinstance(record[key], bool) or not isinstance(record[key], int)]  # fmt: skip
+    wrong += [key for key in ("field_bytes", "stats") if not isinstance(record[key], dict)]
+    files = record["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+        for info in files.values()
+    ):
+        wrong.append("files")
+    return wrong

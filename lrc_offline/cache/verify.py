@@ -1,11 +1,14 @@
 """Checking a cache against its completion records, and summarising what it holds.
 
-`verify_cache` re-reads every byte (sha256 of each file listed in each completion record) and also
-flags files in a shard that no record lists. `inspect_cache` reads only the manifest and the records.
+`verify_cache` re-reads every byte (sha256 of each file listed in each completion record), checks that
+each record names every file the shard's layout needs (a Zarr chunk it does not name would read as
+zeros) and flags files in a shard that no record lists. `inspect_cache` reads only the manifest and the
+records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +53,27 @@ def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str
         )
     prefix = reader.shard_name(index)
     listed = record["files"]
-    if not listed or any(rel != prefix and not rel.startswith(prefix + "/") for rel in listed):
+    if any(rel != prefix and not rel.startswith(prefix + "/") for rel in listed):
         return f"record lists files outside {prefix}"
     location = reader.location
     present = location.files(prefix)  # one listing: sizes of every object the shard has
+    held = {}  # what the layout check reads (array metadata, or a whole tar): read once, hashed from memory
     for rel, info in sorted(listed.items()):
         if rel not in present:
             return f"missing file {rel}"
         if present[rel] != info["bytes"]:
             return f"size mismatch in {rel}: {present[rel]} bytes, record says {info['bytes']}"
-        if location.sha256(rel) != info["sha256"]:
+        inside = rel[len(prefix) + 1:]
+        if reader.layout_reads(inside):
+            held[inside] = location.read_bytes(rel)
+            digest = hashlib.sha256(held[inside]).hexdigest()
+        else:
+            digest = location.sha256(rel)
+        if digest != info["sha256"]:
             return f"checksum mismatch in {rel}"
+    problems = reader.layout_problems(index, [rel[len(prefix) + 1:] for rel in listed], held.__getitem__)
+    if problems:
+        return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
     extra = sorted(set(present) - set(listed))
     if extra:
         return f"unexpected file {extra[0]} not in the completion record"
@@ -68,7 +81,11 @@ def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str
 
 
 def verify_cache(root: str | Path | Location, storage_options: dict | None = None) -> VerifyReport:
-    """Recompute every checksum of every complete shard of the cache at `root` (a directory or URL).
+    """Recompute every checksum of every complete shard of the cache at `root` (a directory or URL), and
+    check that each completion record names every file its shard's layout needs.
+
+    Files are streamed, except those the layout check reads (Zarr metadata, a WebDataset shard's whole
+    tar: one shard in memory, as training holds it).
 
     Returns:
         A report listing complete, missing and bad shards (with the reason, naming the file).

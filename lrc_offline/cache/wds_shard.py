@@ -19,7 +19,7 @@ import io
 import math
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from lrc_offline.cache.compression import compress_npy, decompress_npy, npy_suff
 from lrc_offline.cache.dtypes import decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import CacheFormatError, FieldSpec
 
-__all__ = ["KEY_DIGITS", "ShardSink", "member_name", "write_to_dir", "read", "read_objects"]
+__all__ = ["KEY_DIGITS", "ShardSink", "member_name", "write_to_dir", "read", "read_objects", "layout_problems",
+           "layout_reads"]
 
 KEY_DIGITS = 10
 """Digits of a sample key (the global sequence index, zero-padded)."""
@@ -156,6 +157,41 @@ def read_objects(
     shard whole from object storage and checks it); `where` names the shard in errors."""
     (data,) = objects.values()
     return _read_tar(io.BytesIO(data), where, specs, fields, first_sequence)
+
+
+def layout_reads(name: str) -> bool:
+    """Whether `layout_problems` reads the object `name` (a path inside the shard): the tar itself ('')."""
+    return name == ""
+
+
+def layout_problems(
+    listed: Collection[str], read: Callable[[str], bytes], where: str, specs: Sequence[FieldSpec],
+    fields: Sequence[str] | None, first_sequence: int, num_sequences: int,
+) -> list[str]:
+    """What the shard's layout needs that is not there: the tar named in its completion record, and in
+    it a member for every sequence in [first_sequence, first_sequence + num_sequences) and every stored
+    array of `fields` (default: all). Only the members' headers are read.
+
+    Args:
+        listed: Paths inside the shard its completion record names ('' for the tar itself).
+        read: The tar's bytes, already checked against the record.
+        where: The shard's name, for messages.
+
+    Returns:
+        One message per problem, each naming the tar (and the member); [] when the layout is complete.
+    """
+    if "" not in listed:
+        return [f"{where}: the tar is not in the completion record"]
+    try:
+        with tarfile.open(fileobj=io.BytesIO(read("")), mode="r:") as tar:
+            present = set(tar.getnames())
+    except (tarfile.TarError, OSError) as err:
+        return [f"{where}: not a readable tar ({err})"]
+    arrays = [(name, spec.codec) for spec in specs if fields is None or spec.name in fields
+              for name, _, _ in stored_arrays(spec)]  # fmt: skip
+    needed = (member_name(key, name, codec) for key in range(first_sequence, first_sequence + num_sequences)
+              for name, codec in arrays)  # fmt: skip
+    return [f"{where}: member {member!r} missing" for member in needed if member not in present]
 
 
 def _read_tar(

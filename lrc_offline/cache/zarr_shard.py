@@ -14,8 +14,9 @@ value, and nothing time- or host-dependent goes into the files, so a rebuild is 
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 import zarr
 from zarr.core.buffer import cpu
+from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from lrc_offline.cache.compression import zarr_compressors
 from lrc_offline.cache.dtypes import array_role, decode_fields, encode, stored_arrays
 from lrc_offline.cache.schema import SCHEMA_VERSION, CacheFormatError, FieldSpec
 
-__all__ = ["ShardSink", "write_to_dir", "read", "read_objects", "chunk_sequences"]
+__all__ = ["ShardSink", "write_to_dir", "read", "read_objects", "layout_problems", "layout_reads", "chunk_sequences"]
 
 _ALLOWED_CODECS = {"bytes", "blosc", "zstd"}
 """Codecs this format writes; anything else in a shard's metadata is refused before decoding."""
@@ -167,6 +169,61 @@ def read_objects(
     from object storage and checked against the completion record; `where` names the shard in errors."""
     store = zarr.storage.MemoryStore({key: cpu.Buffer.from_bytes(data) for key, data in objects.items()}, read_only=True)
     return _read_group(store, where, specs, fields, first_sequence)
+
+
+def layout_reads(name: str) -> bool:
+    """Whether `layout_problems` reads the object `name` (a path inside the shard): array metadata only."""
+    return name.endswith("zarr.json")
+
+
+def layout_problems(
+    listed: Collection[str], read: Callable[[str], bytes], where: str, specs: Sequence[FieldSpec],
+    fields: Sequence[str] | None, first_sequence: int, num_sequences: int,
+) -> list[str]:
+    """What the shard's layout needs that its completion record does not name: the group's metadata, and
+    for each array of `fields` (default: all) its metadata and every chunk of its grid.
+
+    Zarr reads a chunk that is not there as the fill value (zeros), so a record that lost a chunk's
+    entry, with or without its file, would otherwise train on zeros without a word. The chunk keys
+    come from each array's own metadata (shape, chunk grid, key encoding), its shape checked against
+    the manifest's.
+
+    Args:
+        listed: Paths inside the shard (``input_ids/zarr.json``, ...) its completion record names.
+        read: Bytes of one of the listed objects (only those `layout_reads` selects are asked for),
+            already checked against the record.
+        where: The shard's name, for messages.
+        first_sequence: Unused (the group's attributes carry it); kept for one signature across formats.
+
+    Returns:
+        One message per problem, each naming the object; [] when the layout is complete.
+    """
+    problems = []
+    if "zarr.json" not in listed:
+        problems.append(f"{where}/zarr.json: the group's metadata is not in the completion record")
+    for spec in specs:
+        if fields is not None and spec.name not in fields:
+            continue
+        for name, _, shape in stored_arrays(spec):
+            meta = f"{name}/zarr.json"
+            if meta not in listed:
+                problems.append(f"{where}/{meta}: the array's metadata is not in the completion record")
+                continue
+            try:
+                metadata = ArrayV3Metadata.from_dict(json.loads(read(meta)))
+            except (ValueError, TypeError, KeyError) as err:  # JSON and zarr's own validation errors
+                problems.append(f"{where}/{meta}: not Zarr v3 array metadata ({err})")
+                continue
+            expected = (num_sequences, *shape)
+            if tuple(metadata.shape) != expected:
+                problems.append(f"{where}/{meta}: shape {list(metadata.shape)}, the manifest needs {list(expected)}")
+                continue
+            problems += [
+                f"{where}/{name}/{key}: chunk not in the completion record"
+                for key in (metadata.encode_chunk_key(c) for c in metadata.chunk_grid.all_chunk_coords(metadata.shape))
+                if f"{name}/{key}" not in listed
+            ]
+    return problems
 
 
 def _read_group(

@@ -52,11 +52,16 @@ class CacheDataset(IterableDataset):
         seed: Seed of the shard and sequence order.
         num_epochs: Epochs to read before stopping (None: endless).
         fields: Fields to read (default: all the manifest's).
-        on_corrupt_shard: A shard whose data no longer matches its checksums (checked before decoding):
-            `fail` raises `CorruptShardError`; `skip` logs it and reads on without it.
+        on_corrupt_shard: A shard whose completion record exists but is damaged (found here), or whose
+            data no longer matches its record (checked before decoding, when the shard is reached):
+            `fail` raises `CorruptShardError`; `skip` logs it and reads on without it. A shard with no
+            record is incomplete, not corrupt: it is left out with a warning either way (a cache
+            still being built is read as far as it goes), but a resumed run refuses to lose one it
+            started with (`load_state_dict`).
 
     Raises:
         ValueError: bad rank/world size, or this rank gets no complete shard.
+        CorruptShardError: a damaged completion record, with on_corrupt_shard=fail.
     """
 
     def __init__(
@@ -78,8 +83,14 @@ class CacheDataset(IterableDataset):
         self.on_corrupt_shard = on_corrupt_shard
         self.corrupt_shards: list[int] = []
         """Shards found corrupt while reading (and skipped), in the order found."""
-        complete = self.reader.complete_shards()
+        complete, damaged = self.reader.shard_status()
+        if damaged and on_corrupt_shard == "fail":
+            raise damaged[min(damaged)]
+        # Shards with a damaged record stay in the order and are skipped when reached, like shards whose
+        # data fails its checksums: the reading position (and a resume) does not depend on them.
+        complete = sorted({*complete, *damaged})
         self.skipped_shards = sorted(set(range(self.reader.num_shards)) - set(complete))
+        """Shards without a completion record (incomplete), left out of this run."""
         if self.skipped_shards:
             log.warning(
                 "%s: %d of %d shards are incomplete and skipped: %s (finish them with `lrc-cache build`)",
@@ -91,6 +102,9 @@ class CacheDataset(IterableDataset):
                 f"{self.reader.root}: rank {rank} of {world_size} gets no shard: the cache has {len(complete)} "
                 "complete shards; use fewer processes or build more shards"
             )
+        for index in self.shards:
+            if index in damaged:
+                self._corrupt(damaged[index])
         self.num_complete_sequences = sum(len(range(*self.reader.shard_range(i))) for i in complete)
         """Sequences all ranks together read per epoch."""
         self.shard_sizes = {i: len(range(*self.reader.shard_range(i))) for i in self.shards}
@@ -195,9 +209,12 @@ class CacheDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; the next sequence is the first one not consumed then.
 
+        The state names the shards this rank started with: a resume refuses to run without one of them
+        (its completion record deleted since) rather than train on less data than it says it did.
+
         Raises:
             ReaderStateError: the state has another version, or was saved for another cache, world size,
-                rank, seed or set of complete shards.
+                rank, seed or set of complete shards (naming the shards that are no longer complete).
         """
         where = f"reader state for {self.reader.root}"
         if state.get("version") != READER_STATE_VERSION:
@@ -212,10 +229,20 @@ class CacheDataset(IterableDataset):
             ("world_size", "resume with the same number of processes"),
             ("rank", "resume each rank from its own state"),
             ("seed", "resume with the same train.seed"),
-            ("shards", "the set of complete shards changed; finish the run on the old set or start a new run"),
         ):
             if state.get(key) != expected[key]:
                 raise ReaderStateError(f"{where}: {key} was {state.get(key)!r}, now {expected[key]!r}; {fix}")
+        saved = state.get("shards")
+        lost = [i for i in saved if i in self.skipped_shards] if isinstance(saved, list) else []
+        if lost:
+            raise ReaderStateError(
+                f"{where}: shards {lost} this run started with are no longer complete (no completion record "
+                f"in {self.reader.location.name_of('shards')}); rebuild them (`lrc-cache build` with the cache's "
+                "config builds exactly the missing shards) and resume, or start a new run in another --out"
+            )
+        if saved != expected["shards"]:
+            raise ReaderStateError(f"{where}: shards was {saved!r}, now {expected['shards']!r}; the set of complete "
+                                   "shards changed; finish the run on the old set or start a new run")  # fmt: skip
         if not 0 <= state["consumed"] <= self.num_sequences:
             raise ReaderStateError(f"{where}: consumed={state['consumed']} is outside [0, {self.num_sequences}]")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
