@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import types
@@ -44,6 +45,8 @@ LOGPROB_DTYPES = ("float32", "float16", "bfloat16", "log8")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 CLONE_TERMS = ("q", "k", "v", "o", "gate", "up", "down")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -342,11 +345,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """AdamW betas (beta1, beta2), each in [0, 1)."""
     warmup_steps: int = 10
     """Linear warmup steps."""
     min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of the peak."""
+    """Final learning rate as a fraction of the peak, in [0, 1]."""
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold (0 disables)."""
 
@@ -355,7 +358,13 @@ class OptimConfig:
             _check_positive("optim", "lr", self.lr)
         _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         self.betas = tuple(self.betas)
+        # torch.optim.AdamW refuses these only once the run directory and its config.json exist
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
 
 
 @dataclass
@@ -613,20 +622,33 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
     config = cls()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a file; pass a YAML or JSON config file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        config = from_dict(cls, _read_file(path), str(path))
+        data = _read_file(path)
+        if data is None:
+            log.warning("config file %s is empty: every key keeps its default (--help-config lists them)", path)
+            data = {}
+        config = from_dict(cls, data, str(path))
     return apply_overrides(config, list(overrides))
 
 
 def _read_file(path: Path) -> Any:
-    """A config file's data; a syntax error is a ConfigError naming the file, line and column."""
-    text = path.read_text()
+    """A config file's data, None for an empty file (or YAML holding only comments); a syntax error
+    is a ConfigError naming the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is no syntax error
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8 at byte {err.start}); pass a YAML or "
+                          "JSON config") from None  # fmt: skip
+    if not text.strip():
+        return None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            return yaml.safe_load(text) or {}
+            return yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

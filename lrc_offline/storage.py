@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from .fsutil import remove_path, write_file_atomic
 
-__all__ = ["Location", "StorageError", "as_location", "is_url", "check_storage_options"]
+__all__ = ["Location", "StorageError", "as_location", "is_url", "check_storage_options", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,13 @@ T = TypeVar("T")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$")
 _SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|session|^key$|_key$|private|connection_string|"
                          r"sas|signature", re.IGNORECASE)
-_USERINFO = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+_USERINFO = re.compile(r"(?P<scheme>://)[^/@\s]*:[^/@\s]*@")
 """A URL carrying `user:password@` (`container@account`, as Azure names a container, is no secret)."""
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[^=&;#?\s/]+)=)(?P<value>(?:[^&;#\s:]|:(?!\s|$))*)")
+"""A query parameter; its value ends before a colon that ends a word (`URL: message`)."""
+_SECRET_PARAM = re.compile(rf"{_SECRET_KEY.pattern}|^sig$|access_?key", re.IGNORECASE)
+"""Query parameters that carry credentials: keys, tokens, signatures (S3 presigned X-Amz-*, Azure SAS sig)."""
+_REDACTED = "***"
 _TRANSIENT = re.compile(
     r"SlowDown|Throttl|TooManyRequests|RequestTimeout|ServiceUnavailable|InternalError|Timeout|timed out|"
     r"Connection (?:reset|refused|aborted)|\b50[0234]\b|BrokenPipe|ServerDisconnected|ConditionalRequestConflict|"
@@ -59,6 +64,18 @@ class StorageError(OSError):
     refused credentials, or an error that persisted through retries. The message names the object."""
 
 
+def redact_url(text: str | Path) -> str:
+    """`text` (a URL, or a message holding URLs) with every credential masked: the `user:password@` part
+    and the values of secret-looking query parameters (``?access_key=***&token=***``). Whatever shows a
+    location to a person (messages, logs, `Location`'s str and repr) goes through here."""
+    text = _USERINFO.sub(rf"\g<scheme>{_REDACTED}@", str(text))
+    return _QUERY_PARAM.sub(lambda m: m["head"] + (_REDACTED if _SECRET_PARAM.search(m["name"]) else m["value"]), text)
+
+
+def _has_credentials(url: str) -> bool:
+    return redact_url(url) != url
+
+
 def is_url(where: str | Path) -> bool:
     """Whether `where` names a location by URL (``<protocol>://...``) rather than a local path."""
     return isinstance(where, str) and _URL.match(where) is not None
@@ -71,11 +88,11 @@ def check_storage_options(options: Mapping[str, Any] | None, where: str) -> dict
         StorageError: a secret-looking key (key, secret, token, password, ...), naming the fix.
     """
     options = dict(options or {})
-    secrets = sorted(k for k, value in _flat_items(options) if _SECRET_KEY.search(k) or _USERINFO.search(str(value)))
+    secrets = sorted(k for k, value in _flat_items(options) if _SECRET_KEY.search(k) or _has_credentials(str(value)))
     if secrets:
         raise StorageError(
-            f"{where}: storage_options may not hold credentials ({', '.join(secrets)}); they would be saved "
-            "with the config. Use the standard chain instead: environment (AWS_ACCESS_KEY_ID, "
+            f"{redact_url(where)}: storage_options may not hold credentials ({', '.join(secrets)}); they would be "
+            "saved with the config. Use the standard chain instead: environment (AWS_ACCESS_KEY_ID, "
             "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), an AWS profile (storage_options: {profile: NAME}) or "
             "an instance role"
         )
@@ -126,7 +143,7 @@ class Location:
     """
 
     def __init__(self, where: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.storage_options = check_storage_options(storage_options, str(where))
+        self.storage_options = check_storage_options(storage_options, redact_url(where))
         match = _URL.match(where) if isinstance(where, str) else None
         self.protocol = match.group(1).lower() if match else "file"
         self._fs: Any = None
@@ -137,9 +154,10 @@ class Location:
             return
         self.local = None
         rest = match.group(2).rstrip("/")
-        if _USERINFO.search(f"://{rest}"):
-            raise StorageError(f"{where}: credentials in a URL are refused (they would be saved with the config); "
-                               "use the environment, a profile or an instance role")  # fmt: skip
+        if _has_credentials(f"://{rest}"):
+            raise StorageError(f"{redact_url(where)}: credentials in a URL are refused (they would be saved with "
+                               "the config and shown in logs); use the environment, a profile or an instance "
+                               "role")  # fmt: skip
         self.url = f"{self.protocol}://{rest}"
         self._fs, self._pid = _filesystem(self.protocol, self.storage_options, where), os.getpid()
         self._prefix = self._fs._strip_protocol(self.url).rstrip("/")
@@ -157,10 +175,10 @@ class Location:
         return self.local is not None
 
     def __str__(self) -> str:
-        return self.url
+        return self.url if self.local is not None else redact_url(self.url)  # a local path is shown as is
 
     def __repr__(self) -> str:
-        return f"Location({self.url!r})"
+        return f"Location({str(self)!r})"
 
     def __truediv__(self, rel: str) -> Location:
         return self.child(rel)
@@ -179,7 +197,9 @@ class Location:
 
     def name_of(self, rel: str = "") -> str:
         """The full name of `rel` (a path or URL), for messages."""
-        return self.url if not rel else (str(self.local / rel) if self.local is not None else f"{self.url}/{rel}")
+        if self.local is not None:
+            return str(self.local / rel) if rel else self.url
+        return redact_url(f"{self.url}/{rel}" if rel else self.url)
 
     def _key(self, rel: str) -> str:
         return self._prefix if not rel else f"{self._prefix}/{rel}"
@@ -203,7 +223,7 @@ class Location:
                 if not _transient(err) or attempt == RETRIES - 1:
                     raise _storage_error(err, f"{what} {self.name_of(rel)}") from err
                 delay = 0.5 * 2**attempt * (0.5 + random.random())
-                log.warning("%s %s: %s; retrying in %.1f s", what, self.name_of(rel), err, delay)
+                log.warning("%s %s: %s; retrying in %.1f s", what, self.name_of(rel), redact_url(str(err)), delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -401,6 +421,7 @@ def _not_found(name: str) -> FileNotFoundError:
 
 
 def _filesystem(protocol: str, options: dict[str, Any], where: str) -> Any:
+    where = redact_url(where)
     try:
         import fsspec
 
@@ -418,7 +439,7 @@ def _filesystem(protocol: str, options: dict[str, Any], where: str) -> Any:
 
 
 def _storage_error(err: BaseException, what: str) -> StorageError:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    text = redact_url(str(err).splitlines()[0]) if str(err) else type(err).__name__
     if isinstance(err, PermissionError) or re.search(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|"
                                                      r"Forbidden|\b403\b|NoCredentials", str(err) + type(err).__name__):
         return StorageError(f"{what}: access refused ({text}); check the credentials (environment, profile, "

@@ -195,7 +195,7 @@ class Manifest:
                 config=from_dict(CacheConfig, {**config, "run": run}, "config"),
                 geometry=TeacherGeometry.from_dict(data["geometry"]),
                 fields=fields,
-                fingerprints=dict(data["fingerprints"]),
+                fingerprints=_fingerprints(data["fingerprints"]),
                 num_sequences=data["num_sequences"],
                 sequences_per_shard=data["sequences_per_shard"],
                 num_shards=data["num_shards"],
@@ -224,6 +224,21 @@ class Manifest:
         ignored = (*_VOLATILE_KEYS, "schema_version")
         mine, theirs = ({k: v for k, v in m.to_dict().items() if k not in ignored} for m in (self, other))
         return differences(mine, theirs, "in the existing cache", "requested")
+
+
+def _fingerprints(value: Any) -> dict[str, str]:
+    """The manifest's fingerprints, checked: an object of strings with every FINGERPRINT_KEYS key (a
+    hand-edited one is refused here, not met later as a type or key error)."""
+    if not isinstance(value, dict):
+        problem = f"is a {type(value).__name__}"
+    else:
+        bad = [k for k in FINGERPRINT_KEYS if not isinstance(value.get(k), str)]
+        bad += [k for k, v in value.items() if k not in FINGERPRINT_KEYS and not isinstance(v, str)]
+        problem = f"has no string for {bad}" if bad else ""
+    if problem:
+        raise CacheFormatError(f"fingerprints {problem}: it must be an object of strings with keys "
+                               f"{list(FINGERPRINT_KEYS)}; restore manifest.json or rebuild the cache")  # fmt: skip
+    return dict(value)
 
 
 def _digest(data: dict[str, Any]) -> str:

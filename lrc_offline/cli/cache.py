@@ -5,7 +5,7 @@
     lrc-cache build --help-config | [--config FILE] [key=value ...] --print-config
     lrc-cache inspect DIR [--json]
     lrc-cache verify DIR
-    lrc-cache clean DIR      (after a killed build: remove its temporary files; never during a build)
+    lrc-cache clean DIR [--all]   (after a killed build: remove its leftovers; never during a build)
 
 DIR may be an fsspec URL (s3://bucket/prefix, gs://..., file://...), reached through the standard
 credential chain (environment, AWS_ENDPOINT_URL, AWS_PROFILE, instance role) and the filesystem's
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..config import CacheConfig, load_config
-from .common import add_config_args, dispatch, launcher_rank
+from .common import add_config_args, check_out_dir, dispatch, launcher_rank
 
 __all__ = ["main"]
 
@@ -53,6 +53,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     verify = sub.add_parser("verify", help="recompute every checksum; non-zero exit on a bad or missing shard")
     clean = sub.add_parser("clean", help="remove temporary files and unrecorded shard data left by killed builds "
                            "(only while no build of this cache is running)")  # fmt: skip
+    clean.add_argument("--all", action="store_true",
+                       help="also remove temporaries whose writers may still run (a live pid on this host, "
+                       "or written on another host within the last day); only when no build of this "
+                       "cache runs")  # fmt: skip
     for command in (inspect, verify, clean):
         command.add_argument("cache", help="cache directory or URL (s3://bucket/prefix, ...)")
         command.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
@@ -80,6 +84,7 @@ def _build(args) -> int:
     from ..config import ConfigError, to_dict
 
     cfg = _cache_config(args)
+    check_out_dir(args.out)
     shard_index, num_workers = args.shard_index, args.num_shards
     if num_workers is not None and shard_index is None:
         raise ConfigError("--num-shards N needs --shard-index I (this worker's index in 0..N-1)")
@@ -100,6 +105,7 @@ def _tokenize(args) -> int:
     from ..config import ConfigError
 
     cfg = _cache_config(args)
+    check_out_dir(args.out)
     worker, num_workers = args.shard_index, args.num_shards
     if (worker is None) != (num_workers is None):
         raise ConfigError("--shard-index I and --num-shards N go together (this worker's index in 0..N-1)")
@@ -119,21 +125,30 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _number(value, spec: str) -> str:
+    """`value` formatted by `spec`, or '-' where there is none (no complete shard to measure)."""
+    return "-" if value is None else format(value, spec)
+
+
 def _inspect(args) -> int:
     from ..cache import inspect_cache
+    from ..storage import redact_url
 
     info = inspect_cache(args.cache, args.storage_options)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"cache {args.cache}")
+    print(f"cache {redact_url(args.cache)}")
     for key in ("sequences", "tokens", "complete_shards", "total_shards", "stored_bytes", "bytes_per_token"):
         if key in info:
-            print(f"  {key:<18} {info[key]}")
+            print(f"  {key:<18} {_number(info[key], '')}")
+    if not info.get("complete_shards"):
+        print("  no complete shard (sizes and statistics need one): build the cache with lrc-cache build, or run "
+              "lrc-cache verify to see why its shards do not count")  # fmt: skip
     print(f"  {'field':<16}{'dtype':>10}{'codec':>24}{'bytes/token':>14}{'ratio':>8}")
     for name, field in sorted(info.get("fields", {}).items()):
-        print(f"  {name:<16}{field['dtype']:>10}{field['codec']:>24}{field['bytes_per_token']:>14.1f}"
-              f"{field['compression_ratio']:>8.2f}")
+        print(f"  {name:<16}{field['dtype']:>10}{field['codec']:>24}{_number(field['bytes_per_token'], '.1f'):>14}"
+              f"{_number(field['compression_ratio'], '.2f'):>8}")
     for key, value in sorted(info.get("stats", {}).items()):
         print(f"  stat  {key:<16} {value:.4g}")
     acts = info.get("activations")
@@ -152,6 +167,7 @@ def _inspect(args) -> int:
 
 def _verify(args) -> int:
     from ..cache import verify_cache
+    from ..storage import redact_url
 
     report = verify_cache(args.cache, args.storage_options)
     for index, reason in sorted(report.bad.items()):
@@ -159,7 +175,7 @@ def _verify(args) -> int:
     for index in report.missing:
         print(f"MISSING shard {index}")
     print(f"{len(report.complete)}/{report.num_shards} shards complete and verified" if report.ok else
-          f"cache {args.cache} FAILED verification")  # fmt: skip
+          f"cache {redact_url(args.cache)} FAILED verification")  # fmt: skip
     return 0 if report.ok else 1
 
 
@@ -173,14 +189,25 @@ def _clean(args) -> int:
     # a build killed while creating its manifest leaves only temporary entries: that is still a cache
     if not root.is_file(MANIFEST_NAME) and not any(name.startswith(TMP_PREFIX) for name in root.names()):
         raise FileNotFoundError(f"{root} is not a cache (no {MANIFEST_NAME} there); nothing removed")
-    print(f"removed {clean_stale(root)} leftover item(s) from {root}")
+    print(f"removed {clean_stale(root, abandoned_only=not args.all)} leftover item(s) from {root}")
+    if root.is_local:
+        kept = [name for folder in ("", "index", "shards") for name in root.names(folder)
+                if name.startswith(TMP_PREFIX)]  # fmt: skip
+        if kept:
+            print(f"kept {len(kept)} temporary item(s) a running build may own (a live pid on this host, or "
+                  "written on another host within the last day); with no build of this cache running, "
+                  "rerun with --all to remove them")  # fmt: skip
     return 0
+
+
+_KEPT_ON_FULL_DISK = {"build": "complete shards are kept, and a rerun builds only the rest",
+                      "tokenize": "tokenised units are kept, and a rerun tokenises only the rest"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     handlers = {"tokenize": _tokenize, "build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}
     return dispatch(_parser, argv, handlers, configs={"build": _cache_config, "tokenize": _cache_config},
-                    required={"build": ("--out",), "tokenize": ("--out",)})  # fmt: skip
+                    required={"build": ("--out",), "tokenize": ("--out",)}, kept=_KEPT_ON_FULL_DISK)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,13 +4,23 @@ launcher environment."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["run_main", "user_errors", "launcher_rank", "parse_command", "dispatch", "add_config_args", "require_args",
-           "print_config"]  # fmt: skip
+           "print_config", "check_out_dir", "disk_full_error"]  # fmt: skip
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+|"
+                          rf"\(os error (?:{'|'.join(map(str, _DISK_FULL_ERRNOS))})\)")
+"""What writers that drop the errno say when a write comes up short: numpy's `tofile`, the zip writer of
+`torch.save`, and Rust's I/O errors (safetensors). On a local disk a short write means no space (or
+quota, or file-size limit) is left."""
 
 
 class _HelpConfig(argparse.Action):
@@ -73,9 +83,11 @@ def dispatch(
     handlers: dict[str, Callable[[argparse.Namespace], int]],
     configs: dict[str, Callable[[argparse.Namespace], Any]],
     required: dict[str, tuple[str, ...]],
+    kept: dict[str, str] | None = None,
 ) -> int:
     """An entry point's `main`: parse, then print a command's resolved config (`--print-config`, via
-    `configs`) or check its `required` options and run its handler behind the user-error boundary."""
+    `configs`) or check its `required` options and run its handler behind the user-error boundary.
+    `kept` says, per command, what survives a full disk (for its one-line error)."""
     parser, commands = make_parser()
     args = parse_command(parser, commands, argv)
     if args is None:
@@ -83,7 +95,8 @@ def dispatch(
     if args.command in configs and args.print_config:
         return run_main(lambda: print_config(configs[args.command](args)))
     require_args(commands[args.command], args, *required.get(args.command, ()))
-    return run_main(lambda: handlers[args.command](args))
+    return run_main(lambda: handlers[args.command](args), out=getattr(args, "out", None),
+                    kept=(kept or {}).get(args.command, ""))  # fmt: skip
 
 
 def require_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
@@ -110,16 +123,66 @@ def user_errors() -> tuple[type[BaseException], ...]:
             PermissionError)  # fmt: skip
 
 
-def run_main(body: Callable[[], int | None]) -> int:
+def run_main(body: Callable[[], int | None], out: str | None = None, kept: str = "") -> int:
+    """Run `body`; a user error or a full disk becomes one line on stderr (credentials in URLs masked) and
+    exit status 2. `out` names where the command writes and `kept` what a full disk leaves intact."""
+    from ..storage import redact_url
+
     logging.basicConfig(level=os.environ.get("LRC_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return body() or 0
     except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_url(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        full = disk_full_error(err)
+        if full is None:
+            raise
+        where = getattr(full, "filename", None) or (f"under {out}" if out else "the output")
+        known = isinstance(full, OSError) and full.errno in _DISK_FULL_ERRNOS
+        code = f"{errno.errorcode[full.errno]}: {full.strerror}" if known else _one_line(full)
+        fix = "free space (or raise the quota or file-size limit) and rerun" + (f"; {kept}" if kept else "")
+        print(f"error: no space left writing {redact_url(str(where))} ({type(full).__name__} {code}): {fix}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
+
+
+def disk_full_error(err: BaseException | None) -> BaseException | None:
+    """The error in `err`'s chain (itself, its cause or context, ...) saying a write found no space left: the
+    disk or a quota full, or a file past the file-size limit. None when there is none."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+            return err
+        if _SHORT_WRITE.search(str(err)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def check_out_dir(out: str | None, flag: str = "--out") -> None:
+    """Refuse, before anything loads or is written, a local output directory that is an existing file or lies
+    under one (a URL is left to its filesystem)."""
+    from ..storage import is_url
+
+    if out is None or is_url(out):
+        return
+    path = Path(out).expanduser()
+    for existing in (path, *path.parents):
+        if existing.is_dir():
+            return
+        if existing.exists():
+            what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+            raise FileExistsError(f"{flag} {out} {what}, not a directory; pass a new or existing directory")
 
 
 def launcher_rank() -> tuple[int | None, int | None]:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import TrainJobConfig
-from .common import add_config_args, dispatch
+from .common import add_config_args, check_out_dir, dispatch
 
 __all__ = ["main"]
 
@@ -122,6 +122,7 @@ def _train(args) -> int:
     from ..training.trainer import train_from_cache
 
     cfg = _job_config(args)
+    check_out_dir(args.out)
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     summary = train_from_cache(cfg, args.cache, args.out, resume=args.resume, progress=not args.no_progress,
                                teacher=teacher, heldout_ids=heldout)  # fmt: skip
@@ -141,6 +142,7 @@ def _sweep(args) -> int:
     from ..training.sweep import parse_sizes, run_sweep
 
     cfg = _job_config(args)
+    check_out_dir(args.out)
     sizes = parse_sizes(args.hidden_sizes)
     teacher, heldout = _teacher_and_heldout(cfg, args.cache)
     run_sweep(cfg, args.cache, args.out, sizes, teacher=teacher, heldout_ids=heldout, progress=not args.no_progress)
@@ -187,6 +189,7 @@ def _export(args) -> int:
     from ..training.trainer import check_teacher_matches_cache
     from ..storage import as_location, is_url
 
+    check_out_dir(args.out)
     state = read_checkpoint_state(args.checkpoint)
     cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
     teacher_name = args.teacher or cfg.teacher
@@ -231,16 +234,23 @@ def _logged_at(checkpoint: Path, step: int) -> dict:
 def _online(args) -> int:
     from ..online import train_online
 
-    summary = train_online(_job_config(args), args.out, progress=not args.no_progress, resume=args.resume)
+    cfg = _job_config(args)
+    check_out_dir(args.out)
+    summary = train_online(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     if _is_main_process():
         print(json.dumps(summary, indent=2))
     return 0
 
 
+_RESUMES = "complete checkpoints are kept, and a rerun resumes from the latest"
+_KEPT_ON_FULL_DISK = {"train": _RESUMES, "sweep": _RESUMES, "online": _RESUMES,
+                      "export": "no partial export is left"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}
     configs = {command: lambda args: _job_config(args, quiet=True) for command in _REQUIRED}
-    return dispatch(_parser, argv, handlers, configs, _REQUIRED)
+    return dispatch(_parser, argv, handlers, configs, _REQUIRED, kept=_KEPT_ON_FULL_DISK)
 
 
 if __name__ == "__main__":

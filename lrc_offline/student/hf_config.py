@@ -19,7 +19,9 @@ def hf_config(teacher_config, hidden_size: int, head_dim: int, tied: bool):
     config.hidden_size = hidden_size
     config.head_dim = head_dim
     config.tie_word_embeddings = tied
-    for key in ("quantization_config", "_name_or_path"):
+    # auto_map names the teacher's custom code, which was never run (the teacher loads without
+    # trust_remote_code, as its built-in architecture): the student is that plain architecture
+    for key in ("quantization_config", "_name_or_path", "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
     return config

