@@ -9,7 +9,9 @@ Layout of ``<cache>/index/``::
     part-000042.starts       int64 start of each document in that stream
     part-000042.json         the unit's record, written last (its documents, tokens and content digest):
                              the unit is tokenised iff it exists
-    .tmp-*                   work in progress; never read
+    .tmp-*@<host>.<pid>.*    work in progress of the process named; never read. Workers tokenising the same
+                             unit at once each write their own and rename identical files into place; a
+                             worker removes only temporaries whose writer is gone (`fsutil.is_stale_temporary`)
 
 The index lives with its cache, locally or on object storage (a `storage.Location`). There a part is
 written to a local temporary and uploaded before its record, and a worker reading parts downloads those
@@ -37,12 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fsutil import TMP_PREFIX, fsync_path, json_bytes, temp_path, write_file_atomic
+from ..fsutil import fsync_path, json_bytes, remove_stale_temporaries, temp_path, write_file_atomic
 from ..storage import Location, as_location
 from .corpus import count_sequences
 from .sources import CorpusError, CorpusSpec, Unit, corpus_units, iter_unit_documents
 
-__all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index", "tokenize_units", "my_units"]
+__all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index", "open_heldout", "tokenize_units",
+           "my_units"]  # fmt: skip
 
 INDEX_DIR = "index"
 INDEX_VERSION = 1
@@ -94,8 +97,7 @@ class TokenIndex:
                     tokenizer.bos_token_id, tokenizer.eos_token_id)  # fmt: skip
         created = index.root.write_bytes("index.json", json_bytes(index._header()), exclusive=True)
         if index.root.is_local:
-            for entry in index.root.local.glob(TMP_PREFIX + "index.json-*"):  # a killed worker's (see fsutil)
-                entry.unlink(missing_ok=True)
+            remove_stale_temporaries(index.root.local, "index.json")  # a killed worker's, never a live one's
         if not created:
             existing = json.loads(index.root.read_bytes("index.json"))
             if existing != index._header():
@@ -140,13 +142,13 @@ class TokenIndex:
         names = self.root.files()
         return [u for u in range(len(self.units)) if self._part(u, "json") not in names]
 
-    def remove_stale(self, units: Sequence[int]) -> None:
-        """Remove temporaries a killed worker left for `units` (they are about to be re-tokenised)."""
+    def remove_stale(self) -> int:
+        """Remove the part temporaries killed workers left (any unit's: a unit another worker finished is
+        never rewritten, so its leftovers would stay otherwise); a live worker's, which may be tokenising
+        the same unit right now, are left alone. Returns how many were removed."""
         if not self.root.is_local:
-            return  # parts are uploaded whole from a local temporary: nothing half-written is there
-        for u in units:
-            for entry in self.root.local.glob(f"{TMP_PREFIX}part-{u:06d}.*"):
-                entry.unlink(missing_ok=True)
+            return 0  # parts are uploaded whole from a local temporary: nothing half-written is there
+        return remove_stale_temporaries(self.root.local, "part-")
 
     def tokenize_unit(self, u: int, tokenizer: Any) -> dict[str, Any]:
         """Tokenise unit `u` into its part files, batch by batch (memory: one batch of documents)."""
@@ -231,7 +233,8 @@ def tokenize_units(index: TokenIndex, tokenizer: Any, units: Sequence[int], prog
     """Tokenise those of `units` not tokenised yet; returns the units tokenised by this call."""
     missing = set(index.missing())
     todo = [u for u in units if u in missing]
-    index.remove_stale(todo)
+    if todo:
+        index.remove_stale()
     for u in todo:
         index.tokenize_unit(u, tokenizer)
         if progress is not None:
@@ -257,12 +260,15 @@ class PackedIndex:
     """`sha256:` digest of the corpus's content and the held-out count: identifies the training documents."""
     _token_offsets: np.ndarray
     _doc_offsets: np.ndarray
+    first_token: int = 0
+    """Where the packed stream starts in the corpus's token stream: 0 for the training documents, the first
+    held-out document's start for the held-out ones (`open_heldout`)."""
 
     def sequences(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(input_ids, position_ids)` of sequences [first, end), each [S, T] int32, read from the parts
         these tokens lie in (positions restart at each document start and each sequence start)."""
         assert 0 <= first <= end <= self.num_sequences
-        lo, hi = first * self.seq_len, end * self.seq_len
+        lo, hi = self.first_token + first * self.seq_len, self.first_token + end * self.seq_len
         ids = np.empty(hi - lo, dtype=np.int32)
         is_start = np.zeros(hi - lo, dtype=bool)
         u = int(np.searchsorted(self._token_offsets, lo, side="right")) - 1
@@ -293,6 +299,46 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
         CorpusError: the index is incomplete, the corpus is empty, `heldout_docs` leaves no training
             document, or the training documents make fewer tokens than one sequence.
     """
+    records, doc_offsets, token_offsets = _unit_offsets(index, heldout_docs)
+    train_docs = int(doc_offsets[-1]) - heldout_docs
+    stream = _doc_start(index, doc_offsets, token_offsets, train_docs)
+    num_documents, num_tokens = train_docs, stream
+    if max_sequences is not None and stream > max_sequences * seq_len:
+        cap = max_sequences * seq_len
+        # the document holding token cap-1 fills the last sequence: tokenising in memory stops there
+        k = _doc_at(index, doc_offsets, token_offsets, cap - 1)
+        num_documents, num_tokens = k + 1, _doc_start(index, doc_offsets, token_offsets, k + 1)
+    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
+    return PackedIndex(index, seq_len, num_sequences, num_documents, num_tokens, num_tokens - num_sequences * seq_len,
+                       heldout_docs, _fingerprint(records, heldout_docs), token_offsets, doc_offsets)  # fmt: skip
+
+
+def open_heldout(index: TokenIndex, seq_len: int, heldout_docs: int, max_sequences: int) -> PackedIndex:
+    """The packing of the held-out documents (the last `heldout_docs`): their stream cut into sequences of
+    `seq_len` tokens by the arithmetic `open_index` cuts the training documents' with (equal to
+    `corpus.pack_documents` over those documents), at most `max_sequences`.
+
+    Raises:
+        CorpusError: as `open_index`, `heldout_docs` < 1, or the held-out documents make fewer tokens than
+            one sequence.
+    """
+    if heldout_docs < 1:
+        raise CorpusError(f"cache.heldout_docs={heldout_docs}: a held-out split needs at least one document")
+    records, doc_offsets, token_offsets = _unit_offsets(index, heldout_docs)
+    start = _doc_start(index, doc_offsets, token_offsets, int(doc_offsets[-1]) - heldout_docs)
+    stream = int(token_offsets[-1]) - start
+    if stream < seq_len:
+        raise CorpusError(f"the {heldout_docs} held-out documents (cache.heldout_docs) make {stream} tokens, fewer "
+                          f"than one sequence of seq_len={seq_len}; raise cache.heldout_docs")  # fmt: skip
+    num_sequences = min(stream // seq_len, max_sequences)
+    return PackedIndex(index, seq_len, num_sequences, heldout_docs, stream, stream - num_sequences * seq_len,
+                       heldout_docs, _fingerprint(records, heldout_docs), token_offsets, doc_offsets,
+                       start)  # fmt: skip
+
+
+def _unit_offsets(index: TokenIndex, heldout_docs: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The units' records, and the global document and token offsets at each unit's start (and the end),
+    checking that the index is complete and that `heldout_docs` leaves training documents."""
     by_unit = index.records()  # one listing, then the records
     missing = [u for u in range(len(index.units)) if u not in by_unit]
     if missing:
@@ -318,20 +364,15 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
             f"cache.heldout_docs={heldout_docs} leaves no training documents (the corpus has {total_docs}); "
             "lower cache.heldout_docs or add documents"
         )
-    train_docs = total_docs - heldout_docs
-    stream = _doc_start(index, doc_offsets, token_offsets, train_docs)
-    num_documents, num_tokens = train_docs, stream
-    if max_sequences is not None and stream > max_sequences * seq_len:
-        cap = max_sequences * seq_len
-        # the document holding token cap-1 fills the last sequence: tokenising in memory stops there
-        k = _doc_at(index, doc_offsets, token_offsets, cap - 1)
-        num_documents, num_tokens = k + 1, _doc_start(index, doc_offsets, token_offsets, k + 1)
-    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
+    return records, doc_offsets, token_offsets
+
+
+def _fingerprint(records: list[dict], heldout_docs: int) -> str:
+    """The corpus fingerprint: the held-out count and each unit's document count and content digest."""
     digest = hashlib.sha256(f"lrc-index-{INDEX_VERSION}:heldout={heldout_docs}".encode())
     for record in records:
         digest.update(f":{record['num_documents']}:{record['digest']}".encode())
-    return PackedIndex(index, seq_len, num_sequences, num_documents, num_tokens, num_tokens - num_sequences * seq_len,
-                       heldout_docs, "sha256:" + digest.hexdigest(), token_offsets, doc_offsets)  # fmt: skip
+    return "sha256:" + digest.hexdigest()
 
 
 def _doc_start(index: TokenIndex, doc_offsets: np.ndarray, token_offsets: np.ndarray, k: int) -> int:
