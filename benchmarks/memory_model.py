@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+from lrc_offline.batch import Batch, CloneActivations, TopKSignal
 from lrc_offline.config import LossConfig, TrainConfig
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.training.objective import lrc_loss
@@ -74,9 +75,10 @@ def saved_bytes(d_T=256, d_S=128, heads=4, kv=2, hd=64, f=512, V=1000, L=2, B=2,
     teacher = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()  # bf16, as loaded on a GPU
     student = LRCStudent(teacher, d_S, untie_head=True)
     resident = {t.data_ptr() for t in list(student.parameters()) + list(student.buffers())}
-    batch = {"input_ids": torch.randint(0, V, (B, T)), "topk_ids": torch.randint(0, V, (B, T, 8)),
-             "topk_logprobs": torch.full((B, T, 8), -3.0), "act_positions": torch.stack([torch.randperm(T)[:P] for _ in range(B)]),
-             "act_input": torch.randn(B, L, P, d_T), "act_attn": torch.randn(B, L, P, d_T)}  # fmt: skip
+    positions = torch.stack([torch.randperm(T)[:P] for _ in range(B)])
+    acts = {"input": torch.randn(B, L, P, d_T), "attn": torch.randn(B, L, P, d_T)}
+    signal = TopKSignal(torch.randint(0, V, (B, T, 8)), torch.full((B, T, 8), -3.0))
+    batch = Batch(torch.randint(0, V, (B, T)), signal=signal, clone=CloneActivations.build(positions, acts))
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

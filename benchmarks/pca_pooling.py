@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lrc_offline import losses
+from lrc_offline.batch import Batch
 from lrc_offline.cache import CacheReader
 from lrc_offline.config import TrainJobConfig, apply_overrides
 from lrc_offline.evaluation import heldout_sequences
@@ -44,7 +45,7 @@ def _captured_energy(reader: CacheReader, basis_DS: torch.Tensor, num_shards: in
 
 
 def _ce_score(logits, batch):
-    ids = batch["input_ids"].long()
+    ids = batch.input_ids.long()
     return losses.cross_entropy_next(logits, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
@@ -101,7 +102,7 @@ def main() -> None:
             student = LRCStudent(teacher.model, size, untie_head=untie)
             init_pca(student, basis)
             if untie:
-                scale = calibrate_head_scale(student, [{"input_ids": b} for b in calibration_ids.split(8)], _ce_score)
+                scale = calibrate_head_scale(student, [Batch(b) for b in calibration_ids.split(8)], _ce_score)
                 report(size, "head scale fitted to CE (32 cached sequences)", student, head_scale=scale)
                 student = LRCStudent(teacher.model, size, untie_head=True)
                 init_pca(student, basis)

@@ -36,10 +36,10 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from lrc_offline import losses
+from lrc_offline.batch import Batch
 from lrc_offline.cache import CacheReader, verify_cache
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import (
-    CLONE_TERMS,
     BuildRunConfig,
     CacheConfig,
     LossConfig,
@@ -48,9 +48,9 @@ from lrc_offline.config import (
     TrainConfig,
     TrainJobConfig,
 )
+from lrc_offline.online import teacher_batch
 from lrc_offline.student.export import student_config
 from lrc_offline.student.lrc import LRCStudent
-from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training import loop
 from lrc_offline.training.optim import build_optimizer
@@ -136,19 +136,15 @@ def _lrc_run(teacher, args, accelerator, batch_size: int, grad_accum: int, lever
     return run
 
 
-def _online_batch(teacher, cached: dict) -> dict:
+def _online_batch(teacher, cached: Batch) -> Batch:
     """What `online.OnlineSource` yields for these sequences: a hooked teacher forward's full logits and
     the seven targets at the same positions."""
-    ids = cached["input_ids"].long()
-    captured = capture_teacher(teacher.model, ids, positions_BP=cached["act_positions"], terms=CLONE_TERMS,
-                               want_logits=True)  # fmt: skip
-    return {"input_ids": ids, "teacher_logits": captured.logits_BTV, "act_positions": cached["act_positions"],
-            **{f"act_{m}": captured.acts[m].transpose(0, 1) for m in CLONE_TERMS}}  # fmt: skip
+    return teacher_batch(teacher.model, cached.input_ids.long(), cached.clone.positions_BP)
 
 
-def _plain_step(model, optimizer, micro_batches: list[dict], fused_chunk: int | None, grad_clip: float) -> None:
+def _plain_step(model, optimizer, micro_batches: list[Batch], fused_chunk: int | None, grad_clip: float) -> None:
     for batch in micro_batches:
-        ids = batch["input_ids"].long()
+        ids = batch.input_ids.long()
         if fused_chunk is None:
             loss = model(input_ids=ids, labels=ids).loss
         else:
@@ -180,7 +176,7 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
     flops = {}
     batches = iter_batches(CacheDataset(cache_dir, seed=0, num_epochs=None), batch_size)
     for round_index in range(args.rounds + 1):
-        micro = [{k: v for k, v in next(batches).items() if k != "sequence_index"} for _ in range(grad_accum)]
+        micro = [next(batches) for _ in range(grad_accum)]
         line = []
         for kind in kinds:
             counter = FlopCounterMode(display=False) if round_index == 0 else contextlib.nullcontext()

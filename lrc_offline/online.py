@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from .batch import Batch, CloneActivations, FullLogits
 from .data import load_documents, pack_documents, split_heldout
 from .capture.positions import sample_positions_batch
 from .config import CLONE_TERMS, ConfigError, StudentConfig, TrainJobConfig
@@ -26,7 +27,7 @@ from .teacher.load import Teacher, load_teacher
 from .training.heldout import heldout_metrics
 from .training.loop import make_accelerator, run_training
 
-__all__ = ["OnlineSource", "train_online", "epoch_order"]
+__all__ = ["OnlineSource", "teacher_batch", "train_online", "epoch_order"]
 
 ONLINE_STATE_VERSION = 1
 """Version of `OnlineSource.state_dict()`."""
@@ -35,6 +36,17 @@ ONLINE_STATE_VERSION = 1
 def epoch_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of the sequences, fixed by (seed, epoch)."""
     return torch.randperm(num_sequences, generator=generator(seed, epoch))
+
+
+def teacher_batch(model, input_ids_BT: torch.Tensor, positions_BP: torch.Tensor | None = None) -> Batch:
+    """The batch of one hooked teacher forward: the full logits and, at `positions_BP` (None: no clone
+    loss), the seven clone targets of every layer."""
+    captured = capture_teacher(model, input_ids_BT, positions_BP=positions_BP,
+                               terms=CLONE_TERMS if positions_BP is not None else (), want_logits=True)  # fmt: skip
+    clone = None
+    if positions_BP is not None:
+        clone = CloneActivations.build(positions_BP, {m: captured.acts[m].transpose(0, 1) for m in CLONE_TERMS})
+    return Batch(input_ids_BT, signal=FullLogits(captured.logits_BTV), clone=clone)
 
 
 class OnlineSource:
@@ -56,7 +68,7 @@ class OnlineSource:
         self.model, self.input_ids, self.device = teacher.model, input_ids_NT, device
         self.seed, self.seq_len, self.pass_batch_size = cfg.train.seed, cfg.train.seq_len, cfg.train.batch_size
         self.teacher_heldout = teacher_heldout
-        self.num_positions = cfg.train.clone_positions or cfg.train.seq_len
+        self.num_clone_positions = cfg.train.clone_positions or cfg.train.seq_len
         self.use_clone = cfg.loss.alpha > 0
         self.num_sequences = input_ids_NT.shape[0]
         self.epoch_index, self.consumed = 0, 0
@@ -70,20 +82,14 @@ class OnlineSource:
                 yield order[lo : lo + batch_size]
             self.epoch_index, self.consumed = self.epoch_index + 1, 0
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, batch_size: int) -> Iterator[Batch]:
         for index in self._index_batches(batch_size):
             input_ids = self.input_ids[index].to(self.device).long()
             positions = None
             if self.use_clone:
-                positions = sample_positions_batch(index.tolist(), self.seq_len, self.num_positions, self.seed)
-                positions = positions.to(self.device)
-            captured = capture_teacher(self.model, input_ids, positions_BP=positions,
-                                       terms=CLONE_TERMS if self.use_clone else (), want_logits=True)  # fmt: skip
-            batch = {"input_ids": input_ids, "teacher_logits": captured.logits_BTV}
-            if self.use_clone:
-                batch["act_positions"] = positions
-                batch.update({f"act_{m}": captured.acts[m].transpose(0, 1) for m in CLONE_TERMS})
-            yield batch
+                positions = sample_positions_batch(index.tolist(), self.seq_len, self.num_clone_positions,
+                                                   self.seed).to(self.device)  # fmt: skip
+            yield teacher_batch(self.model, input_ids, positions)
 
     def epoch(self) -> float:
         return self.epoch_index + self.consumed / self.num_sequences
@@ -115,14 +121,14 @@ class OnlineSource:
             moment.update(captured.acts["input"] + captured.acts["attn"])
         return moment, {"source": f"teacher pass over {num} training sequences", "vectors": moment.count}
 
-    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
+    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[Batch]:
         """The first `num` training sequences with the teacher's full logits."""
         num = min(num, self.num_sequences)
         batches = []
         for lo in range(0, num, batch_size):
             ids = self.input_ids[lo : min(lo + batch_size, num)].to(device).long()
             with torch.no_grad():
-                batches.append({"input_ids": ids, "teacher_logits": self.model(input_ids=ids).logits})
+                batches.append(Batch(ids, signal=FullLogits(self.model(input_ids=ids).logits)))
         return batches
 
     def counters(self) -> dict[str, int]:

@@ -3,11 +3,13 @@ activation statistics and the activation budget, each against a naive reference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from lrc_offline.batch import Batch
 from lrc_offline.cache import CacheReader
 from lrc_offline.cache.act_stats import act_layer_mask, act_present, activation_stats, teacher_ms
 from lrc_offline.capture.build import build_cache
@@ -28,7 +30,7 @@ from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.objective import clone_weights, lrc_loss, sink_positions
-from lrc_offline.training.reader import collate
+from lrc_offline.training.reader import stack_samples
 from lrc_offline.training.trainer import train_from_cache
 
 F64 = torch.float64
@@ -174,8 +176,14 @@ def caches(tmp_path_factory):
 
 
 def _all_sequences(root):
+    """The cache's reader and every sequence's fields, stacked."""
     reader = CacheReader(root)
-    return reader, collate(list(reader.iter_sequences()))
+    return reader, stack_samples(list(reader.iter_sequences()))
+
+
+def _first(fields, num: int = 4) -> Batch:
+    """The batch of the first `num` sequences of stacked `fields`."""
+    return Batch.from_fields({k: v[:num] for k, v in fields.items()})
 
 
 def test_activation_stats_match_the_hooked_teacher(caches):
@@ -200,8 +208,7 @@ def test_activation_stats_match_the_hooked_teacher(caches):
 
 def test_sink_positions_are_sampled_and_found(caches):
     _, data = _all_sequences(caches["full"])
-    batch = {"act_positions": data["act_positions"], "position_ids": data["position_ids"]}
-    sink = sink_positions(batch)
+    sink = sink_positions(Batch.from_fields(data))
     starts = data["position_ids"] == 0
     assert bool(sink[:, 0].all())  # position 0 in every sequence
     for b in range(NUM_SEQ):  # every document start is stored, up to P of them
@@ -215,13 +222,15 @@ def test_sink_positions_are_sampled_and_found(caches):
 def test_sink_weight_zero_leaves_sinks_out(caches):
     teacher = load_teacher("tiny-random:llama")
     _, data = _all_sequences(caches["full"])
-    batch = {k: v[:4] for k, v in data.items() if k != "sequence_index"}
+    batch = _first(data)
     cfg_out = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, sink_weight=0.0)
     mask, weights = clone_weights(batch, cfg_out)
     assert mask is None and torch.equal(weights == 0, sink_positions(batch))
     student = LRCStudent(teacher.model, 32, seed=1)
     excluded, _ = lrc_loss(student, batch, cfg_out)
-    masked, _ = lrc_loss(student, {**batch, "act_mask": ~sink_positions(batch)}, LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0))
+    no_sinks_LBP = ~sink_positions(batch).expand(2, -1, -1)  # the sinks masked out in both layers
+    sinks_masked = dataclasses.replace(batch, clone=dataclasses.replace(batch.clone, keep_LBP=no_sinks_LBP))
+    masked, _ = lrc_loss(student, sinks_masked, LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0))
     torch.testing.assert_close(excluded, masked, rtol=1e-6, atol=0)
     heavy, _ = lrc_loss(student, batch, LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, sink_weight=5.0))
     assert not torch.isclose(heavy, masked)
@@ -234,19 +243,19 @@ def test_cache_normaliser_in_the_objective(caches):
     reader, data = _all_sequences(caches["full"])
     stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
     ms = teacher_ms(stats)
-    batch = {k: v[:4] for k, v in data.items() if k != "sequence_index"}
+    batch = _first(data)
     student = LRCStudent(teacher.model, 32, seed=2)
     cfg = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0, clone_normalize="cache")
     total, parts = lrc_loss(student, batch, cfg, teacher_ms=ms)
     # The reference: clone_loss with the normalisers written out.
     layers = list(range(student.num_layers))
-    per_layer = [student.teacher_targets_from_residual(i, batch["act_input"][:, i], batch["act_attn"][:, i])
-                 for i in layers]  # fmt: skip
+    acts = batch.clone.acts
+    per_layer = [student.teacher_targets_from_residual(i, acts["input"][:, i], acts["attn"][:, i]) for i in layers]
     targets = {m: torch.stack([t[m] for t in per_layer]) for m in CLONE_TERMS}
     for m in ("o", "down"):  # compared in student space: P_m^T t
         proj_LDS = torch.stack([student.layers[i].proj[m] for i in layers])
         targets[m] = torch.einsum("lbpd,lds->lbps", targets[m], proj_LDS)
-    out = student(batch["input_ids"].long(), clone_positions_BP=batch["act_positions"], clone_layers=layers)
+    out = student(batch.input_ids.long(), clone_positions_BP=batch.clone.positions_BP, clone_layers=layers)
     fixed = {}
     for term in CLONE_TERMS:
         fixed[term] = ms[term].clone()
@@ -360,13 +369,13 @@ def test_layer_subset_batch_loss_is_the_full_batch_masked_per_layer(caches):
     teacher = load_teacher("tiny-random:llama")
     student = LRCStudent(teacher.model, 16, seed=0)
     cfg = LossConfig(alpha=1.0, kd_weight=0.0, beta=0.0)
-    subset_batch = {k: v[:4] for k, v in data.items()}
-    masked_full = {k: v[:4] for k, v in full.items()} | {"act_layer_mask": subset_batch["act_layer_mask"]}
+    subset_batch = _first(data)
+    masked_full = _first(full | {"act_layer_mask": data["act_layer_mask"]})
     got, got_parts = lrc_loss(student, subset_batch, cfg)
     want, want_parts = lrc_loss(student, masked_full, cfg)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert got_parts.keys() == want_parts.keys()
-    unmasked, _ = lrc_loss(student, {k: v[:4] for k, v in full.items()}, cfg)
+    unmasked, _ = lrc_loss(student, _first(full), cfg)
     assert not torch.allclose(got, unmasked)
     mask, _ = clone_weights(subset_batch, cfg)
     assert mask.shape == (2, 4, 6)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lrc_offline.batch import Batch
 from lrc_offline.cache import CacheReader
 from lrc_offline.cache.records import record_path
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import (
-    CLONE_TERMS,
     CacheConfig,
     LossConfig,
     OptimConfig,
@@ -27,8 +27,8 @@ from lrc_offline.config import (
     TrainConfig,
     TrainJobConfig,
 )
+from lrc_offline.online import teacher_batch
 from lrc_offline.student.lrc import LRCStudent
-from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training import checkpoint as ckpt
 from lrc_offline.training.metrics import read_metrics
@@ -70,13 +70,10 @@ def _job(steps: int, **train) -> TrainJobConfig:
     )
 
 
-def _online_batch(teacher_model, input_ids: torch.Tensor) -> dict:
+def _online_batch(teacher_model, input_ids: torch.Tensor) -> Batch:
     """The batch the online trainer builds: full teacher logits and all seven targets at every position."""
     positions = torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1)
-    captured = capture_teacher(teacher_model, input_ids.long(), positions_BP=positions, terms=CLONE_TERMS)
-    batch = {"input_ids": input_ids.long(), "teacher_logits": captured.logits_BTV, "act_positions": positions}
-    batch.update({f"act_{m}": captured.acts[m].transpose(0, 1) for m in CLONE_TERMS})
-    return batch
+    return teacher_batch(teacher_model, input_ids.long(), positions)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
@@ -90,8 +87,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
 def test_cache_batch_gives_online_loss_and_gradients(caches, mode):
     teacher = load_teacher("tiny-random:llama")
     samples = list(CacheReader(caches[mode]).iter_sequences(shards=[1]))[:4]
-    cached = {k: v for k, v in collate(samples).items() if k != "sequence_index"}
-    online = _online_batch(teacher.model, cached["input_ids"])
+    cached = collate(samples)
+    online = _online_batch(teacher.model, cached.input_ids)
     results = []
     for batch in (cached, online):
         student = LRCStudent(teacher.model, 32, seed=3)
@@ -120,7 +117,7 @@ def test_three_trainer_steps_match_online_steps(caches, tmp_path):
     batches = iter_batches(CacheDataset(caches["residual"], seed=cfg.train.seed), cfg.train.batch_size)
     online = []
     for _ in range(3):
-        loss, _ = lrc_loss(student, _online_batch(teacher.model, next(batches)["input_ids"]), cfg.loss)
+        loss, _ = lrc_loss(student, _online_batch(teacher.model, next(batches).input_ids), cfg.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
@@ -223,7 +220,7 @@ def test_two_ranks_read_every_sequence_once(caches):
 def test_dataloader_workers_read_every_sequence_once(caches):
     dataset = CacheDataset(caches["residual"], seed=1, num_epochs=1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate)
-    indices = torch.cat([batch["sequence_index"] for batch in loader]).tolist()
+    indices = torch.cat([batch.sequence_index for batch in loader]).tolist()
     assert sorted(indices) == list(range(NUM_SEQ))
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lrc_offline import losses
+from lrc_offline.batch import Batch
 from lrc_offline.cache import verify_cache
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
@@ -120,7 +121,7 @@ def _train_ce(student, ids, scale=1.0):
 
 
 def _ce_score(logits, batch):
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     return losses.cross_entropy_next(logits, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
@@ -135,7 +136,7 @@ def test_head_scale_calibration_finds_the_loss_minimising_temperature(teacher, o
     grid = torch.linspace(0.25, 2.0, 1751).tolist()  # naive reference: brute force over c, 0.001 apart
     reference = min(grid, key=lambda c: _train_ce(student, ids, c))
     before = _train_ce(student, ids)
-    batches = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]  # unequal batches: weighted by tokens
+    batches = [Batch(ids[:4]), Batch(ids[4:])]  # unequal batches: weighted by tokens
     scale = calibrate_head_scale(student, batches, _ce_score)
     assert abs(scale - reference) < 0.01 * reference, (scale, reference)
     assert _train_ce(student, ids) <= before + 1e-6

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lrc_offline import losses
+from lrc_offline.batch import Batch, CloneActivations, FullLogits, HiddenSignal, SampledSignal, TopKSignal
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig, LossConfig, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
 from lrc_offline.student.lrc import LRCStudent
@@ -101,30 +102,30 @@ def test_fused_head_loss_all_masked_is_zero_with_zero_gradients():
 # ---- through the student ------------------------------------------------------------------------------
 
 
-def _batch(teacher, mode: str, gen: torch.Generator, batch: int = 3, tokens: int = 12) -> dict:
-    vocab = teacher.config.vocab_size
+def _batch(teacher, mode: str, gen: torch.Generator, batch: int = 3, tokens: int = 12) -> Batch:
+    vocab, layers = teacher.config.vocab_size, teacher.config.num_hidden_layers
     ids = torch.randint(0, vocab, (batch, tokens), generator=gen)
-    out = {"input_ids": ids, "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-           "act_positions": torch.stack([torch.randperm(tokens, generator=gen)[:4] for _ in range(batch)])}  # fmt: skip
-    out["attention_mask"][0, -3:] = 0
+    attention_mask = torch.ones(batch, tokens, dtype=torch.long)
+    attention_mask[0, -3:] = 0
+    positions = torch.stack([torch.randperm(tokens, generator=gen)[:4] for _ in range(batch)])
     with torch.no_grad():
         result = teacher(input_ids=ids, output_hidden_states=True)
     logprobs = torch.log_softmax(result.logits, -1)
     if mode == "logits":
-        out["teacher_logits"] = result.logits
+        signal = FullLogits(result.logits)
     elif mode == "hidden":
-        out["hidden"] = result.hidden_states[-1]
+        signal = HiddenSignal(result.hidden_states[-1])
     elif mode == "topk":
-        out["topk_logprobs"], out["topk_ids"] = logprobs.topk(8, -1)
+        top_logprobs, top_ids = logprobs.topk(8, -1)
+        signal = TopKSignal(top_ids, top_logprobs)
     else:
         draws = torch.multinomial(logprobs.exp().view(-1, vocab), 16, replacement=True, generator=gen)
-        out["sampled_ids"] = draws.view(batch, tokens, 16)
-        out["sampled_counts"] = torch.ones(batch, tokens, 16)
-    out["act_input"] = torch.stack([result.hidden_states[i] for i in range(teacher.config.num_hidden_layers)], 1)
-    out["act_input"] = out["act_input"].gather(2, out["act_positions"][:, None, :, None].expand(
-        -1, teacher.config.num_hidden_layers, -1, teacher.config.hidden_size))  # fmt: skip
-    out["act_attn"] = torch.randn(out["act_input"].shape, generator=gen) * 0.1
-    return out
+        signal = SampledSignal(draws.view(batch, tokens, 16), torch.ones(batch, tokens, 16))
+    h = torch.stack([result.hidden_states[i] for i in range(layers)], 1)
+    h = h.gather(2, positions[:, None, :, None].expand(-1, layers, -1, teacher.config.hidden_size))
+    attn = torch.randn(h.shape, generator=gen) * 0.1
+    clone = CloneActivations.build(positions, {"input": h, "attn": attn})
+    return Batch(ids, attention_mask=attention_mask, signal=signal, clone=clone)
 
 
 def _grads(student) -> dict[str, torch.Tensor]:
@@ -332,6 +333,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from lrc_offline.batch import Batch, TopKSignal
     from lrc_offline.config import LossConfig
     from lrc_offline.student.lrc import LRCStudent
     from lrc_offline.training.objective import lrc_loss
@@ -343,13 +345,13 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     student = LRCStudent(teacher, 8)
     ids = torch.randint(0, vocab, (batch, tokens))
-    signal = {"input_ids": ids, "topk_ids": torch.randint(0, vocab, (batch, tokens, 4)),
-              "topk_logprobs": torch.full((batch, tokens, 4), -2.0)}
+    topk_batch = Batch(ids, signal=TopKSignal(torch.randint(0, vocab, (batch, tokens, 4)),
+                                              torch.full((batch, tokens, 4), -2.0)))
     size_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))
     limit = size_kb * 1024 + budget_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        loss, _ = lrc_loss(student, signal, LossConfig(), chunk_tokens=chunk or None)
+        loss, _ = lrc_loss(student, topk_batch, LossConfig(), chunk_tokens=chunk or None)
         loss.backward()
     except (MemoryError, RuntimeError) as error:
         print("OUT OF MEMORY", type(error).__name__)

@@ -31,6 +31,8 @@ __all__ = [
     "act_present",
     "layers_per_position",
     "act_layer_mask",
+    "sink_flags",
+    "keep_mask",
     "batch_act_sums",
     "merge_act_sums",
     "activation_stats",
@@ -76,6 +78,28 @@ def act_layer_mask(
     if start_P is not None:
         mask[:, start_P.to(torch.bool).cpu()] = True
     return mask
+
+
+def sink_flags(positions_BP: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, P]: which activation positions are attention sinks, the document starts (position id 0;
+    without position ids, the sequence start). The cache's statistics and the clone loss's sink weight
+    both count these."""
+    if position_ids_BT is None:
+        return positions_BP == 0
+    return position_ids_BT.gather(1, positions_BP.long()) == 0
+
+
+def keep_mask(
+    present_B: torch.Tensor | None, layer_mask_BLP: torch.Tensor | None, num_layers: int, num_positions: int
+) -> torch.Tensor | None:
+    """bool [B, L, P]: the (layer, position) rows of each sequence that hold activations, those of the
+    sequences the activation budget keeps (`present_B`, bool [B]) and, with a layer subset, the layers
+    each position carries (`layer_mask_BLP`, bool); the other rows hold zeros. None when every row does."""
+    if layer_mask_BLP is not None:
+        return layer_mask_BLP if present_B is None else layer_mask_BLP & present_B[:, None, None]
+    if present_B is not None:
+        return present_B[:, None, None].expand(-1, num_layers, num_positions)
+    return None
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ Legend: D d_T, S d_S.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -105,22 +105,22 @@ def init_pca(student: LRCStudent, basis_DS: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def calibrate_head_scale(student: LRCStudent, batches: Iterable[dict],
-                         score: Callable[[torch.Tensor, dict], torch.Tensor]) -> float:  # fmt: skip
+def calibrate_head_scale(student: LRCStudent, batches: Iterable,
+                         score: Callable[[torch.Tensor, Any], torch.Tensor]) -> float:  # fmt: skip
     """Multiply the student's final-norm weight by the c in [1/4, 2] that minimises `score`, the mean
     loss of logits [B, T, V] on a batch (the training objective's KD + CE), averaged over `batches`
     weighted by their tokens; return c.
 
     Logits are linear in c, so one student forward per batch scores a whole grid of c (log-spaced, 9%
     apart); a parabola through the best grid point and its neighbours (the losses are convex in c)
-    refines it. Each batch needs `input_ids` [B, T] on the student's device.
+    refines it. Each batch (`lrc_offline.batch.Batch`) needs `input_ids` [B, T] on the student's device.
     """
     log_grid = torch.linspace(math.log(0.25), math.log(2.0), 25, dtype=torch.float64)
     totals = torch.zeros(len(log_grid), dtype=torch.float64, device=student.final_norm.device)
     for batch in batches:
-        logits_BTV = student(batch["input_ids"].long()).logits_BTV.float()
+        logits_BTV = student(batch.input_ids.long()).logits_BTV.float()
         for i, c in enumerate(log_grid.exp().tolist()):
-            totals[i] += score(c * logits_BTV, batch).double() * batch["input_ids"].numel()
+            totals[i] += score(c * logits_BTV, batch).double() * batch.input_ids.numel()
     loss = totals.cpu()  # one host sync for the whole search
     best = int(loss.argmin())
     log_c = float(log_grid[best])

@@ -267,10 +267,10 @@ class _StudentLayer(nn.Module):
 
     def teacher_targets(self, teacher_acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Teacher-space targets term -> [B, P, W] from this layer's cached activations [B, P, *]:
-        recomputed from residuals (`act_input`, `act_attn`) or read (`act_<term>`)."""
-        if "act_input" in teacher_acts:
-            return self.teacher_targets_from_residual(teacher_acts["act_input"], teacher_acts["act_attn"])
-        return {m: teacher_acts[f"act_{m}"] for m in CLONE_TERMS}
+        recomputed from residuals (`input`, `attn`) or read (the seven terms)."""
+        if "input" in teacher_acts:
+            return self.teacher_targets_from_residual(teacher_acts["input"], teacher_acts["attn"])
+        return {m: teacher_acts[m] for m in CLONE_TERMS}
 
     def clone_targets(self, teacher_acts: dict[str, torch.Tensor], o_space: str, w: dict | None = None) -> dict:
         """`teacher_targets` in the space each term is compared in: down always in student space (P^T t,
@@ -441,8 +441,8 @@ class LRCStudent(nn.Module):
             o_space: `student` returns a_S for the o term; `teacher` returns W^T_o applied to the student's
                 attention context (the official code's variant), compared with a_T in teacher space.
             teacher_acts: the batch's cached teacher activations at the same positions and layers:
-                `act_input`, `act_attn` [B, L, P, D] (residuals; targets recomputed with the teacher's
-                weights) or `act_<term>` [B, L, P, W] (the targets). Returned in `targets`.
+                `input`, `attn` [B, L, P, D] (residuals; targets recomputed with the teacher's weights)
+                or the seven terms [B, L, P, W] (the targets). Returned in `targets`.
             teacher_ms: term -> [L] teacher-space mean squares of the targets (fixed clone normalisers);
                 returned in `target_ms` in the space each term is compared in.
             weights: the weights to run on (`generate_weights`, or its `detached` copy); None generates them.

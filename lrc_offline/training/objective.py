@@ -2,18 +2,9 @@
 
 One function serves the online reference trainer (teacher signal computed in the step) and offline
 training from a cache (teacher signal read from shards), so both compute the same losses by
-construction. The batch says which teacher signal it carries:
-
-    teacher_logits [B,T,V]                      full logits (online, or tests)
-    hidden [B,T,D]                              cached final normed hidden state: exact logits via the head
-    topk_ids, topk_logprobs [B,T,K]             cached top-k with tail bucket
-    sampled_ids, sampled_counts [B,T,N]         cached sampled-KD counts
-and, for the clone loss, `act_positions` [B,P] with either
-    act_input, act_attn [B,L,P,D]               cached residuals: targets recomputed with the teacher's weights
-    act_<term> [B,L,P,W] for the seven terms    the targets themselves
-optionally with `act_present` [B] (an activation-budget cache: which sequences carry activations) and
-`act_layer_mask` [B,L,P] (a layer-subset cache: which layers each position carries).
-Attention-sink positions (document starts) are found from `position_ids` (else position 0).
+construction. The batch (`lrc_offline.batch.Batch`) carries one teacher logit signal (full logits,
+the cached final hidden state, top-k or sampled counts) and, for the clone loss, the teacher's
+activations at sampled positions with their keep mask and sink flags, computed where the batch was made.
 
 The objective only ever calls the student (`student(input_ids, ..., teacher_acts=...)`, see
 `StudentOutput`): everything it needs, the clone targets in the space they are compared in, the
@@ -25,37 +16,48 @@ Legend: B batch, T tokens, V vocabulary, D d_T, L clone layers, P positions, W w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import losses
+from ..batch import Batch, FullLogits, HiddenSignal, LogitSignal, SampledSignal, TopKSignal
 from ..config import CLONE_TERMS, LossConfig
 
 __all__ = ["lrc_loss", "logit_loss", "sink_positions", "clone_weights"]
 
-_ACT_FIELDS = ("act_input", "act_attn") + tuple(f"act_{m}" for m in CLONE_TERMS)
+
+def _kd_inputs(signal: LogitSignal, teacher_head_VD: torch.Tensor | None) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """The KD loss of `signal` and its teacher tensors, named as `losses.fused_head_loss` takes them and
+    in the order the loss takes them after the student's logits."""
+    match signal:
+        case FullLogits():
+            return losses.kl_full, {"teacher_logits_BTV": signal.logits}
+        case HiddenSignal():
+            return losses.kl_from_hidden, {"teacher_hidden_BTD": signal.hidden.to(teacher_head_VD.dtype),
+                                           "teacher_head_VD": teacher_head_VD}  # fmt: skip
+        case TopKSignal():
+            return losses.kl_topk, {"topk_ids_BTK": signal.ids, "topk_logprobs_BTK": signal.logprobs}
+        case SampledSignal():
+            return losses.kd_sampled, {"sampled_ids_BTN": signal.ids, "sampled_counts_BTN": signal.counts}
+    raise TypeError(f"unknown teacher signal {type(signal).__name__}")
 
 
-def _kd(logits_BTV: torch.Tensor, batch: dict, teacher_head_VD: torch.Tensor | None, mask: torch.Tensor, tau: float):
-    if "teacher_logits" in batch:
-        return losses.kl_full(logits_BTV, batch["teacher_logits"], mask, tau)
-    if "hidden" in batch:
-        return losses.kl_from_hidden(logits_BTV, batch["hidden"].to(teacher_head_VD.dtype), teacher_head_VD, mask, tau)
-    if "topk_ids" in batch:
-        return losses.kl_topk(logits_BTV, batch["topk_ids"], batch["topk_logprobs"], mask, tau)
-    if "sampled_ids" in batch:
-        return losses.kd_sampled(logits_BTV, batch["sampled_ids"], batch["sampled_counts"], mask, tau)
-    return None
+def _token_mask(batch: Batch) -> torch.Tensor:
+    """bool [B, T]: the tokens that count."""
+    if batch.attention_mask is None:
+        return torch.ones_like(batch.input_ids, dtype=torch.bool)
+    return batch.attention_mask.bool()
 
 
-def _logit_parts(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher_head_VD: torch.Tensor | None):
+def _logit_parts(logits_BTV: torch.Tensor, batch: Batch, cfg: LossConfig, teacher_head_VD: torch.Tensor | None):
     """(kd_weight * L_KD + beta * L_CE, {"kd": ..., "ce": ...}) of `logits_BTV` on `batch`."""
-    input_ids = batch["input_ids"].long()
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    input_ids, mask = batch.input_ids.long(), _token_mask(batch)
     total = logits_BTV.new_zeros((), dtype=torch.float32)
     parts: dict[str, torch.Tensor] = {}
-    kd = _kd(logits_BTV, batch, teacher_head_VD, mask, cfg.temperature) if cfg.kd_weight > 0 else None
-    if kd is not None:
+    if cfg.kd_weight > 0 and batch.signal is not None:
+        kd_loss, teacher = _kd_inputs(batch.signal, teacher_head_VD)
+        kd = kd_loss(logits_BTV, *teacher.values(), mask, cfg.temperature)
         total = total + cfg.kd_weight * kd
         parts["kd"] = kd
     if cfg.beta > 0:
@@ -65,62 +67,41 @@ def _logit_parts(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher
     return total, parts
 
 
-def _fused_logit_parts(out, batch: dict, cfg: LossConfig, chunk_tokens: int):
+def _fused_logit_parts(out, batch: Batch, cfg: LossConfig, chunk_tokens: int):
     """`_logit_parts` through `losses.fused_head_loss`: from the final hidden state and the head, chunk
     by chunk, never the [B, T, V] logits."""
-    input_ids = batch["input_ids"].long()
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    signal = {}
-    if cfg.kd_weight > 0:
-        if "teacher_logits" in batch:
-            signal = {"teacher_logits_BTV": batch["teacher_logits"]}
-        elif "hidden" in batch:
-            signal = {"teacher_hidden_BTD": batch["hidden"].to(out.teacher_head_VD.dtype),
-                      "teacher_head_VD": out.teacher_head_VD}  # fmt: skip
-        elif "topk_ids" in batch:
-            signal = {"topk_ids_BTK": batch["topk_ids"], "topk_logprobs_BTK": batch["topk_logprobs"]}
-        elif "sampled_ids" in batch:
-            signal = {"sampled_ids_BTN": batch["sampled_ids"], "sampled_counts_BTN": batch["sampled_counts"]}
+    input_ids, mask = batch.input_ids.long(), _token_mask(batch)
+    teacher = {}
+    if cfg.kd_weight > 0 and batch.signal is not None:
+        teacher = _kd_inputs(batch.signal, out.teacher_head_VD)[1]
     total, kd, ce = losses.fused_head_loss(out.hidden_BTS, out.head_weight_VS, input_ids, mask, cfg.kd_weight,
-                                           cfg.beta, cfg.temperature, chunk_tokens, **signal)  # fmt: skip
-    parts = ({"kd": kd} if signal else {}) | ({"ce": ce} if cfg.beta > 0 else {})
+                                           cfg.beta, cfg.temperature, chunk_tokens, **teacher)  # fmt: skip
+    parts = ({"kd": kd} if teacher else {}) | ({"ce": ce} if cfg.beta > 0 else {})
     return total, parts
 
 
-def logit_loss(logits_BTV: torch.Tensor, batch: dict, cfg: LossConfig, teacher_head_VD: torch.Tensor | None = None):
+def logit_loss(logits_BTV: torch.Tensor, batch: Batch, cfg: LossConfig, teacher_head_VD: torch.Tensor | None = None):
     """kd_weight * L_KD + beta * L_CE of `logits_BTV` on `batch`: the objective without its clone term
     (`teacher_head_VD`, the teacher's output head, is needed for a `hidden` batch only)."""
     return _logit_parts(logits_BTV, batch, cfg, teacher_head_VD)[0]
 
 
-def sink_positions(batch: dict) -> torch.Tensor:
+def sink_positions(batch: Batch) -> torch.Tensor:
     """bool [B, P]: which activation positions are attention sinks (document starts, position id 0)."""
-    positions = batch["act_positions"].long()
-    if "position_ids" in batch:
-        return batch["position_ids"].gather(1, positions) == 0
-    return positions == 0
+    return batch.clone.sink_BP
 
 
-def clone_weights(batch: dict, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(mask [B, P], [L, B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
-    mask = batch.get("act_mask")
-    if "act_present" in batch:
-        present_BP = batch["act_present"].reshape(-1, 1).bool().expand_as(batch["act_positions"])
-        mask = present_BP if mask is None else mask.bool() & present_BP
-    if "act_layer_mask" in batch:  # each position carries a subset of the layers
-        layers_LBP = batch["act_layer_mask"].bool().transpose(0, 1)
-        mask = layers_LBP if mask is None else layers_LBP & mask.bool()
+def clone_weights(batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(keep mask [L, B, P] or None, position weights [B, P] or None) for the clone loss of `batch`."""
     weights = None
     if cfg.sink_weight != 1.0:
-        sink = sink_positions(batch)
-        weights = torch.where(sink, cfg.sink_weight, 1.0).float()
-    return mask, weights
+        weights = torch.where(batch.clone.sink_BP, cfg.sink_weight, 1.0).float()
+    return batch.clone.keep_LBP, weights
 
 
 def lrc_loss(
     student,
-    batch: dict,
+    batch: Batch,
     cfg: LossConfig,
     clone_layers: list[int] | None = None,
     document_mask: bool = False,
@@ -133,7 +114,7 @@ def lrc_loss(
 
     Args:
         student: the LRC student, or the student wrapped for distributed training: only called.
-        batch: tensors on the student's device, as in the module docstring.
+        batch: the batch, on the student's device.
         cfg: loss weights and clone-loss options.
         clone_layers: the teacher layers the activations in `batch` belong to (None: all).
         document_mask: forbid attention across packed-document boundaries (needs `position_ids`).
@@ -146,19 +127,19 @@ def lrc_loss(
             the [B, T, V] logits (`losses.fused_head_loss`); None or 0: from the full logits.
     """
     alpha = cfg.alpha if alpha is None else alpha
-    use_clone = alpha > 0 and "act_positions" in batch
-    if use_clone and cfg.clone_normalize == "cache" and teacher_ms is None:
+    clone = batch.clone if alpha > 0 else None
+    if clone is not None and cfg.clone_normalize == "cache" and teacher_ms is None:
         raise ValueError("loss.clone_normalize=cache needs the cache's activation statistics (teacher_ms)")
     out = student(
-        batch["input_ids"].long(),
-        attention_mask_BT=batch.get("attention_mask"),
-        position_ids_BT=batch.get("position_ids") if document_mask else None,
-        clone_positions_BP=batch["act_positions"] if use_clone else None,
-        clone_layers=clone_layers if use_clone else None,
+        batch.input_ids.long(),
+        attention_mask_BT=batch.attention_mask,
+        position_ids_BT=batch.position_ids if document_mask else None,
+        clone_positions_BP=None if clone is None else clone.positions_BP,
+        clone_layers=None if clone is None else clone_layers,
         document_mask=document_mask,
         o_space=cfg.o_space,
-        teacher_acts={k: batch[k] for k in _ACT_FIELDS if k in batch} if use_clone else None,
-        teacher_ms=teacher_ms if use_clone and cfg.clone_normalize == "cache" else None,
+        teacher_acts=None if clone is None else clone.acts,
+        teacher_ms=teacher_ms if clone is not None and cfg.clone_normalize == "cache" else None,
         weights=weights,
         logits=not chunk_tokens,
     )
@@ -167,15 +148,15 @@ def lrc_loss(
     else:
         total, parts = _logit_parts(out.logits_BTV, batch, cfg, out.teacher_head_VD)
     parts = {k: v.detach() for k, v in parts.items()}
-    if use_clone:
+    if clone is not None:
         clone_mask, position_weights = clone_weights(batch, cfg)
-        clone, per_term = losses.clone_loss(
+        clone_total, per_term = losses.clone_loss(
             {m: out.acts[m] for m in CLONE_TERMS}, out.targets, clone_mask, weights=cfg.clone_terms,
             normalize=cfg.clone_normalize != "none", reduce=cfg.clone_reduce, position_weights_BP=position_weights,
             target_ms=out.target_ms, loss_fn=cfg.clone_fn, huber_delta=cfg.huber_delta,
         )  # fmt: skip
-        total = total + alpha * clone
-        parts["clone"] = clone.detach()
+        total = total + alpha * clone_total
+        parts["clone"] = clone_total.detach()
         parts.update({f"clone/{m}": v for m, v in per_term.items()})
     parts["loss"] = total.detach()
     return total, parts

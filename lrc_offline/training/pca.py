@@ -12,6 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..batch import RESIDUAL_FIELDS, Batch, clone_activations, logit_field_names
 from ..cache import CacheReader
 from ..config import ConfigError, TrainJobConfig
 from ..storage import Location, as_location
@@ -49,28 +50,26 @@ def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | No
     for index in reader.complete_shards():
         if max_sequences is not None and seen >= max_sequences:
             break
-        optional = [name for name in ("act_present", "act_layer_mask") if manifest.has_field(name)]
-        shard = reader.read_shard(index, ["act_input", "act_attn", "act_positions", "position_ids", *optional])
-        if "act_present" in shard:  # an activation-budget cache: the other sequences hold zeros
-            keep = shard.pop("act_present").reshape(-1).bool()
-            shard = {k: v[keep] for k, v in shard.items()}
+        clone = clone_activations(reader.read_shard(index, [n for n in RESIDUAL_FIELDS if manifest.has_field(n)]))
+        # The sequences taken: those that carry activations (an activation budget leaves the others
+        # zeros), up to max_sequences in all.
+        taken_N = torch.ones(len(clone.positions_BP), dtype=torch.bool) if clone.present_B is None else clone.present_B
         if max_sequences is not None:
-            shard = {k: v[: max_sequences - seen] for k, v in shard.items()}
-        seen += len(shard["act_input"])
+            taken_N = taken_N & (taken_N.cumsum(0) <= max_sequences - seen)
+        seen += int(taken_N.sum())
         # Both residual streams a layer reads: its input h (read by q, k, v) and h + a after attention
         # (read by gate, up). Pooling both beats h alone at step 0 on SmolLM2 (benchmarks/README.md,
         # "Which residual vectors form the basis").
-        h_NLPD = shard["act_input"].float()
-        mid_NLPD = h_NLPD + shard["act_attn"].float()
-        # The stored (layer, position) rows: a layer-subset cache holds zeros in the others.
-        keep_NLP = torch.ones(h_NLPD.shape[:3], dtype=torch.bool)
-        if "act_layer_mask" in shard:
-            keep_NLP = shard["act_layer_mask"].bool()
+        h_NLPD = clone.acts["input"].float()
+        mid_NLPD = h_NLPD + clone.acts["attn"].float()
+        # The stored (layer, position) rows of the sequences taken (a layer-subset cache holds zeros in
+        # the others), without the sinks with exclude_sink.
+        keep_NLP = taken_N[:, None, None].expand(h_NLPD.shape[:3])
+        if clone.keep_LBP is not None:
+            keep_NLP = keep_NLP & clone.keep_LBP.transpose(0, 1)
         if exclude_sink:
-            # a sink is a sampled position that starts a document (position id 0), the sequence start included
-            starts_NP = torch.gather(shard["position_ids"].long(), 1, shard["act_positions"].long()) == 0
-            keep_NLP = keep_NLP & ~starts_NP[:, None, :]
-        if "act_layer_mask" in shard or exclude_sink:
+            keep_NLP = keep_NLP & ~clone.sink_BP[:, None, :]
+        if not bool(keep_NLP.all()):
             h_NLPD, mid_NLPD = h_NLPD[keep_NLP], mid_NLPD[keep_NLP]  # [rows, D]
         moment.update(h_NLPD)
         moment.update(mid_NLPD)
@@ -113,28 +112,28 @@ def head_scale_sequences(student: LRCStudent, cfg: TrainJobConfig) -> int:
     return cfg.student.pca_calibrate_sequences
 
 
-def fit_head_scale(student: LRCStudent, batches: list[dict], cfg: TrainJobConfig) -> dict:
+def fit_head_scale(student: LRCStudent, batches: list[Batch], cfg: TrainJobConfig) -> dict:
     """Fit the PCA-initialised student's head scale to the objective's KD + CE on `batches` (see
     `student.init.calibrate_head_scale`); returns the record for the checkpoint's init info. No batches
     (see `head_scale_sequences`) keep the folded scale."""
     if not batches:
         return {"head_scale": 1.0}
     scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(logits, batch, cfg.loss, student.teacher_head()))
-    num = sum(len(batch["input_ids"]) for batch in batches)
+    num = sum(len(batch.input_ids) for batch in batches)
     log.info("PCA init: head scale %.3f fitted on %d sequences", scale, num)
     return {"head_scale": scale, "head_scale_sequences": num}
 
 
-def cache_head_scale_batches(reader: CacheReader, num: int, batch_size: int, device) -> list[dict]:
+def cache_head_scale_batches(reader: CacheReader, num: int, batch_size: int, device) -> list[Batch]:
     """The first `num` complete cached sequences (their logit fields only), as batches on `device`, for
     `fit_head_scale`."""
-    names = [name for name in reader.manifest.field_names if not name.startswith("act_")]
+    names = logit_field_names(reader.manifest.field_names)
     samples = []
     for index in reader.complete_shards():
         if len(samples) >= num:
             break
         shard = reader.read_shard(index, names)
-        take = min(len(shard["input_ids"]), num - len(samples))
+        take = min(len(range(*reader.shard_range(index))), num - len(samples))
         samples += [{k: v[i] for k, v in shard.items()} for i in range(take)]
     return [batch_to_device(collate(samples[lo : lo + batch_size]), torch.device(device))
             for lo in range(0, len(samples), batch_size)]  # fmt: skip
