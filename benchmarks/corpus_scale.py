@@ -92,7 +92,7 @@ def bench_memory(args) -> dict:
         tok = watch(_cli("tokenize", "--out", str(cache), *config)) if not (cache / "index").exists() else None
         for p in (cache / "shards").glob("*"):
             subprocess.run(["rm", "-rf", str(p)], check=True)
-        build = watch(_cli("build", "--out", str(cache), "--no-progress", "--shard-index", "0", "--num-shards", "64",
+        build = watch(_cli("build", "--out", str(cache), "--no-progress", "--worker-index", "0", "--num-workers", "64",
                            *config), done=cache / "shards" / "shard-00000.done.json")  # fmt: skip
         index_bytes = sum(p.stat().st_size for p in (cache / "index").glob("part-*.tokens"))
         results[name] = {"compressed_mb": size / 1e6, "files": args.files, "index_tokens": index_bytes // 4,
@@ -114,7 +114,7 @@ def bench_shard_size(args) -> dict:
         config = ["teacher=tiny-random:llama", f"corpus={corpus}", "seq_len=256", f"sequences_per_shard={per_shard}",
                   "act_positions=64", "act_dtype=float32"]  # fmt: skip
         watch(_cli("tokenize", "--out", str(cache), *config))
-        results[per_shard] = watch(_cli("build", "--out", str(cache), "--no-progress", "--shard-index", "0", *config),
+        results[per_shard] = watch(_cli("build", "--out", str(cache), "--no-progress", "--worker-index", "0", *config),
                                    done=cache / "shards" / "shard-00000.done.json")  # fmt: skip
         print(per_shard, json.dumps(results[per_shard]), flush=True)
     results["ratio_rss_512_vs_32"] = results[512]["peak_rss_mib"] / results[32]["peak_rss_mib"]

@@ -2,7 +2,7 @@
 one-worker build makes.
 
 Each run starts two `lrc-cache build` processes at the same moment into a fresh directory: the
-documented split (``--shard-index 0|1 --num-shards 2``, mode ``split``) or two identical builds of every
+documented split (``--worker-index 0|1 --num-workers 2``, mode ``split``) or two identical builds of every
 shard (mode ``identical``). A run counts as good when both exit 0, `lrc-cache verify` passes, no
 temporary is left, and every file but the manifest is byte-identical to a one-worker build's (shard
 data, completion records with their checksums, index parts), the manifest differing only in its
@@ -72,7 +72,7 @@ def compare(cache: Path, reference: dict[str, bytes]) -> str | None:
 
 def run_once(config: str, out: Path, overrides: list[str], mode: str, reference: dict[str, bytes]) -> dict:
     """Both workers started together into `out`; what each did and whether the cache is the reference's."""
-    split = [["--shard-index", str(w), "--num-shards", "2"] for w in range(2)] if mode == "split" else [[], []]
+    split = [["--worker-index", str(w), "--num-workers", "2"] for w in range(2)] if mode == "split" else [[], []]
     start = time.perf_counter()
     procs = [subprocess.Popen(_build_cmd(config, out, overrides, *args), env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for args in split]  # fmt: skip

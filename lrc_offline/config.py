@@ -148,7 +148,16 @@ class CacheConfig:
     corpus_revision: str | None = None
     """Corpus given as a dataset id: the revision (branch, tag or commit) to read."""
     heldout_docs: int = 0
-    """Number of documents kept apart from the cache (taken from the end of the corpus) for evaluation."""
+    """Number of documents kept apart from the training sequences (taken from the end of the corpus) for
+    evaluation; the cache holds them as its held-out split (see heldout_sequences)."""
+    heldout_sequences: int = 256
+    """Cap on the held-out split: sequences packed from the held-out documents (as the training ones are),
+    captured by the teacher like any shard and stored as held-out shards (shards/heldout-*), from which
+    training evaluates without the corpus or a teacher forward. Needs heldout_docs >= 1; the documents
+    may pack into fewer."""
+    heldout_activations: bool = False
+    """Store the activation fields in the held-out shards too (off: they hold the token ids and the logit
+    signal, all held-out evaluation reads, and activations would cost their bytes for no metric)."""
     seq_len: int = 64
     """Tokens per packed sequence."""
     max_sequences: int | None = None
@@ -212,6 +221,7 @@ class CacheConfig:
             _check_positive(s, name, getattr(self, name))
         _check_positive(s, "max_sequences", self.max_sequences)
         _check_positive(s, "heldout_docs", self.heldout_docs, allow_zero=True)
+        _check_positive(s, "heldout_sequences", self.heldout_sequences)
         if self.temperature <= 0:
             raise ConfigError(f"cache.temperature={self.temperature} must be > 0")
         if not 0 < self.act_fraction <= 1:
@@ -385,8 +395,10 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     eval_every: int = 0
     """Evaluate held-out loss every N steps (0: only at the end)."""
-    eval_sequences: int = 32
-    """Held-out sequences per evaluation."""
+    eval_sequences: int = 256
+    """Held-out sequences per evaluation, at most: the first ones of the cache's held-out split
+    (cache.heldout_sequences, 256 by default), or of the held-out documents packed from the corpus (online
+    training, a cache built before held-out splits). Split between the processes of the run."""
     clone_positions: int | None = None
     """Online training: positions per sequence for the clone loss (None: every position; the sink is always in)."""
     seed: int = 0
@@ -475,12 +487,14 @@ class TrainJobConfig:
     """Teacher whose weights generate the student. None: offline training takes the cache's teacher
     (online training needs it set)."""
     corpus: str = "tiny-text"
-    """Corpus for online training and held-out evaluation (offline training reads the cache)."""
+    """Corpus for online training and its held-out evaluation (offline training reads the cache, and
+    evaluates on the cache's held-out split)."""
     text_field: str = "text"
     """Field holding the text in JSON Lines and Parquet corpora."""
     heldout_docs: int = 0
-    """Documents kept apart for evaluation (taken from the end of the corpus; offline training takes the
-    cache's corpus and held-out count when this is 0)."""
+    """Online training: documents kept apart for evaluation (taken from the end of the corpus). Offline
+    training evaluates on the cache's held-out split; only for a cache built before held-out splits does it
+    re-read held-out documents from the corpus (this count, or the cache's when 0)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

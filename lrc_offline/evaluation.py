@@ -1,7 +1,10 @@
 """Student against teacher on held-out text: perplexities, top-1 agreement and KL to the teacher.
 
-Evaluation runs the teacher's forward on the held-out sequences (a few, once), which is why it lives
-outside `training/`.
+Two ways. From a cache's held-out split (`evaluate_export_from_cache`): the exported student's CE, and KL
+and top-1 agreement from the teacher signal the cache stored, with no teacher forward and no corpus (the
+teacher's weights are read only for a `hidden` cache, whose signal goes through the teacher's head). From
+a corpus (`evaluate_export`, `compare_models`): the teacher's forward on the held-out sequences (a few,
+once), which is why this module lives outside `training/`; it also gives the teacher's own CE.
 
 Legend: N sequences, B batch, T tokens, V vocabulary.
 """
@@ -13,11 +16,15 @@ from typing import Callable
 
 import torch
 
-from .data import load_documents, pack_documents, split_heldout
+from .cache import read_manifest
 from .config import ConfigError
-from .training.heldout import heldout_metrics
+from .data import load_heldout_documents, pack_documents
+from .storage import Location, as_location
+from .teacher.load import load_teacher, resolve_device
+from .training.heldout import CacheHeldout, HeadFn, evaluate_heldout, heldout_metrics
+from .training.trainer import check_teacher_matches_cache
 
-__all__ = ["compare_models", "heldout_sequences", "evaluate_export", "format_table"]
+__all__ = ["compare_models", "heldout_sequences", "evaluate_export", "evaluate_export_from_cache", "format_table"]
 
 
 def compare_models(
@@ -35,12 +42,15 @@ def compare_models(
 
 
 def heldout_sequences(corpus: str, text_field: str, heldout_docs: int, tokenizer, seq_len: int,
-                      max_sequences: int | None) -> torch.Tensor:  # fmt: skip
-    """The packed held-out sequences: the last `heldout_docs` documents of the corpus, which a cache
-    built with the same `heldout_docs` never saw."""
+                      max_sequences: int | None, split: str = "train", config: str | None = None,
+                      revision: str | None = None) -> torch.Tensor:  # fmt: skip
+    """The packed held-out sequences: the last `heldout_docs` documents of the corpus (a dataset id's
+    `split`, `config` and `revision`), which a cache built with the same `heldout_docs` never saw, packed
+    as the cache's held-out split is (`data.packing`). Reads the corpus once, holding only those
+    documents: for caches built before held-out splits, and for evaluation on any corpus."""
     if heldout_docs < 1:
         raise ConfigError("evaluation on held-out text needs heldout_docs >= 1 (documents kept out of the cache)")
-    _, heldout = split_heldout(load_documents(corpus, text_field), heldout_docs)
+    heldout = load_heldout_documents(corpus, heldout_docs, text_field, split, config, revision)
     return pack_documents(heldout, tokenizer, seq_len, max_sequences).input_ids
 
 
@@ -53,23 +63,84 @@ def evaluate_export(
     max_sequences: int | None = 32,
     text_field: str = "text",
     batch_size: int = 8,
+    **dataset: str | None,
 ) -> dict[str, float]:
-    """Load an exported student with plain `transformers` and compare it with `teacher` (a loaded Teacher)."""
+    """Load an exported student with plain `transformers` and compare it with `teacher` (a loaded Teacher) on
+    the corpus's held-out documents (`dataset`: a dataset id's split, config and revision, as
+    `heldout_sequences` takes them)."""
     from transformers import AutoModelForCausalLM
 
     device = next(teacher.model.parameters()).device
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
-    ids = heldout_sequences(corpus, text_field, heldout_docs, teacher.tokenizer, seq_len, max_sequences)
+    ids = heldout_sequences(corpus, text_field, heldout_docs, teacher.tokenizer, seq_len, max_sequences, **dataset)
     return compare_models(lambda x: student(input_ids=x).logits, lambda x: teacher.model(input_ids=x).logits,
                           ids, batch_size, device)  # fmt: skip
 
 
+def _hf_head_fn(model, teacher_head_VD: torch.Tensor | None) -> HeadFn:
+    """The `HeadFn` of a plain `transformers` causal LM: its decoder's final normed hidden state and head."""
+    decoder, head_VS = model.get_decoder(), model.get_output_embeddings().weight
+
+    def head_fn(input_ids_BT: torch.Tensor):
+        return decoder(input_ids=input_ids_BT).last_hidden_state, head_VS, teacher_head_VD
+
+    return head_fn
+
+
+def evaluate_export_from_cache(
+    student_dir: str | Path,
+    cache: str | Path | Location,
+    max_sequences: int | None = None,
+    teacher: str | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict[str, float]:
+    """An exported student (loaded with plain `transformers`) on the cache's held-out split: student_ce,
+    student_ppl, and from the cached teacher signal kl (at the cache's temperature; 1 for a `hidden` cache)
+    and top1_agreement; tokens, sequences. No teacher forward: a `hidden` cache loads `teacher` (default:
+    the cache's, checked against its fingerprints) for its output head alone.
+
+    Raises:
+        CacheFormatError: the cache has no held-out split.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cache = as_location(cache)
+    manifest = read_manifest(cache)
+    heldout = CacheHeldout(cache, max_sequences)
+    device = resolve_device(device)
+    built = manifest.config
+    teacher_head_VD = None
+    if built.logit_mode == "hidden":
+        name = teacher or manifest.teacher_name
+        loaded = load_teacher(name, dtype="float32", device=device)
+        check_teacher_matches_cache(loaded.model, loaded.tokenizer, name, manifest.fingerprints,
+                                    repr(manifest.teacher_name), f"the cache at {cache}")  # fmt: skip
+        teacher_head_VD = loaded.model.get_output_embeddings().weight.detach()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    temperature = 1.0 if built.logit_mode == "hidden" else built.temperature
+    result = evaluate_heldout(_hf_head_fn(student, teacher_head_VD), heldout, batch_size, device, temperature)
+    out = {"student_ce": result["ce"], "student_ppl": result["ppl"], "tokens": result["tokens"],
+           "sequences": result["sequences"], "temperature": temperature,
+           "source": f"held-out split of {cache}"}  # fmt: skip
+    if "kl" in result:
+        out.update(kl=result["kl"], top1_agreement=result["top1"])
+    return out
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    """A short two-column table of the metrics."""
+    """A short two-column table of the metrics (the teacher's column empty where it did not run)."""
+
+    def teacher(key: str, spec: str) -> str:
+        return format(metrics[key], spec) if key in metrics else ""
+
+    def student(key: str, spec: str) -> str:
+        return format(metrics[key], spec) if key in metrics else "-"
+
     rows = [("", "student", "teacher"),
-            ("cross-entropy (nats)", f"{metrics['student_ce']:.4f}", f"{metrics['teacher_ce']:.4f}"),
-            ("perplexity", f"{metrics['student_ppl']:.2f}", f"{metrics['teacher_ppl']:.2f}"),
-            ("KL(teacher||student)", f"{metrics['kl']:.4f}", ""),
-            ("top-1 agreement", f"{metrics['top1_agreement']:.3f}", ""),
+            ("cross-entropy (nats)", f"{metrics['student_ce']:.4f}", teacher("teacher_ce", ".4f")),
+            ("perplexity", f"{metrics['student_ppl']:.2f}", teacher("teacher_ppl", ".2f")),
+            ("KL(teacher||student)", student("kl", ".4f"), ""),
+            ("top-1 agreement", student("top1_agreement", ".3f"), ""),
             ("tokens", str(metrics["tokens"]), "")]  # fmt: skip
     return "\n".join(f"{a:<22}{b:>12}{c:>12}" for a, b, c in rows)

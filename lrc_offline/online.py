@@ -3,12 +3,15 @@
 It is the baseline that training from the cache is measured against, in speed and in quality. It is
 the training loop of `training.loop` fed by another batch source: a hooked teacher forward over the
 packed corpus that yields the same batch as the cache reader, with the full teacher logits as its logit
-signal and the seven clone targets at sampled positions. It lives outside `training/` because it runs
-the teacher's forward pass, which offline training never does.
+signal and the seven clone targets at sampled positions. The corpus is packed as a cache build packs it:
+tokenised once into an index in the run's directory (`<out>/index/`, reused on resume), from which each
+batch's sequences are read, so memory does not grow with the corpus. It lives outside `training/`
+because it runs the teacher's forward pass, which offline training never does.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,17 +20,19 @@ import torch
 from accelerate import Accelerator
 
 from .batch import Batch, CloneActivations, FullLogits
-from .data import load_documents, pack_documents, split_heldout
+from .data import CorpusError, CorpusSpec
+from .data.index import PackedIndex, TokenIndex, my_units, open_heldout, open_index, tokenize_units
 from .capture.positions import sample_positions_batch
 from .config import CLONE_TERMS, ConfigError, StudentConfig, TrainJobConfig
 from .seeding import generator
 from .student.init import SecondMoment
+from .teacher.fingerprint import tokenizer_fingerprint
 from .teacher.hooks import capture_teacher
 from .teacher.load import Teacher, load_teacher
 from .training.heldout import heldout_metrics
 from .training.loop import make_accelerator, run_training
 
-__all__ = ["OnlineSource", "teacher_batch", "train_online", "epoch_order"]
+__all__ = ["OnlineSource", "teacher_batch", "train_online", "epoch_order", "online_sequences"]
 
 ONLINE_STATE_VERSION = 1
 """Version of `OnlineSource.state_dict()`."""
@@ -54,7 +59,7 @@ class OnlineSource:
 
     Args:
         teacher: The loaded teacher (on the training device).
-        input_ids_NT: The packed training sequences.
+        sequences: The packed training sequences (read batch by batch).
         cfg: The run config: batch order and clone positions follow `train.seed`; the clone targets are
             captured only when `loss.alpha` > 0, at `train.clone_positions` positions per sequence.
         device: Where the teacher runs.
@@ -63,14 +68,14 @@ class OnlineSource:
 
     name = "online"
 
-    def __init__(self, teacher: Teacher, input_ids_NT: torch.Tensor, cfg: TrainJobConfig, device: torch.device,
+    def __init__(self, teacher: Teacher, sequences: PackedIndex, cfg: TrainJobConfig, device: torch.device,
                  teacher_heldout: dict | None = None):  # fmt: skip
-        self.model, self.input_ids, self.device = teacher.model, input_ids_NT, device
+        self.model, self.sequences, self.device = teacher.model, sequences, device
         self.seed, self.seq_len, self.pass_batch_size = cfg.train.seed, cfg.train.seq_len, cfg.train.batch_size
         self.teacher_heldout = teacher_heldout
         self.num_clone_positions = cfg.train.clone_positions or cfg.train.seq_len
         self.use_clone = cfg.loss.alpha > 0
-        self.num_sequences = input_ids_NT.shape[0]
+        self.num_sequences = sequences.num_sequences
         self.epoch_index, self.consumed = 0, 0
 
     def _index_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -84,7 +89,7 @@ class OnlineSource:
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for index in self._index_batches(batch_size):
-            input_ids = self.input_ids[index].to(self.device).long()
+            input_ids = self.sequences.input_ids_at(index.tolist()).to(self.device).long()
             positions = None
             if self.use_clone:
                 positions = sample_positions_batch(index.tolist(), self.seq_len, self.num_clone_positions,
@@ -114,7 +119,7 @@ class OnlineSource:
         positions = torch.arange(self.seq_len, device=self.device)
         keep = positions[1:] if cfg.pca_exclude_sink else positions
         for lo in range(0, num, self.pass_batch_size):
-            ids = self.input_ids[lo : min(lo + self.pass_batch_size, num)].to(self.device).long()
+            ids = self.sequences.sequences(lo, min(lo + self.pass_batch_size, num))[0].to(self.device).long()
             captured = capture_teacher(self.model, ids, positions_BP=keep.expand(ids.shape[0], -1),
                                        terms=("input", "attn"), want_logits=False)  # fmt: skip
             moment.update(captured.acts["input"])
@@ -126,7 +131,7 @@ class OnlineSource:
         num = min(num, self.num_sequences)
         batches = []
         for lo in range(0, num, batch_size):
-            ids = self.input_ids[lo : min(lo + batch_size, num)].to(device).long()
+            ids = self.sequences.sequences(lo, min(lo + batch_size, num))[0].to(device).long()
             with torch.no_grad():
                 batches.append(Batch(ids, signal=FullLogits(self.model(input_ids=ids).logits)))
         return batches
@@ -138,12 +143,38 @@ class OnlineSource:
         return {"train_sequences": self.num_sequences, "teacher_heldout": self.teacher_heldout}
 
 
+def online_sequences(
+    cfg: TrainJobConfig, tokenizer, out_dir: str | Path, accelerator: Accelerator | None = None
+) -> tuple[PackedIndex, PackedIndex | None]:
+    """The run's training sequences and held-out sequences (None without `heldout_docs`), packed from the
+    tokenised index in `<out_dir>/index/` exactly as a cache build of the same corpus packs them. The
+    corpus is tokenised on the first start (split between the processes of `accelerator`) and reused on
+    resume.
+
+    Raises:
+        CorpusError: bad corpus, `heldout_docs` out of range, too little text for one sequence, or an index
+            in `out_dir` tokenised from another corpus or with another tokenizer.
+    """
+    worker, num_workers = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    index = TokenIndex.create(out_dir, CorpusSpec(cfg.corpus, cfg.text_field), tokenizer,
+                              tokenizer_fingerprint(tokenizer))  # fmt: skip
+    tokenize_units(index, tokenizer, my_units(len(index.units), worker, num_workers))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    tokenize_units(index, tokenizer, index.missing())  # an output directory the processes do not share
+    train = open_index(index, cfg.train.seq_len, cfg.heldout_docs)
+    heldout = open_heldout(index, cfg.train.seq_len, cfg.heldout_docs, cfg.train.eval_sequences) \
+        if cfg.heldout_docs else None  # fmt: skip
+    return train, heldout
+
+
 def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True, resume: str | Path = "auto",
                  max_steps_this_run: int | None = None) -> dict:  # fmt: skip
     """Train an LRC student with the teacher run in every step; export it; return a summary.
 
-    Writes to `out_dir` what `training.loop` writes; `summary.json` adds the teacher's held-out metrics.
-    `resume` and `max_steps_this_run` are as in `training.trainer.train_from_cache`.
+    Writes to `out_dir` what `training.loop` writes, and the corpus's tokenised index (`index/`);
+    `summary.json` adds the teacher's held-out metrics. `resume` and `max_steps_this_run` are as in
+    `training.trainer.train_from_cache`.
     """
     if cfg.teacher is None:
         raise ConfigError("online training runs the teacher: set teacher=<name or path>")
@@ -155,20 +186,24 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
     accelerator = make_accelerator(tc)
     torch.manual_seed(tc.seed)
     teacher = load_teacher(cfg.teacher, dtype="auto", device=accelerator.device)
-    train_docs, heldout_docs = split_heldout(load_documents(cfg.corpus, cfg.text_field), cfg.heldout_docs)
-    train = pack_documents(train_docs, teacher.tokenizer, tc.seq_len)
-    heldout = pack_documents(heldout_docs, teacher.tokenizer, tc.seq_len, tc.eval_sequences) if heldout_docs else None
-    if train.num_sequences < tc.batch_size:
-        raise ConfigError(
-            f"corpus {cfg.corpus!r} packs into {train.num_sequences} sequences, fewer than train.batch_size="
-            f"{tc.batch_size}; lower the batch size or sequence length"
-        )
-    heldout_ids = None if heldout is None else heldout.input_ids
+    created = not Path(out_dir).exists()
+    try:
+        train, heldout = online_sequences(cfg, teacher.tokenizer, out_dir, accelerator)
+        if train.num_sequences < tc.batch_size:
+            raise ConfigError(
+                f"corpus {cfg.corpus!r} packs into {train.num_sequences} sequences, fewer than train.batch_size="
+                f"{tc.batch_size}; lower the batch size or sequence length"
+            )
+    except (CorpusError, ConfigError):
+        if created:  # nothing but the index there: leave no run directory behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    heldout_ids = None if heldout is None else heldout.sequences(0, heldout.num_sequences)[0]
     teacher_heldout = None
     if heldout_ids is not None:
         with accelerator.autocast():
             teacher_heldout = heldout_metrics(lambda ids: teacher.model(input_ids=ids).logits, heldout_ids,
                                               tc.batch_size, accelerator.device)  # fmt: skip
-    source = OnlineSource(teacher, train.input_ids, cfg, accelerator.device, teacher_heldout)
+    source = OnlineSource(teacher, train, cfg, accelerator.device, teacher_heldout)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, heldout_ids=heldout_ids)  # fmt: skip

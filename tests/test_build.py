@@ -129,7 +129,7 @@ def test_killed_build_resumes_to_a_complete_verified_cache(tmp_path, llama, monk
 
 def test_parallel_workers_split_the_shards(tmp_path, llama):
     assert my_shards(7, 1, 3) == [1, 4] and my_shards(7, 3) == [3] and my_shards(3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="shard-index"):
+    with pytest.raises(ValueError, match="worker-index"):
         my_shards(3, 5)
     cfg = CacheConfig(**SMALL)
     first = build_cache(cfg, tmp_path / "c", 0, 2, progress=False, teacher=llama)

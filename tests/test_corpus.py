@@ -15,6 +15,7 @@ from lrc_offline.data import (
     PackedCorpus,
     corpus_fingerprint,
     load_documents,
+    load_heldout_documents,
     pack_documents,
     split_heldout,
 )
@@ -198,6 +199,21 @@ def test_split_heldout():
         split_heldout(docs, 4)
     with pytest.raises(CorpusError, match="negative"):
         split_heldout(docs, -1)
+
+
+def test_heldout_documents_read_in_one_pass_are_split_heldouts(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one\n\ntwo\n\nthree\n\nfour", "utf-8")
+    docs = load_documents(str(path))
+    for n in (0, 1, 3):
+        assert load_heldout_documents(str(path), n) == split_heldout(docs, n)[1]
+    with pytest.raises(CorpusError, match="leaves no training documents"):
+        load_heldout_documents(str(path), 4)
+    with pytest.raises(CorpusError, match="negative"):
+        load_heldout_documents(str(path), -1)
+    (tmp_path / "blank.txt").write_text("\n\n  \n", "utf-8")
+    with pytest.raises(CorpusError, match="no non-empty documents"):
+        load_heldout_documents(str(tmp_path / "blank.txt"), 1)
 
 
 def test_fingerprint_sees_characters_and_boundaries():

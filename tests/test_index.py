@@ -22,8 +22,10 @@ from lrc_offline.capture import build as build_mod
 from lrc_offline.capture.build import build_cache, tokenize_corpus
 from lrc_offline.cli.cache import main as cache_main
 from lrc_offline.config import BuildRunConfig, CacheConfig
-from lrc_offline.data import CorpusError, CorpusSpec, load_documents, pack_documents, split_heldout
-from lrc_offline.data.index import IndexError_, TokenIndex, my_units, open_index, tokenize_units
+from lrc_offline.data import CorpusError, CorpusSpec, document_affixes, load_documents, pack_documents, split_heldout
+from lrc_offline.data.index import IndexError_, TokenIndex, my_units, open_heldout, open_index, tokenize_units
+from lrc_offline.evaluation import heldout_sequences
+from lrc_offline.data import index as index_mod
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.teacher.tiny import tiny_tokenizer
 
@@ -68,8 +70,9 @@ def test_packed_sequences_are_identical_for_1_3_8_workers_and_equal_in_memory_pa
     tmp_path, tok, seq_len, heldout, max_sequences
 ):
     corpus = _corpus(tmp_path / "corpus")
-    train, _ = split_heldout(load_documents(str(corpus)), heldout)
+    train, held = split_heldout(load_documents(str(corpus)), heldout)
     ref = pack_documents(train, tok, seq_len, max_sequences)
+    held_ref = pack_documents(held, tok, seq_len, 2) if heldout else None
     parts = {}
     for workers in (1, 3, 8):
         packed = _packed(tmp_path / f"w{workers}", corpus, tok, workers, seq_len, heldout, max_sequences)
@@ -79,6 +82,14 @@ def test_packed_sequences_are_identical_for_1_3_8_workers_and_equal_in_memory_pa
             ref.num_documents, ref.num_tokens, ref.dropped_tokens)  # fmt: skip
         middle = packed.sequences(3, 6)
         assert torch.equal(middle[0], ref.input_ids[3:6]) and torch.equal(middle[1], ref.position_ids[3:6])
+        assert torch.equal(packed.input_ids_at([5, 0, 5]), ref.input_ids[[5, 0, 5]])
+        if heldout:  # the held-out split (capped at 2 sequences), as evaluation packs the held-out text
+            held_packed = open_heldout(packed.index, seq_len, heldout, 2)
+            ids, pos = held_packed.sequences(0, held_packed.num_sequences)
+            assert torch.equal(ids, held_ref.input_ids) and torch.equal(pos, held_ref.position_ids)
+            assert (held_packed.num_documents, held_packed.num_tokens, held_packed.dropped_tokens) == (
+                held_ref.num_documents, held_ref.num_tokens, held_ref.dropped_tokens)  # fmt: skip
+            assert torch.equal(heldout_sequences(str(corpus), "text", heldout, tok, seq_len, 2), ids)
         parts[workers] = {p.name: p.read_bytes() for p in (tmp_path / f"w{workers}" / "index").glob("part-*")}
         parts[workers]["fingerprint"] = packed.fingerprint.encode()
     assert parts[1] == parts[3] == parts[8]
@@ -207,3 +218,47 @@ def test_kill_9_then_rerun_equals_a_clean_build_with_no_temporary_left(tmp_path,
     assert _shard_files(tmp_path / "killed") == _shard_files(tmp_path / "clean")
     leftovers = [p for p in (tmp_path / "killed").rglob(".tmp-*")]
     assert not leftovers, leftovers
+
+
+class _CallSizes:
+    """A tokenizer that records how many characters each call hands it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.chars.append(sum(map(len, texts)))
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_document_of_one_long_line_is_tokenised_in_bounded_calls_with_the_same_ids(tmp_path, tok):
+    """A 2.3 MB one-line corpus: no tokenizer call sees more than the batch's characters (a fast
+    tokenizer's memory follows its input: one call of the whole line doubled a worker's peak), and the
+    ids equal the whole line's."""
+    words = ["alpha", "beta", "  gamma", "délta\n", "epsilon,", "zeta.", "η", "\t", "x" * 12]
+    gen = torch.Generator().manual_seed(0)
+    line = " ".join(words[i] for i in torch.randint(len(words), (330_000,), generator=gen).tolist())
+    assert len(line) > 2 * index_mod._BATCH_CHARS
+    (tmp_path / "corpus.txt").write_text(line + "\n", "utf-8")
+    counting = _CallSizes(tok)
+    index = TokenIndex.create(tmp_path / "c", CorpusSpec(str(tmp_path / "corpus.txt")), tok, "fingerprint")
+    tokenize_units(index, counting, list(range(len(index.units))))
+    assert max(counting.chars) <= index_mod._BATCH_CHARS
+    prefix, suffix = document_affixes(tok)  # the line tokenised whole, as the reference
+    stream = torch.tensor(prefix + tok([line], add_special_tokens=False)["input_ids"][0] + suffix, dtype=torch.int32)
+    packed = open_index(index, 64, 0)
+    ids, _ = packed.sequences(0, packed.num_sequences)
+    assert torch.equal(ids, stream[: packed.num_sequences * 64].view(-1, 64))
+    assert torch.equal(pack_documents([line], tok, 64).input_ids, ids)  # in memory: the same pieces
+
+
+def test_a_cut_goes_only_where_the_tokenizer_splits_the_same(tok):
+    # The byte-level tokenizer starts a piece at a space: a cut before " b" keeps the ids, a cut inside a
+    # word would not be taken (no whitespace there: the document stays one piece).
+    doc = ("word " * 30_000).strip()
+    pieces = index_mod._pieces(doc, tok)
+    assert len(pieces) > 1 and "".join(pieces) == doc and all(p.startswith(" ") for p in pieces[1:])
+    assert index_mod._pieces("y" * 200_000, tok) == ["y" * 200_000]

@@ -8,7 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lrc_offline.config import LossConfig, StudentConfig, TrainConfig, TrainJobConfig
-from lrc_offline.online import train_online
+from lrc_offline.data import CorpusSpec, load_documents, pack_documents, split_heldout
+from lrc_offline.data.index import TokenIndex, my_units, open_heldout, open_index, tokenize_units
+from lrc_offline.online import epoch_order, train_online
+from lrc_offline.teacher.fingerprint import tokenizer_fingerprint
+from lrc_offline.teacher.load import load_tokenizer
 from lrc_offline.training.metrics import read_metrics
 
 
@@ -51,6 +55,43 @@ def test_online_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     runs = [[{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / name / "metrics.jsonl")]
             for name in ("whole", "parts")]  # fmt: skip
     assert runs[0] == runs[1]
+
+
+def test_online_training_packs_the_corpus_as_a_cache_build_does(tmp_path):
+    """Online training tokenises its corpus once into `<out>/index/` and trains on the sequences a cache
+    build packs from the same corpus and held-out count (here tokenised by three workers), held-out
+    sequences included; the in-memory packer gives them too, and a shuffled batch reads the same rows."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in range(3):
+        (corpus / f"f{f}.txt").write_text("\n\n".join(f"file {f} paragraph {d} " * (2 + d) for d in range(4)), "utf-8")
+    cfg = TrainJobConfig(
+        teacher="tiny-random:llama", corpus=str(corpus), heldout_docs=2, student=StudentConfig(hidden_size=16),
+        train=TrainConfig(steps=2, batch_size=2, seq_len=16, log_every=1, eval_sequences=3, clone_positions=4),
+    )  # fmt: skip
+    train_online(cfg, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "index").glob("part-*.json")) == [
+        "part-000000.json", "part-000001.json", "part-000002.json"]  # fmt: skip
+
+    from lrc_offline.online import online_sequences
+
+    tok = load_tokenizer("tiny-random:llama")
+    index = TokenIndex.create(tmp_path / "cache", CorpusSpec(str(corpus)), tok, tokenizer_fingerprint(tok))
+    for worker in range(3):
+        tokenize_units(index, tok, my_units(len(index.units), worker, 3))
+    train, heldout = online_sequences(cfg, tok, tmp_path / "run")  # the run's index, reused
+    train_docs, heldout_docs = split_heldout(load_documents(str(corpus)), 2)
+    pairs = {"train": (train, open_index(index, 16, 2), pack_documents(train_docs, tok, 16)),
+             "heldout": (heldout, open_heldout(index, 16, 2, 3), pack_documents(heldout_docs, tok, 16, 3))}  # fmt: skip
+    for online, built, in_memory in pairs.values():
+        ids, positions = online.sequences(0, online.num_sequences)
+        assert torch.equal(ids, built.sequences(0, built.num_sequences)[0]) and torch.equal(ids, in_memory.input_ids)
+        assert torch.equal(positions, in_memory.position_ids)
+        assert (online.num_documents, online.num_tokens, online.dropped_tokens) == (
+            in_memory.num_documents, in_memory.num_tokens, in_memory.dropped_tokens)  # fmt: skip
+    assert heldout.num_sequences == 3 < heldout.num_tokens // 16 and train.num_sequences > 8
+    rows = epoch_order(train.num_sequences, seed=0, epoch=0)[:6]
+    assert torch.equal(train.input_ids_at(rows.tolist()), pairs["train"][2].input_ids[rows])
 
 
 def test_kd_only_recipe_skips_clone(tmp_path):

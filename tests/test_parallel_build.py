@@ -185,7 +185,7 @@ def assert_same_cache(cache: Path, reference: Path) -> None:
 def test_two_workers_started_together_both_succeed_and_equal_one_worker(tmp_path, corpus, one_worker, split, attempt):
     out = tmp_path / "cache"
     documented = split == "documented split"
-    extra = [["--shard-index", str(w), "--num-shards", "2"] for w in range(2)] if documented else [[], []]
+    extra = [["--worker-index", str(w), "--num-workers", "2"] for w in range(2)] if documented else [[], []]
     procs = [subprocess.Popen(_build_cmd(out, corpus, *args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for args in extra]  # fmt: skip
     logs = [p.communicate()[0] for p in procs]

@@ -91,11 +91,11 @@ def test_review_guards(cache, tmp_path, capsys):
     assert "temperature" in capsys.readouterr().err
     # wrong types and worker flags are one-line errors; a bad shard index leaves nothing behind
     assert train_main(["train", "--cache", str(cache), "--out", str(tmp_path / "t"), "train.steps=abc"]) == 2
-    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--num-shards", "2"]) == 2
-    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--shard-index", "99",
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--num-workers", "2"]) == 2
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "--no-progress", "--worker-index", "99",
                        "max_sequences=4", "seq_len=16"]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "wrong type" in err and "--shard-index" in err and not (tmp_path / "c").exists()
+    assert "wrong type" in err and "--worker-index" in err and not (tmp_path / "c").exists()
     # exporting a checkpoint with another teacher than the one it was trained from is refused
     run = tmp_path / "run"
     assert train_main(["train", "--cache", str(cache), "--out", str(run), *COMMON, "student.hidden_size=8"]) == 0
@@ -121,7 +121,6 @@ def test_unsorted_act_layers_compare_the_right_layers(tmp_path):
         build_cache(CacheConfig(seq_len=16, max_sequences=4, sequences_per_shard=4, act_layers=layers, topk=8,
                                 act_dtype="float32"), out, progress=False, teacher=teacher)  # fmt: skip
         batch = next(iter_batches(CacheDataset(out, seed=0), 4))
-        batch.pop("sequence_index")
         student = LRCStudent(teacher.model, 16, seed=0)
         _, parts[str(layers)] = lrc_loss(student, batch, LossConfig(), clone_layers=layers)
     for key in parts["[0, 1]"]:

@@ -6,6 +6,8 @@ A cache directory::
     shards/shard-00000.zarr/        or shards/shard-00000.tar: the shard's data
     shards/shard-00000.done.json    completion record, written last: the shard is complete iff it exists
                                     (one that exists but does not parse or check is damage: the shard is corrupt)
+    shards/heldout-00000.zarr/      a shard of the held-out split (`manifest.heldout`), with its record
+    shards/heldout-00000.done.json  heldout-00000.done.json; built, read and verified like a training shard
     shards/.tmp-*                   work in progress of a running (or crashed) build; never read
 
 The root is a local directory or an fsspec URL (see `lrc_offline.storage`); on object storage there is
@@ -34,6 +36,7 @@ from lrc_offline.storage import Location, as_location
 __all__ = [
     "MANIFEST_NAME",
     "SHARDS_DIR",
+    "SHARD_PREFIXES",
     "shard_name",
     "record_name",
     "record_path",
@@ -49,6 +52,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 _SHARD_SUFFIX = {"zarr": ".zarr", "webdataset": ".tar"}
+SHARD_PREFIXES = ("shard", "heldout")
+"""File-name prefixes of the shards of a cache's splits: the training sequences, the held-out ones."""
 _RECORD_KEYS = ("index", "manifest", "first_sequence", "num_sequences", "num_tokens", "files", "field_bytes", "stats")
 _HASH_BLOCK = 1 << 20
 
@@ -63,14 +68,15 @@ class DamagedRecordError(CacheFormatError):
         self.index, self.problem = index, problem
 
 
-def shard_name(index: int, fmt: str) -> str:
-    """File or directory name of shard `index` in format `fmt` (zarr or webdataset)."""
-    return f"shard-{index:05d}{_SHARD_SUFFIX[fmt]}"
+def shard_name(index: int, fmt: str, prefix: str = "shard") -> str:
+    """File or directory name of shard `index` in format `fmt` (zarr or webdataset); `prefix` names the
+    split (`SHARD_PREFIXES`)."""
+    return f"{prefix}-{index:05d}{_SHARD_SUFFIX[fmt]}"
 
 
-def record_name(index: int) -> str:
-    """Completion record of shard `index`, relative to the cache root."""
-    return f"{SHARDS_DIR}/shard-{index:05d}.done.json"
+def record_name(index: int, prefix: str = "shard") -> str:
+    """Completion record of shard `index` (of the split `prefix` names), relative to the cache root."""
+    return f"{SHARDS_DIR}/{prefix}-{index:05d}.done.json"
 
 
 def record_path(root: Path, index: int) -> Path:
@@ -115,8 +121,11 @@ def file_digests(path: Path, name: str) -> dict[str, dict[str, Any]]:
     return files
 
 
-def read_record(root: Path | Location, index: int, manifest_digest: str | None = None) -> dict[str, Any] | None:
-    """The completion record of shard `index` of the cache at `root`, or None when the shard is not complete.
+def read_record(
+    root: Path | Location, index: int, manifest_digest: str | None = None, prefix: str = "shard"
+) -> dict[str, Any] | None:
+    """The completion record of shard `index` (of the split `prefix` names) of the cache at `root`, or None
+    when the shard is not complete.
 
     Raises:
         DamagedRecordError: the record exists but is not valid JSON, lacks keys, has malformed ones, or
@@ -124,16 +133,19 @@ def read_record(root: Path | Location, index: int, manifest_digest: str | None =
     """
     root = as_location(root)
     try:
-        data = root.read_bytes(record_name(index))
+        data = root.read_bytes(record_name(index, prefix))
     except FileNotFoundError:
         return None
-    return check_record(data, index, manifest_digest, root)
+    return check_record(data, index, manifest_digest, root, prefix)
 
 
-def check_record(data: bytes, index: int, manifest_digest: str | None, root: Location) -> dict[str, Any]:
+def check_record(
+    data: bytes, index: int, manifest_digest: str | None, root: Location, prefix: str = "shard"
+) -> dict[str, Any]:
     """Shard `index`'s completion record parsed from `data` and checked (see `read_record`)."""
-    path = root.name_of(record_name(index))
-    fix = f"delete it and rebuild shard {index}"
+    path = root.name_of(record_name(index, prefix))
+    what = "shard" if prefix == "shard" else "held-out shard"
+    fix = f"delete it and rebuild {what} {index}"
     try:
         record = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -146,11 +158,11 @@ def check_record(data: bytes, index: int, manifest_digest: str | None, root: Loc
         raise DamagedRecordError(index, f"{path}: completion record has malformed {wrong}", fix)
     if manifest_digest is not None and record["manifest"] != manifest_digest:
         raise DamagedRecordError(
-            index, f"{path}: shard {index} was built under another manifest than {root.name_of(MANIFEST_NAME)} "
+            index, f"{path}: {what} {index} was built under another manifest than {root.name_of(MANIFEST_NAME)} "
             "(was the manifest replaced?)", "delete the shard and its record and rebuild it"
         )
     if record["index"] != index:
-        raise DamagedRecordError(index, f"{path}: completion record is for shard {record['index']}, not {index}", fix)
+        raise DamagedRecordError(index, f"{path}: completion record is for {what} {record['index']}, not {index}", fix)
     return record
 
 

@@ -2,8 +2,8 @@
 
 `verify_cache` re-reads every byte (sha256 of each file listed in each completion record), checks that
 each record names every file the shard's layout needs (a Zarr chunk it does not name would read as
-zeros) and flags files in a shard that no record lists. `inspect_cache` reads only the manifest and the
-records.
+zeros) and flags files in a shard that no record lists, for the training shards and the held-out ones.
+`inspect_cache` reads only the manifest and the records.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lrc_offline.cache.dtypes import logical_itemsize
 from lrc_offline.cache.records import read_record
 from lrc_offline.cache.schema import CacheFormatError
 from lrc_offline.cache.act_stats import activation_stats, layers_per_position
+from lrc_offline.cache.manifest import HELDOUT
 from lrc_offline.cache.store import CacheReader
 from lrc_offline.storage import Location
 
@@ -36,11 +37,19 @@ class VerifyReport:
     """Shards without a completion record (never built, or still being built)."""
     bad: dict[int, str] = field(default_factory=dict)
     """Shards whose record or files are damaged, with the first problem found."""
+    heldout_num_shards: int = 0
+    """Held-out shards the manifest declares (0: the cache has no held-out split)."""
+    heldout_complete: list[int] = field(default_factory=list)
+    """Held-out shards whose record exists and whose every file matches it."""
+    heldout_missing: list[int] = field(default_factory=list)
+    """Held-out shards without a completion record."""
+    heldout_bad: dict[int, str] = field(default_factory=dict)
+    """Held-out shards whose record or files are damaged, with the first problem found."""
 
     @property
     def ok(self) -> bool:
-        """True when every shard is complete and intact."""
-        return not self.missing and not self.bad
+        """True when every shard, held-out ones included, is complete and intact."""
+        return not (self.missing or self.bad or self.heldout_missing or self.heldout_bad)
 
 
 def _check_shard(reader: CacheReader, index: int, record: dict[str, Any]) -> str | None:
@@ -88,25 +97,35 @@ def verify_cache(root: str | Path | Location, storage_options: dict | None = Non
     tar: one shard in memory, as training holds it).
 
     Returns:
-        A report listing complete, missing and bad shards (with the reason, naming the file).
+        A report listing complete, missing and bad shards (with the reason, naming the file), training and
+        held-out apart.
     """
     reader = CacheReader(root, storage_options)
     report = VerifyReport(num_shards=reader.num_shards)
+    _verify_split(reader, report.complete, report.missing, report.bad)
+    if reader.manifest.heldout is not None:
+        held = CacheReader(reader.location, split=HELDOUT)
+        report.heldout_num_shards = held.num_shards
+        _verify_split(held, report.heldout_complete, report.heldout_missing, report.heldout_bad)
+    return report
+
+
+def _verify_split(reader: CacheReader, complete: list[int], missing: list[int], bad: dict[int, str]) -> None:
+    """Check every shard of `reader`'s split, filling in the three lists."""
     for index in range(reader.num_shards):
         try:
-            record = read_record(reader.location, index, reader.manifest_digest)
+            record = read_record(reader.location, index, reader.manifest_digest, reader.prefix)
         except CacheFormatError as err:
-            report.bad[index] = str(err)
+            bad[index] = str(err)
             continue
         if record is None:
-            report.missing.append(index)
+            missing.append(index)
             continue
         problem = _check_shard(reader, index, record)
         if problem is None:
-            report.complete.append(index)
+            complete.append(index)
         else:
-            report.bad[index] = problem
-    return report
+            bad[index] = problem
 
 
 def _weighted_stats(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -129,9 +148,11 @@ def inspect_cache(root: str | Path | Location, storage_options: dict | None = No
         bytes and bytes per token (total and per field), per-field compression ratio (bytes before
         compression / stored bytes; float8 and log8 count 1 byte per element, int4 half a byte, their per-row
         companions excluded), fingerprints,
-        config, ``stats``: each numeric completion-record stat, token-weighted over complete shards, and
+        config, ``stats``: each numeric completion-record stat, token-weighted over complete shards,
         ``activations`` (None without activations): the fraction of sequences carrying them and the
-        teacher targets' mean square per term and layer, at sink positions and elsewhere.
+        teacher targets' mean square per term and layer, at sink positions and elsewhere, and ``heldout``
+        (None without a held-out split): its sequences, complete and total shards, stored bytes, whether
+        it stores activations, its fields and its stats.
     """
     reader = CacheReader(root, storage_options)
     manifest = reader.manifest
@@ -171,6 +192,26 @@ def inspect_cache(root: str | Path | Location, storage_options: dict | None = No
         "config": manifest.config_dict(),
         "stats": _weighted_stats(records),
         "activations": _activation_summary(records, complete_sequences, manifest),
+        "heldout": _heldout_summary(reader),
+    }
+
+
+def _heldout_summary(reader: CacheReader) -> dict[str, Any] | None:
+    """The held-out split at a glance, from the manifest and its completion records."""
+    if reader.manifest.heldout is None:
+        return None
+    held = CacheReader(reader.location, split=HELDOUT)
+    records = [held.shard_record(i) for i in held.complete_shards()]
+    return {
+        "sequences": held.num_sequences,
+        "tokens": held.num_sequences * reader.manifest.config.seq_len,
+        "complete_sequences": sum(r["num_sequences"] for r in records),
+        "complete_shards": len(records),
+        "total_shards": held.num_shards,
+        "stored_bytes": sum(info["bytes"] for r in records for info in r["files"].values()),
+        "activations": reader.manifest.heldout.activations,
+        "fields": [spec.name for spec in held.fields],
+        "stats": _weighted_stats(records),
     }
 
 

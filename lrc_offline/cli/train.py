@@ -3,6 +3,7 @@
     lrc-train train  --cache DIR --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]
     lrc-train sweep  --cache DIR --out DIR --hidden-sizes 128,192,256 [--config FILE] [section.key=value ...]
     lrc-train eval   --student DIR [--teacher NAME] (--cache DIR | --corpus NAME --heldout-docs N) [--json]
+                     (--cache: on the cache's held-out split, no teacher forward; --corpus: the teacher runs)
     lrc-train export --checkpoint DIR --out DIR [--teacher NAME] [--dtype float32|bfloat16|float16]
     lrc-train online --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]   (the online reference)
     lrc-train train|sweep|online --help-config | [--config FILE] [section.key=value ...] --print-config
@@ -15,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-import tempfile
 from pathlib import Path
 
 from ..config import TrainJobConfig
@@ -54,12 +53,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     evaluate = sub.add_parser("eval", help="student vs teacher on held-out text: perplexity, KL, top-1 agreement")
     evaluate.add_argument("--student", required=True, help="exported student directory")
     evaluate.add_argument("--teacher", help="teacher (default: the one the student was trained from)")
-    evaluate.add_argument("--cache", help="take the corpus and held-out documents from this cache's manifest")
-    evaluate.add_argument("--corpus", help="corpus whose last --heldout-docs documents are the held-out text")
+    evaluate.add_argument("--cache", help="evaluate on this cache's held-out split, from its stored teacher signal "
+                          "(no teacher forward, no corpus); for a cache without one, on its corpus's held-out "
+                          "documents with the teacher run")  # fmt: skip
+    evaluate.add_argument("--corpus", help="corpus whose last --heldout-docs documents are the held-out text (the "
+                          "teacher runs on them)")  # fmt: skip
     evaluate.add_argument("--text-field", default="text")
     evaluate.add_argument("--heldout-docs", type=int, help="documents at the end of the corpus kept out of training")
     evaluate.add_argument("--seq-len", type=int, help="tokens per sequence (default: the cache's, else 256)")
-    evaluate.add_argument("--max-sequences", type=int, default=32, help="held-out sequences to evaluate")
+    evaluate.add_argument("--max-sequences", type=int, help="held-out sequences to evaluate (default: a cache's "
+                          "whole held-out split, else 32)")  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     export = sub.add_parser("export", help="export a checkpoint as a plain Hugging Face model")
     export.add_argument("--checkpoint", required=True, help="a checkpoints/step-* directory")
@@ -96,26 +99,41 @@ def _set_local_device() -> None:
 
 
 def _teacher_and_heldout(cfg, cache: str):
-    """The teacher (the config's, else the cache's) and the packed held-out sequences, if any."""
+    """The teacher (the config's, else the cache's) and, for a cache built before held-out splits, its
+    held-out documents packed from the corpus (else None: training evaluates on the cache's held-out split,
+    reading nothing else)."""
     from ..cache import read_manifest
     from ..evaluation import heldout_sequences
     from ..storage import as_location
     from ..teacher.load import load_teacher, resolve_device
 
-    manifest = read_manifest(as_location(cache, cfg.train.storage_options))
+    location = as_location(cache, cfg.train.storage_options)
+    manifest = read_manifest(location)
     _set_local_device()
     teacher = load_teacher(cfg.teacher or manifest.teacher_name, dtype="auto",
                            device=resolve_device(cfg.train.device))  # fmt: skip
     built = manifest.config
+    if manifest.heldout is not None:
+        if cfg.heldout_docs:
+            log.info("heldout_docs=%d is not used: training evaluates on the cache's held-out split", cfg.heldout_docs)
+        return teacher, None
     if cfg.heldout_docs:
-        corpus, field, docs = cfg.corpus, cfg.text_field, cfg.heldout_docs
+        corpus, field, docs, dataset = cfg.corpus, cfg.text_field, cfg.heldout_docs, {}
     else:
-        corpus, field, docs = built.corpus, built.text_field, built.heldout_docs
+        corpus, field, docs, dataset = built.corpus, built.text_field, built.heldout_docs, _dataset_options(built)
     if not docs:
         log.info("no held-out documents (cache built with heldout_docs=0): held-out loss is not logged")
         return teacher, None
-    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built.seq_len, cfg.train.eval_sequences)
+    log.warning("the cache at %s has no held-out split (built before caches stored one): every process re-reads "
+                "the corpus %s for its last %d documents; rebuild the cache (cache.heldout_docs > 0) to evaluate "
+                "from the cache alone", location, corpus, docs)  # fmt: skip
+    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built.seq_len, cfg.train.eval_sequences, **dataset)
     return teacher, ids
+
+
+def _dataset_options(built) -> dict:
+    """The split, configuration and revision a cache config names for a corpus given as a dataset id."""
+    return {"split": built.corpus_split, "config": built.corpus_config, "revision": built.corpus_revision}
 
 
 def _train(args) -> int:
@@ -153,7 +171,7 @@ def _sweep(args) -> int:
 
 def _eval(args) -> int:
     from ..cache import read_manifest
-    from ..evaluation import evaluate_export, format_table
+    from ..evaluation import evaluate_export, evaluate_export_from_cache, format_table
     from ..teacher.load import load_teacher
 
     if not (Path(args.student) / "config.json").is_file():
@@ -164,71 +182,39 @@ def _eval(args) -> int:
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     teacher_name = args.teacher or (info.get("config") or {}).get("teacher")
     corpus, field, docs, seq_len = args.corpus, args.text_field, args.heldout_docs, args.seq_len
+    dataset = {}
     if args.cache:
         manifest = read_manifest(args.cache)
+        if manifest.heldout is not None and not args.corpus:
+            metrics = evaluate_export_from_cache(args.student, args.cache, args.max_sequences, args.teacher)
+            print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+            return 0
         built = manifest.config
         teacher_name = teacher_name or manifest.teacher_name
-        corpus, field = corpus or built.corpus, built.text_field
+        if not corpus:
+            corpus, field = built.corpus, built.text_field
+            dataset = _dataset_options(built)
+            log.warning("the cache at %s has no held-out split (built before caches stored one): its corpus is read "
+                        "and the teacher runs on the held-out documents; rebuild the cache (cache.heldout_docs > 0) "
+                        "to evaluate from its stored signal", args.cache)  # fmt: skip
         docs, seq_len = docs or built.heldout_docs, seq_len or built.seq_len
     if not teacher_name:
         raise FileNotFoundError(f"{info_file} does not name the teacher; pass --teacher")
     if not corpus or not docs:
         raise FileNotFoundError("no held-out text: pass --cache (built with heldout_docs > 0) or --corpus and --heldout-docs")
     teacher = load_teacher(teacher_name, dtype="auto", device="auto")
-    metrics = evaluate_export(args.student, teacher, corpus, docs, seq_len or 256, args.max_sequences, field)
+    metrics = evaluate_export(args.student, teacher, corpus, docs, seq_len or 256, args.max_sequences or 32, field,
+                              **dataset)  # fmt: skip
     print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     return 0
 
 
 def _export(args) -> int:
-    from ..config import TrainJobConfig, from_dict
-    from ..student.export import export_dtype, export_student
-    from ..student.lrc import build_student
-    from ..teacher.load import load_teacher
-    from ..training.checkpoint import load_student_weights, read_checkpoint_state
-    from ..training.trainer import check_teacher_matches_cache
-    from ..storage import as_location, is_url
+    from ..training.export_checkpoint import export_checkpoint
 
     check_out_dir(args.out)
-    state = read_checkpoint_state(args.checkpoint)
-    cfg = from_dict(TrainJobConfig, state["config"], f"{args.checkpoint}/state.json config")
-    teacher_name = args.teacher or cfg.teacher
-    teacher = load_teacher(teacher_name, dtype="float32", device="cpu")
-    fingerprints = state.get("extra", {}).get("cache_fingerprints")
-    if fingerprints:  # the student's weights are generated from the teacher's: it must be the same teacher
-        check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher_name, fingerprints,
-                                    f"{cfg.teacher!r} (as it was then)", f"the checkpoint {args.checkpoint}")  # fmt: skip
-    student = build_student(teacher.model, cfg.student)
-    load_student_weights(args.checkpoint, student)
-    extra = {"trainer": "offline", "steps": state["step"], "checkpoint": str(args.checkpoint),
-             **_logged_at(Path(args.checkpoint), state["step"]), **state.get("extra", {})}  # fmt: skip
-    dtype = export_dtype(args.dtype or cfg.export.dtype)
-    if not is_url(args.out):
-        print(export_student(student, args.out, teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra))
-        return 0
-    target = as_location(args.out)  # object storage: export locally, then upload the finished folder
-    if target.is_file("config.json"):
-        raise FileExistsError(f"{target} already holds an export (config.json); choose another --out")
-    with tempfile.TemporaryDirectory(prefix="lrc-export-") as tmp:
-        export_student(student, Path(tmp) / "student", teacher.tokenizer, state["config"], dtype=dtype, extra_info=extra)
-        target.upload(Path(tmp) / "student", "", last=("config.json",))  # readers look for config.json
-    print(target)
+    print(export_checkpoint(args.checkpoint, args.out, teacher=args.teacher, dtype=args.dtype))
     return 0
-
-
-def _logged_at(checkpoint: Path, step: int) -> dict:
-    """Training tokens and the last held-out CE up to `step`, from the run's metrics.jsonl when the checkpoint
-    still sits in its run directory (`<run>/checkpoints/step-*`), for the model card."""
-    from ..training.metrics import read_metrics
-
-    path = checkpoint.resolve().parent.parent / "metrics.jsonl"
-    records = [r for r in read_metrics(path) if r.get("step", step + 1) <= step] if path.is_file() else []
-    out = {"tokens": records[-1].get("tokens")} if records else {}
-    held = [r for r in records if "heldout_ce" in r]
-    if held:
-        ce = held[-1]["heldout_ce"]
-        out["heldout"] = {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "step": held[-1]["step"]}
-    return out
 
 
 def _online(args) -> int:

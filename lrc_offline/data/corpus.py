@@ -1,5 +1,6 @@
-"""Corpus loading and packing in memory: documents -> fixed-length sequences (small corpora, online
-training, evaluation; a cache build goes through the tokenised index of `index.py`, which packs the same).
+"""Corpus loading and packing in memory: documents -> fixed-length sequences (small corpora, evaluation on
+a corpus; cache builds and online training go through the tokenised index of `index.py`). Both pack by the
+rules of `packing.py`, so they give the same sequences for the same documents.
 
 Reading is split from packing so that the held-out documents can be set apart first:
 
@@ -13,14 +14,16 @@ same order, so shard i of a cache can be rebuilt on its own.
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .index import _encode
+from .packing import cut_sequences, document_affixes, heldout_start, join_documents, plan_packing
 from .sources import BUILTIN_CORPORA, SUPPORTED_EXTENSIONS, CorpusError, CorpusSpec, iter_documents
 
 __all__ = [
@@ -29,8 +32,8 @@ __all__ = [
     "CorpusError",
     "PackedCorpus",
     "corpus_fingerprint",
-    "count_sequences",
     "load_documents",
+    "load_heldout_documents",
     "pack_documents",
     "split_heldout",
 ]
@@ -67,11 +70,37 @@ def load_documents(
     spec = CorpusSpec(corpus, text_field, split, config, revision)
     docs = list(iter_documents(spec))
     if not docs:
-        raise CorpusError(
-            f"corpus {corpus!r} has no non-empty documents (empty corpus); point cache.corpus at files "
-            f"holding text (or check cache.text_field={text_field!r})"
-        )
+        raise _empty_corpus(spec)
     return docs
+
+
+def load_heldout_documents(
+    corpus: str, heldout_docs: int, text_field: str = "text", split: str = "train", config: str | None = None,
+    revision: str | None = None,
+) -> list[str]:  # fmt: skip
+    """The held-out documents of a corpus: `split_heldout(load_documents(...), heldout_docs)[1]`, read in
+    one pass that holds only them in memory.
+
+    Raises:
+        CorpusError: as `load_documents` and `split_heldout`.
+    """
+    spec = CorpusSpec(corpus, text_field, split, config, revision)
+    last: collections.deque[str] = collections.deque(maxlen=max(heldout_docs, 0))
+    num_documents = 0
+    for doc in iter_documents(spec):
+        last.append(doc)
+        num_documents += 1
+    if not num_documents:
+        raise _empty_corpus(spec)
+    heldout_start(num_documents, heldout_docs)
+    return list(last)
+
+
+def _empty_corpus(spec: CorpusSpec) -> CorpusError:
+    return CorpusError(
+        f"corpus {spec.corpus!r} has no non-empty documents (empty corpus); point cache.corpus at files "
+        f"holding text (or check cache.text_field={spec.text_field!r})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,7 +109,7 @@ def load_documents(
 
 
 def split_heldout(docs: list[str], heldout_docs: int) -> tuple[list[str], list[str]]:
-    """Set the last `heldout_docs` documents apart for evaluation.
+    """Set the last `heldout_docs` documents apart for evaluation (`packing.heldout_start`).
 
     Args:
         docs: Documents in corpus order.
@@ -92,14 +121,7 @@ def split_heldout(docs: list[str], heldout_docs: int) -> tuple[list[str], list[s
     Raises:
         CorpusError: If `heldout_docs` is negative or leaves no training document.
     """
-    if heldout_docs < 0:
-        raise CorpusError(f"cache.heldout_docs={heldout_docs} is negative; use 0 or more")
-    if heldout_docs >= len(docs):
-        raise CorpusError(
-            f"cache.heldout_docs={heldout_docs} leaves no training documents (the corpus has {len(docs)}); "
-            "lower cache.heldout_docs or add documents"
-        )
-    cut = len(docs) - heldout_docs
+    cut = heldout_start(len(docs), heldout_docs)
     return docs[:cut], docs[cut:]
 
 
@@ -146,18 +168,6 @@ class PackedCorpus:
         return self.input_ids.shape[1]
 
 
-def count_sequences(num_tokens: int, seq_len: int, max_sequences: int | None) -> int:
-    """How many whole sequences `num_tokens` packed tokens make (at most `max_sequences`).
-
-    Raises:
-        CorpusError: not even one.
-    """
-    if num_tokens < seq_len:
-        raise CorpusError(f"corpus has {num_tokens} tokens, fewer than one sequence of seq_len={seq_len}; add text "
-                          "or lower cache.seq_len")  # fmt: skip
-    return num_tokens // seq_len if max_sequences is None else min(num_tokens // seq_len, max_sequences)
-
-
 def pack_documents(
     docs: list[str],
     tokenizer: Any,
@@ -167,9 +177,10 @@ def pack_documents(
 ) -> PackedCorpus:
     """Tokenise documents, join them into one stream and cut it into sequences of `seq_len` tokens.
 
-    Documents are separated the way the teacher was trained: BOS in front of each document when the
-    tokenizer has one distinct from EOS (Llama, SmolLM2), and EOS after each when it has one (Qwen has
-    EOS only). The tail that does not fill a whole sequence is dropped.
+    The same sequences as the tokenised index gives for these documents (`index.open_index`), by the same
+    rules (`packing.py`): BOS in front of each document when the tokenizer has one distinct from EOS
+    (Llama, SmolLM2), EOS after each when it has one (Qwen has EOS only); the tail that does not fill a
+    whole sequence is dropped. Holds every token in memory: for small corpora and held-out documents.
 
     Args:
         docs: Documents in order.
@@ -177,7 +188,7 @@ def pack_documents(
         seq_len: Tokens per sequence.
         max_sequences: Stop once this many sequences are filled (None: use the whole corpus);
             tokenising stops early, so a cap on a large corpus is cheap.
-        batch_docs: Documents per tokenizer call; changes speed only, never the result.
+        batch_docs: Documents tokenised together; changes speed only, never the result.
 
     Returns:
         The packed corpus.
@@ -186,29 +197,20 @@ def pack_documents(
         CorpusError: If an argument is out of range or the corpus is shorter than one sequence.
     """
     _check_pack_args(seq_len, max_sequences, batch_docs)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    prefix = [bos] if bos is not None and bos != eos else []
-    suffix = [eos] if eos is not None else []
+    prefix, suffix = document_affixes(tokenizer)
     max_tokens = None if max_sequences is None else max_sequences * seq_len
-    doc_ids, doc_starts, num_tokens = _tokenize(docs, tokenizer, len(prefix) + len(suffix), max_tokens, batch_docs)
-
-    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
-    kept = num_sequences * seq_len
-
-    # np.fromiter over a chain is ~7x faster than torch.tensor on a flattened Python list.
-    pieces = itertools.chain.from_iterable((prefix, ids, suffix) for ids in doc_ids)
-    stream = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=num_tokens))
-    assert stream.numel() == num_tokens
-    assert int(stream.max()) < 2**31, "token id does not fit in int32"
-    input_ids = stream[:kept].view(num_sequences, seq_len).to(torch.int32)
-    position_ids = _document_positions(doc_starts, num_sequences, seq_len)
-
+    doc_ids = _tokenize(docs, tokenizer, len(prefix) + len(suffix), max_tokens, batch_docs)
+    stream, starts = join_documents(doc_ids, prefix, suffix)
+    plan = plan_packing(len(doc_ids), stream.size, seq_len, max_sequences,
+                        doc_at=lambda t: int(np.searchsorted(starts, t, side="right")) - 1,
+                        doc_start=lambda k: int(starts[k]))  # fmt: skip
+    input_ids, position_ids = cut_sequences(stream[: plan.num_sequences * seq_len], starts, seq_len)
     return PackedCorpus(
         input_ids=input_ids,
         position_ids=position_ids,
-        num_documents=len(doc_ids),
-        num_tokens=num_tokens,
-        dropped_tokens=num_tokens - kept,
+        num_documents=plan.num_documents,
+        num_tokens=plan.num_tokens,
+        dropped_tokens=plan.dropped_tokens,
     )
 
 
@@ -223,40 +225,17 @@ def _check_pack_args(seq_len: int, max_sequences: int | None, batch_docs: int) -
 
 def _tokenize(
     docs: list[str], tokenizer: Any, num_special: int, max_tokens: int | None, batch_docs: int
-) -> tuple[list[list[int]], list[int], int]:
-    """Tokenise documents in order until the stream holds `max_tokens` (None: all of them).
-
-    Returns:
-        `(doc_ids, doc_starts, num_tokens)`: each document's ids (without special tokens), where it
-        starts in the stream, and the stream's length with `num_special` tokens added per document.
-    """
+) -> list[list[int]]:
+    """Each document's ids (without special tokens, as the index tokenises them), in order, until the stream
+    with `num_special` tokens added per document holds `max_tokens` (None: every document)."""
     doc_ids: list[list[int]] = []
-    doc_starts: list[int] = []
     num_tokens = 0
     for lo in range(0, len(docs), batch_docs):
-        if max_tokens is not None and num_tokens >= max_tokens:
-            break
-        batch = tokenizer(list(docs[lo : lo + batch_docs]), add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in batch:
-            doc_starts.append(num_tokens)
+        for ids in _encode(tokenizer, list(docs[lo : lo + batch_docs])):
             doc_ids.append(ids)
             num_tokens += num_special + len(ids)
-            # Stop at the document that fills the cap, not at the end of the batch, so that the counts
-            # do not depend on `batch_docs`.
+            # Stop at the document that fills the cap, not at the end of the batch: a later document
+            # would only be tokenised to be dropped.
             if max_tokens is not None and num_tokens >= max_tokens:
-                break
-    return doc_ids, doc_starts, num_tokens
-
-
-def _document_positions(doc_starts: list[int], num_sequences: int, seq_len: int) -> torch.Tensor:
-    """[num_sequences, seq_len] int32 distance from the latest document start or sequence start at or
-    before each token of the first `num_sequences * seq_len` tokens of the stream."""
-    kept = num_sequences * seq_len
-    is_start = torch.zeros(kept, dtype=torch.bool)
-    starts = torch.tensor(doc_starts, dtype=torch.int64)
-    is_start[starts[starts < kept]] = True
-    is_start = is_start.view(num_sequences, seq_len)
-    is_start[:, 0] = True
-    col = torch.arange(seq_len, dtype=torch.int64).expand(num_sequences, seq_len)
-    last_start = torch.where(is_start, col, torch.zeros_like(col)).cummax(dim=1).values
-    return (col - last_start).to(torch.int32)
+                return doc_ids
+    return doc_ids

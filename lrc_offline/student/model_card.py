@@ -19,15 +19,20 @@ def _held_out(heldout: dict | None) -> str:
         return "not measured (the run had no held-out documents); compare with `lrc-train eval`"
     on = f"{heldout['tokens']} predicted tokens of " if heldout.get("tokens") else ""
     at = f", at step {heldout['step']}" if heldout.get("step") is not None else ""
+    teacher = ""
+    if heldout.get("kl") is not None:
+        teacher = (f"; KL(teacher || student) {heldout['kl']:.4f} nats/token and top-1 agreement with the teacher "
+                   f"{heldout['top1']:.3f}, from the teacher signal the cache stored")  # fmt: skip
     return (f"cross-entropy {heldout['ce']:.4f} nats/token (perplexity {heldout['ppl']:.2f}) on {on}the "
-            f"held-out documents kept out of the cache{at}")  # fmt: skip
+            f"held-out documents kept out of the training data{at}{teacher}")  # fmt: skip
 
 
 def model_card(facts: dict[str, Any]) -> str:
     """Markdown with a Hugging Face metadata header.
 
     `facts` keys: teacher, revision, d_student, d_teacher, num_layers, num_heads, head_dim, tied,
-    num_parameters, dtype, steps, tokens, trainer, cache, cache_fingerprints, heldout (ce, ppl, tokens),
+    num_parameters, dtype, steps, tokens, trainer, cache, cache_fingerprints, heldout (ce, ppl, tokens, step,
+    and kl, top1 where the held-out split carried the teacher's signal),
     export_dir. Missing or None values are shown as unknown.
     """
     teacher = facts.get("teacher") or "unknown"
@@ -78,7 +83,7 @@ def model_card(facts: dict[str, Any]) -> str:
         "## Evaluate",
         "",
         "```bash",
-        f"lrc-train eval --student {where} --cache <the cache>   # against the teacher on held-out text",
+        f"lrc-train eval --student {where} --cache <the cache>   # its held-out split, from the cached teacher signal",
         f"lm_eval --model hf --model_args pretrained={where},dtype={facts.get('dtype')} --tasks <tasks>",
         "```",
     ]

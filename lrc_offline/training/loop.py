@@ -1,6 +1,6 @@
 """The training loop, one for both teacher signals: setup -> train -> step -> finish.
 
-A `BatchSource` supplies the batches (`training.objective` says what a batch holds): the cache reader
+A `BatchSource` supplies the batches (`lrc_offline.batch.Batch`): the cache reader
 (`training.trainer.CacheSource`, offline) or the online reference's hooked teacher
 (`lrc_offline.online.OnlineSource`, which lives outside `training/` because it runs the teacher's
 forward). Everything else, the student, the PCA start, the optimiser, resume, metrics, held-out
@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
+from ..batch import Batch
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_dtype, export_student
 from ..student.init import SecondMoment, init_pca, pca_basis
@@ -34,7 +35,7 @@ from ..student.lrc import LRCStudent, build_student
 from .checkpoint import (check_resumable, load_checkpoint, read_checkpoint_state, resume_point, rotate_checkpoints,
                          save_checkpoint)  # fmt: skip
 from .fsdp import clip_grad_norm, full_trainable_state, shard_student
-from .heldout import heldout_metrics
+from .heldout import HeldoutSet, TensorHeldout, evaluate_heldout, student_head_fn
 from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
                       tracker_names)  # fmt: skip
 from .objective import lrc_loss
@@ -53,7 +54,7 @@ class BatchSource(Protocol):
     name: str
     """What the progress bar and the export's `trainer` record call this kind of run."""
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, batch_size: int) -> Iterator[Batch]:
         """Endless batches of `batch_size` sequences (host or device tensors), from the saved position: a
         generator, closed when the run ends."""
 
@@ -69,7 +70,7 @@ class BatchSource(Protocol):
     def second_moment(self, cfg: StudentConfig, accelerator: Accelerator) -> tuple[SecondMoment, dict]:
         """The teacher residual stream's second moment for the PCA start, and a record of its origin."""
 
-    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
+    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[Batch]:
         """The first `num` training sequences with their teacher signal, for the PCA head-scale fit."""
 
     def counters(self) -> dict[str, int]:
@@ -96,7 +97,9 @@ class Run:
     tokenizer: Any
     clone_layers: list[int] | None
     teacher_ms: dict[str, torch.Tensor] | None
-    heldout_ids: torch.Tensor | None
+    heldout: HeldoutSet | None
+    """The held-out sequences evaluated every `train.eval_every` steps (the cache's held-out split, with the
+    teacher's signal), or None."""
     extra: dict[str, Any]
     """Saved in checkpoints and the export: the trainer (source) name, the data's facts, the init record."""
     start_step: int
@@ -107,7 +110,7 @@ class Run:
     start_tokens: int = 0
     """Training tokens before `start_step` (counted with the processes of the run that took them)."""
     metrics: MetricsWriter | None = None
-    batches: Iterator[dict] | None = None
+    batches: Iterator[Batch] | None = None
     clone_sequences: int = 0
     """Sequences of this process and run that the clone loss saw (its coverage of the data)."""
     seen_sequences: int = 0
@@ -175,10 +178,10 @@ def _open_metrics(run: Run) -> MetricsWriter | None:
 
 def _initial_heldout(run: Run) -> None:
     """A fresh run with held-out text starts its metrics with where the init stands."""
-    if run.start_step == 0 and run.heldout_ids is not None and run.cfg.train.eval_every and _evaluates(run):
-        ce = _evaluate(run)["ce"]
+    if run.start_step == 0 and run.heldout is not None and run.cfg.train.eval_every:
+        record = _evaluate(run)
         if run.metrics is not None:
-            run.metrics.write({"step": 0, "tokens": 0, "heldout_ce": ce})
+            run.metrics.write({"step": 0, "tokens": 0, **record})
 
 
 def setup(
@@ -192,9 +195,13 @@ def setup(
     clone_layers: list[int] | None = None,
     teacher_ms: dict[str, torch.Tensor] | None = None,
     heldout_ids: torch.Tensor | None = None,
+    heldout: HeldoutSet | None = None,
 ) -> Run:
     """Save the resolved config, build the student (PCA start or checkpoint), the optimiser and the
-    metrics file. `cfg` is resolved (no `auto` left); `teacher` is the loaded `Teacher`."""
+    metrics file. `cfg` is resolved (no `auto` left); `teacher` is the loaded `Teacher`; the held-out
+    sequences are `heldout` (e.g. a cache's held-out split), or token ids `heldout_ids` [N, T] (CE only)."""
+    if heldout is None and heldout_ids is not None:
+        heldout = TensorHeldout(heldout_ids)
     out_dir, tc = Path(out_dir), cfg.train
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +238,7 @@ def setup(
     model, optimizer = (student, optimizer) if sharded else accelerator.prepare(student, optimizer)
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
-              clone_layers, teacher_ms, heldout_ids, {"trainer": source.name, **source.summary(), "init": init_info},
+              clone_layers, teacher_ms, heldout, {"trainer": source.name, **source.summary(), "init": init_info},
               start_step, end_step, resumed_from, teacher_model=teacher.model)  # fmt: skip
     run.start_tokens = start_step * _tokens_per_step(run, saved_processes)
     run.metrics = _open_metrics(run)
@@ -243,13 +250,11 @@ def setup(
 # ---- one optimizer step -----------------------------------------------------------------------------
 
 
-def _next_batch(run: Run, alpha: float) -> dict[str, torch.Tensor]:
+def _next_batch(run: Run, alpha: float) -> Batch:
     batch = next(run.batches)
-    if "act_present" in batch:  # counted on the host, before the copy: no device sync
-        run.clone_sequences += int(batch["act_present"].sum()) if alpha > 0 else 0
-    elif "act_positions" in batch and alpha > 0:
-        run.clone_sequences += len(batch["act_positions"])
-    run.seen_sequences += len(batch["input_ids"])
+    if batch.clone is not None and alpha > 0:  # counted on the host, before the copy: no device sync
+        run.clone_sequences += batch.clone.num_present()
+    run.seen_sequences += len(batch.input_ids)
     return batch_to_device(batch, run.accelerator.device)
 
 
@@ -298,21 +303,27 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
-def _evaluates(run: Run) -> bool:
-    """Whether this process runs the held-out evaluation: the main one, or every one of a sharded student
-    (its forward is collective)."""
-    return run.accelerator.is_main_process or _sharded(run)
+def _heldout_record(result: dict[str, float]) -> dict[str, float]:
+    """The metrics-line keys of an evaluation: heldout_ce, and with the teacher's signal heldout_kl (the KD
+    term at loss.temperature) and heldout_top1 (agreement with the teacher's top-1)."""
+    record = {"heldout_ce": result["ce"]}
+    if "kl" in result:
+        record.update(heldout_kl=result["kl"], heldout_top1=result["top1"])
+    return record
 
 
 def _evaluate(run: Run) -> dict[str, float]:
-    """Held-out CE of the student (see `_evaluates`)."""
+    """The student on the held-out sequences (`_heldout_record`'s keys). Every process evaluates its part
+    and the sums are added over processes, so every process calls this at the same steps."""
     run.student.eval()
     with run.accelerator.autocast():
-        result = heldout_metrics(lambda x: run.student(x).logits_BTV, run.heldout_ids, run.cfg.train.batch_size,
-                                 run.accelerator.device)  # fmt: skip
+        result = evaluate_heldout(student_head_fn(run.student), run.heldout, run.cfg.train.batch_size,
+                                  run.accelerator.device, temperature=run.cfg.loss.temperature,
+                                  chunk_tokens=run.cfg.train.loss_chunk_tokens or 1024,
+                                  collective=_sharded(run))  # fmt: skip
     run.student.train()
     run.last_heldout = result
-    return result
+    return _heldout_record(result)
 
 
 def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: tuple[float, int]) -> dict:
@@ -327,9 +338,8 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
               **run.source.counters(),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
     is_last = index + 1 == tc.steps
-    if run.heldout_ids is not None and _evaluates(run) and (
-            is_last or (tc.eval_every and (index + 1) % tc.eval_every == 0)):  # fmt: skip
-        record["heldout_ce"] = _evaluate(run)["ce"]
+    if run.heldout is not None and (is_last or (tc.eval_every and (index + 1) % tc.eval_every == 0)):
+        record.update(_evaluate(run))
     return record
 
 
@@ -389,6 +399,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary = {"final": run.last_record, "start_step": run.start_step, "end_step": run.end_step,
                "resumed_from": str(run.resumed_from) if run.resumed_from else None, **run.source.summary(),
                "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "student_heldout": run.last_heldout,
+               **(_heldout_record(run.last_heldout) if run.last_heldout else {}),
                "seconds": time.perf_counter() - run.started}  # fmt: skip
     if run.end_step < tc.steps:
         summary["stopped_early"] = True

@@ -1,5 +1,6 @@
 """Metrics: one JSON line per logged step, written and flushed as training goes, and the same values sent
-to the experiment trackers (`train.report_to`: TensorBoard, W&B) through `accelerate`."""
+to the experiment trackers (`train.report_to`: TensorBoard, W&B) through `accelerate`. Evaluation steps add
+heldout_ce, heldout_kl and heldout_top1 (`training.heldout`), logged like every other number."""
 
 from __future__ import annotations
 
@@ -142,5 +143,7 @@ def progress_line(record: dict, total_steps: int, eta_s: float) -> str:
              f"tokens/s {record['tokens_per_s']:.0f}"]  # fmt: skip
     if "heldout_ce" in record:
         parts.append(f"heldout_ce {record['heldout_ce']:.4f}")
+    if "heldout_kl" in record:
+        parts.append(f"heldout_kl {record['heldout_kl']:.4f} | heldout_top1 {record['heldout_top1']:.3f}")
     parts.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
     return " | ".join(parts)

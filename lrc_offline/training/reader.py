@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..batch import Batch
 from ..cache import CacheReader, CorruptShardError
 from ..storage import Location
 from ..config import BuildRunConfig, ConfigError
 from ..seeding import generator
 
-__all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "collate", "iter_batches", "batch_to_device"]
+__all__ = ["READER_STATE_VERSION", "ReaderStateError", "CacheDataset", "stack_samples", "collate", "iter_batches",
+           "batch_to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -257,19 +259,25 @@ def _without_run_options(identity: Any) -> Any:
     return identity
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sequence samples into a batch; uint16 counts widen to int32 (uint16 supports few ops)."""
-    batch = {}
+def stack_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Per-sequence samples stacked field by field ([B, *field shape]); uint16 counts widen to int32 (uint16
+    supports few ops)."""
+    fields = {}
     for name in samples[0]:
         if name == "sequence_index":
-            batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
+            fields[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
             continue
         stacked = torch.stack([s[name] for s in samples])
-        batch[name] = stacked.to(torch.int32) if stacked.dtype == torch.uint16 else stacked
-    return batch
+        fields[name] = stacked.to(torch.int32) if stacked.dtype == torch.uint16 else stacked
+    return fields
 
 
-def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    """The batch of per-sequence samples, its keep mask and sink flags computed here, once."""
+    return Batch.from_fields(stack_samples(samples))
+
+
+def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[Batch]:
     """Batches of `batch_size` samples; pulls exactly one batch of samples per batch, so the dataset's
     position after a batch counts exactly the sequences handed out so far (a short tail is dropped)."""
     iterator = iter(samples)
@@ -288,9 +296,7 @@ def iter_batches(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator
             iterator.close()
 
 
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch's tensors onto `device` (all but `sequence_index`); host tensors are pinned first on CUDA
-    so the copy overlaps compute (tensors already on the device stay where they are)."""
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
-            for k, v in batch.items() if k != "sequence_index"}  # fmt: skip
+def batch_to_device(batch: Batch, device: torch.device) -> Batch:
+    """A batch's tensors onto `device` (`sequence_index` stays on the host); host tensors are pinned first on
+    CUDA so the copy overlaps compute (tensors already on the device stay where they are)."""
+    return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)

@@ -54,16 +54,20 @@ def run_sweep(
         runs[f"d_S={size}"] = records
         final = records[-1]
         rows.append({"hidden_size": size, "final_loss": final["loss"], "heldout_ce": final.get("heldout_ce"),
+                     "heldout_kl": final.get("heldout_kl"), "heldout_top1": final.get("heldout_top1"),
                      "tokens": final["tokens"], "tokens_per_s": final["tokens_per_s"],
                      "export": summary.get("export"), "run": str(run_dir)})  # fmt: skip
     if not PartialState().is_main_process:
         return []
     metric = "heldout_ce" if all(r["heldout_ce"] is not None for r in rows) else "final_loss"
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| d_S | final train loss | held-out CE | tokens | tokens/s |", "|---|---|---|---|---|"]
+    lines = ["| d_S | final train loss | held-out CE | held-out KL | held-out top-1 | tokens | tokens/s |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        held = "" if r["heldout_ce"] is None else f"{r['heldout_ce']:.4f}"
-        lines.append(f"| {r['hidden_size']} | {r['final_loss']:.4f} | {held} | {r['tokens']} | {r['tokens_per_s']:.0f} |")
+        held = [("" if r[key] is None else f"{r[key]:.{digits}f}")
+                for key, digits in (("heldout_ce", 4), ("heldout_kl", 4), ("heldout_top1", 3))]  # fmt: skip
+        lines.append(f"| {r['hidden_size']} | {r['final_loss']:.4f} | {' | '.join(held)} | {r['tokens']} | "
+                     f"{r['tokens_per_s']:.0f} |")  # fmt: skip
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     plot_sweep(rows, runs, out_dir / "sweep.png", metric)
     return rows

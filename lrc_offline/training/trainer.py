@@ -3,7 +3,8 @@
 The cache is one `BatchSource` of the training loop (`training.loop`); the online reference trainer
 (`lrc_offline.online`) is the other, so both train with the same code. This module adds what only a
 cache has: a refusal to train on a cache built by another teacher or at another temperature, the
-activation layers and statistics it was built with, and its shards split across ranks.
+activation layers and statistics it was built with, its shards split across ranks, and its held-out
+split, on which the student is evaluated (`training.heldout`) without the corpus or a teacher forward.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from ..batch import Batch
 from ..cache import Manifest, read_manifest
 from ..cache.act_stats import activation_stats, teacher_ms
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig
@@ -24,6 +26,7 @@ from ..student.init import SecondMoment
 from ..teacher.fingerprint import teacher_fingerprints
 from ..storage import Location, as_location
 from ..teacher.load import Teacher, load_teacher
+from .heldout import CacheHeldout, HeldoutSet, TensorHeldout
 from .loop import make_accelerator, run_training
 from .pca import cache_head_scale_batches, cache_second_moment
 from .reader import CacheDataset, iter_batches
@@ -90,7 +93,7 @@ class CacheSource:
         reader = self.dataset.reader
         self.act_sums = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, batch_size: int) -> Iterator[Batch]:
         return iter_batches(self.dataset, batch_size)
 
     def epoch(self) -> float:
@@ -112,7 +115,7 @@ class CacheSource:
         moment = cache_second_moment(*args)
         return moment, {"source": f"cache {self.cache_dir}", "vectors": moment.count, "exclude_sink": cfg.pca_exclude_sink}
 
-    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[dict]:
+    def head_scale_batches(self, num: int, batch_size: int, device: torch.device) -> list[Batch]:
         return cache_head_scale_batches(self.dataset.reader, num, batch_size, device)
 
     def teacher_ms(self, cfg: TrainJobConfig, device) -> dict[str, torch.Tensor] | None:
@@ -158,8 +161,10 @@ def train_from_cache(
         max_steps_this_run: Stop after this many steps without a final checkpoint or export, as a
             killed job would (for time-limited jobs, make it a multiple of `checkpoint_every`).
         teacher: A loaded teacher, or the teacher to load; default `cfg.teacher`, else the cache's.
-        heldout_ids: Packed held-out sequences [N, T]; when given, the student's held-out CE is logged
-            every `train.eval_every` steps and at the end (see `lrc_offline.evaluation.heldout_sequences`).
+        heldout_ids: Packed held-out sequences [N, T] to evaluate on instead of the cache's held-out split
+            (CE only; `lrc_offline.evaluation.heldout_sequences` packs them from a corpus, for a cache built
+            before held-out splits). By default the cache's held-out split, if it has one, is evaluated
+            every `train.eval_every` steps and at the end: heldout_ce, heldout_kl and heldout_top1.
 
     Raises:
         TeacherMismatchError: the teacher is not the one the cache was built with (checked before step 0).
@@ -181,6 +186,19 @@ def train_from_cache(
     _check_temperature(cfg, manifest, cache_dir)
     source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train)
     clone_layers = list(manifest.act_layers)
+    heldout = _heldout_set(cache_dir, manifest, cfg.train, heldout_ids)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, clone_layers=clone_layers,
-                        teacher_ms=source.teacher_ms(cfg, accelerator.device), heldout_ids=heldout_ids)  # fmt: skip
+                        teacher_ms=source.teacher_ms(cfg, accelerator.device), heldout=heldout)  # fmt: skip
+
+
+def _heldout_set(cache_dir: Location, manifest: Manifest, tc: TrainConfig,
+                 heldout_ids: torch.Tensor | None) -> HeldoutSet | None:  # fmt: skip
+    """What the run evaluates on: the given token ids, else the first `train.eval_sequences` sequences of
+    the cache's held-out split (None without one, or while none of its shards is complete)."""
+    if heldout_ids is not None:
+        return TensorHeldout(heldout_ids[: tc.eval_sequences])
+    if manifest.heldout is None:
+        return None
+    heldout = CacheHeldout(cache_dir, tc.eval_sequences)
+    return heldout if heldout.num_sequences else None
