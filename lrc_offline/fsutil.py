@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TMP_PREFIX", "STALE_TEMP_AGE_S", "temp_path", "temp_owner", "is_stale_temporary",
-           "remove_stale_temporaries", "fsync_path", "write_file_atomic", "json_bytes", "write_json_atomic",
-           "atomic_dir", "move_into_place", "remove_path"]  # fmt: skip
+           "remove_stale_temporaries", "fsync_path", "fsync_tree", "write_file_atomic", "json_bytes",
+           "write_json_atomic", "atomic_dir", "move_into_place", "remove_path"]  # fmt: skip
 
 TMP_PREFIX = ".tmp-"
 """Name prefix of work in progress (`temp_path`); `lrc_offline.cache.clean_stale` removes such entries."""
@@ -133,6 +133,18 @@ def fsync_path(path: str | Path) -> None:
         pass  # some filesystems (and directories on some platforms) do not support fsync
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush a file, or every file and directory under `path`, to stable storage."""
+    path = Path(path)
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            for name in files:
+                fsync_path(Path(folder) / name)
+            fsync_path(folder)
+    else:
+        fsync_path(path)
 
 
 def write_file_atomic(path: str | Path, write: bytes | Callable[[Path], None], exclusive: bool = False) -> bool:

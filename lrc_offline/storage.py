@@ -2,9 +2,12 @@
 fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``, ``memory://`` in tests).
 
 A `Location` is a directory-like prefix with the few operations the cache needs: read and write whole
-objects, create one exclusively, list, delete, checksum. Locally it works on files (writes are atomic
-renames); remotely it calls the fsspec filesystem of the URL's protocol, retrying transient errors
-(timeouts, 5xx, throttling) with backoff and naming the object when an error persists.
+objects, create one exclusively, list, delete, checksum, and stage a file or directory tree locally
+before committing it under its final name (`Location.staging`). Locally it works on files (writes are
+atomic renames of owner-tagged temporaries, see `fsutil.temp_path`); remotely it calls the fsspec
+filesystem of the URL's protocol, retrying transient errors (timeouts, 5xx, throttling) with backoff and
+naming the object when an error persists. Whether a location is a local directory is known here only:
+callers use the operations, which do the right thing for either.
 
 A string with ``<protocol>://`` is always a URL: a protocol fsspec does not know, or whose package is
 not installed, is an error, never a local folder named ``s3:``. Credentials come from the protocol's
@@ -21,14 +24,25 @@ import hashlib
 import logging
 import random
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .fsutil import remove_path, write_file_atomic
+from .fsutil import (
+    fsync_path,
+    fsync_tree,
+    is_stale_temporary,
+    move_into_place,
+    remove_path,
+    remove_stale_temporaries,
+    temp_path,
+    write_file_atomic,
+)
 
-__all__ = ["Location", "StorageError", "as_location", "is_url", "check_storage_options", "redact_url"]
+__all__ = ["Location", "Staging", "StorageError", "as_location", "is_url", "check_storage_options", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +428,114 @@ class Location:
             keys = [self._key(n) for n in names]
             self._remote(lambda: self.fs.rm(keys), rel, "deleting")
         self.fs.invalidate_cache()
+
+    def make_folder(self, rel: str = "") -> None:
+        """Create folder `rel` (and its parents) if absent; object storage has no folders: nothing to do."""
+        if self.local is not None:
+            self._path(rel).mkdir(parents=True, exist_ok=True)
+
+    # ---- staging, committing, and the temporaries of writers
+
+    def staging(self, rel: str) -> Staging:
+        """A local path to write `rel` at (one file, or a directory tree), committed under `rel` by
+        `Staging.commit`; used as a context manager, whatever was not committed is removed on leaving.
+
+        Locally the path is an owner-tagged temporary sibling of `rel` (`fsutil.temp_path`), renamed into
+        place on commit; for object storage it lies in a local temporary directory and is uploaded.
+        """
+        return Staging(self, rel)
+
+    def remove_abandoned_temporaries(self, prefix: str) -> int:
+        """Remove the temporaries of objects whose names start with `prefix` (``shards/shard-00003.``: a
+        folder, then the start of a name) that killed writers left; a live writer's are left alone
+        (`fsutil.is_stale_temporary`). Returns how many were removed.
+
+        Object storage holds none: everything there is uploaded whole under its final name."""
+        if self.local is None:
+            return 0
+        folder, _, start = prefix.rpartition("/")
+        return remove_stale_temporaries(self._path(folder), start)
+
+    def is_abandoned_temporary(self, rel: str) -> bool:
+        """Whether the temporary entry `rel` is provably abandoned (`fsutil.is_stale_temporary`), so that
+        it may be removed while writers run. On object storage any is: no writer keeps one there."""
+        return self.local is None or is_stale_temporary(self._path(rel))
+
+    def local_file(self, rel: str, scratch: Callable[[], Path]) -> Path:
+        """A local file holding object `rel`, for memory-mapping: the file itself in a local directory; for
+        object storage a copy downloaded once into the folder `scratch()` returns (kept by the caller)."""
+        if self.local is not None:
+            return self._path(rel)
+        path = scratch() / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(path, self.read_bytes(rel))
+        return path
+
+
+class Staging:
+    """A file or directory tree being written locally (`path`) before it is placed in a `Location` under
+    its final name (see `Location.staging`)."""
+
+    def __init__(self, location: Location, rel: str) -> None:
+        self.location, self.rel = location, rel
+        self._scratch: Path | None = None
+        if location.local is not None:
+            final = location._path(rel)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.path = temp_path(final)
+        else:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"lrc-{Path(rel).stem}-"))
+            self.path = self._scratch / Path(rel).name
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def commit(
+        self, marker: str | None = None, body: bytes = b"", keep: Callable[[bytes], bool] | None = None
+    ) -> bytes:
+        """Place what was written at `path` under its final name, durably, then, with `marker`, write
+        object `marker` (relative to the location) holding `body`: the commit readers trust, written only
+        once every data object is in place. Returns the marker's bytes that stand.
+
+        Several writers committing the same name at once: locally each rename replaces the whole tree
+        (`fsutil.move_into_place`) and the last writer's tree and marker stand together. On object storage
+        a tree is many objects uploaded one by one, so the marker is created only if absent; a writer
+        that finds another's keeps it when `keep(existing)` says it describes the same data (a
+        deterministic rebuild; the existing bytes are returned), else removes it, uploads its own tree
+        again, whole, and writes its own marker: a crash from then on leaves no marker beside mixed objects.
+        """
+        location = self.location
+        if location.local is not None:
+            final = location._path(self.rel)
+            fsync_tree(self.path)
+            move_into_place(self.path, final)
+            fsync_path(final.parent)  # the rename is durable before a marker can say the data is there
+            if marker is not None:
+                location.write_bytes(marker, body)
+            return body
+        location.upload(self.path, self.rel)
+        if marker is None or location.write_bytes(marker, body, exclusive=True):
+            return body
+        try:
+            existing = location.read_bytes(marker)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and keep is not None and keep(existing):
+            return existing
+        location.remove(marker)
+        location.upload(self.path, self.rel)
+        location.write_bytes(marker, body)
+        return body
+
+    def close(self) -> None:
+        """Remove what is left of the staged copy (nothing after a local commit)."""
+        remove_path(self.path)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def _not_found(name: str) -> FileNotFoundError:

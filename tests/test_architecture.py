@@ -113,3 +113,16 @@ def test_the_batch_key_scan_finds_each_kind_of_lookup():
         g = kind in ("logits", "hidden")
     ''')
     assert sorted(line for line, _ in _batch_key_lookups(ast.parse(source))) == [2, 3, 4, 5, 6, 7]
+
+
+# ---- storage: whether a location is a local directory is known in `lrc_offline/storage.py` only ------------
+
+
+def test_no_local_path_of_a_location_outside_storage():
+    """Staging, committing and temporaries are `Location` operations: no caller branches on a local
+    directory (`.is_local`) or reaches for its path (`.local`)."""
+    leak = re.compile(r"\.local\b|\bis_local\b")
+    hits = [f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
+            for path in sorted(PACKAGE.rglob("*.py")) if path != PACKAGE / "storage.py"
+            for number, line in enumerate(path.read_text().splitlines(), 1) if leak.search(line)]  # fmt: skip
+    assert not hits, hits

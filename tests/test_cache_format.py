@@ -255,18 +255,21 @@ def test_crash_mid_shard_leaves_it_incomplete_and_a_rerun_completes_it(tmp_path,
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
 def test_crash_before_the_record_and_clean_stale(tmp_path, fmt, monkeypatch):
+    from lrc_offline import storage
     from lrc_offline.cache import store
 
     cfg = make_cfg(format=fmt)
     build(tmp_path, cfg, shards=[0])
     # A hard kill leaves work in progress behind: emulate it by disabling the cleanup.
-    monkeypatch.setattr(store, "remove_path", lambda path: None)
-    monkeypatch.setattr(store.CacheWriter, "_replace", staticmethod(lambda tmp, final: _raise()))
+    monkeypatch.setattr(storage, "remove_path", lambda path: None)
+    monkeypatch.setattr(storage, "move_into_place", lambda tmp, final: _raise())
     with pytest.raises(SimulatedCrash):
         build(tmp_path, cfg, shards=[1])
     monkeypatch.undo()
     # Data renamed into place but killed before its record: present on disk, still not complete.
-    monkeypatch.setattr(store, "write_json_atomic", lambda path, data: _raise())
+    write_bytes = storage.Location.write_bytes
+    monkeypatch.setattr(storage.Location, "write_bytes", lambda self, rel, data, exclusive=False: _raise()
+                        if rel.endswith(".done.json") else write_bytes(self, rel, data, exclusive))  # fmt: skip
     with pytest.raises(SimulatedCrash):
         build(tmp_path, cfg, shards=[2])
     monkeypatch.undo()

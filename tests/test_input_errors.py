@@ -27,17 +27,10 @@ from lrc_offline.student.lrc import build_student
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.teacher.tiny import tiny_teacher, tiny_tokenizer
 
+from test_cli_errors import _one_line_error  # noqa: E402 -- the tests folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CACHE = ["max_sequences=16", "sequences_per_shard=8", "seq_len=32", "topk=16", "act_positions=8"]
-
-
-def _one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for name in names:
-        assert name in err, (name, err)
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,8 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cache"] == url and summary["sequences_per_epoch"] == 32
     if fmt == "zarr":
-        assert [k for k in _objects(bucket, "cache") if k.startswith("pca/")] == ["pca/second_moment-1024seq.safetensors"]
+        derived = [k for k in _objects(bucket, "cache") if k.startswith(("pca/", "derived/"))]
+        assert derived == ["derived/pca/second_moment-1024seq.safetensors"]
 
     if fmt == "zarr":  # zarr itself opens a shard from the bucket, through its own fsspec store
         import zarr

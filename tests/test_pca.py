@@ -95,6 +95,47 @@ def test_cache_pass_accumulates_every_cached_residual_vector_and_is_reused(resid
     assert verify_cache(residual_cache).ok  # the stored basis does not disturb the cache
 
 
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_training_with_the_pca_start_writes_only_the_caches_derived_files(tmp_path, capsys):
+    from lrc_offline.cli.cache import main as cache_main
+
+    cache = tmp_path / "cache"
+    build_cache(CacheConfig(seq_len=32, max_sequences=8, sequences_per_shard=4, act_positions=8, topk=8),
+                cache, progress=False)  # fmt: skip
+    before = _files(cache)
+    cfg = TrainJobConfig(student=StudentConfig(hidden_size=32, init="pca"), train=TrainConfig(steps=1, batch_size=4))
+    train_from_cache(cfg, cache, tmp_path / "run", progress=False)
+    after = _files(cache)
+    added = sorted(set(after) - set(before))
+    assert len(added) == 1 and added[0].startswith("derived/pca/second_moment"), added
+    assert {k: after[k] for k in before} == before  # the stage-1 artifact is untouched
+    assert verify_cache(cache).ok
+    assert cache_main(["verify", str(cache)]) == 0
+    assert cache_main(["clean", str(cache)]) == 0  # plain clean keeps derived files
+    assert _files(cache) == after
+    assert cache_main(["clean", "--derived", str(cache)]) == 0
+    assert "removed derived files pca" in capsys.readouterr().out
+    assert _files(cache) == before
+    assert verify_cache(cache).ok
+
+
+def test_a_basis_stored_at_the_root_by_earlier_versions_is_still_read(residual_cache, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(residual_cache, cache)
+    moment = cache_second_moment(cache)
+    legacy = cache / "pca" / "second_moment.safetensors"
+    legacy.parent.mkdir()
+    second_moment_path(cache, False).rename(legacy)  # where earlier versions kept it
+    again = cache_second_moment(cache)
+    assert torch.equal(again.matrix_DD, moment.matrix_DD)
+    assert not second_moment_path(cache, False).exists()  # read from there, not recomputed
+
+
 def test_pca_init_starts_closer_to_the_teacher_than_random(residual_cache, tmp_path):
     first = {}
     for init, calibrate in (("random", 0), ("pca", 0), ("pca-calibrated", 16)):

@@ -33,7 +33,8 @@ from lrc_offline.differences import differences
 from lrc_offline.fsutil import json_bytes
 from lrc_offline.storage import Location, as_location
 
-__all__ = ["FINGERPRINT_KEYS", "Manifest", "make_manifest", "read_manifest", "create_manifest"]
+__all__ = ["FINGERPRINT_KEYS", "TRAIN", "HELDOUT", "HeldoutSplit", "SplitLayout", "Manifest", "make_manifest",
+           "read_manifest", "create_manifest"]  # fmt: skip
 
 FINGERPRINT_KEYS = ("teacher_config", "teacher_weights", "tokenizer", "corpus")
 """Fingerprints every manifest carries (strings computed by the capture code, e.g. sha256 hex)."""
@@ -47,6 +48,72 @@ _VOLATILE_KEYS = ("created", "versions", "build")
 of `Manifest.differences`."""
 _BUILD_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(BuildRunConfig))
 """`BuildRunConfig`'s fields: recorded under ``build``, and found inside ``config`` in schema 1."""
+
+_HELDOUT_SPLIT_KEYS = ("heldout_sequences", "heldout_activations")
+"""Config keys that shape only the held-out split."""
+
+TRAIN, HELDOUT = "train", "heldout"
+"""The splits of a cache: the training sequences (``shards/shard-*``) and the held-out ones
+(``shards/heldout-*``, present when the manifest has a ``heldout`` section)."""
+_SHARD_PREFIX = {TRAIN: "shard", HELDOUT: "heldout"}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """The held-out split: sequences packed from the held-out documents (the last ``config.heldout_docs``,
+    at most ``config.heldout_sequences``), captured like the training sequences into shards of their own
+    (``shards/heldout-*``), so stage 2 evaluates from the cache alone. Held-out sequence j is global
+    sequence ``num_sequences + j`` where a seed needs an index (position sampling, sampled draws)."""
+
+    num_sequences: int
+    """Held-out sequences."""
+    sequences_per_shard: int
+    """Held-out shard i holds held-out sequences [i * S, min((i + 1) * S, num_sequences))."""
+    num_shards: int
+    """ceil(num_sequences / sequences_per_shard)."""
+    activations: bool
+    """Whether the held-out shards store the activation fields too (``config.heldout_activations``); without
+    them they hold the token ids and the logit signal, all held-out evaluation reads."""
+
+    def __post_init__(self) -> None:
+        num, per_shard = self.num_sequences, self.sequences_per_shard
+        if not (_positive_int(num) and _positive_int(per_shard)):
+            raise CacheFormatError("heldout: num_sequences and sequences_per_shard must be positive integers")
+        if self.num_shards != math.ceil(num / per_shard):
+            raise CacheFormatError(f"heldout: num_shards {self.num_shards} != ceil({num} / {per_shard})")
+        if not isinstance(self.activations, bool):
+            raise CacheFormatError(f"heldout: activations {self.activations!r} must be true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the manifest's ``heldout`` section)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HeldoutSplit:
+        """Inverse of `to_dict`."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or set(data) != set(names):
+            raise CacheFormatError(f"heldout {data!r} must be an object with exactly the keys {names}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """The shard arithmetic of one split of a cache (`Manifest.split`)."""
+
+    name: str
+    """TRAIN or HELDOUT."""
+    prefix: str
+    """Shard file-name prefix: ``shard`` or ``heldout``."""
+    num_sequences: int
+    sequences_per_shard: int
+    num_shards: int
+    fields: tuple[FieldSpec, ...]
+    """The arrays each of its shards stores."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +149,8 @@ class Manifest:
     """Library versions of the creating worker; volatile."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further facts recorded and compared (packing, teacher_name, backend)."""
+    heldout: HeldoutSplit | None = None
+    """The held-out split (None: the cache has none: built with heldout_docs=0, or before held-out splits)."""
     _digest_as_read: str | None = field(default=None, repr=False, compare=False)
     """For a manifest read from JSON: the digest of that JSON, which its completion records carry. Kept,
     not recomputed, so a config key added to CacheConfig since (read at its default) or a schema-1
@@ -123,6 +192,31 @@ class Manifest:
         return act_layers(self.config, self.geometry)
 
     @property
+    def heldout_fields(self) -> tuple[FieldSpec, ...]:
+        """The fields a held-out shard stores: every field, or all but the activations (``act_*``)."""
+        if self.heldout is not None and self.heldout.activations:
+            return self.fields
+        return tuple(spec for spec in self.fields if not spec.name.startswith("act_"))
+
+    def split(self, name: str) -> SplitLayout:
+        """The shard arithmetic of split `name` (TRAIN or HELDOUT).
+
+        Raises:
+            CacheFormatError: HELDOUT of a cache without a held-out split.
+        """
+        if name == TRAIN:
+            return SplitLayout(TRAIN, _SHARD_PREFIX[TRAIN], self.num_sequences, self.sequences_per_shard,
+                               self.num_shards, self.fields)  # fmt: skip
+        if name != HELDOUT:
+            raise ValueError(f"split {name!r} is not one of {[TRAIN, HELDOUT]}")
+        if self.heldout is None:
+            raise CacheFormatError("the cache has no held-out split (built with cache.heldout_docs=0, or before "
+                                   "held-out splits were stored); rebuild it with cache.heldout_docs > 0")  # fmt: skip
+        held = self.heldout
+        return SplitLayout(HELDOUT, _SHARD_PREFIX[HELDOUT], held.num_sequences, held.sequences_per_shard,
+                           held.num_shards, self.heldout_fields)  # fmt: skip
+
+    @property
     def teacher_name(self) -> str:
         """The name the teacher was loaded by when the cache was built."""
         return self.extra.get("teacher_name") or self.config.teacher
@@ -136,8 +230,9 @@ class Manifest:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form of the current schema (what `create_manifest` writes)."""
-        return {
+        """The JSON form of the current schema (what `create_manifest` writes); ``heldout`` only when the
+        cache has a held-out split, so a manifest without one reads and digests as before."""
+        data = {
             "schema_version": self.schema_version,
             "format": self.format,
             "config": self.config_dict(),
@@ -152,6 +247,9 @@ class Manifest:
             "versions": dict(self.versions),
             "extra": json.loads(json.dumps(self.extra)),
         }
+        if self.heldout is not None:
+            data["heldout"] = self.heldout.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
@@ -202,6 +300,7 @@ class Manifest:
                 created=data.get("created", ""),
                 versions=dict(data.get("versions") or {}),
                 extra=dict(data.get("extra") or {}),
+                heldout=None if data.get("heldout") is None else HeldoutSplit.from_dict(data["heldout"]),
                 _digest_as_read=_legacy_digest(data) if version == 1 else _digest(data),
             )
         except (CacheFormatError, ConfigError, TypeError, ValueError) as err:
@@ -217,12 +316,19 @@ class Manifest:
         (schemas 1 and 2 describe the same shard data: 2 only moved the run options out of config; 3
         differs from 2 only in field dtypes, which are compared).
 
+        A cache without a held-out split (this manifest) agrees with a request for one that otherwise
+        agrees (whatever its split's options): it was built before held-out splits were stored, and its
+        training shards stay valid.
+
         Returns:
             Lines like ``"config.topk: 32 in the existing cache, 64 requested"`` (this manifest being
             the existing one); empty when they agree.
         """
-        ignored = (*_VOLATILE_KEYS, "schema_version")
+        ignored = (*_VOLATILE_KEYS, "schema_version", *(("heldout",) if self.heldout is None else ()))
         mine, theirs = ({k: v for k, v in m.to_dict().items() if k not in ignored} for m in (self, other))
+        if self.heldout is None:
+            for data in (mine, theirs):
+                data["config"] = {k: v for k, v in data["config"].items() if k not in _HELDOUT_SPLIT_KEYS}
         return differences(mine, theirs, "in the existing cache", "requested")
 
 
@@ -283,6 +389,7 @@ def make_manifest(
     fingerprints: dict[str, str],
     num_sequences: int,
     extra: dict | None = None,
+    heldout_sequences: int = 0,
 ) -> Manifest:
     """The manifest of a cache built with `cfg` for a teacher of `geometry`.
 
@@ -292,6 +399,7 @@ def make_manifest(
         fingerprints: Strings identifying what produced the data; must hold FINGERPRINT_KEYS.
         num_sequences: Packed sequences in the whole cache (all shards).
         extra: Further JSON-ready facts the caller wants recorded and compared (e.g. packing details).
+        heldout_sequences: Sequences of the held-out split (0: none).
     """
     if not isinstance(fingerprints, dict):
         raise TypeError(f"fingerprints must be a dict with keys {list(FINGERPRINT_KEYS)}")
@@ -306,6 +414,13 @@ def make_manifest(
     if cfg.max_sequences is not None and num_sequences > cfg.max_sequences:
         raise ValueError(f"num_sequences={num_sequences} exceeds cache.max_sequences={cfg.max_sequences}")
     fields = tuple(cache_fields(cfg, geometry))
+    heldout = None
+    if heldout_sequences:
+        if cfg.heldout_docs < 1:
+            raise ValueError("a held-out split needs cache.heldout_docs >= 1 (the documents it is packed from)")
+        heldout = HeldoutSplit(heldout_sequences, cfg.sequences_per_shard,
+                               math.ceil(heldout_sequences / cfg.sequences_per_shard),
+                               cfg.heldout_activations and cfg.activation_mode != "none")  # fmt: skip
     return Manifest(
         # The layout is schema 2's; 3 only when a field's dtype needs it, so older code reads the rest.
         schema_version=max(2, schema_for(fields)),
@@ -321,6 +436,7 @@ def make_manifest(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=_library_versions(),
         extra=_json_ready(extra or {}, "manifest extra"),
+        heldout=heldout,
     )
 
 
@@ -351,6 +467,10 @@ def create_manifest(root: Location, manifest: Manifest) -> bool:
     """Write ``<root>/manifest.json`` unless one exists; True when this call created it.
 
     The write is atomic (no reader sees half a file) and exclusive (of many workers starting at once,
-    exactly one creates it; the rest compare): see `Location.write_bytes`.
+    exactly one creates it; the rest compare): see `Location.write_bytes`. Workers starting together each
+    write a temporary and link it into place; those killed workers left are removed here, a live
+    worker's are left alone (`Location.remove_abandoned_temporaries`).
     """
-    return root.write_bytes(MANIFEST_NAME, json_bytes(manifest.to_dict()), exclusive=True)
+    created = root.write_bytes(MANIFEST_NAME, json_bytes(manifest.to_dict()), exclusive=True)
+    root.remove_abandoned_temporaries(MANIFEST_NAME)
+    return created

@@ -6,7 +6,9 @@ The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.r
 
 Shard i is a fixed slice of the packed corpus, so any shard can be built, rebuilt or verified on its
 own: a rerun skips complete shards, several processes (a Slurm array, `accelerate launch`) split the
-shards between them, and a rebuild with the same config is byte-identical.
+shards between them, and a rebuild with the same config is byte-identical. The held-out documents
+(cache.heldout_docs) are packed by the same arithmetic into the cache's held-out split, whose shards
+(`shards/heldout-*`) the teacher captures like any other, split between the processes the same way.
 
 Legend: B batch, T tokens (seq_len), P positions, L activation layers, D hidden, V vocabulary.
 """
@@ -14,6 +16,7 @@ Legend: B batch, T tokens (seq_len), P positions, L activation layers, D hidden,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -26,23 +29,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import (
+    HELDOUT,
     CacheWriter,
     Manifest,
     FieldSpec,
     TeacherGeometry,
     act_layers,
+    cache_fields,
     make_manifest,
     num_act_positions,
 )
-from ..cache.act_stats import act_layer_mask, act_present, batch_act_sums, merge_act_sums
+from ..cache.act_stats import act_layer_mask, act_present, batch_act_sums, keep_mask, merge_act_sums, sink_flags
 from ..cache.schema import ROW_CODED_DTYPES
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
 from ..teacher.load import Teacher, load_teacher, resolve_device, resolve_dtype
 from ..data import CorpusError, CorpusSpec
-from ..data.index import PackedIndex, TokenIndex, my_units, open_index, tokenize_units
-from ..fsutil import TMP_PREFIX
+from ..data.index import PackedIndex, TokenIndex, my_units, open_heldout, open_index, tokenize_units
 from ..storage import Location, as_location
 from ..teacher.fingerprint import tokenizer_fingerprint
 from .writer import ShardPipeline, host_ready, to_host
@@ -50,7 +54,8 @@ from .positions import sample_positions_batch
 from .signals import logit_fields
 from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
-__all__ = ["BuildReport", "build_cache", "tokenize_corpus", "corpus_spec", "teacher_geometry", "my_shards", "capture_batch"]
+__all__ = ["BuildReport", "build_cache", "tokenize_corpus", "corpus_spec", "teacher_geometry", "my_shards",
+           "my_heldout_shards", "capture_batch"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,12 @@ class BuildReport:
     num_shards: int
     built: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    heldout_built: list[int] = field(default_factory=list)
+    """Held-out shards built (`shards/heldout-*`)."""
+    heldout_skipped: list[int] = field(default_factory=list)
+    """Held-out shards found complete and skipped."""
     tokens: int = 0
+    """Tokens captured, held-out ones included."""
     seconds: float = 0.0
 
     @property
@@ -85,17 +95,30 @@ def teacher_geometry(config) -> TeacherGeometry:
     )
 
 
-def my_shards(num_shards: int, shard_index: int | None = None, num_workers: int | None = None) -> list[int]:
-    """The shards this process builds: all; shard I alone; or with N workers, I, I+N, I+2N, ..."""
-    if shard_index is None:
+def my_shards(num_shards: int, worker: int | None = None, num_workers: int | None = None) -> list[int]:
+    """The shards worker `worker` of `num_workers` builds: I, I+N, I+2N, ...; all without a worker; shard I
+    alone without a worker count (one worker per shard)."""
+    if worker is None:
         return list(range(num_shards))
     if num_workers is None:
-        if not 0 <= shard_index < num_shards:
-            raise ConfigError(f"--shard-index {shard_index} is outside [0, {num_shards}) for this cache")
-        return [shard_index]
-    if not 0 <= shard_index < num_workers:
-        raise ConfigError(f"--shard-index {shard_index} must be in [0, --num-shards {num_workers})")
-    return list(range(shard_index, num_shards, num_workers))
+        if not 0 <= worker < num_shards:
+            raise ConfigError(f"--worker-index {worker} is outside [0, {num_shards}) for this cache (one worker per "
+                              "shard without --num-workers)")  # fmt: skip
+        return [worker]
+    if not 0 <= worker < num_workers:
+        raise ConfigError(f"--worker-index {worker} must be in [0, --num-workers {num_workers})")
+    return list(range(worker, num_shards, num_workers))
+
+
+def my_heldout_shards(num_heldout_shards: int, worker: int | None = None, num_workers: int | None = None) -> list[int]:
+    """The held-out shards worker `worker` of `num_workers` builds, split as `my_shards` splits the training
+    shards: I, I+N, I+2N, ...; all without a worker; held-out shard I, if there is one, without a worker
+    count (one worker per shard: together they build every held-out shard)."""
+    if worker is None:
+        return list(range(num_heldout_shards))
+    if num_workers is None:
+        return [worker] if worker < num_heldout_shards else []
+    return list(range(worker, num_heldout_shards, num_workers))
 
 
 @torch.no_grad()
@@ -130,21 +153,22 @@ def capture_batch(
         out["hidden"] = to_host(captured.hidden_BTD.float())
     if positions is not None:
         present_B = torch.tensor([act_present(cfg.seed, j, cfg.act_fraction) for j in sequence_indices])
-        sink_BP = position_ids_BT.to(device).gather(1, positions.long()) == 0
+        sink_BP = sink_flags(positions, position_ids_BT.to(device))
         stats["act_stats"] = batch_act_sums({m: captured.acts[m] for m in CLONE_TERMS}, sink_BP, present_B)
         out["act_positions"] = to_host(positions.to(torch.int32))
         names = {"input": "act_input", "attn": "act_attn"} if cfg.activation_mode == "residual" else {
             m: f"act_{m}" for m in CLONE_TERMS}  # fmt: skip
-        keep_BLP1 = None  # rows left as zeros: the activation budget's sequences, the layer subset's layers
+        layer_mask_BLP = None
         if cfg.act_layer_fraction < 1:
             start_BP = positions.cpu() == 0  # the sequence start carries every layer
             layer_mask_BLP = torch.stack([
                 act_layer_mask(cfg.seed, j, len(layers), positions.shape[1], cfg.act_layer_fraction, start_P)
                 for j, start_P in zip(sequence_indices, start_BP)])  # fmt: skip
             out["act_layer_mask"] = layer_mask_BLP.to(torch.uint8)
-            keep_BLP1 = (layer_mask_BLP & present_B[:, None, None])[..., None].to(device)
-        elif cfg.act_fraction < 1:
-            keep_BLP1 = present_B[:, None, None, None].to(device)
+        # rows left as zeros: the activation budget's sequences, the layer subset's layers
+        budget_B = present_B if cfg.act_fraction < 1 else None
+        keep_BLP = keep_mask(budget_B, layer_mask_BLP, len(layers), positions.shape[1])
+        keep_BLP1 = None if keep_BLP is None else keep_BLP[..., None].to(device)
         for term, name in names.items():
             acts_BLPW = captured.acts[term].transpose(0, 1).float()  # [B, L, P, W]
             out[name] = to_host(acts_BLPW if keep_BLP1 is None else acts_BLPW * keep_BLP1)
@@ -188,12 +212,15 @@ def build_cache(
     Raises:
         CacheMismatchError: `out` holds a cache built with a different config (the message lists what differs).
         CorpusError, TeacherLoadError: bad corpus or teacher.
+        CacheFormatError, ConfigError: the config does not fit the teacher (a layer it lacks, top-k beyond its
+            vocabulary) or the worker split is malformed; raised before anything is written.
     """
     start = time.perf_counter()
     out = as_location(out, cfg.run.storage_options)
     teacher = _teacher_for(cfg, teacher)
+    _check_before_writing(cfg, teacher, shard_index, num_workers)
     created = not out.exists()
-    packed, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
+    packed, heldout, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
     try:
         shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before any shard or manifest
     except ConfigError:
@@ -201,17 +228,33 @@ def build_cache(
             out.remove("")  # only the index was written: leave nothing behind
         raise
     writer = CacheWriter(out, manifest)
-    _remove_stale_manifest_temporaries(out)
     report = BuildReport(out=str(out), num_shards=manifest.num_shards)
     todo = [i for i in shards if not writer.is_complete(i, check_sizes=True)]
     report.skipped = [i for i in shards if i not in todo]
+    held_writer = _heldout_writer(cfg, writer)
+    held_todo: list[int] = []
+    if held_writer is not None:
+        held_shards = my_heldout_shards(held_writer.num_shards, shard_index, num_workers)
+        held_todo = [i for i in held_shards if not held_writer.is_complete(i, check_sizes=True)]
+        report.heldout_skipped = [i for i in held_shards if i not in held_todo]
     total_tokens = sum(len(range(*writer.shard_range(i))) for i in todo) * cfg.seq_len
+    if held_todo:
+        total_tokens += sum(len(range(*held_writer.shard_range(i))) for i in held_todo) * cfg.seq_len
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
     with contextlib.ExitStack() as engine:
-        if cfg.run.backend == "vllm" and todo:
-            capture = engine.enter_context(open_vllm(cfg, teacher)).capture
+        if cfg.run.backend == "vllm" and (todo or held_todo):
+            capture = held_capture = engine.enter_context(open_vllm(cfg, teacher)).capture  # logit signals only
         else:
             capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
+            held_capture = functools.partial(capture_batch, teacher, _heldout_config(cfg, writer.manifest),
+                                             layers=layers)  # fmt: skip
+        if held_todo:  # first: a cache still being built has its held-out split early
+            held_pipeline = engine.enter_context(ShardPipeline(held_writer, cfg.run.write_queue))
+            for index in held_todo:
+                _capture_shard(held_capture, heldout, held_writer, held_pipeline, index, cfg, bar,
+                               first_sequence=writer.manifest.num_sequences)  # fmt: skip
+            held_pipeline.finish()
+            report.heldout_built = list(held_pipeline.committed)
         # The teacher runs the next batch while the writer thread casts, compresses and writes this one.
         pipeline = engine.enter_context(ShardPipeline(writer, cfg.run.write_queue))
         for index in todo:
@@ -221,6 +264,8 @@ def build_cache(
         pipeline.finish()
         report.built = list(pipeline.committed)
     report.tokens = sum(len(range(*writer.shard_range(i))) for i in report.built) * cfg.seq_len
+    if report.heldout_built:
+        report.tokens += sum(len(range(*held_writer.shard_range(i))) for i in report.heldout_built) * cfg.seq_len
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
@@ -266,13 +311,33 @@ def tokenize_corpus(
         raise
 
 
-def _remove_stale_manifest_temporaries(root: Location) -> None:
-    """Once the manifest exists, a temporary of it is a killed worker's (a live one finds the manifest
-    there and discards its own). Object storage has none: the manifest is created by one conditional put."""
-    if not root.is_local:
-        return
-    for entry in root.local.glob(TMP_PREFIX + "manifest.json-*"):
-        entry.unlink(missing_ok=True)
+def _check_before_writing(cfg: CacheConfig, teacher: Teacher, worker: int | None, num_workers: int | None) -> None:
+    """Refuse, before the index or anything else is written, what the config and the teacher's config
+    alone show to be wrong: the fields (activation layers the teacher lacks, top-k beyond its vocabulary,
+    ...) and a worker index outside the split. A --worker-index without --num-workers needs the shard
+    count, known only once the corpus is tokenised: `build_cache` checks it then."""
+    cache_fields(cfg, teacher_geometry(teacher.config))
+    if num_workers is not None:
+        my_shards(0, worker, num_workers)
+
+
+def _heldout_writer(cfg: CacheConfig, writer: CacheWriter) -> CacheWriter | None:
+    """The writer of the cache's held-out split; None without one (heldout_docs=0, or a cache begun
+    before held-out splits were stored, whose build goes on without one: said once)."""
+    if writer.manifest.heldout is None:
+        if cfg.heldout_docs:
+            log.warning("%s was begun before caches stored a held-out split: its %d held-out documents are not "
+                        "captured (training re-reads them from the corpus); build into a new directory for a "
+                        "held-out split in the cache", writer.root, cfg.heldout_docs)  # fmt: skip
+        return None
+    return CacheWriter(writer.location, writer.manifest, split=HELDOUT)
+
+
+def _heldout_config(cfg: CacheConfig, manifest: Manifest) -> CacheConfig:
+    """The config the held-out shards are captured with: without activations unless the split stores them."""
+    if manifest.heldout is None or manifest.heldout.activations:
+        return cfg
+    return dataclasses.replace(cfg, activation_mode="none")
 
 
 def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
@@ -293,12 +358,15 @@ def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
 
 def _plan(
     cfg: CacheConfig, teacher: Teacher, out: Location, worker: int | None, num_workers: int | None
-) -> tuple[PackedIndex, Manifest, list[int]]:
-    """The packed corpus (from the tokenised index, tokenising what is missing), the manifest it and the
-    teacher make, and the activation layers."""
+) -> tuple[PackedIndex, PackedIndex | None, Manifest, list[int]]:
+    """The packed corpus (from the tokenised index, tokenising what is missing), its packed held-out
+    documents (None without), the manifest they and the teacher make, and the activation layers."""
     index = tokenize_corpus(cfg, out, teacher.tokenizer, worker, num_workers, all_missing=True)
     try:
         packed = open_index(index, cfg.seq_len, cfg.heldout_docs, cfg.max_sequences)
+        heldout = None
+        if cfg.heldout_docs:
+            heldout = open_heldout(index, cfg.seq_len, cfg.heldout_docs, cfg.heldout_sequences)
     except CorpusError:
         if not out.files("shards") and not out.exists("manifest.json"):
             out.remove("")  # nothing but the index: leave nothing half-made
@@ -315,13 +383,16 @@ def _plan(
         "teacher_name": cfg.teacher,
         **({"teacher_revision": teacher.revision} if teacher.revision else {}),  # a Hub id's resolved commit
     }  # fmt: skip
-    return packed, make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra), layers
+    manifest = make_manifest(cfg, geometry, fingerprints, packed.num_sequences, extra,
+                             heldout_sequences=0 if heldout is None else heldout.num_sequences)  # fmt: skip
+    return packed, heldout, manifest, layers
 
 
 def _capture_shard(capture, packed: PackedIndex, writer: CacheWriter, pipeline: ShardPipeline, index: int,
-                   cfg: CacheConfig, bar) -> None:  # fmt: skip
+                   cfg: CacheConfig, bar, first_sequence: int = 0) -> None:  # fmt: skip
     """Capture shard `index` batch by batch, handing each batch to the writer thread; the shard's
-    statistics go with its commit."""
+    statistics go with its commit. A sequence's seeds (positions, draws) take its index plus
+    `first_sequence` (a held-out split's: after every training sequence)."""
     first, end = writer.shard_range(index)
     input_ids, position_ids = packed.sequences(first, end)  # this shard's sequences only
     sums: dict[str, float] = {}
@@ -330,7 +401,7 @@ def _capture_shard(capture, packed: PackedIndex, writer: CacheWriter, pipeline: 
     for lo in range(first, end, cfg.run.batch_size):
         hi = min(lo + cfg.run.batch_size, end)
         arrays, stats = capture(input_ids[lo - first : hi - first], position_ids[lo - first : hi - first],
-                                list(range(lo, hi)))  # fmt: skip
+                                list(range(first_sequence + lo, first_sequence + hi)))  # fmt: skip
         ready = host_ready()  # the batch's device-to-host copies are queued, not waited for
         pipeline.write(functools.partial(_storage_dtypes, arrays, writer.fields, ready))  # cast in the writer thread
         act_sums = merge_act_sums(act_sums, stats.pop("act_stats")) if "act_stats" in stats else act_sums

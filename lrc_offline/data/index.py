@@ -5,7 +5,7 @@ Layout of ``<cache>/index/``::
 
     index.json               what was tokenised: the corpus (spec and units), the tokenizer's fingerprint,
                              BOS/EOS; created once, compared by every later worker
-    part-000042.tokens       unit 42's token stream: int32, BOS ids EOS per document, as the packer joins them
+    part-000042.tokens       unit 42's token stream: int32, BOS ids EOS per document (`packing.document_affixes`)
     part-000042.starts       int64 start of each document in that stream
     part-000042.json         the unit's record, written last (its documents, tokens and content digest):
                              the unit is tokenised iff it exists
@@ -13,15 +13,19 @@ Layout of ``<cache>/index/``::
                              unit at once each write their own and rename identical files into place; a
                              worker removes only temporaries whose writer is gone (`fsutil.is_stale_temporary`)
 
-The index lives with its cache, locally or on object storage (a `storage.Location`). There a part is
-written to a local temporary and uploaded before its record, and a worker reading parts downloads those
-its sequences lie in to a local scratch directory to memory-map them.
+An online training run keeps its index in its output directory (``<out>/index/``).
+
+The index lives with its cache, locally or on object storage (a `storage.Location`). A part is written
+to the location's staging path (`Location.staging`: a temporary sibling, or a local file uploaded on
+object storage) and committed before its record; a worker reading parts from object storage downloads
+those its sequences lie in to a local scratch directory to memory-map them (`Location.local_file`).
 
 Tokenising splits the units between workers (unit u goes to worker u mod N), so any number of workers
-writes the same parts; packing is arithmetic on the parts' counts, so the packed sequences are identical
-whatever the number of tokenising workers, and equal to `corpus.pack_documents` over the same
-documents. A build worker reads ``index.json``, one small record per unit, and memory-maps only the
-parts its sequences lie in: its memory and start-up grow with the number of units, never with tokens.
+writes the same parts; packing is arithmetic on the parts' counts by the rules of `packing.py`, so the
+packed sequences are identical whatever the number of tokenising workers, and equal to
+`corpus.pack_documents` (the same rules over documents in memory) over the same documents. A build
+worker reads ``index.json``, one small record per unit, and memory-maps only the parts its sequences lie
+in: its memory and start-up grow with the number of units, never with tokens.
 
 Legend: S sequences, T tokens (seq_len).
 """
@@ -39,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fsutil import fsync_path, json_bytes, remove_stale_temporaries, temp_path, write_file_atomic
+from ..fsutil import json_bytes
 from ..storage import Location, as_location
-from .corpus import count_sequences
+from .packing import cut_sequences, document_affixes, heldout_start, join_documents, plan_packing
 from .sources import CorpusError, CorpusSpec, Unit, corpus_units, iter_unit_documents
 
 __all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index", "open_heldout", "tokenize_units",
@@ -50,6 +54,14 @@ __all__ = ["INDEX_DIR", "IndexError_", "TokenIndex", "PackedIndex", "open_index"
 INDEX_DIR = "index"
 INDEX_VERSION = 1
 _BATCH_DOCS = 1000
+_BATCH_CHARS = 1 << 20
+"""Characters tokenised in one call. A fast tokenizer holds its whole input's pre-tokenised pieces and
+tokens at once (~250 bytes a character measured on byte-level BPE), so a worker's peak memory follows
+the characters of one call, whatever the documents' lengths."""
+_PIECE_CHARS = 1 << 16
+"""A longer document is tokenised in pieces of at most about this many characters (see `_pieces`)."""
+_CUT_WINDOW = 256
+"""Characters either side of a cut that must tokenise the same cut as whole."""
 
 
 class IndexError_(CorpusError):  # noqa: N801 -- IndexError is a builtin
@@ -61,13 +73,6 @@ def my_units(num_units: int, worker: int | None, num_workers: int | None) -> lis
     if worker is None or num_workers is None:
         return list(range(num_units))
     return list(range(worker, num_units, num_workers))
-
-
-def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """BOS in front of each document when the tokenizer has one distinct from EOS, EOS after each when it
-    has one (as `corpus.pack_documents`)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return ([bos] if bos is not None and bos != eos else []), ([eos] if eos is not None else [])
 
 
 @dataclass
@@ -96,8 +101,7 @@ class TokenIndex:
         index = cls(as_location(cache_dir) / INDEX_DIR, spec, corpus_units(spec), tokenizer_fingerprint,
                     tokenizer.bos_token_id, tokenizer.eos_token_id)  # fmt: skip
         created = index.root.write_bytes("index.json", json_bytes(index._header()), exclusive=True)
-        if index.root.is_local:
-            remove_stale_temporaries(index.root.local, "index.json")  # a killed worker's, never a live one's
+        index.root.remove_abandoned_temporaries("index.json")  # a killed worker's, never a live one's
         if not created:
             existing = json.loads(index.root.read_bytes("index.json"))
             if existing != index._header():
@@ -146,23 +150,18 @@ class TokenIndex:
         """Remove the part temporaries killed workers left (any unit's: a unit another worker finished is
         never rewritten, so its leftovers would stay otherwise); a live worker's, which may be tokenising
         the same unit right now, are left alone. Returns how many were removed."""
-        if not self.root.is_local:
-            return 0  # parts are uploaded whole from a local temporary: nothing half-written is there
-        return remove_stale_temporaries(self.root.local, "part-")
+        return self.root.remove_abandoned_temporaries("part-")
 
     def tokenize_unit(self, u: int, tokenizer: Any) -> dict[str, Any]:
         """Tokenise unit `u` into its part files, batch by batch (memory: one batch of documents)."""
-        prefix, suffix = _special_tokens(tokenizer)
-        num_special = len(prefix) + len(suffix)
+        prefix, suffix = document_affixes(tokenizer)
         digest = hashlib.sha256()
         num_docs = num_tokens = 0
-        staging = None if self.root.is_local else tempfile.TemporaryDirectory(prefix="lrc-index-")
-        folder = self.root.local if staging is None else Path(staging.name)
-        paths = {s: folder / self._part(u, s) for s in ("tokens", "starts")}
-        tmps = {s: temp_path(p) for s, p in paths.items()}
-        try:
-            with open(tmps["tokens"], "wb") as tokens_file, open(tmps["starts"], "wb") as starts_file:
+        stage = {s: self.root.staging(self._part(u, s)) for s in ("tokens", "starts")}
+        with stage["tokens"], stage["starts"]:
+            with open(stage["tokens"].path, "wb") as tokens_file, open(stage["starts"].path, "wb") as starts_file:
                 batch: list[str] = []
+                batch_chars = 0
                 docs = iter_unit_documents(self.units[u], self.spec)
                 while True:
                     doc = next(docs, None)
@@ -171,31 +170,19 @@ class TokenIndex:
                         data = doc.encode("utf-8")
                         digest.update(len(data).to_bytes(8, "little"))
                         digest.update(data)
-                    if batch and (doc is None or len(batch) == _BATCH_DOCS):
-                        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-                        lengths = np.array([len(x) + num_special for x in ids], dtype=np.int64)
-                        starts = num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-                        flat = np.fromiter((t for x in ids for t in (*prefix, *x, *suffix)), dtype=np.int64,
-                                           count=int(lengths.sum()))  # fmt: skip
+                    batch_chars = batch_chars + len(doc) if doc is not None else batch_chars
+                    if batch and (doc is None or len(batch) == _BATCH_DOCS or batch_chars >= _BATCH_CHARS):
+                        flat, starts = join_documents(_encode(tokenizer, batch), prefix, suffix)
                         assert flat.size == 0 or int(flat.max()) < 2**31, "token id does not fit in int32"
                         flat.astype("<i4").tofile(tokens_file)
-                        starts.astype("<i8").tofile(starts_file)
+                        (starts + num_tokens).astype("<i8").tofile(starts_file)
                         num_docs += len(batch)
-                        num_tokens += int(lengths.sum())
-                        batch = []
+                        num_tokens += flat.size
+                        batch, batch_chars = [], 0
                     if doc is None:
                         break
-            for s in tmps:
-                if staging is None:
-                    fsync_path(tmps[s])
-                tmps[s].replace(paths[s])
-                if staging is not None:
-                    self.root.upload(paths[s], paths[s].name)
-        finally:
-            for tmp in tmps.values():
-                tmp.unlink(missing_ok=True)
-            if staging is not None:
-                staging.cleanup()
+            stage["tokens"].commit()
+            stage["starts"].commit()
         record = {"unit": u, "num_documents": num_docs, "num_tokens": num_tokens,
                   "digest": "sha256:" + digest.hexdigest()}  # fmt: skip
         self.root.write_bytes(self._part(u, "json"), json_bytes(record))  # last: the unit is tokenised
@@ -212,15 +199,68 @@ class TokenIndex:
     def _local_part(self, u: int, suffix: str) -> Path:
         """A local file holding the part: itself, or (object storage) a copy downloaded once into this
         index's scratch directory, removed with the index object."""
-        name = self._part(u, suffix)
-        if self.root.is_local:
-            return self.root.local / name
+        return self.root.local_file(self._part(u, suffix), self._scratch_dir)
+
+    def _scratch_dir(self) -> Path:
         if self._scratch is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="lrc-index-")
-        path = Path(self._scratch.name) / name
-        if not path.exists():
-            write_file_atomic(path, self.root.read_bytes(name))
-        return path
+        return Path(self._scratch.name)
+
+
+def _encode(tokenizer: Any, docs: list[str]) -> list[list[int]]:
+    """Each document's token ids (no special tokens), equal to tokenising it whole, in calls of at most
+    `_BATCH_CHARS` characters (a longer document in pieces, see `_pieces`)."""
+    pieces, owners = [], []
+    for d, doc in enumerate(docs):
+        for piece in _pieces(doc, tokenizer):
+            pieces.append(piece)
+            owners.append(d)
+    out: list[list[int]] = [[] for _ in docs]
+    lo = 0
+    while lo < len(pieces):
+        hi, chars = lo + 1, len(pieces[lo])
+        while hi < len(pieces) and chars + len(pieces[hi]) <= _BATCH_CHARS:
+            chars += len(pieces[hi])
+            hi += 1
+        for d, ids in zip(owners[lo:hi], tokenizer(pieces[lo:hi], add_special_tokens=False, verbose=False)["input_ids"]):
+            out[d].extend(ids)
+        lo = hi
+    return out
+
+
+def _pieces(doc: str, tokenizer: Any) -> list[str]:
+    """`doc` cut into pieces of at most ~`_PIECE_CHARS` characters whose token ids, concatenated, are the
+    document's.
+
+    A cut goes before a run of whitespace (where byte-level and metaspace pre-tokenizers start a new
+    piece), and is kept only if the `_CUT_WINDOW` characters either side tokenise the same cut as whole:
+    merges and normalisation never reach further than that in the tokenizers of our teacher families. A
+    stretch with no such cut (one word of 64k characters) stays whole: exact ids before bounded memory.
+    """
+    if len(doc) <= _PIECE_CHARS:
+        return [doc]
+    pieces, lo = [], 0
+    while len(doc) - lo > _PIECE_CHARS:
+        cut = _find_cut(doc, lo + _PIECE_CHARS // 2, lo + _PIECE_CHARS, tokenizer)
+        if cut is None:
+            break
+        pieces.append(doc[lo:cut])
+        lo = cut
+    pieces.append(doc[lo:])
+    return pieces
+
+
+def _find_cut(doc: str, lo: int, hi: int, tokenizer: Any) -> int | None:
+    """The last position in (lo, hi] before a whitespace run that tokenises the same cut as whole."""
+    for cut in range(hi, lo, -1):
+        if not doc[cut].isspace() or doc[cut - 1].isspace():
+            continue
+        left, right = doc[max(cut - _CUT_WINDOW, 0) : cut], doc[cut : cut + _CUT_WINDOW]
+        whole, left_ids, right_ids = tokenizer([left + right, left, right], add_special_tokens=False,
+                                               verbose=False)["input_ids"]  # fmt: skip
+        if whole == left_ids + right_ids:
+            return cut
+    return None
 
 
 def _mmap(path: Path, dtype: str) -> np.ndarray:
@@ -245,13 +285,14 @@ def tokenize_units(index: TokenIndex, tokenizer: Any, units: Sequence[int], prog
 @dataclass
 class PackedIndex:
     """The packed sequences of an index: the first `num_sequences * seq_len` tokens of the training
-    documents' stream, cut into rows; what `corpus.pack_documents` returns, read on demand."""
+    documents' stream (or the held-out documents', `open_heldout`), cut into rows by `packing.cut_sequences`;
+    what `corpus.pack_documents` returns for those documents, read on demand."""
 
     index: TokenIndex
     seq_len: int
     num_sequences: int
     num_documents: int
-    """Training documents in the stream (with `max_sequences`, up to the one that fills the last sequence)."""
+    """Documents in the stream (with `max_sequences`, up to the one that fills the last sequence)."""
     num_tokens: int
     """Length of that stream."""
     dropped_tokens: int
@@ -270,25 +311,26 @@ class PackedIndex:
         assert 0 <= first <= end <= self.num_sequences
         lo, hi = self.first_token + first * self.seq_len, self.first_token + end * self.seq_len
         ids = np.empty(hi - lo, dtype=np.int32)
-        is_start = np.zeros(hi - lo, dtype=bool)
+        doc_starts = [np.zeros(0, dtype=np.int64)]
         u = int(np.searchsorted(self._token_offsets, lo, side="right")) - 1
         while lo < hi and u < len(self.index.units):
             base, top = int(self._token_offsets[u]), int(self._token_offsets[u + 1])
             a, b = max(lo, base), min(hi, top)
             if a < b:
                 ids[a - lo : b - lo] = self.index.tokens(u)[a - base : b - base]
-                starts = np.asarray(self.index.starts(u)) + base
-                starts = starts[(starts >= a) & (starts < b)]
-                is_start[starts - lo] = True
+                starts = self.index.starts(u)  # memory-mapped: only the starts in [a, b) are read
+                i, j = np.searchsorted(starts, [a - base, b - base])
+                doc_starts.append(np.asarray(starts[i:j], dtype=np.int64) + (base - lo))
             if top >= hi:
                 break
             u += 1
-        n = end - first
-        is_start_ST = torch.from_numpy(is_start).view(n, self.seq_len)
-        is_start_ST[:, 0] = True
-        col = torch.arange(self.seq_len, dtype=torch.int64).expand(n, self.seq_len)
-        last_start = torch.where(is_start_ST, col, torch.zeros_like(col)).cummax(dim=1).values
-        return torch.from_numpy(ids).view(n, self.seq_len), (col - last_start).to(torch.int32)
+        return cut_sequences(ids, np.concatenate(doc_starts), self.seq_len)
+
+    def input_ids_at(self, rows: Sequence[int]) -> torch.Tensor:
+        """[len(rows), T] int32 token ids of the sequences `rows`, in that order (any order, repeats allowed):
+        a shuffled batch read from the parts without holding the corpus in memory."""
+        ids = [self.sequences(r, r + 1)[0] for r in map(int, rows)]
+        return torch.cat(ids) if ids else torch.zeros(0, self.seq_len, dtype=torch.int32)
 
 
 def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_sequences: int | None = None) -> PackedIndex:
@@ -300,23 +342,17 @@ def open_index(index: TokenIndex, seq_len: int, heldout_docs: int = 0, max_seque
             document, or the training documents make fewer tokens than one sequence.
     """
     records, doc_offsets, token_offsets = _unit_offsets(index, heldout_docs)
-    train_docs = int(doc_offsets[-1]) - heldout_docs
-    stream = _doc_start(index, doc_offsets, token_offsets, train_docs)
-    num_documents, num_tokens = train_docs, stream
-    if max_sequences is not None and stream > max_sequences * seq_len:
-        cap = max_sequences * seq_len
-        # the document holding token cap-1 fills the last sequence: tokenising in memory stops there
-        k = _doc_at(index, doc_offsets, token_offsets, cap - 1)
-        num_documents, num_tokens = k + 1, _doc_start(index, doc_offsets, token_offsets, k + 1)
-    num_sequences = count_sequences(num_tokens, seq_len, max_sequences)
-    return PackedIndex(index, seq_len, num_sequences, num_documents, num_tokens, num_tokens - num_sequences * seq_len,
+    train_docs = heldout_start(int(doc_offsets[-1]), heldout_docs)
+    plan = plan_packing(train_docs, _doc_start(index, doc_offsets, token_offsets, train_docs), seq_len, max_sequences,
+                        doc_at=lambda t: _doc_at(index, doc_offsets, token_offsets, t),
+                        doc_start=lambda k: _doc_start(index, doc_offsets, token_offsets, k))  # fmt: skip
+    return PackedIndex(index, seq_len, plan.num_sequences, plan.num_documents, plan.num_tokens, plan.dropped_tokens,
                        heldout_docs, _fingerprint(records, heldout_docs), token_offsets, doc_offsets)  # fmt: skip
 
 
-def open_heldout(index: TokenIndex, seq_len: int, heldout_docs: int, max_sequences: int) -> PackedIndex:
-    """The packing of the held-out documents (the last `heldout_docs`): their stream cut into sequences of
-    `seq_len` tokens by the arithmetic `open_index` cuts the training documents' with (equal to
-    `corpus.pack_documents` over those documents), at most `max_sequences`.
+def open_heldout(index: TokenIndex, seq_len: int, heldout_docs: int, max_sequences: int | None) -> PackedIndex:
+    """The packing of the held-out documents (the last `heldout_docs`): their own stream cut into sequences
+    of `seq_len` tokens as `open_index` cuts the training documents', at most `max_sequences` (None: all).
 
     Raises:
         CorpusError: as `open_index`, `heldout_docs` < 1, or the held-out documents make fewer tokens than
@@ -325,13 +361,16 @@ def open_heldout(index: TokenIndex, seq_len: int, heldout_docs: int, max_sequenc
     if heldout_docs < 1:
         raise CorpusError(f"cache.heldout_docs={heldout_docs}: a held-out split needs at least one document")
     records, doc_offsets, token_offsets = _unit_offsets(index, heldout_docs)
-    start = _doc_start(index, doc_offsets, token_offsets, int(doc_offsets[-1]) - heldout_docs)
+    first_doc = heldout_start(int(doc_offsets[-1]), heldout_docs)
+    start = _doc_start(index, doc_offsets, token_offsets, first_doc)
     stream = int(token_offsets[-1]) - start
     if stream < seq_len:
         raise CorpusError(f"the {heldout_docs} held-out documents (cache.heldout_docs) make {stream} tokens, fewer "
                           f"than one sequence of seq_len={seq_len}; raise cache.heldout_docs")  # fmt: skip
-    num_sequences = min(stream // seq_len, max_sequences)
-    return PackedIndex(index, seq_len, num_sequences, heldout_docs, stream, stream - num_sequences * seq_len,
+    plan = plan_packing(heldout_docs, stream, seq_len, max_sequences,  # offsets in the held-out stream
+                        doc_at=lambda t: _doc_at(index, doc_offsets, token_offsets, start + t) - first_doc,
+                        doc_start=lambda k: _doc_start(index, doc_offsets, token_offsets, first_doc + k) - start)
+    return PackedIndex(index, seq_len, plan.num_sequences, plan.num_documents, plan.num_tokens, plan.dropped_tokens,
                        heldout_docs, _fingerprint(records, heldout_docs), token_offsets, doc_offsets,
                        start)  # fmt: skip
 
@@ -357,13 +396,7 @@ def _unit_offsets(index: TokenIndex, heldout_docs: int) -> tuple[list[dict], np.
             f"corpus {index.spec.corpus!r} has no non-empty documents (empty corpus); point cache.corpus at files "
             f"holding text (or check cache.text_field={index.spec.text_field!r})"
         )
-    if heldout_docs < 0:
-        raise CorpusError(f"cache.heldout_docs={heldout_docs} is negative; use 0 or more")
-    if heldout_docs >= total_docs:
-        raise CorpusError(
-            f"cache.heldout_docs={heldout_docs} leaves no training documents (the corpus has {total_docs}); "
-            "lower cache.heldout_docs or add documents"
-        )
+    heldout_start(total_docs, heldout_docs)
     return records, doc_offsets, token_offsets
 
 

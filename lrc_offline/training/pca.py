@@ -1,4 +1,5 @@
-"""The PCA basis of a cache: one streaming pass over its cached residual vectors, stored beside it.
+"""The PCA basis of a cache: one streaming pass over its cached residual vectors, stored with it under
+the cache's derived files (``CACHE/derived/pca/``, see `cache.derived_location`).
 
 Every student size of a sweep reuses the same d_T x d_T second moment and takes its own top d_S
 directions, so the pass runs once per cache (per sink setting).
@@ -13,7 +14,7 @@ import safetensors.torch
 import torch
 
 from ..batch import RESIDUAL_FIELDS, Batch, clone_activations, logit_field_names
-from ..cache import CacheReader
+from ..cache import CacheReader, derived_location
 from ..config import ConfigError, TrainJobConfig
 from ..storage import Location, as_location
 from ..student.init import SecondMoment, calibrate_head_scale
@@ -25,16 +26,22 @@ __all__ = ["cache_second_moment", "second_moment_path", "head_scale_sequences", 
 
 log = logging.getLogger(__name__)
 
+DERIVED_NAME = "pca"
+"""The cache's derived files this module keeps (``CACHE/derived/pca/``)."""
+LEGACY_DIR = "pca"
+"""Where earlier versions kept the second moment: at the cache root. Still read (never written): the pass
+reads every cached residual vector, most of a cache's bytes, so a stored result is worth finding."""
+
 
 def second_moment_name(exclude_sink: bool, max_sequences: int | None = None) -> str:
-    """Where the second moment is kept, relative to the cache root."""
+    """The second moment's file name, in the cache's derived ``pca`` folder."""
     name = f"second_moment{'-nosink' if exclude_sink else ''}{f'-{max_sequences}seq' if max_sequences else ''}"
-    return f"pca/{name}.safetensors"
+    return f"{name}.safetensors"
 
 
 def second_moment_path(cache_dir: str | Path, exclude_sink: bool, max_sequences: int | None = None) -> Path:
-    """`second_moment_name` in the local cache directory `cache_dir`."""
-    return Path(cache_dir) / second_moment_name(exclude_sink, max_sequences)
+    """Where the second moment of the local cache directory `cache_dir` is kept."""
+    return Path(derived_location(cache_dir, DERIVED_NAME).name_of(second_moment_name(exclude_sink, max_sequences)))
 
 
 def _accumulate(reader: CacheReader, exclude_sink: bool, max_sequences: int | None) -> SecondMoment:
@@ -81,26 +88,28 @@ def cache_second_moment(
 ) -> SecondMoment:
     """The second moment of the cache's RMS-normalised residual vectors (layer inputs h and post-attention
     streams h + a, all layers and positions of the
-    first `max_sequences` complete sequences, or all), read from `CACHE/pca/` when present, else computed
-    and saved there (atomically)."""
+    first `max_sequences` complete sequences, or all), read from ``CACHE/derived/pca/`` (or, from caches
+    of earlier versions, ``CACHE/pca/``) when stored there for the cache's current complete shards, else
+    computed and saved under ``CACHE/derived/pca/`` (atomically)."""
     location = as_location(cache_dir)
+    store = derived_location(location, DERIVED_NAME)
     name = second_moment_name(exclude_sink, max_sequences)
-    path = location.name_of(name)
     reader = CacheReader(location)
     # "pooled-2": the layer inputs and the post-attention streams (files of the input-only pass are redone)
     fingerprint = "pooled-2:" + reader.manifest.fingerprints["corpus"] + ":" + str(reader.complete_shards())
-    if location.is_file(name):
-        data = safetensors.torch.load(location.read_bytes(name))  # safetensors: raw tensors, no pickle
-        stored = bytes(data.pop("fingerprint").tolist()).decode()
-        if stored == fingerprint:
-            return SecondMoment.from_state_dict(data)
-        log.info("%s is stale (the cache's complete shards changed); recomputing", path)
+    for where in (store, location / LEGACY_DIR):
+        if where.is_file(name):
+            data = safetensors.torch.load(where.read_bytes(name))  # safetensors: raw tensors, no pickle
+            stored = bytes(data.pop("fingerprint").tolist()).decode()
+            if stored == fingerprint:
+                return SecondMoment.from_state_dict(data)
+            log.info("%s is stale (the cache's complete shards changed); recomputing", where.name_of(name))
     moment = _accumulate(reader, exclude_sink, max_sequences)
     state = moment.state_dict() | {"fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}
     try:
-        location.write_bytes(name, safetensors.torch.save(state))
+        store.write_bytes(name, safetensors.torch.save(state))
     except OSError as err:  # a read-only cache still trains; the pass just is not reused
-        log.warning("could not store the PCA second moment beside the cache (%s); using it in memory", err)
+        log.warning("could not store the PCA second moment with the cache (%s); using it in memory", err)
     return moment
 
 
