@@ -44,7 +44,8 @@ def _generate(student_dir: Path, tokenizer, device, max_new_tokens: int = 40) ->
     """A greedy continuation of PROMPT by the exported student, loaded with plain `transformers`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
+    model = model.to(device).eval()
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([ids + tokenizer(PROMPT, add_special_tokens=False).input_ids], device=device)
     with torch.no_grad():
@@ -86,7 +87,8 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     heldout = torch.cat([batch.input_ids for batch in held.batches(0, held.num_sequences, 64)])
 
     student_dir = out / "train" / "student"
-    exported = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    exported = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
+    exported = exported.to(device).eval()
     metrics = compare_models(lambda x: exported(input_ids=x).logits, lambda x: teacher.model(input_ids=x).logits,
                              heldout, train_cfg.train.batch_size, device)  # fmt: skip
     print(format_table(metrics), flush=True)

@@ -71,7 +71,8 @@ def evaluate_export(
     from transformers import AutoModelForCausalLM
 
     device = next(teacher.model.parameters()).device
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
+    student = student.to(device).eval()
     ids = heldout_sequences(corpus, text_field, heldout_docs, teacher.tokenizer, seq_len, max_sequences, **dataset)
     return compare_models(lambda x: student(input_ids=x).logits, lambda x: teacher.model(input_ids=x).logits,
                           ids, batch_size, device)  # fmt: skip
@@ -117,7 +118,8 @@ def evaluate_export_from_cache(
         check_teacher_matches_cache(loaded.model, loaded.tokenizer, name, manifest.fingerprints,
                                     repr(manifest.teacher_name), f"the cache at {cache}")  # fmt: skip
         teacher_head_VD = loaded.model.get_output_embeddings().weight.detach()
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, use_safetensors=True)
+    student = student.to(device).eval()
     temperature = 1.0 if built.logit_mode == "hidden" else built.temperature
     result = evaluate_heldout(_hf_head_fn(student, teacher_head_VD), heldout, batch_size, device, temperature)
     out = {"student_ce": result["ce"], "student_ppl": result["ppl"], "tokens": result["tokens"],

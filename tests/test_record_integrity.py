@@ -178,6 +178,20 @@ def test_a_damaged_record_goes_through_on_corrupt_shard(caches, tmp_path, damage
     assert cache_main(["verify", str(cache)]) == 1
 
 
+@pytest.mark.parametrize("name", ["shards/shard-00002.zarr/../../../outside", "/etc/hostname",
+                                  "shards/shard-00002.zarr//zarr.json", "shards/shard-00002.zarr/./zarr.json"])
+def test_a_record_naming_a_file_outside_its_shard_is_damaged(caches, tmp_path, name):
+    """A record's file names are opened by the reader: one leading out of the cache (a device, a FIFO,
+    another user's file) is a damaged record, refused before anything is read."""
+    cache = _copy(caches["zarr"], tmp_path)
+    (tmp_path / "outside").write_bytes(b"x" * 10)
+    _edit_record(cache, lambda r: r["files"].update({name: {"bytes": 10, "sha256": "0" * 64}}))
+    complete, damaged = CacheReader(cache).shard_status()
+    assert complete == [0, 1] and list(damaged) == [2]
+    with pytest.raises(CorruptShardError, match="malformed"):
+        CacheReader(cache).read_shard(2)
+
+
 def test_a_record_damaged_mid_run_is_skipped_on_resume_with_skip(caches, tmp_path):
     """With on_corrupt_shard=skip, a record damaged after the run started is skipped like any corrupt
     shard: the resume keeps its position and reads every other sequence."""

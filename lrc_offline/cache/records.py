@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from lrc_offline.cache.schema import CacheFormatError
-from lrc_offline.fsutil import fsync_path, remove_path
 from lrc_offline.storage import Location, as_location
 
 __all__ = [
@@ -40,13 +38,11 @@ __all__ = [
     "shard_name",
     "record_name",
     "record_path",
-    "fsync_tree",
     "file_digests",
     "sha256_file",
     "read_record",
     "check_record",
     "DamagedRecordError",
-    "remove_path",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -82,18 +78,6 @@ def record_name(index: int, prefix: str = "shard") -> str:
 def record_path(root: Path, index: int) -> Path:
     """Completion record of shard `index` of the local cache at `root`."""
     return Path(root) / record_name(index)
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush a file, or every file and directory under `path`, to stable storage."""
-    path = Path(path)
-    if path.is_dir():
-        for dirpath, _, filenames in os.walk(path):
-            for name in filenames:
-                fsync_path(Path(dirpath) / name)
-            fsync_path(Path(dirpath))
-    else:
-        fsync_path(path)
 
 
 def sha256_file(path: Path) -> str:
@@ -174,7 +158,15 @@ def _wrongly_typed(record: dict[str, Any]) -> list[str]:
     files = record["files"]
     if not isinstance(files, dict) or not all(
         isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
-        for info in files.values()
+        and _plain_relative(name) for name, info in files.items()
     ):
         wrong.append("files")
     return wrong
+
+
+def _plain_relative(name: str) -> bool:
+    """A root-relative file name with no `..`, `.`, empty or absolute part: a record naming any other
+    would make the reader open a file outside the cache (a device, a FIFO, another user's data)."""
+    parts = name.split("/")
+    return isinstance(name, str) and bool(name) and all(part not in ("", ".", "..") for part in parts) \
+        and "\\" not in name

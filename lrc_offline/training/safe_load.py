@@ -124,9 +124,10 @@ def _check_metadata(metadata: Any, path: Path) -> None:
                 or Path(name).name != name:  # fmt: skip
             raise CheckpointError(f"{path}: entry {getattr(index, 'fqn', index)!r} is stored in {name!r}, not in a "
                                   f"file of {path.parent}; {_FIX}")  # fmt: skip
-        if info.transform_descriptors:  # DCP as this library calls it writes none
+        transforms = getattr(info, "transform_descriptors", None)  # absent in older torch
+        if transforms:  # DCP as this library calls it writes none
             raise CheckpointError(f"{path}: entry {index.fqn!r} is stored through transforms "
-                                  f"{list(info.transform_descriptors)}, which these checkpoints never use; "
+                                  f"{list(transforms)}, which these checkpoints never use; "
                                   f"{_FIX}")  # fmt: skip
 
 
@@ -135,7 +136,8 @@ class WeightsOnlyReader(FileSystemReader):
     read error a `CheckpointError` naming its file. Reads only with a `WeightsOnlyPlanner`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        locate = getattr(self, "_get_metadata_path", None)  # per-rank metadata files in newer torch
+        path = Path(locate(kwargs.get("rank")) if locate else Path(self.path) / ".metadata")
         try:
             with open(path, "rb") as file:
                 metadata = _MetadataUnpickler(file, path).load()  # allowlist: refuses other globals

@@ -186,19 +186,27 @@ def train_from_cache(
     _check_temperature(cfg, manifest, cache_dir)
     source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train)
     clone_layers = list(manifest.act_layers)
-    heldout = _heldout_set(cache_dir, manifest, cfg.train, heldout_ids)
+    heldout = _heldout_set(cache_dir, manifest, cfg.train, heldout_ids, accelerator)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, clone_layers=clone_layers,
                         teacher_ms=source.teacher_ms(cfg, accelerator.device), heldout=heldout)  # fmt: skip
 
 
-def _heldout_set(cache_dir: Location, manifest: Manifest, tc: TrainConfig,
-                 heldout_ids: torch.Tensor | None) -> HeldoutSet | None:  # fmt: skip
+def _heldout_set(cache_dir: Location, manifest: Manifest, tc: TrainConfig, heldout_ids: torch.Tensor | None,
+                 accelerator: Accelerator) -> HeldoutSet | None:  # fmt: skip
     """What the run evaluates on: the given token ids, else the first `train.eval_sequences` sequences of
-    the cache's held-out split (None without one, or while none of its shards is complete)."""
+    the cache's held-out split (None without one, or while none of its shards is complete).
+
+    Every rank evaluates its part of the same sequences, and all ranks or none evaluate (the sums are
+    all-reduced): while a build still runs, a held-out shard may complete between two ranks' listings,
+    so the ranks take the fewest complete sequences any of them sees."""
     if heldout_ids is not None:
         return TensorHeldout(heldout_ids[: tc.eval_sequences])
     if manifest.heldout is None:
         return None
     heldout = CacheHeldout(cache_dir, tc.eval_sequences)
-    return heldout if heldout.num_sequences else None
+    fewest = accelerator.reduce(torch.tensor(-heldout.num_sequences, device=accelerator.device), "max")  # -min
+    agreed = -int(fewest)
+    if agreed < heldout.num_sequences:
+        heldout = CacheHeldout(cache_dir, agreed)
+    return heldout if agreed else None
