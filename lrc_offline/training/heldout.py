@@ -172,10 +172,11 @@ def _chunk_kl(signal, logits_1CV: torch.Tensor, rows: slice, teacher_head_VD, te
             kl = losses.kd_sampled(logits_1CV, flat(signal.ids), flat(signal.counts), valid_1C, temperature)
             return kl * num, None
         case HiddenSignal():
-            hidden_1CD = flat(signal.hidden).to(teacher_head_VD.dtype)  # as training feeds it (objective._kd_inputs)
-            kl = losses.kl_from_hidden(logits_1CV, hidden_1CD, teacher_head_VD, valid_1C, temperature) * num
-            dtype = torch.promote_types(hidden_1CD.dtype, teacher_head_VD.dtype)
-            return kl, hidden_1CD[0].to(dtype) @ teacher_head_VD.to(dtype).T
+            # The teacher's logits of the chunk, made once for the KL and the top-1: `kl_from_hidden`, which
+            # training uses, is `kl_full` over these logits (made a chunk at a time for its backward).
+            hidden_CD = flat(signal.hidden)[0].to(teacher_head_VD.dtype)  # as training feeds it
+            teacher_CV = hidden_CD @ teacher_head_VD.T
+            return losses.kl_full(logits_1CV, teacher_CV[None], valid_1C, temperature) * num, teacher_CV
     raise TypeError(f"no KL from a {type(signal).__name__} signal")
 
 
