@@ -5,6 +5,16 @@ Each variant is resumable and its held-out curve is written to `quality.json` as
 `quality.png` plots them all.
 
     python benchmarks/quality.py --out benchmarks/results/quality
+
+The recipe protocol (keys in RECIPE: the library's default recipe and its alternatives, every training
+setting left at its default but the student's size, the batch and the run's length) runs each variant
+for several seeds (`train.seed` and `student.seed`: data order and the random parts of the start),
+evaluates on the cache's own held-out split, checkpoints every 40 steps so that a cut-off run continues
+where it stopped when the command is run again, and writes `recipe.md` (mean and spread over seeds per
+evaluated step, each run's largest rise above its running minimum after step 40, steps to reach KD
+only's final held-out CE) and `recipe.png` (mean and min-max band per variant):
+
+    python benchmarks/quality.py --recipe --only prod,kd --seeds 0,1,2 --out benchmarks/results/recipe
 """
 
 from __future__ import annotations
@@ -85,6 +95,19 @@ VARIANTS = {
 }
 
 
+# The recipe protocol (issue 26): key -> (label, cache overrides, training overrides). The production cache
+# is written out explicitly so that the protocol does not move with the library's defaults.
+PRODUCTION_CACHE = ["logprob_dtype=float16", "act_dtype=int4g", "act_layer_fraction=0.25", "act_positions=16"]
+RECIPE = {
+    "prod": ("(i) default recipe, production cache", PRODUCTION_CACHE, []),
+    "kd": ("(iii) KD only, same start and schedule", PRODUCTION_CACHE, ["loss.alpha=0"]),
+    "bf16": ("(ii) default recipe, bf16 every-layer cache",
+             ["logprob_dtype=float16", "act_dtype=bfloat16", "act_layer_fraction=1.0", "act_positions=16"], []),
+    "tied": ("(v) default recipe, tied head", PRODUCTION_CACHE, ["student.head=tied"]),
+}
+RISE_AFTER_STEP = 40
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     """The first evaluated step whose held-out CE is at or below `target` (None if none is)."""
     return next((step for step, ce in curve if ce <= target), None)
@@ -114,16 +137,23 @@ def main() -> None:
     parser.add_argument("--corpus", default="wiki-en")
     parser.add_argument("--heldout-docs", type=int, default=200)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--sequences", type=int, default=320, help="cached sequences (epochs repeat them)")
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--sequences", type=int, default=None, help="cached sequences, epochs repeat them (320; --recipe: 1024)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (80; --recipe: 480)")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--only", default="", help=f"comma-separated variant keys to run, in this order; keys: {','.join(VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results/quality")
     parser.add_argument("--table-only", action="store_true", help="rewrite quality.md and quality.png from quality.json and stop")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                         help="first copy the variants of these quality.json files (runs made in parallel) into this one")
+    parser.add_argument("--recipe", action="store_true",
+                        help=f"the recipe protocol: variants {','.join(RECIPE)}, library defaults, the cache's held-out split")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and student.seed) per variant")
     parser.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. student.hidden_size=192")
     args = parser.parse_args()
+    if args.recipe:
+        args.steps, args.sequences = args.steps or 480, args.sequences or 1024
+        return run_recipe(parser, args)
+    args.steps, args.sequences = args.steps or 80, args.sequences or 320
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_file = out / "quality.json"
@@ -172,6 +202,138 @@ def main() -> None:
         }
         print(name, results["variants"][name]["heldout"], flush=True)
         write_outputs(results, out, args)
+
+
+def run_recipe(parser: argparse.ArgumentParser, args) -> None:
+    """The recipe protocol: every RECIPE variant (or --only's) for every seed, resumable run by run."""
+    out = Path(args.out)
+    result_file = out / "recipe.json"
+    results = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    for other in args.merge:
+        for name, run in json.loads(Path(other).read_text()).get("runs", {}).items():
+            results.setdefault("runs", {})[name] = run
+    if args.table_only or args.merge:
+        print(write_recipe_outputs(results, out))
+        return
+    wanted = [key.strip() for key in args.only.split(",") if key.strip()] or list(RECIPE)
+    unknown = [key for key in wanted if key not in RECIPE]
+    if unknown:
+        parser.error(f"unknown recipe variants {unknown}; known: {list(RECIPE)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results["setup"] = {k: v for k, v in vars(args).items() if k not in ("merge", "table_only")}
+    teacher = load_teacher(args.teacher)
+    base_train = apply_overrides(TrainJobConfig(teacher=args.teacher), [
+        "student.hidden_size=288", "train.batch_size=8", f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
+        "train.log_every=5", f"train.eval_every={args.eval_every}", "train.eval_sequences=64",
+        "train.checkpoint_every=40", "train.keep_checkpoints=1", *args.overrides])  # fmt: skip
+    base_cache = CacheConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs,
+                             seq_len=args.seq_len, max_sequences=args.sequences, sequences_per_shard=64)  # fmt: skip
+    for key in wanted:
+        label, cache_overrides, train_overrides = RECIPE[key]
+        cache_cfg = apply_overrides(base_cache, cache_overrides)
+        cache = out / "caches" / ("-".join(o.replace("=", "") for o in cache_overrides) or "default")
+        build_cache(cache_cfg, cache, teacher=teacher, progress=False)
+        for seed in seeds:
+            run = out / "runs" / f"{key}-s{seed}"
+            cfg = apply_overrides(base_train, [*train_overrides, f"train.seed={seed}", f"student.seed={seed}"])
+            start = time.perf_counter()
+            train_from_cache(cfg, cache, run, resume="auto", teacher=teacher, progress=False)
+            records = read_metrics(run / "metrics.jsonl")
+            results.setdefault("runs", {})[f"{key}-s{seed}"] = {
+                "variant": key, "label": label, "seed": seed,
+                "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r],
+                "seconds_this_session": time.perf_counter() - start,
+            }  # fmt: skip
+            print(label, "seed", seed, results["runs"][f"{key}-s{seed}"]["heldout"], flush=True)
+            write_recipe_outputs(results, out)
+
+
+def max_rise(curve: list[tuple[int, float]], after: int = RISE_AFTER_STEP) -> float:
+    """The largest held-out CE above the running minimum (taken over the whole curve) at steps > `after`."""
+    rise, best = 0.0, float("inf")
+    for step, ce in curve:
+        best = min(best, ce)
+        if step > after:
+            rise = max(rise, ce - best)
+    return rise
+
+
+def write_recipe_outputs(results: dict, out: Path) -> str:
+    """recipe.json, recipe.md (per variant: mean, spread and runs per evaluated step; per run: largest rise,
+    final CE, steps to reach KD only's mean final CE) and recipe.png (mean line, min-max band)."""
+    import statistics
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
+    groups: dict[str, list[dict]] = {}
+    for run in results.get("runs", {}).values():
+        groups.setdefault(run["variant"], []).append(run)
+    kd_finals = [run["heldout"][-1][1] for run in groups.get("kd", []) if run["heldout"]]
+    kd_target = statistics.mean(kd_finals) if kd_finals else None
+    kd_steps = [run["heldout"][-1][0] for run in groups.get("kd", []) if run["heldout"]]  # steps KD only ran
+    steps = sorted({step for runs in groups.values() for run in runs for step, _ in run["heldout"]})
+    lines = ["| variant (seeds) | " + " | ".join(f"{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    bands = {}
+    for key, runs in groups.items():
+        label = runs[0]["label"]
+        cells, band = [], []
+        for s in steps:
+            values = [dict(run["heldout"])[s] for run in runs if s in dict(run["heldout"])]
+            if values:
+                mean = statistics.mean(values)
+                cells.append(f"{mean:.3f} ±{(max(values) - min(values)) / 2:.3f}")
+                band.append((s, mean, min(values), max(values)))
+            else:
+                cells.append("")
+        bands[f"{label} ({len(runs)} seeds)"] = band
+        lines.append(f"| {label} ({','.join(str(r['seed']) for r in runs)}) | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean over seeds ± half the range (max - min) / 2.", "",
+              f"| run | evaluated steps | final held-out CE | largest rise above running min after step {RISE_AFTER_STEP} "
+              "| first step at or below KD only's mean final CE |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, run in sorted(results.get("runs", {}).items()):
+        curve = run["heldout"]
+        reach = steps_to_reach(curve, kd_target) if kd_target is not None and curve else None
+        lines.append(f"| {run['label']}, seed {run['seed']} | {curve[-1][0] if curve else 0} | "
+                     f"{curve[-1][1]:.3f} | {max_rise(curve):.3f} | {reach if reach is not None else '-'} |"
+                     if curve else f"| {name} | 0 | | | |")  # fmt: skip
+    if kd_target is not None:
+        lines += ["", f"KD only's mean final held-out CE: {kd_target:.4f}, after {statistics.mean(kd_steps):.0f} steps."]
+        prod = [steps_to_reach(run["heldout"], kd_target) for run in groups.get("prod", [])]
+        if prod and all(s is not None for s in prod):
+            ratio = statistics.mean(prod) / statistics.mean(kd_steps)
+            lines.append(f"(i) reaches it at steps {prod}: {ratio:.2f} of KD only's steps (mean over seeds).")
+        elif prod:
+            lines.append(f"(i) reaches it at steps {prod} (None: not within its run).")
+    text = "\n".join(lines) + "\n"
+    (out / "recipe.md").write_text(text)
+    plot_bands(bands, out / "recipe.png",
+               title=f"{results.get('setup', {}).get('teacher', '')}: held-out CE, mean and range over seeds")
+    return text
+
+
+def plot_bands(bands: dict[str, list[tuple[int, float, float, float]]], out_png: Path, title: str) -> None:
+    """One line per variant (mean over seeds) with its min-max band shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, rows in bands.items():
+        if not rows:
+            continue
+        steps, mean, low, high = zip(*rows)
+        line = ax.plot(steps, mean, ".-", label=label)[0]
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("optimizer step (8 x 64 tokens)")
+    ax.set_ylabel("held-out CE (nats)")
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
 
 
 def write_outputs(results: dict, out: Path, args) -> None:
