@@ -15,7 +15,9 @@ Step kinds (all with AdamW, gradient clipping and `set_to_none` zeroing, at the 
 Each configuration is batch x seq_len x grad_accum; the step kinds are interleaved round by round (so a
 machine that slows down mid-run slows all alike) and the first round is warm-up, run under
 `torch.utils.flop_counter.FlopCounterMode`: the floating-point operations of each step kind, the speed
-ratio the arithmetic alone allows (`flop_ratio_*`: plain's FLOPs over offline's). Peak memory: the
+ratio the arithmetic alone allows (`flop_ratio_*`: plain's FLOPs over offline's), beside what
+`lrc-train plan` counts for the two LRC kinds (`gflop_per_step_planned`, `training.plan.step_flops`; on a
+CPU without attention, which FlopCounterMode does not count there). Peak memory: the
 process's peak RSS during the step minus its RSS before it (CPU), or `max_memory_allocated` (CUDA).
 
     python benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 \
@@ -54,6 +56,7 @@ from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.training import loop
 from lrc_offline.training.optim import build_optimizer
+from lrc_offline.training.plan import Geometry, step_flops
 from lrc_offline.training.reader import CacheDataset, iter_batches
 
 KINDS = ("offline", "offline-ref", "online", "plain", "plain-fused")
@@ -108,6 +111,7 @@ class _Batches:
     """A `BatchSource` stand-in feeding `loop.step` the batches this benchmark hands it."""
 
     name = "speed"
+    document_mask = False
 
     def __init__(self):
         self.pending = []
@@ -171,6 +175,10 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
         model.train()
         plains[kind] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     kinds = [k for k in KINDS if k in args.kinds]
+    geo = Geometry.from_config(args.teacher, teacher.model.config)
+    planned = {kind: step_flops(geo, args.hidden_size, batch_size, seq_len, grad_accum, args.act_positions, fsdp=False,
+                                generate_once=kind == "offline", attention=accelerator.device.type == "cuda") / 1e9
+               for kind in ("offline", "offline-ref") if kind in kinds}  # fmt: skip
     times = {k: [] for k in kinds}
     memory = {k: 0 for k in kinds}
     flops = {}
@@ -202,16 +210,18 @@ def _bench_config(teacher, args, accelerator, cache_dir: Path, batch_size: int, 
                 flops[kind] = counter.get_total_flops()
         print(f"{batch_size}x{seq_len}x{grad_accum} round {round_index}: " + ", ".join(line), flush=True)
         if round_index > 0 and on_round is not None:  # results as they come
-            on_round(_summary(times, memory, flops, batch_size, seq_len, grad_accum))
-    return _summary(times, memory, flops, batch_size, seq_len, grad_accum)
+            on_round(_summary(times, memory, flops, batch_size, seq_len, grad_accum, planned))
+    return _summary(times, memory, flops, batch_size, seq_len, grad_accum, planned)
 
 
-def _summary(times: dict, memory: dict, flops: dict, batch_size: int, seq_len: int, grad_accum: int) -> dict:
+def _summary(times: dict, memory: dict, flops: dict, batch_size: int, seq_len: int, grad_accum: int,
+             planned: dict) -> dict:  # fmt: skip
     tokens = batch_size * seq_len * grad_accum
     tps = {k: tokens * len(v) / sum(v) for k, v in times.items() if v}
     result = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "tokens_per_s": tps,
               "peak_memory_mb": {k: v / 2**20 for k, v in memory.items()}, "gflop_per_step": {
-                  k: v / 1e9 for k, v in flops.items()}, "step_seconds": times}  # fmt: skip
+                  k: v / 1e9 for k, v in flops.items()}, "gflop_per_step_planned": planned,
+              "step_seconds": times}  # fmt: skip
     for a, b in (("offline", "plain"), ("offline", "online"), ("offline", "plain-fused"), ("offline", "offline-ref")):
         if a in tps and b in tps:
             result[f"ratio_{a}_vs_{b}"] = tps[a] / tps[b]

@@ -8,7 +8,9 @@ geometry holds, give their figures (compression of activations depends on the te
 estimates; ids and log-probs compress alike across teachers). Whole-cache rows at the production shape
 (2048-token sequences) show which combinations reach the 500 B/token budget of a paper-size run. The
 lossy activation codecs' relative error per stored row is reported at attention-sink positions (massive
-activations) and elsewhere, against the bf16 cache of the same sequences and positions.
+activations) and elsewhere, against the bf16 cache of the same sequences and positions. The per-field
+ratios are measured and extrapolated by `lrc_offline.cache.plan` (what `lrc-cache plan` computes); the ones of
+the default run are the table it carries, `SMOLLM2_RATIOS`.
 
     python benchmarks/storage.py --out benchmarks/results/storage
 """
@@ -17,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from lrc_offline.cache import CacheReader, TeacherGeometry, cache_fields, inspect_cache, num_act_positions
-from lrc_offline.cache.act_stats import layers_per_position
-from lrc_offline.cache.dtypes import stored_arrays
+from lrc_offline.cache import CacheReader, TeacherGeometry, inspect_cache
+from lrc_offline.cache.plan import CompressionRatios, measure_ratios, plan_cache, raw_bytes
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig
 from lrc_offline.teacher.load import load_teacher
@@ -60,48 +60,20 @@ BUDGET = 500
 """Bytes per token a paper-size run can afford in all (20B tokens in 10 TB)."""
 
 
-def _raw_bytes(spec) -> int:
-    """Bytes of one sequence of `spec` before compression: its value array and any per-row companion."""
-    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in stored_arrays(spec))
-
-
 def _geometry(dims) -> TeacherGeometry:
     d, layers, heads, kv, head_dim, ffn, vocab = dims
     return TeacherGeometry(hidden_size=d, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
                            intermediate_size=ffn, vocab_size=vocab)  # fmt: skip
 
 
-ROW_FIELDS = ("act_input", "act_attn", "act_q", "act_k", "act_v", "act_o", "act_gate", "act_up", "act_down")
-"""Activation fields whose rows an activation budget or a layer subset leaves as zeros."""
-
-
-def kept_fraction(cfg: CacheConfig, num_layers: int) -> float:
-    """The expected fraction of a large cache's activation rows that hold values: the budget's sequences
-    times the layers a position carries (a layer subset keeps every layer at the sequence's start, one of
-    its P positions)."""
-    if cfg.act_layer_fraction >= 1:
-        return cfg.act_fraction
-    m, P = layers_per_position(num_layers, cfg.act_layer_fraction), num_act_positions(cfg, cfg.seq_len)
-    return cfg.act_fraction * (num_layers + (P - 1) * m) / (P * num_layers)
-
-
-def _key(spec, cfg: CacheConfig) -> tuple:
-    return spec.name, spec.dtype, cfg.act_fraction, cfg.act_layer_fraction
-
-
-def extrapolate(ratios: dict, dims, cfg: CacheConfig, names: list[str] | None = None) -> float:
-    """Bytes per token of the fields `names` (None: all) of a cache built with `cfg` for a teacher of
-    `dims`: each field's bytes before compression over its measured compression ratio. An activation
-    field's ratio is kept as if all its rows held values (`ratios` stores measured ratio x measured kept
-    fraction: the zero rows compress to almost nothing) and divided by the fraction this geometry keeps."""
-    total = 0.0
-    for spec in cache_fields(cfg, _geometry(dims)):
-        if names is None or spec.name in names:
-            ratio = ratios[_key(spec, cfg)]
-            if spec.name in ROW_FIELDS:
-                ratio /= kept_fraction(cfg, dims[1])
-            total += _raw_bytes(spec) / cfg.seq_len / ratio
-    return total
+def extrapolate(ratios: CompressionRatios, dims, cfg: CacheConfig, names: list[str] | None = None) -> float:
+    """Bytes per token of the fields `names` (None: all) of a cache built with `cfg` for a teacher of `dims`,
+    as `lrc-cache plan` computes them (`lrc_offline.cache.plan`): each field's bytes before compression over
+    its measured ratio, activation fields over the rows this geometry keeps (Zarr metadata left out)."""
+    plan = plan_cache(cfg, _geometry(dims), cfg.seq_len, [ratios])
+    missing = [f.name for f in plan.fields if f.ratio is None]
+    assert not missing, f"no cache above measured {missing} for {cfg}"
+    return sum(f.bytes_per_token for f in plan.fields if names is None or f.name in names)
 
 
 def codec_errors(reference: Path, coded: Path, num_massive: int = 4) -> dict[str, dict[str, float]]:
@@ -156,39 +128,30 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(args.teacher)
-    measured, ratios, per_field = {}, {}, {}
+    measured, per_field = {}, {}
+    ratios: CompressionRatios | None = None
+    # every setting a build depends on is given here, so the library's defaults never change what is measured
     base = dict(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs, seq_len=args.seq_len,
-                max_sequences=args.sequences,
-                sequences_per_shard=args.sequences, topk=64, num_draws=64, logprob_dtype="float16",
-                act_positions=args.act_positions, act_dtype="bfloat16")  # fmt: skip
+                max_sequences=args.sequences, sequences_per_shard=args.sequences, format="zarr", topk=64,
+                num_draws=64, logprob_dtype="float16", act_positions=args.act_positions, include_sink=True,
+                act_dtype="bfloat16", act_fraction=1.0, act_layer_fraction=1.0)  # fmt: skip
     caches = {}
     for build, overrides in BUILDS.items():
         cfg = CacheConfig(**{**base, **overrides})
         caches[build] = out / ("cache-" + build.replace(", ", "-").replace(" + ", "-").replace("+", "-").replace("%", "pct"))
         build_cache(cfg, caches[build], teacher=teacher)
         info = inspect_cache(caches[build])
-        reader = CacheReader(caches[build])
-        # With act_fraction < 1 a small cache carries activations on a seeded draw of its sequences that
-        # may be far from the fraction (15 of 32 for 0.25), and a layer subset keeps ceil(f L) / L of the
-        # rows: the activation fields' ratios are kept per row that holds values (the zero rows compress
-        # to almost nothing) and `extrapolate` scales them to each geometry's kept fraction.
-        present = 1.0
-        if cfg.act_fraction < 1:
-            flags = [reader.read_shard(i, fields=["act_present"])["act_present"] for i in reader.complete_shards()]
-            present = float(torch.cat(flags).float().mean())
-        kept = present
-        if cfg.act_layer_fraction < 1:
-            masks = [reader.read_shard(i, fields=["act_layer_mask"])["act_layer_mask"] for i in reader.complete_shards()]
-            kept *= float(torch.cat(masks).float().mean())
-        for spec in reader.fields:
+        # Ratios per row holding values: with act_fraction < 1 a small cache carries activations on a seeded
+        # draw of its sequences that may be far from the fraction (15 of 32 for 0.25), and a layer subset
+        # keeps ceil(f L) / L of the rows; `lrc-cache plan` scales them to each geometry's kept fraction.
+        table = measure_ratios(caches[build], name=f"{args.teacher} {build}")
+        ratios = table if ratios is None else ratios.merged(table)
+        for spec in CacheReader(caches[build]).fields:
             field = info["fields"][spec.name]
-            field["raw_bytes_per_token"] = _raw_bytes(spec) / cfg.seq_len
-            field["compression_ratio"] = _raw_bytes(spec) * info["complete_sequences"] / field["stored_bytes"]
-            ratio = field["compression_ratio"]
-            if spec.name in ROW_FIELDS:
-                field["measured_fraction_of_rows_with_values"] = kept
-                ratio *= kept
-            ratios[_key(spec, cfg)] = ratio
+            field["raw_bytes_per_token"] = raw_bytes(spec) / cfg.seq_len
+            field["compression_ratio"] = raw_bytes(spec) * info["complete_sequences"] / field["stored_bytes"]
+            field["ratio_per_row_with_values"] = table.lookup(spec.name, spec.dtype, cfg.act_layer_fraction < 1,
+                                                              cfg.act_fraction < 1)  # fmt: skip
             per_field[f"{build}: {spec.name} ({spec.dtype})"] = field
         measured[build] = info["bytes_per_token"]
         print(f"{build}: {info['bytes_per_token']:.1f} B/token", flush=True)

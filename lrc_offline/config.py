@@ -97,13 +97,21 @@ class BuildRunConfig:
     compute_dtype: str = "auto"
     """Teacher compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
     backend: str = "hf"
-    """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals only, so
-    activation_mode=none; installed by ./setup_vllm.sh, see README)."""
+    """Teacher backend: hf (transformers with hooks; every mode) or vllm (logit signals and
+    activation_mode=residual or none; installed by ./setup_vllm.sh, see docs/vllm.md)."""
     write_queue: int = 2
     """Captured batches that may wait for the writer thread, which casts, compresses and writes them
     while the teacher runs the next batch (host memory: this many batches' fields)."""
-    vllm_tensor_parallel_size: int = 1
-    """backend=vllm: devices one teacher replica is split across by tensor parallelism."""
+    tensor_parallel_size: int = 1
+    """Devices (processes) one teacher replica is split across by tensor parallelism, for a teacher larger
+    than one device. backend=hf: launch with `torchrun --nproc-per-node N` (N a multiple of this size; each
+    group of this many ranks is one build worker, whose rank 0 writes), the teacher loaded with transformers'
+    tensor-parallel plan, each process reading only its slices of the weights; it must divide the teacher's
+    attention and KV heads (docs/tensor_parallel.md). backend=vllm: vLLM's own tensor parallelism. The data
+    written is the same as a one-device build's (float fields within rounding): workers of one cache may use
+    different sizes."""
+    vllm_tensor_parallel_size: int | None = None
+    """Deprecated name of tensor_parallel_size (same meaning; a build warns); None: unset."""
     vllm_pipeline_parallel_size: int = 1
     """backend=vllm: pipeline stages one teacher replica is split across."""
     vllm_gpu_memory_utilization: float = 0.9
@@ -124,7 +132,16 @@ class BuildRunConfig:
         _check_choice(s, "compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_choice(s, "backend", self.backend, ("hf", "vllm"))
         _check_device(s, "device", self.device)
+        _check_positive(s, "tensor_parallel_size", self.tensor_parallel_size)
         _check_positive(s, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
+        alias = self.vllm_tensor_parallel_size
+        # 1 was the old name's default (configs printed before the rename carry it): it asks for nothing.
+        if alias not in (None, 1, self.tensor_parallel_size):
+            if self.tensor_parallel_size != 1:
+                raise ConfigError(f"{s}.vllm_tensor_parallel_size={alias} and {s}.tensor_parallel_size="
+                                  f"{self.tensor_parallel_size} disagree: the first is the deprecated name of the "
+                                  "second; set tensor_parallel_size alone")  # fmt: skip
+            self.tensor_parallel_size = alias
         _check_positive(s, "vllm_pipeline_parallel_size", self.vllm_pipeline_parallel_size)
         _check_storage_options(s, self.storage_options)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
@@ -160,6 +177,12 @@ class CacheConfig:
     signal, all held-out evaluation reads, and activations would cost their bytes for no metric)."""
     seq_len: int = 64
     """Tokens per packed sequence."""
+    document_mask: bool = False
+    """The teacher sees each packed document alone: its position ids restart at every document start and
+    its attention stops at document boundaries (a block-diagonal causal mask), so a document's fields equal
+    those of the document captured on its own. Training then masks the student the same way
+    (train.document_mask=auto). Off (and in caches built before this option): the teacher attends across
+    the documents packed into a sequence, with positions 0..seq_len-1. backend=hf only."""
     max_sequences: int | None = None
     """Cap on the number of packed sequences (None: the whole corpus)."""
     sequences_per_shard: int = 64
@@ -174,31 +197,38 @@ class CacheConfig:
     """Temperature tau at which top-k log-probs and samples are taken (hidden mode is temperature-free)."""
     num_draws: int = 64
     """N, the number of teacher draws per token for logit_mode=sampled."""
-    logprob_dtype: str = "float32"
-    """Storage dtype of top-k log-probs (log8 is lossy: 8-bit steps of 1/16 nat below the row max, which is
-    kept exactly; docs/cache_format.md)."""
+    logprob_dtype: str = "float16"
+    """Storage dtype of top-k log-probs: float16 by default (half of float32's bytes; the measured default of
+    benchmarks/README.md), float32 for bit-exact log-probs, or log8 (lossy: 8-bit steps of 1/16 nat below the
+    row max, which is kept exactly; docs/cache_format.md)."""
     activation_mode: str = "residual"
     """Clone-loss activations: residual (layer input and attention output), targets (all seven) or none."""
     act_layers: list[int] | None = None
     """Teacher layers whose activations are stored (None: every layer)."""
-    act_positions: int = 16
-    """P, token positions per sequence at which activations are stored (>= seq_len stores every position)."""
+    act_positions: int | str = "auto"
+    """P, token positions per sequence at which activations are stored (>= seq_len stores every position).
+    auto: max(16, seq_len // 64), at most seq_len: 16 up to 1,024-token sequences, 32 at 2,048 (what the
+    quality runs measured: 16 of 64 to 256 tokens; the production caches' 32 of 2,048), growing with the
+    sequence beyond. The manifest records the resolved number."""
     include_sink: bool = True
     """Always include the attention sinks (position 0 and the other document starts, where the teacher has
     massive activations) among the sampled positions."""
     act_fraction: float = 1.0
     """Activation budget: the fraction of sequences that carry activations (a seeded choice per sequence;
     the others store zeros, flagged by act_present, and train without the clone loss)."""
-    act_layer_fraction: float = 1.0
+    act_layer_fraction: float = 0.25
     """Per-position layer subset: each activation position stores ceil(f L) of the L stored layers, a
     seeded choice per sequence that covers every layer across the sequence's positions when P ceil(f L) >= L,
     and the sequence's start (position 0, the strongest attention sink) stores every layer (the others
     store zeros, flagged by act_layer_mask). The clone loss then sees every layer in every sequence, at
     about a fraction f of the activation bytes."""
-    act_dtype: str = "bfloat16"
+    act_dtype: str = "int4g"
     """Storage dtype of activations and hidden states (float8 and int4 are lossy, with a per-row scale; int4
-    quantises each row after a fixed random Hadamard rotation; int4g is int4 with a scale per 64 rotated
-    elements, 1/16 more bytes; docs/cache_format.md)."""
+    quantises each row after a fixed random Hadamard rotation; int4g, the default, is int4 with a scale per
+    64 rotated elements, 1/16 more bytes; docs/cache_format.md). With act_layer_fraction 0.25 and fp16
+    log-probs it is the measured default: held-out CE within 0.1% of bf16 residuals at every layer, at a
+    seventh of the bytes (benchmarks/README.md). bfloat16 or float32 for lossless activations (and for
+    logit_mode=hidden, whose KD equals the full-vocabulary KL only from lossless hidden states)."""
     seed: int = 0
     """Seed for position sampling and sampled-KD draws; a rebuild with the same seed is identical."""
     run: BuildRunConfig = field(default_factory=BuildRunConfig)
@@ -211,14 +241,31 @@ class CacheConfig:
         _check_choice(s, "activation_mode", self.activation_mode, ACTIVATION_MODES)
         _check_choice(s, "logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
         _check_choice(s, "act_dtype", self.act_dtype, STORAGE_DTYPES)
-        if self.run.backend == "vllm" and self.activation_mode != "none":
+        if self.run.backend == "vllm" and self.activation_mode == "targets":
             raise ConfigError(
-                f"cache.run.backend=vllm cannot capture activation_mode={self.activation_mode}: vLLM exposes no "
-                "per-layer inputs or attention outputs; set cache.activation_mode=none for a logit-signal "
-                "cache from vLLM, or use cache.run.backend=hf for a cache with clone-loss activations"
+                "cache.run.backend=vllm cannot capture activation_mode=targets: vLLM fuses q/k/v and gate/up into "
+                "single projections and the vLLM backend taps only each layer's input and attention output; set "
+                "cache.activation_mode=residual (the same clone targets, recomputed at train time), or use "
+                "cache.run.backend=hf"
             )
-        for name in ("seq_len", "sequences_per_shard", "topk", "num_draws", "act_positions"):
+        if (self.run.backend == "vllm" and self.activation_mode == "residual" and self.heldout_docs
+                and not self.heldout_activations):  # fmt: skip
+            raise ConfigError(
+                "cache.run.backend=vllm with activation_mode=residual captures the held-out split with activations "
+                "too: set cache.heldout_activations=true, or cache.heldout_docs=0, or use cache.run.backend=hf"
+            )
+        if self.run.backend == "vllm" and self.document_mask:
+            raise ConfigError(
+                "cache.run.backend=vllm cannot capture cache.document_mask=true: the vLLM backend runs each packed "
+                "sequence as one prompt, attending across its documents; use cache.run.backend=hf for a "
+                "document-masked cache, or cache.document_mask=false"
+            )
+        if isinstance(self.act_positions, str) and self.act_positions != "auto":
+            raise ConfigError(f"cache.act_positions={self.act_positions!r} must be a positive integer or auto")
+        for name in ("seq_len", "sequences_per_shard", "topk", "num_draws"):
             _check_positive(s, name, getattr(self, name))
+        if self.act_positions != "auto":
+            _check_positive(s, "act_positions", self.act_positions)
         _check_positive(s, "max_sequences", self.max_sequences)
         _check_positive(s, "heldout_docs", self.heldout_docs, allow_zero=True)
         _check_positive(s, "heldout_sequences", self.heldout_sequences)
@@ -230,6 +277,20 @@ class CacheConfig:
             raise ConfigError(f"cache.act_layer_fraction={self.act_layer_fraction} must be in (0, 1]")
         if self.seq_len < 2:
             raise ConfigError("cache.seq_len must be at least 2 (next-token targets need two tokens)")
+
+    @property
+    def num_act_positions(self) -> int:
+        """P, the activation positions stored per sequence: act_positions with auto resolved, at most seq_len."""
+        if self.act_positions == "auto":
+            return min(self.seq_len, max(16, self.seq_len // 64))
+        return min(self.act_positions, self.seq_len)
+
+    def resolved(self) -> "CacheConfig":
+        """This config with every `auto` choice made (act_positions): what a build runs and its manifest
+        records. A number given stays as given (a manifest holds what was asked), auto becomes its number."""
+        if self.act_positions != "auto":
+            return self
+        return dataclasses.replace(self, act_positions=self.num_act_positions)
 
 
 @dataclass
@@ -244,9 +305,12 @@ class StudentConfig:
     auto: pca where residual activations are at hand, else random. On SmolLM2 the PCA start reached every
     held-out loss first (benchmarks/README.md)."""
     head: str = "auto"
-    """Output head: auto (with pca init untied, since a tied PCA head starts worse than random; else tied
-    exactly when the teacher's is) or untied (its own W_lm P_lm: vocab x d_S more parameters in the export;
-    with pca init it folds in the teacher's final-norm weight)."""
+    """Output head: auto (with pca init untied, whose start was 0.09 nats of held-out CE ahead of the tied
+    one on SmolLM2 at d_S 288, benchmarks/tied_head.py; else tied exactly when the teacher's is), tied (the
+    head is the student's embedding E^S, as in the paper: needs a teacher with a tied head; with pca init
+    the basis is rotated and the final-norm weight fitted so that the head comes closest to the untied
+    one) or untied (its own W_lm P_lm: vocab x d_S more parameters in the export; with pca init it folds
+    in the teacher's final-norm weight)."""
     pca_exclude_sink: bool = False
     """PCA init: leave document-start (attention-sink) positions out of the second moment."""
     pca_sequences: int = 1024
@@ -264,7 +328,7 @@ class StudentConfig:
     def __post_init__(self) -> None:
         _check_positive("student", "hidden_size", self.hidden_size)
         _check_choice("student", "init", self.init, ("auto", "random", "pca"))
-        _check_choice("student", "head", self.head, ("auto", "untied"))
+        _check_choice("student", "head", self.head, ("auto", "tied", "untied"))
         _check_positive("student", "pca_sequences", self.pca_sequences)
         _check_positive("student", "pca_calibrate_sequences", self.pca_calibrate_sequences, allow_zero=True)
 
@@ -284,10 +348,14 @@ class LossConfig:
     """KD temperature (no T^2 factor, as in the official code)."""
     clone_terms: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in CLONE_TERMS})
     """Per-term clone weights over q, k, v, o, gate, up, down."""
-    clone_normalize: str | bool = "batch"
+    clone_normalize: str | bool = "auto"
     """Measure each clone term (per layer) in units of its target's mean square, so massive activations do
-    not dominate: batch (the batch's targets, detached), cache (statistics recorded when the cache was
-    built; fixed over training) or none (the paper's raw MSE). true/false mean batch/none."""
+    not dominate: batch (the batch's targets, detached, all rows pooled), cache (statistics recorded when
+    the cache was built, fixed over training, attention-sink rows and the other rows each in units of
+    their own class's mean square), auto (cache when the run has the statistics, else batch) or none (the
+    paper's raw MSE). A batch's pooled mean square depends on which rows it holds: without a sink row for
+    a layer it can be 300x smaller (SmolLM2-135M, a quarter of the layers per position), and some other
+    tokens carry massive activations too; the cache's statistics do not move. true/false mean batch/none."""
     clone_reduce: str = "mean"
     """Combine clone terms over layers and terms by their mean or their sum."""
     clone_fn: str = "mse"
@@ -315,7 +383,7 @@ class LossConfig:
         _check_choice("loss", "clone_reduce", self.clone_reduce, ("mean", "sum"))
         if isinstance(self.clone_normalize, bool):
             self.clone_normalize = "batch" if self.clone_normalize else "none"
-        _check_choice("loss", "clone_normalize", self.clone_normalize, ("batch", "cache", "none"))
+        _check_choice("loss", "clone_normalize", self.clone_normalize, ("auto", "batch", "cache", "none"))
         _check_choice("loss", "clone_fn", self.clone_fn, ("mse", "huber"))
         _check_choice("loss", "alpha_schedule", self.alpha_schedule, ("constant", "linear", "cosine", "step"))
         if not self.huber_delta > 0:
@@ -351,13 +419,20 @@ class OptimConfig:
 
     lr: float | None = None
     """Peak learning rate. None: 1e-3 with random init, 1e-4 with pca init (larger steps undo the PCA start,
-    and it wants a long warmup too: README, benchmarks/README.md)."""
+    and it wants a long warmup too: see warmup_steps, benchmarks/README.md)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (beta1, beta2), each in [0, 1)."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. None: max(min(F, train.steps // 2), train.steps // 50), with F = 60 under a pca
+    start and 10 under a random one. A PCA start sits near the teacher, and AdamW's first steps at a full
+    rate undo it: at lr 1e-4 with 10 warmup steps held-out CE rose from 6.5 to 8.3 by step 60 of 240, with
+    60 none rose above 5.3 (benchmarks/README.md). A short run warms up over half its steps so that it
+    still decays (the SmolLM2 demo, 40 steps: warmup 20 fell at every evaluation to 4.79; warmup 40 rose
+    0.35 nats at its peak rate, and 60, which never reaches the peak, ended 0.1 above its minimum at 4.90).
+    Long runs warm up over 2% of their steps (9,765 steps: 195). The resolved number is saved with the
+    run's config."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak, in [0, 1]."""
     grad_clip: float = 1.0
@@ -366,7 +441,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr is not None:
             _check_positive("optim", "lr", self.lr)
-        _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps is not None:
+            _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
         if not 0 <= self.min_lr_ratio <= 1:
@@ -375,6 +451,16 @@ class OptimConfig:
         # torch.optim.AdamW refuses these only once the run directory and its config.json exist
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+    def resolved(self, init: str, steps: int) -> "OptimConfig":
+        """This config with lr and warmup_steps made (see their docstrings) for a run of `steps` optimizer
+        steps from a `init` (pca or random) start; values given stay as given."""
+        assert init in ("pca", "random"), init
+        lr = self.lr if self.lr is not None else (1e-4 if init == "pca" else 1e-3)
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = max(min(60 if init == "pca" else 10, steps // 2), steps // 50)
+        return dataclasses.replace(self, lr=lr, warmup_steps=warmup)
 
 
 @dataclass
@@ -401,6 +487,14 @@ class TrainConfig:
     training, a cache built before held-out splits). Split between the processes of the run."""
     clone_positions: int | None = None
     """Online training: positions per sequence for the clone loss (None: every position; the sink is always in)."""
+    document_mask: str | bool = "auto"
+    """The student sees each packed document alone (positions restart at each document, no attention across
+    documents), in training and held-out evaluation. auto: as the cache's teacher did (cache.document_mask;
+    off for caches built before that option); online training: off. true or false set it; one the cache's
+    teacher disagrees with (the student would learn contexts the teacher never saw, or the reverse) is
+    refused unless train.allow_document_mask_mismatch=true. Online training runs the teacher masked too."""
+    allow_document_mask_mismatch: bool = False
+    """Train with a train.document_mask the cache's teacher disagrees with (see train.document_mask)."""
     seed: int = 0
     """Seed of data order and sampling."""
     device: str = "auto"
@@ -448,8 +542,8 @@ class TrainConfig:
     """How processes share the student. ddp: every process holds the whole student, teacher included
     (the trainable projections are small). fsdp2: the teacher's weights, the projections and their Adam
     moments are sharded per layer over all processes (torch FSDP2), for teachers that do not fit one
-    GPU beside their projections; checkpoints are sharded (torch.distributed.checkpoint) and resume on
-    another number of processes too. Launch either with a plain multi-process launcher (torchrun,
+    GPU beside their projections; checkpoints are sharded (torch.distributed.checkpoint). Both resume on
+    another number of processes, the data order continuing where the run stopped. Launch either with a plain multi-process launcher (torchrun,
     accelerate launch --multi_gpu), not an accelerate FSDP config."""
 
     def __post_init__(self) -> None:
@@ -460,6 +554,8 @@ class TrainConfig:
         _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
         _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
         _check_positive("train", "clone_positions", self.clone_positions)
+        if self.document_mask not in ("auto", True, False):
+            raise ConfigError(f"train.document_mask={self.document_mask!r} must be auto, true or false")
         _check_choice("train", "mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_choice("train", "on_corrupt_shard", self.on_corrupt_shard, ("fail", "skip"))
         _check_choice("train", "parallelism", self.parallelism, ("ddp", "fsdp2"))
@@ -503,16 +599,16 @@ class TrainJobConfig:
 
     def resolved(self, residual_available: bool) -> "TrainJobConfig":
         """This config with every `auto` training choice made: init (pca when `residual_available`), the
-        head (untied under pca) and the learning rate. The resolved config is what runs and is saved."""
+        head (untied under pca), the learning rate and the warmup. The resolved config is what runs and is
+        saved."""
         init = self.student.init
         if init == "auto":
             init = "pca" if residual_available else "random"
         head = "untied" if init == "pca" and self.student.head == "auto" else self.student.head
-        lr = self.optim.lr if self.optim.lr is not None else (1e-4 if init == "pca" else 1e-3)
         return dataclasses.replace(
             self,
             student=dataclasses.replace(self.student, init=init, head=head),
-            optim=dataclasses.replace(self.optim, lr=lr),
+            optim=self.optim.resolved(init, self.train.steps),
         )
 
 

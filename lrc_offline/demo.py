@@ -14,13 +14,15 @@ outside stage 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from .cache import inspect_cache, verify_cache
+from .cache import inspect_cache, read_manifest, verify_cache
+from .cache.plan import plan_cache
 from .capture.build import build_cache
 from .config import CacheConfig, TrainJobConfig, load_config, to_dict
 from .evaluation import compare_models, format_table
@@ -97,17 +99,30 @@ def run_demo(out: Path, cache_cfg: CacheConfig, train_cfg: TrainJobConfig, progr
     sample = _generate(student_dir, teacher.tokenizer, device)
     print(f"  {PROMPT}{sample}", flush=True)
 
-    result = _summary(out, cache_cfg, load_config(TrainJobConfig, out / "train" / "config.json"), report, summary,
-                      records, metrics, sample)  # fmt: skip
+    result = _summary(out, cache_cfg.resolved(), load_config(TrainJobConfig, out / "train" / "config.json"), report,
+                      summary, records, metrics, sample)  # fmt: skip
     result["train"]["heldout_from_cache"] = summary.get("student_heldout")
     result["timings_s"] = timings | {"total": time.perf_counter() - start}
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def _bf16_reference(out: Path) -> dict:
+    """Bytes per token the same cache would store with bfloat16 activations at every layer (the defaults
+    before the compact codec), from `lrc-cache plan`'s size model, and what that model says of the cache
+    as built (to read beside its measured bytes)."""
+    manifest = read_manifest(out / "cache")
+    tokens = manifest.num_sequences * manifest.config.seq_len
+    bf16 = dataclasses.replace(manifest.config, act_dtype="bfloat16", act_layer_fraction=1.0)
+    return {"bytes_per_token": plan_cache(bf16, manifest.geometry, tokens).bytes_per_token,
+            "planned_bytes_per_token_as_built": plan_cache(manifest.config, manifest.geometry, tokens).bytes_per_token,
+            "basis": "lrc-cache plan (compression ratios measured on SmolLM2-135M)"}  # fmt: skip
+
+
 def _summary(out: Path, cache_cfg: CacheConfig, ran: TrainJobConfig, report, summary: dict, records: list[dict],
              metrics: dict, sample: str) -> dict:  # fmt: skip
-    """The demo's summary.json (`ran`: the training config with its auto choices made)."""
+    """The demo's summary.json (`cache_cfg`, `ran`: the cache and training configs with their auto choices
+    made)."""
     info = inspect_cache(out / "cache")
     timed = [r["tokens_per_s"] for r in records if r["step"] > summary["start_step"]]
     return {
@@ -121,6 +136,7 @@ def _summary(out: Path, cache_cfg: CacheConfig, ran: TrainJobConfig, report, sum
         "cache": {"path": str(out / "cache"), "bytes": info["stored_bytes"], "tokens": info["tokens"],
                   "bytes_per_token": info["bytes_per_token"],
                   "fields_bytes_per_token": {k: v["bytes_per_token"] for k, v in info["fields"].items()},
+                  "bf16_every_layer": _bf16_reference(out),
                   "built_shards_this_run": len(report.built), "reused_shards": len(report.skipped)},
         "train": {"steps": ran.train.steps, "tokens": records[-1]["tokens"],
                   "tokens_per_s": sum(timed) / len(timed) if timed else None,

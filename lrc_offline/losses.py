@@ -348,6 +348,7 @@ def clone_loss(
     target_ms: Mapping[str, Tensor] | None = None,
     loss_fn: str = "mse",
     huber_delta: float = 1.0,
+    sink_BP: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """LRC clone loss: per-layer, per-term (weighted) mean error between student activations and teacher targets.
 
@@ -360,6 +361,16 @@ def clone_loss(
     replaces the batch's ms by fixed values (e.g. statistics recorded when the cache was built). Terms are
     then combined as ``sum w_term * err / (L * sum w_term)`` ("mean") or ``sum w_term * err`` ("sum", the
     paper's raw recipe with normalize=False).
+
+    With `sink_BP` the attention-sink rows and the other rows are normalised apart: the other rows in
+    units of their own mean square ms_other[l], the sink rows in units of theirs, ms_sink[l], or of
+    ms_other[l] when that is larger (each the formula above over that class's rows only, or `target_ms`
+    [L, 2]); err[l] is still the weighted mean over all rows. A sink's target can be 10^5 times another
+    row's (a teacher's massive activations), so a pooled ms is set by whether the batch holds a sink row
+    for that layer, and a batch without one weighs every other row's error that much more. Apart, the
+    other rows' weight does not depend on the sinks, and a sink row never weighs more than another row:
+    some sinks are not massive at all (a later document's start, to a teacher attending across
+    documents), and a batch whose sinks are all small must not blow up their weight instead.
 
     Args:
         student_acts: term -> [L, B, P, W_term] student activations (terms among q, k, v, o, gate, up,
@@ -375,9 +386,12 @@ def clone_loss(
         eps: Floor on the normaliser.
         position_weights_BP: Optional float weights [B, P], >= 0 (not checked: that would sync with the
             device), e.g. a separate weight for attention-sink positions; 0 leaves a position out.
-        target_ms: Optional term -> [L] normalisers used instead of the batch's (with `normalize`).
+        target_ms: Optional term -> normalisers used instead of the batch's (with `normalize`): [L], or
+            [L, 2] (sink rows, other rows) with `sink_BP`.
         loss_fn: "mse" or "huber".
         huber_delta: Where huber turns linear (in target RMS units when normalised).
+        sink_BP: Optional bool [B, P], the attention-sink positions: with `normalize`, their rows are
+            normalised apart from the others (see above); None pools every row.
 
     Returns:
         (total, per_term): the scalar fp32 loss, and term -> mean over layers of its (normalised) error,
@@ -395,11 +409,13 @@ def clone_loss(
         s_LBPW, t_LBPW = _upcast(student_acts[term]), _upcast(teacher_targets[term])
         w_LBP = _position_weights(mask_BP, position_weights_BP, s_LBPW)
         inv_count_L = _inverse_count(w_LBP, s_LBPW.shape[-1])
-        ms_L = None
-        if normalize:
-            fixed_ms_L = target_ms[term] if target_ms is not None and term in target_ms else None
-            ms_L = _clone_normaliser(term, s_LBPW, t_LBPW, w_LBP, inv_count_L, fixed_ms_L, eps)
-        err_L = _clone_error(s_LBPW - t_LBPW, w_LBP, inv_count_L, ms_L, loss_fn, huber_delta)
+        fixed_ms = target_ms[term] if normalize and target_ms is not None and term in target_ms else None
+        if normalize and sink_BP is not None:
+            ms_LBP = _sink_apart_normaliser(term, t_LBPW, w_LBP, sink_BP, fixed_ms, eps)
+            err_L = _clone_error_per_row(s_LBPW - t_LBPW, w_LBP, inv_count_L, ms_LBP, loss_fn, huber_delta)
+        else:
+            ms_L = _clone_normaliser(term, s_LBPW, t_LBPW, w_LBP, inv_count_L, fixed_ms, eps) if normalize else None
+            err_L = _clone_error(s_LBPW - t_LBPW, w_LBP, inv_count_L, ms_L, loss_fn, huber_delta)
         per_term[term] = err_L.detach().mean()
         weighted_terms.append(weights.get(term, 1.0) * err_L.sum())
 
@@ -493,6 +509,41 @@ def _clone_error(
     if ms_L is not None:
         diff_LBPW = diff_LBPW * ms_L.rsqrt()[:, None, None, None]
     return _weighted_mean_L(huber(diff_LBPW, huber_delta), w_LBP, inv_count_L)
+
+
+def _sink_apart_normaliser(
+    term: str, t_LBPW: Tensor, w_LBP: Tensor, sink_BP: Tensor, fixed_ms_L2: Tensor | None, eps: float
+) -> Tensor:
+    """ms per row [L, B, P]: ms_other[l] at the other rows, max(ms_sink[l], ms_other[l]) at sink rows, from
+    `fixed_ms_L2` [L, 2] (sink, other) when given, else the mean squares of each class's detached targets
+    in the batch; >= eps. A class with no row in the batch has ms eps."""
+    num_layers = t_LBPW.shape[0]
+    sink_LBP = _check_mask(sink_BP, t_LBPW.shape[1:3], "sink_BP")[None]
+    if fixed_ms_L2 is not None:
+        ms_L2 = fixed_ms_L2.to(t_LBPW)
+        if ms_L2.shape != (num_layers, 2):
+            raise ValueError(f"clone_loss: target_ms[{term!r}] has shape {tuple(ms_L2.shape)}; with sink_BP it must be "
+                             f"({num_layers}, 2), the mean squares at sink rows and at the other rows")  # fmt: skip
+    else:
+        row_ms_LBP = t_LBPW.detach().square().mean(dim=-1)
+        class_w_2LBP = torch.stack([w_LBP * sink_LBP, w_LBP * ~sink_LBP])
+        total_2L = class_w_2LBP.sum(dim=(2, 3))
+        inv_2L = (total_2L > 0) / total_2L.clamp(min=torch.finfo(w_LBP.dtype).tiny)
+        ms_L2 = ((class_w_2LBP * row_ms_LBP).sum(dim=(2, 3)) * inv_2L).T
+    ms_L2 = ms_L2.clamp(min=eps)
+    other_L = ms_L2[:, 1]
+    sink_L = torch.maximum(ms_L2[:, 0], other_L)
+    return torch.where(sink_LBP, sink_L[:, None, None], other_L[:, None, None])
+
+
+def _clone_error_per_row(
+    diff_LBPW: Tensor, w_LBP: Tensor, inv_count_L: Tensor, ms_LBP: Tensor, loss_fn: str, huber_delta: float
+) -> Tensor:
+    """Per-layer error [L] of student - target with each row measured in units of its own ms_LBP: mse
+    (folded into the row weights) or huber (of diff / sqrt(ms))."""
+    if loss_fn == "mse":
+        return _weighted_mean_L(diff_LBPW.square(), w_LBP / ms_LBP, inv_count_L)
+    return _weighted_mean_L(huber(diff_LBPW * ms_LBP.rsqrt()[..., None], huber_delta), w_LBP, inv_count_L)
 
 
 def _position_weights(mask_BP: Tensor | None, position_weights_BP: Tensor | None, like_LBPW: Tensor) -> Tensor:

@@ -7,6 +7,10 @@ signal and the seven clone targets at sampled positions. The corpus is packed as
 tokenised once into an index in the run's directory (`<out>/index/`, reused on resume), from which each
 batch's sequences are read, so memory does not grow with the corpus. It lives outside `training/`
 because it runs the teacher's forward pass, which offline training never does.
+
+With train.document_mask=true the teacher and the student both see each packed document alone (position
+ids restarting at each document, no attention across documents), as a cache built with
+cache.document_mask holds the teacher's signal; auto and false: neither does, as before that option.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .student.init import SecondMoment
 from .teacher.fingerprint import tokenizer_fingerprint
 from .teacher.hooks import capture_teacher
 from .teacher.load import Teacher, load_teacher
-from .training.heldout import heldout_metrics
+from .training.heldout import TensorHeldout, heldout_metrics
 from .training.loop import make_accelerator, run_training
 
 __all__ = ["OnlineSource", "teacher_batch", "train_online", "epoch_order", "online_sequences"]
@@ -43,15 +47,20 @@ def epoch_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_sequences, generator=generator(seed, epoch))
 
 
-def teacher_batch(model, input_ids_BT: torch.Tensor, positions_BP: torch.Tensor | None = None) -> Batch:
+def teacher_batch(model, input_ids_BT: torch.Tensor, positions_BP: torch.Tensor | None = None,
+                  position_ids_BT: torch.Tensor | None = None) -> Batch:  # fmt: skip
     """The batch of one hooked teacher forward: the full logits and, at `positions_BP` (None: no clone
-    loss), the seven clone targets of every layer."""
+    loss), the seven clone targets of every layer. With `position_ids_BT` (restarting at each packed
+    document), document-masked: the teacher sees each document alone, the batch carries the position ids
+    and every document start is an attention sink; None: positions 0..T-1 and one causal block."""
     captured = capture_teacher(model, input_ids_BT, positions_BP=positions_BP,
-                               terms=CLONE_TERMS if positions_BP is not None else (), want_logits=True)  # fmt: skip
+                               terms=CLONE_TERMS if positions_BP is not None else (), want_logits=True,
+                               position_ids_BT=position_ids_BT)  # fmt: skip
     clone = None
     if positions_BP is not None:
-        clone = CloneActivations.build(positions_BP, {m: captured.acts[m].transpose(0, 1) for m in CLONE_TERMS})
-    return Batch(input_ids_BT, signal=FullLogits(captured.logits_BTV), clone=clone)
+        clone = CloneActivations.build(positions_BP, {m: captured.acts[m].transpose(0, 1) for m in CLONE_TERMS},
+                                       position_ids_BT)  # fmt: skip
+    return Batch(input_ids_BT, position_ids=position_ids_BT, signal=FullLogits(captured.logits_BTV), clone=clone)
 
 
 class OnlineSource:
@@ -75,6 +84,7 @@ class OnlineSource:
         self.teacher_heldout = teacher_heldout
         self.num_clone_positions = cfg.train.clone_positions or cfg.train.seq_len
         self.use_clone = cfg.loss.alpha > 0
+        self.document_mask = cfg.train.document_mask is True  # auto: off, as online training ran before the option
         self.num_sequences = sequences.num_sequences
         self.epoch_index, self.consumed = 0, 0
 
@@ -89,12 +99,21 @@ class OnlineSource:
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for index in self._index_batches(batch_size):
-            input_ids = self.sequences.input_ids_at(index.tolist()).to(self.device).long()
+            rows = [self.sequences.sequences(r, r + 1) for r in index.tolist()]  # read as `input_ids_at` reads
+            input_ids = torch.cat([ids for ids, _ in rows]).to(self.device).long()
+            position_ids = torch.cat([pos for _, pos in rows]).to(self.device).long() if self.document_mask else None
             positions = None
-            if self.use_clone:
-                positions = sample_positions_batch(index.tolist(), self.seq_len, self.num_clone_positions,
-                                                   self.seed).to(self.device)  # fmt: skip
-            yield teacher_batch(self.model, input_ids, positions)
+            if self.use_clone:  # document-masked: the document starts among the positions, as a cache build has them
+                doc_positions = None if position_ids is None else position_ids.cpu()
+                positions = sample_positions_batch(index.tolist(), self.seq_len, self.num_clone_positions, self.seed,
+                                                   position_ids=doc_positions).to(self.device)  # fmt: skip
+            yield teacher_batch(self.model, input_ids, positions, position_ids)
+
+    def _read(self, first: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids of sequences [first, end) on `device`, and their position ids for the teacher (None
+        without document masking: positions 0..T-1)."""
+        input_ids, position_ids = self.sequences.sequences(first, end)
+        return input_ids.to(device).long(), position_ids.to(device).long() if self.document_mask else None
 
     def epoch(self) -> float:
         return self.epoch_index + self.consumed / self.num_sequences
@@ -119,9 +138,10 @@ class OnlineSource:
         positions = torch.arange(self.seq_len, device=self.device)
         keep = positions[1:] if cfg.pca_exclude_sink else positions
         for lo in range(0, num, self.pass_batch_size):
-            ids = self.sequences.sequences(lo, min(lo + self.pass_batch_size, num))[0].to(self.device).long()
+            ids, position_ids = self._read(lo, min(lo + self.pass_batch_size, num), self.device)
             captured = capture_teacher(self.model, ids, positions_BP=keep.expand(ids.shape[0], -1),
-                                       terms=("input", "attn"), want_logits=False)  # fmt: skip
+                                       terms=("input", "attn"), want_logits=False,
+                                       position_ids_BT=position_ids)  # fmt: skip
             moment.update(captured.acts["input"])
             moment.update(captured.acts["input"] + captured.acts["attn"])
         return moment, {"source": f"teacher pass over {num} training sequences", "vectors": moment.count}
@@ -131,16 +151,18 @@ class OnlineSource:
         num = min(num, self.num_sequences)
         batches = []
         for lo in range(0, num, batch_size):
-            ids = self.sequences.sequences(lo, min(lo + batch_size, num))[0].to(device).long()
+            ids, position_ids = self._read(lo, min(lo + batch_size, num), device)
             with torch.no_grad():
-                batches.append(Batch(ids, signal=FullLogits(self.model(input_ids=ids).logits)))
+                logits = self.model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+            batches.append(Batch(ids, position_ids=position_ids, signal=FullLogits(logits)))
         return batches
 
     def counters(self) -> dict[str, int]:
         return {}
 
     def summary(self) -> dict[str, Any]:
-        return {"train_sequences": self.num_sequences, "teacher_heldout": self.teacher_heldout}
+        return {"train_sequences": self.num_sequences, "document_mask": self.document_mask,
+                "teacher_heldout": self.teacher_heldout}
 
 
 def online_sequences(
@@ -198,12 +220,16 @@ def train_online(cfg: TrainJobConfig, out_dir: str | Path, progress: bool = True
         if created:  # nothing but the index there: leave no run directory behind
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    heldout_ids = None if heldout is None else heldout.sequences(0, heldout.num_sequences)[0]
-    teacher_heldout = None
-    if heldout_ids is not None:
+    document_mask = tc.document_mask is True
+    held, teacher_heldout = None, None
+    if heldout is not None:
+        ids, position_ids = heldout.sequences(0, heldout.num_sequences)
+        held = TensorHeldout(ids, position_ids)  # the student is evaluated document-masked when it trains so
         with accelerator.autocast():
-            teacher_heldout = heldout_metrics(lambda ids: teacher.model(input_ids=ids).logits, heldout_ids,
-                                              tc.batch_size, accelerator.device)  # fmt: skip
+            # no KV cache: with one, `transformers` ignores the position ids' document boundaries
+            teacher_heldout = heldout_metrics(
+                lambda x, p=None: teacher.model(input_ids=x, position_ids=p, use_cache=False).logits, ids,
+                tc.batch_size, accelerator.device, position_ids_NT=position_ids if document_mask else None)  # fmt: skip
     source = OnlineSource(teacher, train, cfg, accelerator.device, teacher_heldout)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
-                        max_steps_this_run=max_steps_this_run, heldout_ids=heldout_ids)  # fmt: skip
+                        max_steps_this_run=max_steps_this_run, heldout=held)  # fmt: skip

@@ -18,8 +18,11 @@ from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import TeacherLoadError, load_teacher
 
+# Lossless fields at every layer (the old defaults but float32, not the compact codec): what lands in the
+# cache is compared with the teacher's own tensors.
 SMALL = dict(seq_len=24, max_sequences=12, sequences_per_shard=5, topk=8, num_draws=16, act_positions=6,
-             logprob_dtype="float32", act_dtype="float32", run=BuildRunConfig(batch_size=4))  # fmt: skip
+             logprob_dtype="float32", act_dtype="float32", act_layer_fraction=1.0,
+             run=BuildRunConfig(batch_size=4))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,26 @@ def test_targets_recomputed_from_cached_residuals_equal_the_teachers(tmp_path, l
         rec = student.teacher_targets_from_residual(layer, residual["act_input"][:, layer], residual["act_attn"][:, layer])
         for term in CLONE_TERMS:
             torch.testing.assert_close(rec[term], targets[f"act_{term}"][:, layer], rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_with_no_codec_keys_writes_the_compact_cache_and_records_its_positions(tmp_path, llama):
+    import json
+
+    cfg = CacheConfig(seq_len=128, max_sequences=4, sequences_per_shard=4, run=BuildRunConfig(batch_size=4))
+    build_cache(cfg, tmp_path / "c", progress=False, teacher=llama)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    config = manifest["config"]
+    assert (config["logprob_dtype"], config["act_dtype"], config["act_layer_fraction"]) == ("float16", "int4g", 0.25)
+    assert config["act_positions"] == 16  # auto, resolved: max(16, 128 // 64)
+    dtypes = {f["name"]: (f["dtype"], f["shape"]) for f in manifest["fields"]}
+    assert dtypes["topk_logprobs"][0] == "float16" and dtypes["act_input"] == ("int4g", [2, 16, 64])
+    assert dtypes["act_layer_mask"] == ("uint8", [2, 16])
+    got = _all_sequences(tmp_path / "c")
+    # each position holds one of the 2 layers (ceil(0.25 * 2)), the sequence start both
+    assert got["act_layer_mask"][:, :, 0].all() and (got["act_layer_mask"][:, :, 1:].sum(1) == 1).all()
+    assert verify_cache(tmp_path / "c").ok
+    # the same config asked again (auto unresolved) agrees with the manifest it wrote: the build resumes
+    assert build_cache(cfg, tmp_path / "c", progress=False, teacher=llama).skipped == [0]
 
 
 def _shard_bytes(cache: Path) -> dict[str, bytes]:

@@ -45,7 +45,10 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def make_cfg(**overrides) -> CacheConfig:
-    base = dict(seq_len=16, topk=8, num_draws=16, act_positions=4, sequences_per_shard=3)
+    # The lossless codec of every layer (not the compact defaults): these tests check bit-exact round trips
+    # and the fields' layout; the lossy codecs and the layer subset have their own tests (test_codecs.py).
+    base = dict(seq_len=16, topk=8, num_draws=16, act_positions=4, sequences_per_shard=3, act_dtype="bfloat16",
+                act_layer_fraction=1.0, logprob_dtype="float32")  # fmt: skip
     return CacheConfig(**{**base, **overrides})
 
 
@@ -549,3 +552,28 @@ def test_zarr_shard_with_a_foreign_codec_is_refused(tmp_path):
     specs = CacheReader(tmp_path).fields
     with pytest.raises(CacheFormatError, match=r"input_ids: refusing codecs \['gzip'\]"):
         zarr_shard.read(tmp_path / "shards" / "shard-00000.zarr", specs)
+
+
+def test_a_manifest_without_keys_added_later_reads_with_the_values_its_build_used(tmp_path):
+    """A cache built before `act_layer_fraction` (or `logprob_dtype`, `act_dtype`) existed stored every layer at
+    every position, fp32 log-probs and bf16 activations: its manifest, lacking those keys, must read as that,
+    not as today's compact defaults, and its shards stay complete."""
+    from lrc_offline.capture.build import build_cache
+
+    cfg = CacheConfig(max_sequences=8, sequences_per_shard=8, act_layer_fraction=1.0, logprob_dtype="float32",
+                      act_dtype="bfloat16", act_positions=16)  # fmt: skip
+    cache = tmp_path / "cache"
+    build_cache(cfg, cache, progress=False)
+    data = json.loads((cache / "manifest.json").read_text())
+    for key in ("act_layer_fraction", "logprob_dtype", "act_dtype"):
+        data["config"].pop(key)
+    (cache / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+    kept = {k: v for k, v in data.items() if k not in ("created", "versions", "build")}
+    digest = "sha256:" + hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    for record in (cache / "shards").glob("*.done.json"):
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"manifest": digest}))
+    reader = CacheReader(cache)
+    assert (reader.manifest.config.act_layer_fraction, reader.manifest.config.logprob_dtype,
+            reader.manifest.config.act_dtype) == (1.0, "float32", "bfloat16")  # fmt: skip
+    assert reader.complete_shards() == [0]
+    assert CacheConfig().act_layer_fraction == 0.25  # the default it must not take

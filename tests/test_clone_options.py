@@ -158,8 +158,10 @@ SEQ_LEN, NUM_SEQ, PER_SHARD = 32, 32, 8
 
 
 def _cache_cfg(**kw) -> CacheConfig:
+    # "full": lossless activations at every layer (not the compact defaults); variants name what they change
     base = dict(teacher="tiny-random:llama", corpus="tiny-text", seq_len=SEQ_LEN, max_sequences=NUM_SEQ,
-                sequences_per_shard=PER_SHARD, act_positions=6, act_dtype="float32")  # fmt: skip
+                sequences_per_shard=PER_SHARD, act_positions=6, act_dtype="float32",
+                act_layer_fraction=1.0)  # fmt: skip
     return CacheConfig(**{**base, **kw})
 
 
@@ -200,10 +202,9 @@ def test_activation_stats_match_the_hooked_teacher(caches):
         for term in CLONE_TERMS:
             ms_LBP = captured.acts[term].double().square().mean(-1)
             want_sink = (ms_LBP * sink).sum((1, 2)) / sink.sum()
-            want_all = ms_LBP.mean((1, 2))
-            got_sink = teacher_ms(stats, sink_weight=1e9)[term].double()  # sinks dominate: their mean square
-            torch.testing.assert_close(got_sink, want_sink, rtol=1e-5, atol=0)
-            torch.testing.assert_close(teacher_ms(stats)[term].double(), want_all, rtol=1e-5, atol=0)
+            want_other = (ms_LBP * ~sink).sum((1, 2)) / (~sink).sum()
+            got = teacher_ms(stats)[term].double()  # [L, 2]: sink rows, other rows
+            torch.testing.assert_close(got, torch.stack([want_sink, want_other], dim=1), rtol=1e-5, atol=0)
 
 
 def test_sink_positions_are_sampled_and_found(caches):
@@ -237,8 +238,8 @@ def test_sink_weight_zero_leaves_sinks_out(caches):
 
 
 def test_cache_normaliser_in_the_objective(caches):
-    """clone_normalize=cache divides q/k/v/gate/up by the recorded mean squares and o/down by them times
-    the projection's mean gain; with the teacher's own statistics at every position it is close to batch."""
+    """clone_normalize=cache divides q/k/v/gate/up by the recorded mean squares of each row's class (sink
+    or other) and o/down by them times the projection's mean gain."""
     teacher = load_teacher("tiny-random:llama")
     reader, data = _all_sequences(caches["full"])
     stats = activation_stats([reader.shard_record(i) for i in reader.complete_shards()])
@@ -261,8 +262,9 @@ def test_cache_normaliser_in_the_objective(caches):
         fixed[term] = ms[term].clone()
         if term in ("o", "down"):
             gain = torch.stack([student.layers[i].proj[term].detach().square().sum() for i in layers]) / 32
-            fixed[term] = fixed[term] * gain
-    ref, _ = clone_loss({m: out.acts[m] for m in CLONE_TERMS}, targets, normalize=True, target_ms=fixed)
+            fixed[term] = fixed[term] * gain[:, None]
+    ref, _ = clone_loss({m: out.acts[m] for m in CLONE_TERMS}, targets, normalize=True, target_ms=fixed,
+                        sink_BP=sink_positions(batch))  # fmt: skip
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="teacher_ms"):
         lrc_loss(student, batch, cfg)
@@ -419,3 +421,20 @@ def test_cache_built_before_a_new_config_key_is_still_resumed(tmp_path):
     assert report.built == [] and report.skipped == [0, 1]
     with pytest.raises(CacheMismatchError, match="act_fraction"):
         build_cache(_cache_cfg(max_sequences=16, act_fraction=0.5), tmp_path, progress=False)
+
+
+def test_default_normaliser_in_training_uses_the_cache_statistics(caches, tmp_path):
+    """`loss.clone_normalize=auto` (the default) trains exactly as `cache` on a cache with statistics, and
+    not as the batch normaliser."""
+
+    def losses(mode: str | None) -> list[float]:
+        loss = LossConfig(alpha=1.0) if mode is None else LossConfig(alpha=1.0, clone_normalize=mode)
+        job = TrainJobConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1), loss=loss,
+                             train=TrainConfig(steps=3, batch_size=4, log_every=1))  # fmt: skip
+        train_from_cache(job, caches["layers"], tmp_path / str(mode), progress=False)
+        return [r["loss"] for r in read_metrics(tmp_path / str(mode) / "metrics.jsonl") if "loss" in r]
+
+    default = losses(None)
+    assert LossConfig().clone_normalize == "auto"
+    assert default == losses("cache")
+    assert default != losses("batch")

@@ -170,7 +170,10 @@ def test_log8_round_trip_within_documented_bound():
 
 
 def _cfg(**overrides) -> CacheConfig:
-    return CacheConfig(**{**dict(seq_len=16, topk=8, act_positions=4, sequences_per_shard=3), **overrides})
+    # The lossless codec of every layer (the defaults before the compact codec) unless a test names its own
+    base = dict(seq_len=16, topk=8, act_positions=4, sequences_per_shard=3, act_dtype="bfloat16",
+                logprob_dtype="float32", act_layer_fraction=1.0)  # fmt: skip
+    return CacheConfig(**{**base, **overrides})
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])

@@ -111,3 +111,43 @@ def test_yaml_dump_round_trips(tmp_path):
                 apply_overrides(CacheConfig(), ["act_layers=[0,1]", "temperature=1e-3"])):  # fmt: skip
         (tmp_path / "c.yaml").write_text(config_yaml(cfg))
         assert load_config(type(cfg), tmp_path / "c.yaml") == cfg
+
+
+def test_cache_defaults_are_the_compact_codec_and_auto_positions_follow_the_sequence_length():
+    cfg = CacheConfig()
+    assert (cfg.logprob_dtype, cfg.act_dtype, cfg.act_layer_fraction, cfg.act_positions) == ("float16", "int4g",
+                                                                                              0.25, "auto")  # fmt: skip
+    resolved = {n: apply_overrides(CacheConfig(), [f"seq_len={n}"]).resolved().act_positions
+                for n in (8, 64, 256, 1024, 2048, 4096)}  # fmt: skip
+    assert resolved == {8: 8, 64: 16, 256: 16, 1024: 16, 2048: 32, 4096: 64}
+    # a number given is kept as given (a manifest records what was asked), though only seq_len are stored
+    explicit = apply_overrides(CacheConfig(), ["act_positions=100", "seq_len=64"])
+    assert explicit.resolved() == explicit and explicit.num_act_positions == 64
+    # auto is resolved after every override: a later seq_len still counts
+    assert load_config(CacheConfig, ROOT / "cache_jobs" / "smollm2_demo.yaml", ["seq_len=2048"]).num_act_positions == 32
+    for bad in ("act_positions=some", "act_positions=0"):
+        with pytest.raises(ConfigError, match="cache.act_positions"):
+            apply_overrides(CacheConfig(), [bad])
+
+
+@pytest.mark.parametrize(("init", "steps", "warmup"), [("pca", 40, 20), ("pca", 240, 60), ("pca", 9765, 195),
+                                                       ("random", 6, 3), ("random", 100, 10), ("random", 4882, 97)])
+def test_auto_warmup_keeps_a_pca_start_gentle_and_long_runs_warm_up_over_2_percent(init, steps, warmup):
+    job = apply_overrides(TrainJobConfig(), [f"student.init={init}", f"train.steps={steps}"])
+    assert job.optim.warmup_steps is None
+    ran = job.resolved(residual_available=True)
+    assert ran.optim.warmup_steps == warmup and ran.optim.lr == (1e-4 if init == "pca" else 1e-3)
+    assert ran.resolved(residual_available=True) == ran  # resolving twice changes nothing
+    given = apply_overrides(job, ["optim.warmup_steps=0"]).resolved(residual_available=True)
+    assert given.optim.warmup_steps == 0
+
+
+def test_the_auto_warmup_leaves_a_short_run_half_its_steps_to_decay():
+    from lrc_offline.training.optim import lr_factor
+
+    optim = TrainJobConfig().optim.resolved("pca", 40)
+    factors = [lr_factor(step, 40, optim) for step in range(40)]
+    assert factors[:20] == pytest.approx([(s + 1) / 20 for s in range(20)])
+    assert factors[19] == 1.0 and factors[39] == pytest.approx(1 / 20)  # the peak, then linear decay to 0 at 40
+    given = apply_overrides(TrainJobConfig(), ["optim.warmup_steps=60"]).optim.resolved("pca", 40)
+    assert [lr_factor(step, 40, given) for step in range(40)] == pytest.approx([(s + 1) / 60 for s in range(40)])

@@ -22,6 +22,12 @@ def test_demo_runs_end_to_end_and_reruns_from_the_cache(tmp_path):
     last = [r for r in read_metrics(tmp_path / "train" / "metrics.jsonl") if "heldout_ce" in r][-1]
     assert abs(summary["heldout"]["student_ce"] - last["heldout_ce"]) < 1e-4
     assert summary["cache"]["bytes_per_token"] > 0 and summary["train"]["tokens_per_s"] > 0
+    # the preset runs on the library's defaults, and the summary records what they resolved to
+    ran = summary["config"]
+    assert (ran["cache"]["act_dtype"], ran["cache"]["act_positions"]) == ("int4g", 16)
+    assert ran["train"]["optim"]["warmup_steps"] == 3 and ran["train"]["optim"]["lr"] == 1e-4
+    reference = summary["cache"]["bf16_every_layer"]
+    assert reference["bytes_per_token"] > summary["cache"]["bytes_per_token"]
     assert isinstance(summary["sample"]["continuation"], str)
     assert (tmp_path / "loss_curve.png").stat().st_size > 5_000
     again = run_demo(tmp_path, cache_cfg, train_cfg, progress=False)

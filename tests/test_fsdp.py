@@ -1,4 +1,6 @@
-"""train.parallelism=fsdp2: a sharded student trains like the whole one, resumes exactly, reshards.
+"""train.parallelism=fsdp2: a sharded student trains like the whole one, resumes exactly, reshards; each
+process reads only its shards of the teacher from its files, and trains exactly as when every process
+loaded the whole teacher (`LRC_FSDP2_WHOLE_TEACHER=1`).
 
 Every sharded run is a subprocess (FSDP2 needs a process group, which must not outlive the run in the
 test process): one process here, two under torchrun in the slow tier.
@@ -6,6 +8,7 @@ test process): one process here, two under torchrun in the slow tier.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,24 +23,49 @@ from safetensors.torch import load_file
 from lrc_offline.capture.build import build_cache
 from lrc_offline.config import CacheConfig, ConfigError, OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
 from lrc_offline.student.lrc import build_student
+from lrc_offline.teacher.fingerprint import teacher_fingerprints
 from lrc_offline.teacher.load import load_teacher
+from lrc_offline.teacher.slices import TeacherFiles, file_fingerprints, open_file_teacher
+from lrc_offline.teacher.tiny import tiny_teacher, tiny_tokenizer
 from lrc_offline.training import checkpoint as ckpt
+from lrc_offline.training.trainer import WHOLE_TEACHER_ENV
 from lrc_offline.training.metrics import read_metrics
 from lrc_offline.training.trainer import train_from_cache
 
 STEPS = 3
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# The run both kinds of test launch: argv = parallelism, out_dir[, activation checkpointing]. Residual activations at every position,
-# so every clone term (o and down through their projected targets too) sends gradients into P.
+# The run both kinds of test launch: argv = parallelism, out_dir[, options: checkpointing (activation
+# checkpointing), pca (PCA start with a tied head and the head-scale fit)]. Residual activations at every
+# position, so every clone term (o and down through their projected targets too) sends gradients into P.
+# Each process writes what it held of the teacher: `teacher-R.json` with the bytes of teacher tensors in
+# its student and the bytes it read from the teacher's files to build it (per-rank reads), or `whole-R`
+# when it loaded the whole teacher.
 _RUN = """
-import sys, torch
+import json, os, sys, torch
+import lrc_offline.training.loop as loop
+import lrc_offline.training.trainer as trainer
 from lrc_offline.config import OptimConfig, StudentConfig, TrainConfig, TrainJobConfig
+from lrc_offline.training.fsdp import teacher_bytes_held
 from lrc_offline.training.trainer import train_from_cache
-cfg = TrainJobConfig(student=StudentConfig(init="random"), optim=OptimConfig(lr=1e-2, warmup_steps=2),
+rank = os.environ.get("RANK", "0")
+build, load = loop.build_sharded_student, trainer.load_teacher
+def recorded_build(files, cfg, device):
+    before = files.files.bytes_read
+    student = build(files, cfg, device)
+    record = {{"held": teacher_bytes_held(student), "read": files.files.bytes_read - before}}
+    open(os.path.join(sys.argv[2] + "-teacher-" + rank + ".json"), "w").write(json.dumps(record))
+    return student
+def recorded_load(*args, **kwargs):
+    open(sys.argv[2] + "-whole-" + rank, "w").close()
+    return load(*args, **kwargs)
+loop.build_sharded_student, trainer.load_teacher = recorded_build, recorded_load
+pca = "pca" in sys.argv[3:]
+student = StudentConfig(init="pca", head="tied", hidden_size=32, pca_calibrate_sequences=4) if pca else StudentConfig(init="random")
+cfg = TrainJobConfig(student=student, optim=OptimConfig(lr=1e-2, warmup_steps=2),
                      train=TrainConfig(steps={steps}, batch_size=2, grad_accum=2, log_every=1, device="cpu",
                                        parallelism=sys.argv[1], checkpoint_every=2, eval_every=2,
-                                       activation_checkpointing=sys.argv[3:] == ["checkpointing"]))
+                                       activation_checkpointing="checkpointing" in sys.argv[3:]))
 heldout = torch.arange(4 * 32).reshape(4, 32) % 97
 train_from_cache(cfg, {cache!r}, sys.argv[2], progress=False, heldout_ids=heldout)
 """
@@ -85,13 +113,26 @@ def _script(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def _launch(script: Path, *args, processes: int = 1) -> None:
+def _launch(script: Path, *args, processes: int = 1, whole_teacher: bool = False) -> None:
     if processes == 1:
         command = [sys.executable, str(script), *map(str, args)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(script),
                    *map(str, args)]  # fmt: skip
-    subprocess.run(command, check=True, timeout=600, env=_ENV)
+    env = {k: v for k, v in _ENV.items() if k != WHOLE_TEACHER_ENV} | ({WHOLE_TEACHER_ENV: "1"} if whole_teacher else {})
+    subprocess.run(command, check=True, timeout=600, env=env)
+
+
+def _teacher_bytes(run_dir: Path, processes: int) -> list[dict]:
+    """What each process of a sharded run held of the teacher; refuses a run where one loaded it whole."""
+    assert not list(run_dir.parent.glob(run_dir.name + "-whole-*")), f"{run_dir}: a process loaded the whole teacher"
+    return [json.loads(Path(f"{run_dir}-teacher-{rank}.json").read_text()) for rank in range(processes)]
+
+
+def _teacher_tensor_bytes(name: str = "tiny-random:llama") -> int:
+    """Bytes of the teacher's tensors a student holds: every parameter, the embedding twice when an
+    untied student's head is the tied teacher's embedding (not in these runs)."""
+    return sum(p.numel() * p.element_size() for p in load_teacher(name).model.parameters())
 
 
 # How far apart two runs that sum the same gradients in another order may end up.
@@ -160,6 +201,10 @@ def test_sharded_run_on_one_process_equals_plain_and_resumes_exactly(cache, tmp_
     _launch(run, "ddp", tmp_path / "plain")
     _launch(run, "fsdp2", tmp_path / "sharded")
     _assert_same_run(tmp_path / "plain", tmp_path / "sharded")
+    # The sharded run read its teacher from the files, every tensor once, and loaded it whole nowhere.
+    (held,) = _teacher_bytes(tmp_path / "sharded", 1)
+    assert held["held"] == held["read"] == _teacher_tensor_bytes()
+    assert list(tmp_path.glob("plain-whole-*"))  # the plain run still loads it whole
     step2 = tmp_path / "sharded" / "checkpoints" / "step-000002"
     assert (step2 / ckpt.SHARDED_DIR).is_dir() and not (step2 / "student.safetensors").exists()
 
@@ -192,6 +237,50 @@ def test_parallelism_is_checked():
         TrainConfig(parallelism="fsdp")
 
 
+def test_per_rank_teacher_equals_whole_teacher_with_pca_start(cache, tmp_path):
+    """The PCA start (tied head: its rotation from the embedding read in blocks; the head-scale fit through
+    the sharded forward) and the export of a student built from the teacher's files are those of the
+    student sharded from the whole teacher, bit for bit."""
+    run = _script(tmp_path, "run.py", _RUN.format(steps=2, cache=str(cache)))
+    _launch(run, "fsdp2", tmp_path / "whole", "pca", whole_teacher=True)
+    _launch(run, "fsdp2", tmp_path / "files", "pca")
+    assert list(tmp_path.glob("whole-whole-*")) and _teacher_bytes(tmp_path / "files", 1)
+    _assert_same_run(tmp_path / "whole", tmp_path / "files", rel=0)
+    init = [json.loads((tmp_path / r / "summary.json").read_text())["final"] for r in ("whole", "files")]
+    assert init[0] == init[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_teacher_files_read_rows_and_fingerprint_as_the_loaded_teacher(family, tmp_path):
+    """Rows [a, b) read from a teacher's safetensors files are the loaded tensor's rows (every dtype the
+    checkpoint may hold read in the training dtype), and the weights hashed from the files a block of
+    rows at a time fingerprint the teacher exactly as the teacher loaded whole does (tied head once,
+    biases, q/k norms)."""
+    model = tiny_teacher(family)
+    model.save_pretrained(tmp_path / "fp32", safe_serialization=True)
+    tiny_tokenizer().save_pretrained(tmp_path / "fp32")
+    files = TeacherFiles(tmp_path / "fp32")
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(files.read("model.layers.1.self_attn.q_proj.weight", (5, 37)), q[5:37])
+    assert files.read("model.layers.1.self_attn.q_proj.weight", (64, 64)).shape == (0, 64)
+    assert files.bytes_read == 32 * 64 * 4
+    blocks = list(files.row_blocks("model.embed_tokens.weight", 100))
+    assert [len(b) for b in blocks][:2] == [100, 100] and torch.equal(torch.cat(blocks), model.model.embed_tokens.weight)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    assert torch.equal(TeacherFiles(tmp_path / "bf16").read("model.norm.weight", dtype=torch.float32),
+                       model.model.norm.weight.float())  # fmt: skip
+
+    teacher = open_file_teacher(str(tmp_path / "fp32"), torch.float32)
+    assert all(p.is_meta for p in teacher.model.parameters())
+    assert teacher.model.model.rotary_emb.inv_freq.is_meta is False  # computed, not left for the files
+    loaded = load_teacher(str(tmp_path / "fp32"))
+    assert file_fingerprints(teacher, rows_per_block=7) == teacher_fingerprints(loaded.model, loaded.tokenizer)
+    # A built-in name reads the directory it is saved to; its fingerprints are the in-process teacher's.
+    builtin = open_file_teacher(f"tiny-random:{family}", torch.float32)
+    in_process = load_teacher(f"tiny-random:{family}")
+    assert file_fingerprints(builtin) == teacher_fingerprints(in_process.model, in_process.tokenizer)
+
+
 # ---- two processes (slow tier) ------------------------------------------------------------------------
 
 
@@ -205,6 +294,12 @@ def test_fsdp2_equals_ddp_on_two_processes_resumes_and_reshards(cache, tmp_path)
     _launch(run, "ddp", tmp_path / "ddp", processes=2)
     _launch(run, "fsdp2", tmp_path / "fsdp2", processes=2)
     _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp2")
+    # Each process read and holds its half of the teacher (FSDP2's dim-0 chunks), nothing more.
+    held = _teacher_bytes(tmp_path / "fsdp2", 2)
+    assert all(h["held"] == h["read"] for h in held) and sum(h["held"] for h in held) == _teacher_tensor_bytes()
+    assert max(h["held"] for h in held) <= 0.55 * _teacher_tensor_bytes()
+    _launch(run, "fsdp2", tmp_path / "fsdp2-whole", processes=2, whole_teacher=True)
+    _assert_same_run(tmp_path / "fsdp2-whole", tmp_path / "fsdp2", rel=0)
     # Sharded layers that recompute their weights and activations in the backward train the same.
     _launch(run, "fsdp2", tmp_path / "fsdp2-checkpointing", "checkpointing", processes=2)
     _assert_same_run(tmp_path / "fsdp2", tmp_path / "fsdp2-checkpointing")

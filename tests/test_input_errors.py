@@ -78,9 +78,10 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_full_disk_during_a_build_is_one_line_and_a_rerun_completes(tmp_path, capsys):
     out = tmp_path / "cache"
-    # the log-probs of a shard (16 x 64 tokens x 64 float32) pass the limit; the index (70 kB) and manifest do not
+    # the log-probs of a shard (16 x 64 tokens x 64 float32, not the default float16) pass the limit; the index
+    # (70 kB) and manifest do not
     argv = ["lrc_offline.cli.cache", "build", "--out", str(out), "--no-progress", "max_sequences=32",
-            "sequences_per_shard=16", "seq_len=64", "topk=64", "act_positions=8"]  # fmt: skip
+            "sequences_per_shard=16", "seq_len=64", "topk=64", "act_positions=8", "logprob_dtype=float32"]  # fmt: skip
     proc = _run_with_file_size_limit(120_000, *argv)
     lines = _error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr

@@ -237,8 +237,10 @@ def test_webdataset_reads_our_shards_from_s3(bucket):
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode(*decoders))
     # --- end snippet
     assert len(samples) == 32 and samples[0]["__key__"] == "0000000000"
-    assert sorted(k for k in samples[0] if not k.startswith("__"))[:3] == ["act_attn.npy.blosc", "act_input.npy.blosc",
-                                                                            "act_positions.npy.blosc"]  # fmt: skip
+    # the default int4g activations come with their per-group scales as companion arrays
+    assert sorted(k for k in samples[0] if not k.startswith("__"))[:4] == [
+        "act_attn.npy.blosc", "act_attn__scale.npy.blosc", "act_input.npy.blosc", "act_input__scale.npy.blosc",
+    ]
     first = reader.read_shard(0)
     assert np.array_equal(samples[1]["input_ids.npy.blosc"], first["input_ids"][1].numpy())
     assert np.array_equal(samples[31]["topk_ids.npy.blosc"], reader.read_shard(7)["topk_ids"][3].numpy())

@@ -46,11 +46,12 @@ SEQ_LEN, NUM_SEQ, PER_SHARD = 32, 48, 8
 
 
 def _build(root: Path, activation_mode: str) -> Path:
-    # Every position, full-precision hidden states: the cache then carries the whole teacher signal.
+    # Every position at every layer, full-precision hidden states and activations (not the compact
+    # defaults): the cache then carries the whole teacher signal.
     cfg = CacheConfig(
         teacher="tiny-random:llama", corpus="tiny-text", seq_len=SEQ_LEN, max_sequences=NUM_SEQ,
         sequences_per_shard=PER_SHARD, logit_mode="hidden", activation_mode=activation_mode,
-        act_positions=SEQ_LEN, act_dtype="float32",
+        act_positions=SEQ_LEN, act_dtype="float32", act_layer_fraction=1.0,
     )  # fmt: skip
     build_cache(cfg, root, progress=False)
     return root
@@ -103,6 +104,22 @@ def test_cache_batch_gives_online_loss_and_gradients(caches, mode):
     for name, grad in grads_o.items():
         assert grad.abs().max() > 0, name
         assert _close(grads_c[name], grad), name
+
+
+def test_a_cache_built_with_the_old_defaults_still_trains_with_todays(tmp_path):
+    """The defaults before the compact codec, named: fp32 log-probs, bf16 residuals at every layer, 16 positions."""
+    old = CacheConfig(seq_len=SEQ_LEN, max_sequences=8, sequences_per_shard=8, heldout_docs=2, heldout_sequences=4,
+                      logprob_dtype="float32", act_dtype="bfloat16", act_layer_fraction=1.0,
+                      act_positions=16)  # fmt: skip
+    build_cache(old, tmp_path / "cache", progress=False)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert {f["name"]: f["dtype"] for f in manifest["fields"]}["act_input"] == "bfloat16"
+    assert "act_layer_mask" not in {f["name"] for f in manifest["fields"]}
+    job = TrainJobConfig(student=StudentConfig(pca_calibrate_sequences=2), train=TrainConfig(steps=2, batch_size=4))
+    summary = train_from_cache(job, tmp_path / "cache", tmp_path / "run", progress=False)
+    ran = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert ran["student"]["init"] == "pca" and ran["optim"]["warmup_steps"] == 1  # today's auto choices
+    assert summary["student_heldout"]["ce"] > 0 and torch.isfinite(torch.tensor(summary["student_heldout"]["ce"]))
 
 
 def test_three_trainer_steps_match_online_steps(caches, tmp_path):

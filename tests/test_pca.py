@@ -63,15 +63,16 @@ def test_pca_student_exports_untied_head_over_a_tied_teacher(tmp_path, tokenizer
     assert not model.config.tie_word_embeddings and model.lm_head.weight.shape == (teacher.config.vocab_size, 24)
     torch.testing.assert_close(model(input_ids=_ids()).logits, student(_ids()).logits_BTV, rtol=1e-5, atol=1e-5)
     tied = LRCStudent(teacher, 24)
-    init_pca(tied, torch.linalg.qr(torch.randn(64, 24))[0])  # tied: final norm approximated per channel
+    init_pca(tied, torch.linalg.qr(torch.randn(64, 24))[0])  # tied: rotated basis, fitted final norm (test_tied_head.py)
     assert tied.proj_lm_head is None and torch.isfinite(tied(_ids()).logits_BTV).all()
 
 
 @pytest.fixture(scope="module")
 def residual_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("pca") / "cache"
+    # every layer at every stored position (not the default layer subset): each stored row is a residual vector
     build_cache(CacheConfig(seq_len=32, max_sequences=16, sequences_per_shard=8, act_positions=8, topk=8,
-                            act_dtype="float32"), out, progress=False)  # fmt: skip
+                            act_dtype="float32", act_layer_fraction=1.0), out, progress=False)  # fmt: skip
     return out
 
 

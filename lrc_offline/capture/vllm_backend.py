@@ -12,10 +12,15 @@ What it runs for each logit mode:
                             norm. The teacher's own final norm (and head, where logits are needed) is
                             applied here, then the very functions the hf backend uses.
 
-vLLM exposes no per-layer inputs or attention outputs, so a build with activations is refused by the
-config (`cache.activation_mode` must be `none`). The `transformers` teacher is still loaded, on the CPU,
-for the fingerprints and the final norm and head: the manifest and the trainer see the same teacher as
-with the hf backend, and caches from both backends are interchangeable.
+Activations, mode residual: vLLM has no API for them, so a worker extension hooks its decoder layers
+(`vllm_activations.ActivationTap`) and gathers each layer's input and attention output at the sampled
+positions during the same forward that computes the logit signal; the seven targets, for the statistics,
+are recomputed from them with the `transformers` teacher's modules. Mode targets is refused by the config
+(vLLM fuses q/k/v and gate/up). A document-masked cache (`cache.document_mask`) is refused
+too: each packed sequence is one vLLM prompt, whose attention spans all the documents packed into it. The
+`transformers` teacher is still loaded, on the CPU, for the fingerprints and the final norm and head: the
+manifest and the trainer see the same teacher as with the hf backend, and caches from both backends are
+interchangeable.
 
 Legend: B batch, T tokens, K top-k, D hidden, V vocabulary.
 """
@@ -35,11 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import act_layers, num_act_positions
 from ..config import CacheConfig, ConfigError
 from ..fsutil import atomic_dir
 from ..teacher.fingerprint import weights_fingerprint
 from ..teacher.load import Teacher, resolve_device, resolve_dtype, user_cache_dir
+from .positions import sample_positions_batch
 from .signals import logit_fields
+from .vllm_activations import EXTENSION, clone_targets, merge_worker_rows, residual_fields, tap_request
 
 __all__ = ["BackendUnavailableError", "VLLM_INSTALL", "require_vllm", "check_serves", "vllm_version", "model_dir",
            "VLLMCapture", "open_vllm"]
@@ -138,6 +146,11 @@ class VLLMCapture:
     """One vLLM engine for one build; `capture` has the signature and output of `capture_batch`."""
 
     def __init__(self, cfg: CacheConfig, teacher: Teacher, storage: Path):
+        if cfg.document_mask:  # `CacheConfig` refuses it too; this guards a config changed after its checks
+            raise BackendUnavailableError(
+                "cache.document_mask=true needs cache.run.backend=hf: the vLLM backend runs each packed sequence "
+                "as one prompt, attending across its documents"
+            )
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -145,7 +158,17 @@ class VLLMCapture:
         check_serves(teacher)
         self.cfg, self.teacher = cfg, teacher
         self.prompt_logprobs = uses_prompt_logprobs(cfg)
-        if cfg.logit_mode == "none":
+        self.activations = cfg.activation_mode == "residual"
+        self._taps: list[dict] = []
+        """The tap's `extra_args` for each prompt of the batch being captured (empty without activations)."""
+        if cfg.activation_mode not in ("none", "residual"):  # `CacheConfig` refuses it too
+            raise BackendUnavailableError(f"cache.activation_mode={cfg.activation_mode} needs cache.run.backend=hf")
+        if self.activations and not cfg.run.vllm_enforce_eager:
+            raise BackendUnavailableError(
+                "cache.activation_mode=residual with cache.run.backend=vllm needs cache.run.vllm_enforce_eager=true: "
+                "the activation hooks run Python at every step, which torch.compile and CUDA graphs bypass"
+            )
+        if cfg.logit_mode == "none" and not self.activations:
             return  # the cache holds the token ids only: nothing to run
         # The final norm and head run where the hf backend would run them, in its dtype.
         run = cfg.run
@@ -158,11 +181,13 @@ class VLLMCapture:
         engine = dict(
             model=str(model_dir(teacher)), skip_tokenizer_init=True, dtype=_vllm_dtype(cfg, on_cpu),
             max_model_len=cfg.seq_len + 1,  # the sequence and the one generated token that ends a request
-            tensor_parallel_size=run.vllm_tensor_parallel_size,
+            tensor_parallel_size=run.tensor_parallel_size,
             pipeline_parallel_size=run.vllm_pipeline_parallel_size,
             gpu_memory_utilization=run.vllm_gpu_memory_utilization, enforce_eager=run.vllm_enforce_eager,
-            seed=cfg.seed, enable_prefix_caching=False,
+            seed=cfg.seed, enable_prefix_caching=False,  # every prompt token is computed (and tapped)
         )  # fmt: skip
+        if self.activations:
+            engine["worker_extension_cls"] = EXTENSION
         if self.prompt_logprobs:
             engine.update(max_logprobs=cfg.topk, logprobs_mode="raw_logprobs")
         else:
@@ -183,13 +208,20 @@ class VLLMCapture:
             # vLLM's own message names its flags; say which cache fields set them and what ran.
             err.add_note(f"lrc-cache build started vLLM with cache.run.vllm_gpu_memory_utilization="
                          f"{run.vllm_gpu_memory_utilization} (on vLLM's CPU build, a share of the CPU memory "
-                         f"node), run.vllm_tensor_parallel_size={run.vllm_tensor_parallel_size}, "
+                         f"node), run.tensor_parallel_size={run.tensor_parallel_size}, "
                          f"run.vllm_pipeline_parallel_size={run.vllm_pipeline_parallel_size}")  # fmt: skip
             if not self.prompt_logprobs:
                 err.add_note(f"cache.logit_mode={cfg.logit_mode} (and top-k away from temperature 1) runs vLLM's "
                              "hidden-state extraction; if that is what this platform cannot serve, use "
                              "cache.run.backend=hf, or logit_mode=topk at temperature 1 (prompt log-probs)")  # fmt: skip
             raise
+        if self.activations:
+            from .build import teacher_geometry  # build imports this module: resolved at call time
+
+            adapter = teacher.adapter
+            self.layers = act_layers(cfg, teacher_geometry(teacher.config))
+            self.llm.collective_rpc("lrc_tap_install", args=(adapter.layers, adapter.attn, self.layers))
+            self._calls = 0
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
@@ -198,9 +230,14 @@ class VLLMCapture:
             del self.llm
 
     def _generate(self, input_ids_BT: torch.Tensor, params) -> list:
+        """`params` for every prompt, each with the tap's request for the prompt's positions (`self._taps`)."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids_BT]
+        if self._taps:
+            params = [params.clone() for _ in prompts]
+            for one, tap in zip(params, self._taps, strict=True):
+                one.extra_args = {**(one.extra_args or {}), **tap}
         return self.llm.generate(prompts, params, use_tqdm=False)
 
     @torch.no_grad()
@@ -211,15 +248,49 @@ class VLLMCapture:
         batch, tokens = input_ids_BT.shape
         out = {"input_ids": input_ids_BT.to(torch.int32), "position_ids": position_ids_BT.to(torch.int32)}
         stats = {"tokens": float(batch * tokens)}
-        if self.cfg.logit_mode == "none":
+        self._taps = []
+        if self.activations:
+            cfg = self.cfg
+            positions_BP = sample_positions_batch(sequence_indices, tokens, num_act_positions(cfg, tokens), cfg.seed,
+                                                  cfg.include_sink, position_ids_BT)  # fmt: skip
+            self._calls += 1
+            keys = [f"{self._calls}:{j}" for j in sequence_indices]
+            self._taps = [tap_request(key, row.tolist()) for key, row in zip(keys, positions_BP, strict=True)]
+        elif self.cfg.logit_mode == "none":
             return out, stats
-        if self.prompt_logprobs:
-            fields, logit_stats = self._topk_from_logprobs(input_ids_BT)
-        else:
-            fields, logit_stats = self._from_hidden(input_ids_BT, sequence_indices)
-        out.update(fields)
-        stats.update(logit_stats)
+        try:
+            if self.cfg.logit_mode == "none":
+                from vllm import SamplingParams
+
+                self._generate(input_ids_BT, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False))
+            elif self.prompt_logprobs:
+                fields, logit_stats = self._topk_from_logprobs(input_ids_BT)
+            else:
+                fields, logit_stats = self._from_hidden(input_ids_BT, sequence_indices)
+        except BaseException:
+            if self.activations:
+                self.llm.collective_rpc("lrc_tap_clear")
+            raise
+        if self.cfg.logit_mode != "none":
+            out.update(fields)
+            stats.update(logit_stats)
+        if self.activations:
+            act_out, act_stats = self._residuals(keys, positions_BP, position_ids_BT, sequence_indices)
+            out.update(act_out)
+            stats.update(act_stats)
         return out, stats
+
+    def _residuals(
+        self, keys: list[str], positions_BP: torch.Tensor, position_ids_BT: torch.Tensor, sequence_indices: list[int]
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tapped layer inputs and attention outputs of this batch's prompts, as cache fields."""
+        rows = merge_worker_rows(self.llm.collective_rpc("lrc_tap_collect", args=(keys,)), keys)
+        h_LBPD = torch.stack([rows[key]["input"] for key in keys], dim=1)
+        a_LBPD = torch.stack([rows[key]["attn"] for key in keys], dim=1)
+        # The statistics the hf backend takes from its hooks on all seven terms, from the teacher's own modules.
+        targets = clone_targets(self.teacher.model, self.teacher.adapter, self.layers, h_LBPD, a_LBPD)
+        return residual_fields(self.cfg, h_LBPD, a_LBPD, targets, positions_BP, position_ids_BT, sequence_indices,
+                               len(self.layers))  # fmt: skip
 
     def _topk_from_logprobs(self, input_ids_BT: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         from vllm import SamplingParams

@@ -1,15 +1,18 @@
-"""`lrc-cache`: build, inspect and verify a teacher cache.
+"""`lrc-cache`: build, plan, inspect and verify a teacher cache.
 
     lrc-cache tokenize --config FILE --out DIR [--worker-index I --num-workers N] [key=value ...]
     lrc-cache build --config FILE --out DIR [--worker-index I [--num-workers N]] [key=value ...]
     lrc-cache build --help-config | [--config FILE] [key=value ...] --print-config
+    lrc-cache plan [CONFIG | --config FILE] --tokens N [--gpu-tflops T] [--teacher-config PATH]
+                   [--ratios-from CACHE] [--doc-tokens N] [--json] [key=value ...]
     lrc-cache inspect DIR [--json]
     lrc-cache verify DIR
     lrc-cache clean DIR [--all] [--derived]   (after a killed build: remove its leftovers; never during a build)
 
 Worker I of N tokenises corpus units I, I+N, ... and builds shards I, I+N, ...; under a Slurm array or
 torchrun/accelerate the split comes from the launcher. --shard-index/--num-shards are deprecated names of
---worker-index/--num-workers.
+--worker-index/--num-workers. With run.tensor_parallel_size=T (torchrun --nproc-per-node T or a multiple)
+each group of T processes is one worker (docs/tensor_parallel.md).
 
 DIR may be an fsspec URL (s3://bucket/prefix, gs://..., file://...), reached through the standard
 credential chain (environment, AWS_ENDPOINT_URL, AWS_PROFILE, instance role) and the filesystem's
@@ -78,6 +81,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     tokenize = sub.add_parser("tokenize", help="tokenise the corpus into the cache's index (this worker's files)")
     _add_cache_job_args(tokenize, "this worker's index (with --num-workers N: corpus units I, I+N, ...)",
                         "number of parallel tokenising workers", "corpus=/data/*.jsonl.zst")  # fmt: skip
+    plan = sub.add_parser("plan", help="bytes, shards, objects and teacher FLOPs of a cache before building it "
+                          "(docs/planning.md)")  # fmt: skip
+    plan.add_argument("--config", help="JSON or YAML cache config (or give it as the first argument)")
+    plan.add_argument("--tokens", type=_token_count, metavar="N",
+                      help="training tokens, e.g. 20e9 or 20B (default: cache.max_sequences x cache.seq_len)")
+    plan.add_argument("--gpu-tflops", type=float, metavar="T",
+                      help="achieved TFLOP/s per GPU of the teacher forward, for GPU-hours")
+    plan.add_argument("--teacher-config", metavar="PATH",
+                      help="the teacher's config.json (or a folder holding it) instead of cache.teacher's")
+    plan.add_argument("--ratios-from", metavar="CACHE", action="append", default=[],
+                      help="compression ratios measured on this built cache (same teacher and corpus), used "
+                      "before the built-in SmolLM2 ones; repeatable (the first measuring a field wins)")  # fmt: skip
+    plan.add_argument("--doc-tokens", type=float, metavar="N",
+                      help="mean tokens per corpus document, for the index's document starts")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. act_dtype=int4 (a first argument "
+                      "without '=' is the config file)")  # fmt: skip
+    add_config_args(plan, CacheConfig)
     inspect = sub.add_parser("inspect", help="sizes, compression, teacher statistics, fingerprints")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     verify = sub.add_parser("verify", help="recompute every checksum; non-zero exit on a bad or missing shard")
@@ -112,8 +133,149 @@ def _cache_config(args) -> CacheConfig:
     return load_config(CacheConfig, args.config, overrides)
 
 
+def _plan_config(args) -> CacheConfig:
+    """`plan`'s config: a first argument without '=' names the config file (like --config)."""
+    from ..config import ConfigError
+
+    if args.overrides and "=" not in args.overrides[0]:
+        if args.config is not None:
+            raise ConfigError(f"two config files: --config {args.config} and {args.overrides[0]}; give one")
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
+    return _cache_config(args)
+
+
+_TOKEN_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _token_count(text: str) -> int:
+    """A token count: an integer, a float such as 20e9, or a number with K, M, B or T (20B)."""
+    scale = _TOKEN_SUFFIXES.get(text[-1:].lower(), 1.0)
+    try:
+        value = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count; write e.g. 20e9 or 20B") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the token count must be at least 1")
+    return int(value)
+
+
+def _teacher_config_json(teacher: str, path: str | None) -> tuple[dict, str]:
+    """The teacher's config.json as a dict, and where it was read: `path` (a file or a folder holding one),
+    else `teacher`'s: a folder's, a Hub id's in the local Hugging Face cache (config.json alone suffices, no
+    weights), a built-in teacher's (loaded; they are small), or a GGUF file's."""
+    from ..teacher.load import _HUB_ID, TeacherLoadError, hub_cache_dir, load_teacher
+
+    if path is not None:
+        file = Path(path).expanduser()
+        file = file / "config.json" if file.is_dir() else file
+        if not file.is_file():
+            raise FileNotFoundError(f"--teacher-config {path}: no such file (pass a config.json or its folder)")
+        return _read_json(file), str(file)
+    folder = Path(teacher).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise TeacherLoadError(f"teacher directory {folder} has no config.json; pass --teacher-config PATH")
+        return _read_json(folder / "config.json"), str(folder / "config.json")
+    hub_id = _HUB_ID.fullmatch(teacher) if not folder.exists() and folder.suffix != ".gguf" else None
+    if hub_id is not None:
+        repo = hub_cache_dir() / ("models--" + hub_id["repo"].replace("/", "--"))
+        revision = hub_id["revision"] or "main"
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        file = repo / "snapshots" / commit / "config.json"
+        if not file.is_file():
+            raise TeacherLoadError(f"teacher {teacher!r} has no config.json in the local Hugging Face cache "
+                                   f"{hub_cache_dir()}; fetch it with `hf download {hub_id['repo']} config.json`, or "
+                                   "pass --teacher-config PATH")  # fmt: skip
+        return _read_json(file), str(file)
+    return load_teacher(teacher).config.to_dict(), f"teacher {teacher}"
+
+
+def _read_json(file: Path) -> dict:
+    from ..config import ConfigError
+
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file} is not JSON ({err}); pass the teacher's config.json") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} holds no JSON object; pass the teacher's config.json")
+    return data
+
+
+def _bytes(n: float) -> str:
+    """`n` bytes in decimal units (kB, MB, GB, TB, PB), three significant figures."""
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _plan(args) -> int:
+    from ..cache.plan import SMOLLM2_RATIOS, geometry_from_hf_config, measure_ratios, plan_cache
+    from ..config import ConfigError
+
+    cfg = _plan_config(args)
+    tokens = args.tokens
+    if tokens is None:
+        if cfg.max_sequences is None:
+            raise ConfigError("give --tokens N (e.g. 20e9): the config sets no cache.max_sequences to plan from")
+        tokens = cfg.max_sequences * cfg.seq_len
+    if args.gpu_tflops is not None and not args.gpu_tflops > 0:
+        raise ConfigError(f"--gpu-tflops {args.gpu_tflops} must be > 0 (the achieved TFLOP/s of one GPU)")
+    hf_config, source = _teacher_config_json(cfg.teacher, args.teacher_config)
+    geometry = geometry_from_hf_config(hf_config, source)
+    ratios = [*(measure_ratios(cache, name=f"measured on {cache}") for cache in args.ratios_from), SMOLLM2_RATIOS]
+    plan = plan_cache(cfg, geometry, tokens, ratios, args.doc_tokens)
+    if args.json:
+        out = plan.to_dict()
+        out["teacher_config"] = source
+        if args.gpu_tflops:
+            out["gpu_hours"], out["gpu_tflops"] = plan.gpu_hours(args.gpu_tflops), args.gpu_tflops
+        print(json.dumps(out, indent=2))
+        return 0
+    g, train, L = geometry, plan.train, cfg.seq_len
+    print(f"plan  {args.config or 'default config'}: {plan.num_tokens:,} tokens ({train.num_sequences:,} sequences "
+          f"of {L}), format {cfg.format}")  # fmt: skip
+    print(f"  teacher         {source}: hidden {g.hidden_size}, {g.num_layers} layers, {g.num_heads} heads "
+          f"({g.num_kv_heads} KV) x {g.head_dim}, FFN {g.intermediate_size}, vocab {g.vocab_size}")  # fmt: skip
+    print(f"  {'field':<16}{'dtype':>9}{'raw B/tok':>11}{'rows kept':>11}{'ratio':>8}{'B/token':>10}{'total':>11}"
+          "  ratio from")  # fmt: skip
+    for f in plan.fields:
+        ratio = "-" if f.ratio is None else f"{f.ratio:.2f}"
+        print(f"  {f.name:<16}{f.dtype:>9}{f.raw_bytes_per_token:>11.2f}{f.kept_fraction:>11.3f}{ratio:>8}"
+              f"{f.bytes_per_token:>10.2f}{_bytes(f.bytes_per_token * plan.num_tokens):>11}  {f.ratio_source}")
+    print(f"  shards          {train.num_shards:,} of {train.sequences_per_shard} sequences, {train.files_per_shard} "
+          f"files each (+ a completion record): {plan.bytes_per_token:.1f} B/token, {_bytes(train.data_bytes)} "
+          "(what lrc-cache inspect reports)")  # fmt: skip
+    if plan.heldout is not None:
+        held = plan.heldout
+        print(f"  held-out split  up to {held.num_sequences:,} sequences in {held.num_shards} shard(s): "
+              f"{_bytes(held.data_bytes)}")  # fmt: skip
+    print(f"  records         {_bytes(train.record_bytes + (plan.heldout.record_bytes if plan.heldout else 0))}; "
+          "manifest ~4 kB")  # fmt: skip
+    documents = (f", {plan.index_documents:,} documents" if plan.index_documents is not None else
+                 " (token stream only: --doc-tokens N adds the documents' starts)")  # fmt: skip
+    print(f"  index           {_bytes(plan.index_bytes)}{documents}")
+    print(f"  total           {_bytes(plan.total_bytes)} in {plan.num_objects:,} objects (the index's files apart)")
+    hours = (f"; {plan.gpu_hours(args.gpu_tflops):,.1f} GPU-hours at {args.gpu_tflops:g} TFLOP/s" if args.gpu_tflops
+             else " (--gpu-tflops T gives GPU-hours)")  # fmt: skip
+    print(f"  teacher FLOPs   {plan.flops_per_token:.3g} a token, {plan.flops:.3g} in all{hours}")
+    for table in plan.ratios:
+        print(f"  ratios {table.name}: {table.provenance}")
+        if table.shard_format != cfg.format:
+            print(f"  note: these ratios were measured on {table.shard_format} shards; {cfg.format} shards of short "
+                  "sequences compress differently (docs/planning.md)")  # fmt: skip
+    unmeasured = [f.name for f in plan.fields if f.ratio is None]
+    if unmeasured:
+        print(f"  unmeasured: {', '.join(unmeasured)} costed uncompressed (an upper bound); --ratios-from CACHE "
+              "measures them on a small cache built with this config")  # fmt: skip
+    return 0
+
+
 def _build(args) -> int:
     from ..capture.build import build_cache
+    from ..capture.tensor_parallel import tensor_parallel_layout
     from ..config import ConfigError, to_dict
 
     _warn_deprecated(args)
@@ -122,12 +284,25 @@ def _build(args) -> int:
     worker, num_workers = args.worker_index, args.num_workers
     if num_workers is not None and worker is None:
         raise ConfigError("--num-workers N needs --worker-index I (this worker's index in 0..N-1)")
-    if worker is None:
+    if cfg.run.vllm_tensor_parallel_size is not None:
+        log.warning("cache.run.vllm_tensor_parallel_size: deprecated, use cache.run.tensor_parallel_size (same "
+                    "meaning); the old name will be removed")  # fmt: skip
+    layout = tensor_parallel_layout(cfg.run)
+    if layout is not None:  # each group of ranks is one worker; the launch's own place is the array task's
+        if worker is None and "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+            worker, num_workers = launcher_rank()
+        worker, num_workers = layout.worker_split(worker, num_workers)
+    elif worker is None:
         worker, num_workers = launcher_rank()
         if worker is not None and cfg.run.device == "auto" and "LOCAL_RANK" in os.environ:
             cfg.run.device = f"cuda:{os.environ['LOCAL_RANK']}" if _has_cuda() else "cpu"
-    log.info("config: %s", json.dumps(to_dict(cfg)))
+    if layout is None or layout.leader:
+        log.info("config: %s", json.dumps(to_dict(cfg)))
     report = build_cache(cfg, args.out, worker, num_workers, progress=not args.no_progress)
+    if report.follower:
+        log.info("tensor-parallel rank %d of group %d: ran the teacher with its group's writer (rank 0), %d tokens; "
+                 "wrote nothing", layout.rank, layout.group, report.tokens)  # fmt: skip
+        return 0
     log.info("built %d shard(s) and %d held-out shard(s), skipped %d and %d complete; %d tokens at %.0f tokens/s",
              len(report.built), len(report.heldout_built), len(report.skipped), len(report.heldout_skipped),
              report.tokens, report.tokens_per_s)  # fmt: skip
@@ -258,8 +433,10 @@ _KEPT_ON_FULL_DISK = {"build": "complete shards are kept, and a rerun builds onl
 
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {"tokenize": _tokenize, "build": _build, "inspect": _inspect, "verify": _verify, "clean": _clean}
-    return dispatch(_parser, argv, handlers, configs={"build": _cache_config, "tokenize": _cache_config},
+    handlers = {"tokenize": _tokenize, "build": _build, "plan": _plan, "inspect": _inspect, "verify": _verify,
+                "clean": _clean}  # fmt: skip
+    return dispatch(_parser, argv, handlers, configs={"build": _cache_config, "tokenize": _cache_config,
+                                                      "plan": _plan_config},
                     required={"build": ("--out",), "tokenize": ("--out",)}, kept=_KEPT_ON_FULL_DISK)  # fmt: skip
 
 

@@ -6,6 +6,9 @@
                      (--cache: on the cache's held-out split, no teacher forward; --corpus: the teacher runs)
     lrc-train export --checkpoint DIR --out DIR [--teacher NAME] [--dtype float32|bfloat16|float16]
     lrc-train online --out DIR [--config FILE] [--resume auto|never|PATH] [section.key=value ...]   (the online reference)
+    lrc-train plan   CONFIG --num-gpus N [--num-hosts N] [--gpu-tflops X] [--teacher NAME | --teacher-config FILE]
+                     [--seq-len N] [--act-positions N] [--cpu] [--json] [section.key=value ...]
+                     (memory per GPU and per host, FLOPs per step and tokens/s; docs/scaling.md)
     lrc-train train|sweep|online --help-config | [--config FILE] [section.key=value ...] --print-config
 
 Multi-GPU / multi-node: `accelerate launch --config_file train/accelerate/<file>.yaml -m lrc_offline.cli.train train ...`.
@@ -75,6 +78,23 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     online = sub.add_parser("online", help="online reference trainer: the teacher runs in every step")
     _add_job_args(online, cache=False)
     online.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), never, or a step-* dir")
+    plan = sub.add_parser("plan", help="memory per GPU and per host, FLOPs per step and tokens/s of a config, "
+                          "under DDP and FSDP2, with and without activation checkpointing")  # fmt: skip
+    plan.add_argument("config", help="JSON or YAML TrainJobConfig, e.g. train/llama31_70b_to_4096.yaml")
+    plan.add_argument("--num-gpus", type=int, required=True, help="processes (GPUs) of the run")
+    plan.add_argument("--num-hosts", type=int, default=1, help="hosts the GPUs are spread over (default 1)")
+    plan.add_argument("--gpu-tflops", type=float, help="sustained TFLOP/s of one GPU, for tokens/s (e.g. 400 for "
+                      "an H100 at ~40%% of its dense bf16 peak)")  # fmt: skip
+    plan.add_argument("--teacher", help="teacher (default: the config's): a directory, a Hub id in the local "
+                      "Hugging Face cache or a built-in name; only its config.json is read")  # fmt: skip
+    plan.add_argument("--teacher-config", help="the teacher's config.json, where its checkpoint is not here")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (the cache's seq_len; default 2048)")
+    plan.add_argument("--act-positions", type=int, default=8, help="clone positions per sequence (the cache's "
+                      "act_positions; default 8)")  # fmt: skip
+    plan.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 throughout) instead of GPUs (bf16)")
+    plan.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=1")
+    add_config_args(plan, TrainJobConfig)
     return parser, sub.choices
 
 
@@ -217,6 +237,17 @@ def _export(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from ..training.plan import format_plan, plan, teacher_geometry
+
+    cfg = _job_config(args, quiet=True)
+    geo = teacher_geometry(args.teacher or cfg.teacher, args.teacher_config)
+    rows = plan(cfg, geo, args.seq_len or 2048, args.num_gpus, args.num_hosts, args.gpu_tflops, args.act_positions,
+                bf16=not args.cpu)  # fmt: skip
+    print(json.dumps(rows, indent=2) if args.json else format_plan(rows, geo, cfg.student.hidden_size))
+    return 0
+
+
 def _online(args) -> int:
     from ..online import train_online
 
@@ -234,8 +265,8 @@ _KEPT_ON_FULL_DISK = {"train": _RESUMES, "sweep": _RESUMES, "online": _RESUMES,
 
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online}
-    configs = {command: lambda args: _job_config(args, quiet=True) for command in _REQUIRED}
+    handlers = {"train": _train, "sweep": _sweep, "eval": _eval, "export": _export, "online": _online, "plan": _plan}
+    configs = {command: lambda args: _job_config(args, quiet=True) for command in (*_REQUIRED, "plan")}
     return dispatch(_parser, argv, handlers, configs, _REQUIRED, kept=_KEPT_ON_FULL_DISK)
 
 

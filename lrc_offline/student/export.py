@@ -9,7 +9,9 @@ and a model card, `README.md` (`model_card.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,25 +34,60 @@ def student_config(student: LRCStudent):
     return hf_config(student.teacher_config, student.d_student, student.head_dim, student.tied)
 
 
+TeacherReader = Callable[[str], torch.Tensor]
+"""A student's teacher tensor by its name in the student (`LRCStudent.teacher_tensor_names`), read whole."""
+
+
+@contextlib.contextmanager
+def _teacher_part(student: LRCStudent, prefix: str, read: TeacherReader | None) -> Iterator[None]:
+    """With `read`: the student's teacher tensors under `prefix` (on the meta device) read for the block
+    and dropped after it, so an export holds one layer of the teacher at a time."""
+    if read is None:
+        yield
+        return
+    held = []
+    for name, buffer in list(student.named_buffers(remove_duplicate=False)):  # a shared embedding and head too
+        if name.startswith(prefix) and buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            module = student.get_submodule(owner) if owner else student
+            held.append((module, attr, buffer))
+            module._buffers[attr] = read(name)
+    try:
+        yield
+    finally:
+        for module, attr, buffer in held:
+            module._buffers[attr] = buffer
+
+
 @torch.no_grad()
-def student_state_dict(student: LRCStudent, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """HF parameter names -> materialised student tensors."""
-    out = {"model.embed_tokens.weight": student.embedding_weight(), "model.norm.weight": student.final_norm}
+def student_state_dict(student: LRCStudent, dtype: torch.dtype = torch.float32,
+                       read_teacher: TeacherReader | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """HF parameter names -> materialised student tensors. `read_teacher`: for a student whose teacher
+    tensors are on the meta device (the export of a sharded run, `teacher.slices`), reads each part of
+    the teacher as its weights are made (one layer, or the embedding, at a time)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", dtype).contiguous()
+
+    with _teacher_part(student, "teacher_embed", read_teacher):
+        out = {"model.embed_tokens.weight": cast(student.embedding_weight()), "model.norm.weight": cast(student.final_norm)}
     if not student.tied:
-        out["lm_head.weight"] = student.head_weight()
+        with _teacher_part(student, "teacher_lm_head", read_teacher):
+            out["lm_head.weight"] = cast(student.head_weight())
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
-    for index, (layer, frozen) in enumerate(zip(student.layers, student.teacher_layers)):
+    for index, layer in enumerate(student.layers):
         prefix = f"model.layers.{index}."
-        for key, value in student.layer_weights(index).items():
-            term, _, is_bias = key.partition("_bias")
-            out[prefix + names[term] + (".bias" if key.endswith("_bias") else ".weight")] = value
-        out[prefix + "input_layernorm.weight"] = layer.input_norm
-        out[prefix + "post_attention_layernorm.weight"] = layer.post_norm
-        if frozen.has_qk_norm:
-            out[prefix + "self_attn.q_norm.weight"] = frozen.q_norm
-            out[prefix + "self_attn.k_norm.weight"] = frozen.k_norm
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
+        with _teacher_part(student, f"layers.{index}.teacher.", read_teacher):
+            frozen = layer.teacher
+            for key, value in student.layer_weights(index).items():
+                term, _, is_bias = key.partition("_bias")
+                out[prefix + names[term] + (".bias" if key.endswith("_bias") else ".weight")] = cast(value)
+            out[prefix + "input_layernorm.weight"] = cast(layer.input_norm)
+            out[prefix + "post_attention_layernorm.weight"] = cast(layer.post_norm)
+            if frozen.has_qk_norm:
+                out[prefix + "self_attn.q_norm.weight"] = cast(frozen.q_norm)
+                out[prefix + "self_attn.k_norm.weight"] = cast(frozen.k_norm)
+    return out
 
 
 def export_student(
@@ -60,6 +97,7 @@ def export_student(
     run_config: dict | None = None,
     dtype: torch.dtype = torch.float32,
     extra_info: dict | None = None,
+    read_teacher: TeacherReader | None = None,
 ) -> Path:
     """Write a loadable HF checkpoint to `out_dir` (atomically: a temporary folder renamed into place).
 
@@ -71,6 +109,7 @@ def export_student(
         dtype: dtype of the saved weights (the config's `dtype` records it).
         extra_info: more provenance for `lrc_config.json` and the model card (steps, tokens, cache and its
             fingerprints, trainer, `heldout`: the run's last held-out figures).
+        read_teacher: see `student_state_dict`.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -78,7 +117,7 @@ def export_student(
     config = student_config(student)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    state = student_state_dict(student, dtype)
+    state = student_state_dict(student, dtype, read_teacher)
     expected = set(model.state_dict())
     missing = expected - set(state) - ({"lm_head.weight"} if student.tied else set())
     unexpected = set(state) - expected

@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from ..config import CLONE_TERMS
+from ..config import CLONE_TERMS, ConfigError
 from ..teacher.adapters import LayerWeights, TeacherWeights, teacher_weights
 from .functional import apply_rope, attention, attention_bias, rms_norm, swiglu
 from .hf_config import check_exportable
 
-__all__ = ["LRCStudent", "build_student", "StudentOutput", "StudentWeights", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS"]
+__all__ = ["LRCStudent", "build_student", "StudentOutput", "StudentWeights", "CLONE_TERMS", "READ_TERMS", "WRITE_TERMS",
+           "local_rows", "local_tensor", "set_rows", "full_tensor"]
 
 READ_TERMS = ("q", "k", "v", "gate", "up")
 """Projections that read the residual stream: W^S = W^T P."""
@@ -147,6 +149,46 @@ class _FrozenLayer(nn.Module):
         return out
 
 
+def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
+    """The rows [a, b) of dim 0 this process holds of `tensor`: all of a plain tensor; of an FSDP2-sharded
+    one (a DTensor placed Shard(0)), FSDP2's chunk: ceil(n / N) rows a rank, the last ranks fewer or none."""
+    if not isinstance(tensor, DTensor):
+        return 0, tensor.shape[0]
+    assert [p.is_shard(0) for p in tensor.placements] == [True], f"unexpected placement {tensor.placements}"
+    num, world = tensor.shape[0], tensor.device_mesh.size()
+    chunk = -(-num // world)
+    first = min(tensor.device_mesh.get_local_rank() * chunk, num)
+    end = min(first + chunk, num)
+    assert tensor.to_local().shape[0] == end - first, "FSDP2 split dim 0 otherwise than torch.chunk"
+    return first, end
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of `tensor`: its local shard when sharded, else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def set_rows(tensor: torch.Tensor, rows) -> None:
+    """Write this process's rows of `tensor` (`local_rows`): `rows` is the full value (a tensor or a
+    number) or a function (a, b) -> rows [a, b) of it, called once, so a sharded tensor is filled without
+    ever making the whole."""
+    local = local_tensor(tensor)
+    if callable(rows):
+        rows = rows(*local_rows(tensor))
+    elif isinstance(rows, torch.Tensor) and rows.dim() and isinstance(tensor, DTensor):
+        rows = rows[slice(*local_rows(tensor))]
+    if isinstance(rows, torch.Tensor):
+        local.copy_(rows)
+    else:
+        local.fill_(rows)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of `tensor` (gathered when sharded: collective, every process calls it in the same order)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def frozen_buffers_to_parameters(module: nn.Module) -> None:
     """Re-register `module`'s own buffers as parameters with requires_grad=False (same tensors), for a
     sharded student: FSDP2 shards parameters, never buffers."""
@@ -188,13 +230,14 @@ class _StudentLayer(nn.Module):
     per layer) gathers the layer's tensors for that call only.
     """
 
-    def __init__(self, weights: LayerWeights, d_student: int, geometry: _Geometry):
+    def __init__(self, weights: LayerWeights, d_student: int, geometry: _Geometry, device=None):
         super().__init__()
         d_teacher = weights.q.shape[1]
         self.teacher = _FrozenLayer(weights)
-        self.proj = nn.ParameterDict({m: nn.Parameter(torch.empty(d_teacher, d_student)) for m in CLONE_TERMS})
-        self.input_norm = nn.Parameter(torch.ones(d_student))
-        self.post_norm = nn.Parameter(torch.ones(d_student))
+        self.proj = nn.ParameterDict({m: nn.Parameter(torch.empty(d_teacher, d_student, device=device))
+                                      for m in CLONE_TERMS})  # fmt: skip
+        self.input_norm = nn.Parameter(torch.ones(d_student, device=device))
+        self.post_norm = nn.Parameter(torch.ones(d_student, device=device))
         self.geometry = geometry
         self.decoder = decoder_layer
         """The layer's computation (`LRCStudent.compile_layers` swaps in a compiled one)."""
@@ -322,11 +365,14 @@ class LRCStudent(nn.Module):
         init_std: standard deviation of the N(0, init_std) projection init (the paper's 0.02).
         seed: seed of the projection init.
         untie_head: give the student its own head W^T_lm P_lm even when the teacher ties its head to the
-            embedding (costs vocab x d_S parameters; lets PCA init fold in the final-norm weight).
+            embedding (costs vocab x d_S parameters; lets PCA init fold the teacher's final-norm weight into
+            the head, where a tied head gets it through its final norm and a rotated basis).
+        device: where the trainable parameters are made; on `meta` they are left uninitialised (a student
+            sharded before its tensors exist: `training.fsdp.build_sharded_student`).
     """
 
     def __init__(self, teacher_model: nn.Module, hidden_size: int, init_std: float = 0.02, seed: int = 0,
-                 untie_head: bool = False):  # fmt: skip
+                 untie_head: bool = False, device: torch.device | str | None = None):  # fmt: skip
         super().__init__()
         weights: TeacherWeights = teacher_weights(teacher_model)
         self.teacher_config = copy.deepcopy(teacher_model.config)
@@ -343,11 +389,14 @@ class LRCStudent(nn.Module):
             self.register_buffer("teacher_lm_head", head, persistent=False)
         # RoPE depends only on head_dim and the rope parameters, which the student keeps.
         self.rotary = copy.deepcopy(teacher_model.model.rotary_emb)
-        self.layers = nn.ModuleList(_StudentLayer(lw, hidden_size, geometry) for lw in weights.layers)
-        self.proj_embed = nn.Parameter(torch.empty(self.d_teacher, hidden_size))
-        self.proj_lm_head = None if self.tied else nn.Parameter(torch.empty(self.d_teacher, hidden_size))
-        self.final_norm = nn.Parameter(torch.ones(hidden_size))
-        self.init_random(init_std, seed)
+        self.teacher_head_shared = weights.tied and not self.tied
+        """The teacher's embedding serves as `teacher_lm_head` too (an untied student of a tied teacher)."""
+        self.layers = nn.ModuleList(_StudentLayer(lw, hidden_size, geometry, device) for lw in weights.layers)
+        self.proj_embed = nn.Parameter(torch.empty(self.d_teacher, hidden_size, device=device))
+        self.proj_lm_head = None if self.tied else nn.Parameter(torch.empty(self.d_teacher, hidden_size, device=device))
+        self.final_norm = nn.Parameter(torch.ones(hidden_size, device=device))
+        if torch.device(device or "cpu").type != "meta":
+            self.init_random(init_std, seed)
 
     @property
     def teacher_layers(self) -> list[_FrozenLayer]:
@@ -365,12 +414,33 @@ class LRCStudent(nn.Module):
 
     @torch.no_grad()
     def init_random(self, std: float, seed: int) -> None:
-        """The paper's init: every projection N(0, std), norms 1; deterministic in `seed`."""
+        """The paper's init: every projection N(0, std), norms 1; deterministic in `seed`. A sharded
+        student draws the same numbers, one projection at a time, and keeps its rows."""
         gen = torch.Generator().manual_seed(seed)
         for p in self.projections():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            set_rows(p, torch.randn(p.shape, generator=gen) * std)
         for norm in self.norm_weights():
-            norm.fill_(1.0)
+            set_rows(norm, 1.0)
+
+    def teacher_tensor_names(self, adapter) -> dict[str, str]:
+        """Each frozen teacher tensor of the student (its name in `named_buffers`, or in `named_parameters`
+        once sharded) -> the teacher parameter it is, by the family's module names (`adapter`)."""
+        names = {"teacher_embed": f"{adapter.embed}.weight", "teacher_final_norm": f"{adapter.final_norm}.weight"}
+        if not self.tied:
+            names["teacher_lm_head"] = names["teacher_embed"] if self.teacher_head_shared else f"{adapter.lm_head}.weight"
+        modules = {"q": adapter.attn + ".q_proj", "k": adapter.attn + ".k_proj", "v": adapter.attn + ".v_proj",
+                   "o": adapter.attn + ".o_proj", "gate": adapter.mlp + ".gate_proj", "up": adapter.mlp + ".up_proj",
+                   "down": adapter.mlp + ".down_proj", "input_norm": adapter.input_norm,
+                   "post_norm": adapter.post_norm, "q_norm": adapter.attn + ".q_norm",
+                   "k_norm": adapter.attn + ".k_norm"}  # fmt: skip
+        for index, frozen in enumerate(self.teacher_layers):
+            prefix = f"{adapter.layers}.{index}."
+            owned = [n for n in _TEACHER_TENSORS] + (["q_norm", "k_norm"] if frozen.has_qk_norm else [])
+            for name in owned:
+                names[f"layers.{index}.teacher.{name}"] = prefix + modules[name] + ".weight"
+            for name in frozen.bias_names:
+                names[f"layers.{index}.teacher.{name}_bias"] = prefix + modules[name] + ".bias"
+        return names
 
     def norm_weights(self) -> list[nn.Parameter]:
         return [w for layer in self.layers for w in (layer.input_norm, layer.post_norm)] + [self.final_norm]
@@ -558,8 +628,18 @@ def decoder_layer(geometry: _Geometry, w: dict, frozen: dict, h_BTS: torch.Tenso
     return h, dict(zip(CLONE_TERMS, (q, k, v, a_out, gate, up, f)))
 
 
-def build_student(teacher_model: nn.Module, cfg) -> LRCStudent:
+def build_student(teacher_model: nn.Module, cfg, device: torch.device | str | None = None) -> LRCStudent:
     """An LRC student from a `StudentConfig` (random init; PCA init is applied on top by the caller,
-    which has the data: see `student.init.init_pca`). Refuses a size that could not be exported."""
+    which has the data: see `student.init.init_pca`). Refuses a size that could not be exported, and a tied
+    head over a teacher whose head is not tied (its head is not its embedding, so E^S could not stand in).
+    `device`: see `LRCStudent`."""
     check_exportable(teacher_model.config, cfg.hidden_size)
-    return LRCStudent(teacher_model, cfg.hidden_size, cfg.init_std, cfg.seed, untie_head=cfg.head == "untied")
+    student = LRCStudent(teacher_model, cfg.hidden_size, cfg.init_std, cfg.seed, untie_head=cfg.head == "untied",
+                         device=device)  # fmt: skip
+    if cfg.head == "tied" and not student.tied:
+        raise ConfigError(
+            "student.head=tied needs a teacher whose output head is tied to its embedding "
+            f"(tie_word_embeddings); this {student.teacher_config.model_type} teacher's is not: "
+            "use student.head=auto or untied"
+        )
+    return student

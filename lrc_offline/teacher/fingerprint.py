@@ -2,7 +2,8 @@
 
 The weights hash is taken over the parameters cast to bfloat16, so the same checkpoint loaded in fp32
 for the cache build and in bf16 for training fingerprints the same (a bf16 checkpoint upcast to fp32
-casts back exactly).
+casts back exactly). A tensor-parallel teacher hashes its full parameters, gathered one at a time from the
+processes' slices: the same bytes, so the same fingerprint, as the teacher loaded whole.
 """
 
 from __future__ import annotations
@@ -32,12 +33,25 @@ def config_fingerprint(config) -> str:
 
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over (name, shape, bf16 bytes) of every parameter, in name order; tied weights counted once."""
+    """sha256 over (name, shape, bf16 bytes) of every parameter, in name order; tied weights counted once.
+
+    A tensor-parallel parameter (a DTensor) is gathered whole first: a collective, so every process of its
+    group calls this at the same point, in the same (name) order, and gets the same hash.
+    """
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         h.update(f"{name}:{tuple(p.shape)}\n".encode())
-        h.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        full = p.full_tensor() if _is_dtensor(p) else p.detach()
+        h.update(full.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

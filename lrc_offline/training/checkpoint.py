@@ -5,7 +5,8 @@ A checkpoint directory holds
     student.safetensors   the student's trainable parameters (the teacher's weights are never saved)
     trainer.pt            optimizer and scheduler state and RNG states: plain tensors and numbers,
                           loaded with `torch.load(weights_only=True)`
-    state.json            version, step, every rank's reader position, the resolved config, extras
+    state.json            version, step, tokens trained on, every rank's reader position, the resolved
+                          config, extras
 
 or, for a sharded student (`train.parallelism=fsdp2`), `sharded/` (`torch.distributed.checkpoint` files:
 the trainable parameters and the optimizer state, one file per rank) in place of `student.safetensors`
@@ -67,7 +68,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.device", "train.mixed_precision", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.on_corrupt_shard", "train.report_to", "train.tracker_project", "export.dtype",
                      "train.compile", "train.loss_chunk_tokens", "train.generate_once", "train.storage_options",
-                     "train.activation_checkpointing")  # fmt: skip
+                     "train.activation_checkpointing", "optim.warmup_steps")  # fmt: skip
 """Config fields a resumed run may change; any other change would make the resumed run a different run."""
 
 
@@ -136,6 +137,7 @@ def save_checkpoint(
     reader_states: list[dict[str, Any]],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    tokens: int | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (replacing one of the same step) and return its directory. A
     sharded student (FSDP2) is saved by every rank together (`_save_sharded`); a whole one by one process.
@@ -148,28 +150,27 @@ def save_checkpoint(
         reader_states: Every rank's `CacheDataset.state_dict()`, in rank order.
         config: The resolved run config (JSON-ready).
         extra: More JSON-ready facts (e.g. the cache's fingerprints).
+        tokens: Training tokens of the `step` steps (over all processes of the runs that took them).
     """
     final = checkpoint_dir(out_dir, step)
+    facts = {"step": step, "tokens": tokens, "reader": reader_states, "config": config, "extra": extra or {}}
     if is_sharded(student):
-        return _save_sharded(final, step, student, optimizer, scheduler, reader_states, config, extra)
+        return _save_sharded(final, student, optimizer, scheduler, facts)
     with atomic_dir(final) as tmp:
         params = {name: p.detach().to("cpu").contiguous() for name, p in student.named_parameters()}
         save_file(params, str(tmp / _STUDENT_FILE))
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
+        _write_trainer_and_state(tmp, trainer, facts)
     return final
 
 
-def _write_trainer_and_state(tmp: Path, trainer: dict, step: int, reader_states: list, config: dict,
-                             extra: dict | None) -> None:  # fmt: skip
+def _write_trainer_and_state(tmp: Path, trainer: dict, facts: dict[str, Any]) -> None:
     torch.save(trainer, tmp / _TRAINER_FILE)
-    state = {"version": CHECKPOINT_VERSION, "step": step, "reader": reader_states, "config": config,
-             "extra": extra or {}}  # fmt: skip
+    state = {"version": CHECKPOINT_VERSION, **{key: value for key, value in facts.items() if value is not None}}
     (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _save_sharded(final: Path, step: int, student, optimizer, scheduler, reader_states: list, config: dict,
-                  extra: dict | None) -> Path:  # fmt: skip
+def _save_sharded(final: Path, student, optimizer, scheduler, facts: dict[str, Any]) -> Path:
     """`save_checkpoint` of a sharded student, called by every rank: each writes its shards into one
     temporary directory that rank 0 completes (trainer.pt without the optimizer, state.json) and renames
     into place once every rank's files are written."""
@@ -181,7 +182,7 @@ def _save_sharded(final: Path, step: int, student, optimizer, scheduler, reader_
         save_sharded(tmp / SHARDED_DIR, student, optimizer)  # returns once every rank's files are written
         if main:
             trainer = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-            _write_trainer_and_state(tmp, trainer, step, reader_states, config, extra)
+            _write_trainer_and_state(tmp, trainer, facts)
     dist.barrier()  # the other ranks return once rank 0 has renamed it into place
     return final
 
@@ -289,11 +290,11 @@ def resume_point(resume: str | Path, out_dir: str | Path) -> Path | None:
     return path
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes: int, path: str | Path,
-                    reshardable: bool = False) -> None:  # fmt: skip
+def check_resumable(state: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
     """Refuse to resume from a checkpoint (its `state.json`) saved by a run with another configuration
-    (beyond `RESUMABLE_CHANGES`) or, unless `reshardable` (a sharded checkpoint), by another number of
-    processes."""
+    (beyond `RESUMABLE_CHANGES`). The number of processes may change: a whole student's parameters and
+    optimizer state are every process's, a sharded one's are resharded on load, and the reading position
+    is carried over (`training.reader`)."""
     lines = differences(state["config"], config, "in the checkpoint", "now", defaults=to_dict(TrainJobConfig()))
     changed = [line for line in lines if line.split(":")[0] not in RESUMABLE_CHANGES]
     if changed:
@@ -301,6 +302,3 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], num_processes
             f"{path} was saved by a run with another configuration:\n  " + "\n  ".join(changed)
             + "\nResume with the same configuration, or start a new run in another out_dir."
         )
-    if len(state["reader"]) != num_processes and not reshardable:
-        raise CheckpointError(f"{path} was saved by {len(state['reader'])} processes, now {num_processes}; "
-                              "resume with the same number of processes")  # fmt: skip

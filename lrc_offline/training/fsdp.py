@@ -7,6 +7,11 @@ layer (its teacher tensors, seven projections and two norms: one all-gather per 
 under which that layer's weights W^S = W^T P are generated), then to the root (embedding, final norm,
 head). Every rank keeps 1/N of the teacher, of the projections and of their Adam moments.
 
+`build_sharded_student` does it without the whole teacher or the whole student ever existing in one
+process: the student is built on the meta device, sharded, and each process then reads only its rows
+of each teacher tensor from the teacher's files (`teacher.slices`) and draws only its rows of the
+random projections (the same numbers as the whole student's).
+
 Checkpoints hold the trainable parameters and the optimiser through `torch.distributed.checkpoint`
 (one file per rank plus its metadata, under `step-*/sharded/`), so they load on the same number of
 processes exactly and on another number by resharding; they are read through `safe_load.load_dcp`,
@@ -28,10 +33,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from ..student.lrc import LRCStudent, frozen_buffers_to_parameters
+from ..config import StudentConfig
+from ..student.lrc import LRCStudent, build_student, frozen_buffers_to_parameters, local_tensor, set_rows
+from ..teacher.adapters import adapter_for
+from ..teacher.slices import FileTeacher
 from .safe_load import load_dcp
 
-__all__ = ["is_sharded", "shard_student", "save_sharded", "load_sharded", "load_sharded_weights",
+__all__ = ["is_sharded", "shard_student", "build_sharded_student", "teacher_bytes_held", "save_sharded", "load_sharded", "load_sharded_weights",
            "full_trainable_state", "SHARDED_DIR"]  # fmt: skip
 
 SHARDED_DIR = "sharded"
@@ -65,6 +73,36 @@ def shard_student(student: LRCStudent, device: torch.device) -> None:
         fully_shard(layer, mesh=mesh)
     frozen_buffers_to_parameters(student)
     fully_shard(student, mesh=mesh)
+
+
+@torch.no_grad()
+def build_sharded_student(teacher: FileTeacher, cfg: StudentConfig, device: torch.device) -> LRCStudent:
+    """The student of `cfg` over `teacher`, sharded as `shard_student` shards it, each process holding
+    only its rows of every tensor: its teacher rows read from the files, its projections' rows of the
+    random init (`LRCStudent.init_random`, equal to the whole student's)."""
+    student = build_student(teacher.model, cfg, device="meta")
+    # The only real tensors so far, the rotary frequencies; `to_empty` below would drop their values.
+    kept = {name: buffer.clone() for name, buffer in student.named_buffers() if not buffer.is_meta}
+    shard_student(student, device)  # meta tensors stay meta: the shards are only laid out
+    student.to_empty(device=device)
+    for name, buffer in student.named_buffers():
+        if name in kept:
+            buffer.copy_(kept[name])
+    params = dict(student.named_parameters())
+    for name, key in student.teacher_tensor_names(teacher.adapter).items():
+        set_rows(params[name], lambda first, end, key=key: teacher.read(key, (first, end)))
+    student.init_random(cfg.init_std, cfg.seed)
+    return student
+
+
+def teacher_bytes_held(student: LRCStudent) -> int:
+    """Bytes of teacher tensors this process holds in `student` (its shards when sharded)."""
+    params = dict(student.named_parameters()) | dict(student.named_buffers())
+    held = {}
+    for name in student.teacher_tensor_names(adapter_for(student.teacher_config)):
+        local = local_tensor(params[name])
+        held[local.data_ptr()] = local.numel() * local.element_size()  # a tensor shared twice counts once
+    return sum(held.values())
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

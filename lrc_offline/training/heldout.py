@@ -8,6 +8,10 @@
 - `heldout_metrics`: any logits function, and, against a teacher's logits function, KL and top-1 from
   the teacher's forward (`lrc-train eval --corpus`, the online trainer, the demo's final comparison).
 
+Both evaluate document-masked when asked (`document_mask`, `position_ids_NT`): each packed document seen
+alone, as a document-masked student trains and as a cache built with cache.document_mask holds the
+teacher's signal.
+
 KL is taken at the temperature given (the trainer's loss.temperature: its KD term on held-out data; a
 top-k or sampled cache holds its signal at the cache's temperature, which training must use anyway). The
 teacher's top-1 is its first top-k id (`topk`), the argmax of its head over the cached final hidden state
@@ -40,10 +44,13 @@ __all__ = ["heldout_metrics", "HeldoutSet", "CacheHeldout", "TensorHeldout", "He
 
 log = logging.getLogger(__name__)
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-HeadFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+LogitsFn = Callable[..., torch.Tensor]
+"""Input ids [B, T] (and, document-masked, position ids [B, T]) -> logits [B, T, V]."""
+HeadFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 """Input ids [B, T] -> (final normed hidden state [B, T, S], output head [V, S], the teacher's output head
-[V, D] or None): a model's logits are hidden @ head.T, made a chunk of tokens at a time."""
+[V, D] or None): a model's logits are hidden @ head.T, made a chunk of tokens at a time. A document-masked
+evaluation (`heldout_sums(document_mask=True)`) calls it with position ids [B, T] too, a 0 starting each
+packed document, each of which the model must then see alone."""
 
 _SUMS = ("ce", "ce_tokens", "kl", "top1", "tokens", "sequences")
 """What `heldout_sums` adds up, in order."""
@@ -108,27 +115,34 @@ class CacheHeldout:
 
 
 class TensorHeldout:
-    """Held-out sequences given as token ids [N, T] (packed from a corpus): no teacher signal, CE only."""
+    """Held-out sequences given as token ids [N, T] (packed from a corpus): no teacher signal, CE only; with
+    their position ids [N, T] (0 starts a document, as the packing gives them) they can be evaluated
+    document-masked."""
 
     has_signal = False
 
-    def __init__(self, input_ids_NT: torch.Tensor) -> None:
-        self.input_ids = input_ids_NT
+    def __init__(self, input_ids_NT: torch.Tensor, position_ids_NT: torch.Tensor | None = None) -> None:
+        assert position_ids_NT is None or position_ids_NT.shape == input_ids_NT.shape
+        self.input_ids, self.position_ids = input_ids_NT, position_ids_NT
         self.num_sequences, self.seq_len = input_ids_NT.shape
 
     def batches(self, first: int, end: int, batch_size: int) -> Iterator[Batch]:
         for lo in range(first, end, batch_size):
-            yield Batch(self.input_ids[lo : min(lo + batch_size, end)])
+            rows = slice(lo, min(lo + batch_size, end))
+            position_ids = None if self.position_ids is None else self.position_ids[rows]
+            yield Batch(self.input_ids[rows], position_ids=position_ids)
 
 
 # ---- metrics from a cached signal -----------------------------------------------------------------------
 
 
 def student_head_fn(student) -> HeadFn:
-    """The `HeadFn` of an LRC student (`student.lrc.LRCStudent`, or one sharded in place)."""
+    """The `HeadFn` of an LRC student (`student.lrc.LRCStudent`, or one sharded in place); given position ids,
+    document-masked as training masks it."""
 
-    def head_fn(input_ids_BT: torch.Tensor):
-        out = student(input_ids_BT, logits=False)
+    def head_fn(input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None):
+        out = student(input_ids_BT, position_ids_BT=position_ids_BT, document_mask=position_ids_BT is not None,
+                      logits=False)  # fmt: skip
         return out.hidden_BTS, out.head_weight_VS, out.teacher_head_VD
 
     return head_fn
@@ -220,6 +234,7 @@ def heldout_sums(
     rank: int = 0,
     world_size: int = 1,
     collective: bool = False,
+    document_mask: bool = False,
 ) -> torch.Tensor:
     """Rank `rank`'s part of the held-out sums (`rank_range`), to be added over ranks (`heldout_results`
     turns them into metrics).
@@ -233,6 +248,11 @@ def heldout_sums(
         rank, world_size: this process's place among those evaluating.
         collective: the forward is collective (a sharded student): every rank runs as many forwards as the
             rank with the most sequences, padding with forwards whose result is dropped.
+        document_mask: each packed document is evaluated alone: `head_fn` gets the sequences' position ids
+            (a document-masked student on a document-masked cache's held-out split).
+
+    Raises:
+        ValueError: `document_mask` on held-out sequences without position ids.
 
     Returns:
         float64 [6] on `device`: CE summed over predicted tokens, predicted tokens, KL summed over tokens,
@@ -244,14 +264,20 @@ def heldout_sums(
     forwards = 0
     for batch in heldout.batches(first, end, batch_size):
         batch = batch_to_device(batch, device)
-        hidden_BTS, head_VS, teacher_head_VD = head_fn(batch.input_ids.long())  # under the caller's autocast
+        if document_mask and batch.position_ids is None:
+            raise ValueError("document-masked held-out evaluation needs the sequences' position ids (their "
+                             "document starts); these held-out sequences have none")  # fmt: skip
+        args = (batch.input_ids.long(), batch.position_ids.long()) if document_mask else (batch.input_ids.long(),)
+        hidden_BTS, head_VS, teacher_head_VD = head_fn(*args)  # under the caller's autocast
         with torch.autocast(device.type, enabled=False):  # the logits and metrics in fp32
             sums += _batch_sums(hidden_BTS, head_VS, batch, teacher_head_VD, temperature, chunk_tokens)
         forwards += 1
     if collective:
         most = math.ceil(math.ceil(heldout.num_sequences / world_size) / batch_size)
         for _ in range(most - forwards):
-            head_fn(torch.zeros((1, heldout.seq_len), dtype=torch.long, device=device))
+            pad_ids = torch.zeros((1, heldout.seq_len), dtype=torch.long, device=device)
+            pad_positions = torch.arange(heldout.seq_len, device=device)[None]  # one document
+            head_fn(*((pad_ids, pad_positions) if document_mask else (pad_ids,)))
     return sums
 
 
@@ -274,12 +300,14 @@ def evaluate_heldout(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     collective: bool = False,
+    document_mask: bool = False,
 ) -> dict[str, float]:
     """`heldout_results` of every rank's `heldout_sums`, added with `torch.distributed.all_reduce` when a
     process group is initialised (every rank must call it), else this process's alone (all sequences)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    sums = heldout_sums(head_fn, heldout, batch_size, device, temperature, chunk_tokens, rank, world_size, collective)
+    sums = heldout_sums(head_fn, heldout, batch_size, device, temperature, chunk_tokens, rank, world_size, collective,
+                        document_mask)  # fmt: skip
     if world_size > 1:
         torch.distributed.all_reduce(sums)
     return heldout_results(sums, heldout.has_signal)
@@ -295,6 +323,7 @@ def heldout_metrics(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     teacher_fn: LogitsFn | None = None,
+    position_ids_NT: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Token-weighted metrics of `logits_fn` over held-out sequences.
 
@@ -304,6 +333,9 @@ def heldout_metrics(
         batch_size: sequences per forward.
         device: where the forwards run.
         teacher_fn: the teacher's logits function, to compare with (None: the model alone).
+        position_ids_NT: the sequences' position ids (0 starts a document), for a document-masked
+            evaluation: `logits_fn` and `teacher_fn` then take (input ids, position ids) and must see each
+            packed document alone. None: they take the input ids alone.
 
     Returns:
         ce (nats per predicted token), ppl = exp(ce), tokens (predicted tokens); with `teacher_fn` also
@@ -314,12 +346,13 @@ def heldout_metrics(
     num_pred, num_pos = 0, 0
     for lo in range(0, input_ids_NT.shape[0], batch_size):
         ids = input_ids_NT[lo : lo + batch_size].to(device).long()
+        args = (ids,) if position_ids_NT is None else (ids, position_ids_NT[lo : lo + batch_size].to(device).long())
         mask = torch.ones_like(ids, dtype=torch.bool)
         pred, pos = ids.shape[0] * (ids.shape[1] - 1), ids.numel()
-        logits = logits_fn(ids).float()
+        logits = logits_fn(*args).float()
         sums["ce"] += losses.cross_entropy_next(logits, ids, mask).item() * pred
         if teacher_fn is not None:
-            t_logits = teacher_fn(ids).float()
+            t_logits = teacher_fn(*args).float()
             sums["teacher_ce"] += losses.cross_entropy_next(t_logits, ids, mask).item() * pred
             sums["kl"] += losses.kl_full(logits, t_logits, mask).item() * pos
             sums["top1_agreement"] += (logits.argmax(-1) == t_logits.argmax(-1)).float().sum().item()

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from ..batch import Batch
 from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig, save_config, to_dict
 from ..student.export import export_dtype, export_student
-from ..student.init import SecondMoment, init_pca, pca_basis
+from ..student.init import EMBED_BLOCK_ROWS, SecondMoment, init_pca, pca_basis
 from ..student.lrc import LRCStudent, build_student
+from ..teacher.slices import FileTeacher
 from .checkpoint import (check_resumable, load_checkpoint, read_checkpoint_state, resume_point, rotate_checkpoints,
                          save_checkpoint)  # fmt: skip
-from .fsdp import clip_grad_norm, full_trainable_state, shard_student
+from .fsdp import build_sharded_student, clip_grad_norm, full_trainable_state, shard_student
 from .heldout import HeldoutSet, TensorHeldout, evaluate_heldout, student_head_fn
 from .metrics import (MetricsWriter, log_to_trackers, progress_line, read_metrics, start_trackers, stop_trackers,
                       tracker_names)  # fmt: skip
@@ -53,6 +54,9 @@ class BatchSource(Protocol):
 
     name: str
     """What the progress bar and the export's `trainer` record call this kind of run."""
+    document_mask: bool
+    """Whether the student sees each packed document alone, in training and held-out evaluation (the
+    convention of the teacher signal: `train.document_mask` resolved by the source)."""
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Endless batches of `batch_size` sequences (host or device tensors), from the saved position: a
@@ -65,7 +69,11 @@ class BatchSource(Protocol):
         """This process's reading position (JSON-ready), saved in every checkpoint."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses one that does not fit."""
+        """Continue from a saved position; refuses one that does not fit. On the number of processes that
+        saved it, `state` is this process's own; on another number, the first process's with
+        ``all_processes`` added (every process's, in rank order): a source whose position is split between
+        processes (the cache reader) continues from all of them, one whose position every process shares
+        from its own."""
 
     def second_moment(self, cfg: StudentConfig, accelerator: Accelerator) -> tuple[SecondMoment, dict]:
         """The teacher residual stream's second moment for the PCA start, and a record of its origin."""
@@ -107,6 +115,9 @@ class Run:
     resumed_from: Path | None
     teacher_model: torch.nn.Module | None = None
     """The teacher, for the export of a sharded student (rebuilt whole on rank 0)."""
+    teacher_files: FileTeacher | None = None
+    """A sharded student's teacher left in its files (each process read its rows): the export reads it
+    from there a layer at a time."""
     start_tokens: int = 0
     """Training tokens before `start_step` (counted with the processes of the run that took them)."""
     metrics: MetricsWriter | None = None
@@ -148,11 +159,17 @@ def _sharded(run: Run) -> bool:
 # ---- setup ------------------------------------------------------------------------------------------
 
 
-def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, accelerator: Accelerator) -> dict:
+def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, accelerator: Accelerator,
+               files: FileTeacher | None = None) -> dict:  # fmt: skip
     """student.init=pca: the top principal directions of the teacher's residual stream, then the head's
-    scale fitted to the objective's KD + CE on the first training sequences."""
+    scale fitted to the objective's KD + CE on the first training sequences. A student sharded from the
+    teacher's `files` reads the embedding from them for a tied head, a block of rows at a time."""
     moment, info = source.second_moment(cfg.student, accelerator)
-    init_pca(student, pca_basis(moment, cfg.student.hidden_size))
+    embed_blocks = None
+    if files is not None:
+        key = student.teacher_tensor_names(files.adapter)["teacher_embed"]
+        embed_blocks = files.files.row_blocks(key, EMBED_BLOCK_ROWS, files.dtype)  # read only if it is used
+    init_pca(student, pca_basis(moment, cfg.student.hidden_size), embed_blocks)
     num = head_scale_sequences(student, cfg)
     device = student.proj_embed.device  # a student to be sharded is still on the CPU
     batches = source.head_scale_batches(num, cfg.train.batch_size, device) if num else []
@@ -198,7 +215,8 @@ def setup(
     heldout: HeldoutSet | None = None,
 ) -> Run:
     """Save the resolved config, build the student (PCA start or checkpoint), the optimiser and the
-    metrics file. `cfg` is resolved (no `auto` left); `teacher` is the loaded `Teacher`; the held-out
+    metrics file. `cfg` is resolved (no `auto` left); `teacher` is the loaded `Teacher`, or under
+    train.parallelism=fsdp2 a `FileTeacher` whose tensors each process reads its shards of; the held-out
     sequences are `heldout` (e.g. a cache's held-out split), or token ids `heldout_ids` [N, T] (CE only)."""
     if heldout is None and heldout_ids is not None:
         heldout = TensorHeldout(heldout_ids)
@@ -208,29 +226,37 @@ def setup(
         save_config(cfg, out_dir / "config.json")
     torch.manual_seed(tc.seed)
     sharded = tc.parallelism == "fsdp2"
-    student = build_student(teacher.model, cfg.student)
-    if not sharded:  # a sharded student moves to the device shard by shard (`shard_student`)
-        student = student.to(accelerator.device)
+    files = teacher if isinstance(teacher, FileTeacher) else None
+    assert files is None or sharded, "a teacher left in its files serves a sharded student only"
+    if files is not None:  # sharded as it is built: each process reads its rows of the teacher
+        student = build_sharded_student(files, cfg.student, accelerator.device)
+    else:
+        student = build_student(teacher.model, cfg.student)
+        if not sharded:  # a sharded student moves to the device shard by shard (`shard_student`)
+            student = student.to(accelerator.device)
     resumed_from = resume_point(resume, out_dir)
     init_info = {"kind": cfg.student.init}
     if cfg.student.init == "pca" and resumed_from is None:  # a resumed run takes its weights from the checkpoint
-        init_info.update(_pca_start(student, source, cfg, accelerator))
-    if sharded:  # before the optimiser: sharding replaces the parameters
+        init_info.update(_pca_start(student, source, cfg, accelerator, files))
+    if sharded and files is None:  # before the optimiser: sharding replaces the parameters
         shard_student(student, accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
-    start_step = saved_processes = 0
+    start_step = start_tokens = 0
     if resumed_from is not None:
         state = read_checkpoint_state(resumed_from)
-        check_resumable(state, to_dict(cfg), accelerator.num_processes, resumed_from, reshardable=sharded)
+        check_resumable(state, to_dict(cfg), resumed_from)
         load_checkpoint(resumed_from, student, optimizer, scheduler)
         init_info = state["extra"].get("init", init_info)
-        if len(state["reader"]) == accelerator.num_processes:
-            source.load_state_dict(state["reader"][accelerator.process_index])
-        else:
-            log.warning("%s was saved by %d processes, now %d: weights and optimizer resume; the data is read "
-                        "from the start of the data order again", resumed_from, len(state["reader"]),
-                        accelerator.num_processes)  # fmt: skip
-        start_step, saved_processes = state["step"], len(state["reader"])
+        saved = state["reader"]
+        if len(saved) == accelerator.num_processes:
+            source.load_state_dict(saved[accelerator.process_index])
+        else:  # the data order continues where the run stopped (`BatchSource.load_state_dict`)
+            log.info("%s was saved by %d processes, now %d: the reading position is carried over",
+                     resumed_from, len(saved), accelerator.num_processes)  # fmt: skip
+            source.load_state_dict({**saved[0], "all_processes": saved})
+        start_step = state["step"]
+        # Checkpoints before `tokens` was saved: every step counted with the processes of the last run.
+        start_tokens = state.get("tokens", start_step * _tokens_per_step(cfg.train, len(saved)))
     if tc.compile:
         student.compile_layers()
     student.checkpoint_layers(tc.activation_checkpointing)
@@ -239,8 +265,8 @@ def setup(
     end_step = tc.steps if max_steps_this_run is None else min(tc.steps, start_step + max_steps_this_run)
     run = Run(cfg, accelerator, source, student, model, optimizer, scheduler, out_dir, teacher.tokenizer,
               clone_layers, teacher_ms, heldout, {"trainer": source.name, **source.summary(), "init": init_info},
-              start_step, end_step, resumed_from, teacher_model=teacher.model)  # fmt: skip
-    run.start_tokens = start_step * _tokens_per_step(run, saved_processes)
+              start_step, end_step, resumed_from, teacher_model=teacher.model, teacher_files=files)  # fmt: skip
+    run.start_tokens = start_tokens
     run.metrics = _open_metrics(run)
     _initial_heldout(run)
     run.batches = source.batches(tc.batch_size)
@@ -283,7 +309,8 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
         with contextlib.nullcontext() if sync or sharded else accelerator.no_sync(run.model):
             with accelerator.autocast():
                 loss, parts = lrc_loss(run.model, batch, cfg.loss, run.clone_layers, alpha=alpha,
-                                       teacher_ms=run.teacher_ms, weights=leaves, chunk_tokens=chunk_tokens)  # fmt: skip
+                                       teacher_ms=run.teacher_ms, weights=leaves, chunk_tokens=chunk_tokens,
+                                       document_mask=run.source.document_mask)  # fmt: skip
             accelerator.backward(loss / num_micro)
         for key, value in parts.items():
             parts_sum[key] = parts_sum[key] + value / num_micro if key in parts_sum else value / num_micro
@@ -320,7 +347,7 @@ def _evaluate(run: Run) -> dict[str, float]:
         result = evaluate_heldout(student_head_fn(run.student), run.heldout, run.cfg.train.batch_size,
                                   run.accelerator.device, temperature=run.cfg.loss.temperature,
                                   chunk_tokens=run.cfg.train.loss_chunk_tokens or 1024,
-                                  collective=_sharded(run))  # fmt: skip
+                                  collective=_sharded(run), document_mask=run.source.document_mask)  # fmt: skip
     run.student.train()
     run.last_heldout = result
     return _heldout_record(result)
@@ -331,7 +358,7 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     tc, accelerator = run.cfg.train, run.accelerator
     names = sorted(parts)
     values = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
-    tokens = run.start_tokens + (index + 1 - run.start_step) * _tokens_per_step(run)
+    tokens = _tokens_at(run, index + 1)
     record = {"step": index + 1, "tokens": tokens, **dict(zip(names, values)),
               "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
@@ -343,9 +370,15 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
     return record
 
 
-def _tokens_per_step(run: Run, num_processes: int | None = None) -> int:
-    tc = run.cfg.train
-    return tc.batch_size * tc.grad_accum * tc.seq_len * (num_processes or run.accelerator.num_processes)
+def _tokens_per_step(tc: TrainConfig, num_processes: int) -> int:
+    return tc.batch_size * tc.grad_accum * tc.seq_len * num_processes
+
+
+def _tokens_at(run: Run, step_done: int) -> int:
+    """Training tokens after `step_done` steps: the steps of earlier runs as they counted them (each with
+    its own number of processes), this run's with its own."""
+    per_step = _tokens_per_step(run.cfg.train, run.accelerator.num_processes)
+    return run.start_tokens + (step_done - run.start_step) * per_step
 
 
 def _checkpoint(run: Run, step_done: int) -> None:
@@ -353,7 +386,7 @@ def _checkpoint(run: Run, step_done: int) -> None:
     states = gather_object([state]) if run.accelerator.num_processes > 1 else [state]
     if _sharded(run) or run.accelerator.is_main_process:  # every rank writes its shards of a sharded student
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
-                        to_dict(run.cfg), run.extra)  # fmt: skip
+                        to_dict(run.cfg), run.extra, tokens=_tokens_at(run, step_done))  # fmt: skip
     if run.cfg.train.keep_checkpoints and run.accelerator.is_main_process:
         rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
@@ -369,7 +402,7 @@ def train(run: Run, progress: bool = True) -> None:
     window = (began, 0)
     for index in range(run.start_step, run.end_step):
         parts, grad_norm, alpha = step(run, index)
-        window = (window[0], window[1] + _tokens_per_step(run))
+        window = (window[0], window[1] + _tokens_per_step(tc, run.accelerator.num_processes))
         bar.update(1)
         is_last = index + 1 == tc.steps
         if (index + 1) % tc.log_every == 0 or is_last:
@@ -408,7 +441,8 @@ def finish(run: Run) -> dict[str, Any]:
     if run.accelerator.is_main_process:
         info = {"steps": tc.steps, "tokens": run.last_record.get("tokens"), "heldout": run.last_heldout, **run.extra}
         summary["export"] = str(export_student(student, run.out_dir / "student", run.tokenizer, to_dict(run.cfg),
-                                               dtype=export_dtype(run.cfg.export.dtype), extra_info=info))  # fmt: skip
+                                               dtype=export_dtype(run.cfg.export.dtype), extra_info=info,
+                                               read_teacher=_teacher_reader(run)))  # fmt: skip
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.accelerator.wait_for_everyone()
     return summary
@@ -422,11 +456,22 @@ def _whole_student(run: Run) -> LRCStudent | None:
     state = full_trainable_state(run.student)
     if not run.accelerator.is_main_process:
         return None
-    whole = build_student(run.teacher_model, run.cfg.student)
+    # A teacher left in its files stays there (meta tensors in `whole`): the export reads it part by part.
+    whole = build_student(run.teacher_model, run.cfg.student, device="cpu")
     with torch.no_grad():
         for name, param in whole.named_parameters():
             param.copy_(state[name])
     return whole
+
+
+def _teacher_reader(run: Run):
+    """For `export_student`: the whole student's teacher tensors read from the teacher's files (None when
+    the student holds its teacher)."""
+    files = run.teacher_files
+    if files is None or not _sharded(run):
+        return None
+    keys = run.student.teacher_tensor_names(files.adapter)  # the whole student's names are the sharded one's
+    return lambda name: files.read(keys[name])
 
 
 def run_training(cfg: TrainJobConfig, source: BatchSource, teacher, out_dir: str | Path, accelerator: Accelerator,

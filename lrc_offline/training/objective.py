@@ -119,8 +119,9 @@ def lrc_loss(
         clone_layers: the teacher layers the activations in `batch` belong to (None: all).
         document_mask: forbid attention across packed-document boundaries (needs `position_ids`).
         alpha: the clone weight of this step (None: cfg.alpha); see `LossConfig.alpha_at`.
-        teacher_ms: term -> [L] teacher-space mean squares of the targets at `clone_layers`, needed by
-            clone_normalize=cache (see `lrc_offline.cache.activation_stats`).
+        teacher_ms: term -> [L, 2] teacher-space mean squares of the targets at `clone_layers`, at sink
+            positions and at the others (`cache.act_stats.teacher_ms`): needed by clone_normalize=cache,
+            used by auto when given.
         weights: the student's weights generated once for this optimizer step (`StudentWeights`, see
             `training.loop.step`); None: the student generates them in its forward.
         chunk_tokens: compute KD and CE fused with the head, this many tokens at a time, never holding
@@ -130,6 +131,8 @@ def lrc_loss(
     clone = batch.clone if alpha > 0 else None
     if clone is not None and cfg.clone_normalize == "cache" and teacher_ms is None:
         raise ValueError("loss.clone_normalize=cache needs the cache's activation statistics (teacher_ms)")
+    # auto: the recorded statistics when the run has them, else the batch's pooled mean squares.
+    fixed_ms = cfg.clone_normalize == "cache" or (cfg.clone_normalize == "auto" and teacher_ms is not None)
     out = student(
         batch.input_ids.long(),
         attention_mask_BT=batch.attention_mask,
@@ -139,7 +142,7 @@ def lrc_loss(
         document_mask=document_mask,
         o_space=cfg.o_space,
         teacher_acts=None if clone is None else clone.acts,
-        teacher_ms=teacher_ms if clone is not None and cfg.clone_normalize == "cache" else None,
+        teacher_ms=teacher_ms if clone is not None and fixed_ms else None,
         weights=weights,
         logits=not chunk_tokens,
     )
@@ -154,6 +157,7 @@ def lrc_loss(
             {m: out.acts[m] for m in CLONE_TERMS}, out.targets, clone_mask, weights=cfg.clone_terms,
             normalize=cfg.clone_normalize != "none", reduce=cfg.clone_reduce, position_weights_BP=position_weights,
             target_ms=out.target_ms, loss_fn=cfg.clone_fn, huber_delta=cfg.huber_delta,
+            sink_BP=clone.sink_BP if fixed_ms else None,
         )  # fmt: skip
         total = total + alpha * clone_total
         parts["clone"] = clone_total.detach()

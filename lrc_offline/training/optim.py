@@ -12,7 +12,9 @@ __all__ = ["build_optimizer", "lr_factor"]
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup to 1 over
-    `warmup_steps`, then linear decay that reaches `min_lr_ratio` at step `total_steps`, one past the last."""
+    `warmup_steps`, then linear decay that reaches `min_lr_ratio` at step `total_steps`, one past the last.
+    A warmup as long as the run or longer ramps for the whole run and never decays."""
+    assert cfg.warmup_steps is not None, "optim.warmup_steps=None is resolved by TrainJobConfig.resolved()"
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
@@ -24,7 +26,8 @@ def build_optimizer(
     student: LRCStudent, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on the projections only (never on norm weights)."""
-    assert cfg.lr is not None, "optim.lr=None is resolved by TrainJobConfig.resolved() before the optimiser is built"
+    assert cfg.lr is not None and cfg.warmup_steps is not None, \
+        "optim.lr=None and optim.warmup_steps=None are resolved by TrainJobConfig.resolved() before this"
     projections = student.projections()
     norms = student.norm_weights()
     trainable = [p for p in student.parameters() if p.requires_grad]  # a sharded student's teacher is frozen

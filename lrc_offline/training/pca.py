@@ -127,7 +127,9 @@ def fit_head_scale(student: LRCStudent, batches: list[Batch], cfg: TrainJobConfi
     (see `head_scale_sequences`) keep the folded scale."""
     if not batches:
         return {"head_scale": 1.0}
-    scale = calibrate_head_scale(student, batches, lambda logits, batch: logit_loss(logits, batch, cfg.loss, student.teacher_head()))
+    # The teacher's head as the forward returns it: a sharded student holds it whole only there.
+    scale = calibrate_head_scale(student, batches, lambda logits, batch, teacher_head_VD: logit_loss(
+        logits, batch, cfg.loss, teacher_head_VD), pass_teacher_head=True)  # fmt: skip
     num = sum(len(batch.input_ids) for batch in batches)
     log.info("PCA init: head scale %.3f fitted on %d sequences", scale, num)
     return {"head_scale": scale, "head_scale_sequences": num}

@@ -3,20 +3,23 @@
 The cache is one `BatchSource` of the training loop (`training.loop`); the online reference trainer
 (`lrc_offline.online`) is the other, so both train with the same code. This module adds what only a
 cache has: a refusal to train on a cache built by another teacher or at another temperature, the
-activation layers and statistics it was built with, its shards split across ranks, and its held-out
-split, on which the student is evaluated (`training.heldout`) without the corpus or a teacher forward.
+student's document masking following the teacher's (`cache.document_mask`), the activation layers and
+statistics it was built with, its shards split across ranks, and its held-out split, on which the
+student is evaluated (`training.heldout`) without the corpus or a teacher forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ..batch import Batch
 from ..cache import Manifest, read_manifest
@@ -25,17 +28,23 @@ from ..config import ConfigError, StudentConfig, TrainConfig, TrainJobConfig
 from ..student.init import SecondMoment
 from ..teacher.fingerprint import teacher_fingerprints
 from ..storage import Location, as_location
-from ..teacher.load import Teacher, load_teacher
+from ..teacher.load import Teacher, load_teacher, resolve_dtype
+from ..teacher.slices import FileTeacher, file_fingerprints, open_file_teacher
 from .heldout import CacheHeldout, HeldoutSet, TensorHeldout
 from .loop import make_accelerator, run_training
 from .pca import cache_head_scale_batches, cache_second_moment
 from .reader import CacheDataset, iter_batches
 
-__all__ = ["TeacherMismatchError", "CacheSource", "train_from_cache", "check_teacher_matches_cache"]
+__all__ = ["TeacherMismatchError", "CacheSource", "train_from_cache", "check_teacher_matches_cache",
+           "resolve_document_mask"]
 
 log = logging.getLogger(__name__)
 
 _TEACHER_KEYS = ("teacher_config", "teacher_weights", "tokenizer")
+
+WHOLE_TEACHER_ENV = "LRC_FSDP2_WHOLE_TEACHER"
+"""Set to 1, a train.parallelism=fsdp2 run loads the whole teacher in every process and shards it after
+(what every run did before the per-rank reads; kept to compare the two: benchmarks/fsdp_rss.py)."""
 
 
 class TeacherMismatchError(ValueError):
@@ -51,7 +60,11 @@ def check_teacher_matches_cache(
     Raises:
         TeacherMismatchError: naming both teachers and every fingerprint that differs.
     """
-    ours = teacher_fingerprints(model, tokenizer)
+    _check_fingerprints(teacher_fingerprints(model, tokenizer), teacher_name, fingerprints, built_with, where)
+
+
+def _check_fingerprints(ours: dict[str, str], teacher_name: str, fingerprints: dict[str, str], built_with: str,
+                        where: str) -> None:  # fmt: skip
     differ = [key for key in _TEACHER_KEYS if ours[key] != fingerprints.get(key)]
     if differ:
         raise TeacherMismatchError(
@@ -73,6 +86,30 @@ def _check_temperature(cfg: TrainJobConfig, manifest: Manifest, cache_dir) -> No
         )
 
 
+def resolve_document_mask(tc: TrainConfig, manifest: Manifest, cache_dir) -> bool:
+    """Whether the student is document-masked (`train.document_mask`): as the cache's teacher was under
+    auto; an explicit setting the cache's teacher disagrees with only under
+    train.allow_document_mask_mismatch (the student then learns from a teacher that saw other contexts).
+
+    Raises:
+        ConfigError: an explicit train.document_mask the cache disagrees with, without the override.
+    """
+    built = manifest.document_mask
+    if tc.document_mask == "auto" or tc.document_mask == built:
+        return built
+    seen = "each packed document alone" if built else "across the documents packed into a sequence"
+    if not tc.allow_document_mask_mismatch:
+        raise ConfigError(
+            f"train.document_mask={str(tc.document_mask).lower()}, but the teacher of the cache at {cache_dir} "
+            f"attended {seen} (cache.document_mask={str(built).lower()}); leave train.document_mask=auto, build "
+            f"a cache with cache.document_mask={str(tc.document_mask).lower()}, or set "
+            "train.allow_document_mask_mismatch=true to train so anyway"
+        )
+    log.warning("train.document_mask=%s on a cache whose teacher attended %s: the student and the teacher "
+                "see different contexts (train.allow_document_mask_mismatch)", tc.document_mask, seen)  # fmt: skip
+    return bool(tc.document_mask)
+
+
 def _log_resolved(asked: TrainJobConfig, resolved: TrainJobConfig) -> TrainJobConfig:
     if asked != resolved:
         s = resolved.student
@@ -88,6 +125,7 @@ class CacheSource:
 
     def __init__(self, cache_dir: str | Path | Location, manifest: Manifest, rank: int, world_size: int, cfg: TrainConfig):
         self.cache_dir, self.manifest = cache_dir, manifest
+        self.document_mask = resolve_document_mask(cfg, manifest, cache_dir)
         self.dataset = CacheDataset(cache_dir, rank=rank, world_size=world_size, seed=cfg.seed,
                                     on_corrupt_shard=cfg.on_corrupt_shard)  # fmt: skip
         reader = self.dataset.reader
@@ -119,13 +157,15 @@ class CacheSource:
         return cache_head_scale_batches(self.dataset.reader, num, batch_size, device)
 
     def teacher_ms(self, cfg: TrainJobConfig, device) -> dict[str, torch.Tensor] | None:
-        """loss.clone_normalize=cache: the teacher-space target mean squares recorded in the cache."""
-        if cfg.loss.clone_normalize != "cache" or cfg.loss.alpha == 0:
+        """loss.clone_normalize=cache, or auto on a cache that has them: the teacher-space target mean squares
+        recorded in the cache, sink and other positions apart."""
+        mode = cfg.loss.clone_normalize
+        if mode not in ("cache", "auto") or cfg.loss.alpha == 0 or (mode == "auto" and self.act_sums is None):
             return None
         if self.act_sums is None:
             raise ConfigError(f"loss.clone_normalize=cache, but {self.cache_dir} holds no activation statistics "
                               "(built without activations, or by an older version); use loss.clone_normalize=batch")  # fmt: skip
-        return {term: ms.to(device) for term, ms in teacher_ms(self.act_sums, cfg.loss.sink_weight).items()}
+        return {term: ms.to(device) for term, ms in teacher_ms(self.act_sums).items()}
 
     def counters(self) -> dict[str, int]:
         return {"corrupt_shards": len(self.dataset.corrupt_shards)} if self.dataset.corrupt_shards else {}
@@ -133,7 +173,8 @@ class CacheSource:
     def summary(self) -> dict[str, Any]:
         num = self.dataset.num_complete_sequences
         return {"cache": str(self.cache_dir), "cache_fingerprints": self.manifest.fingerprints,
-                "sequences_per_epoch": num, "skipped_shards": self.dataset.skipped_shards,
+                "document_mask": self.document_mask, "sequences_per_epoch": num,
+                "skipped_shards": self.dataset.skipped_shards,
                 "corrupt_shards": list(self.dataset.corrupt_shards),
                 "cache_act_fraction": None if self.act_sums is None else self.act_sums["sequences"] / max(num, 1)}  # fmt: skip
 
@@ -164,43 +205,75 @@ def train_from_cache(
         heldout_ids: Packed held-out sequences [N, T] to evaluate on instead of the cache's held-out split
             (CE only; `lrc_offline.evaluation.heldout_sequences` packs them from a corpus, for a cache built
             before held-out splits). By default the cache's held-out split, if it has one, is evaluated
-            every `train.eval_every` steps and at the end: heldout_ce, heldout_kl and heldout_top1.
+            every `train.eval_every` steps and at the end: heldout_ce, heldout_kl and heldout_top1. A
+            document-masked student is evaluated document-masked (so on the split, not on bare ids).
 
     Raises:
         TeacherMismatchError: the teacher is not the one the cache was built with (checked before step 0).
+        ConfigError: train.document_mask disagrees with the cache's teacher (see `resolve_document_mask`).
         CheckpointError, ReaderStateError: the checkpoint does not fit this run.
     """
     accelerator = make_accelerator(cfg.train)
     cache_dir = as_location(cache_dir, cfg.train.storage_options)
     manifest = read_manifest(cache_dir)
-    if isinstance(teacher, Teacher):
-        teacher.model.to(accelerator.device)
+    teacher = _teacher(teacher or cfg.teacher or manifest.teacher_name, cfg.train, accelerator)
+    where = f"the cache at {cache_dir}"
+    if isinstance(teacher, FileTeacher):  # hashed from the files by one process, a block of rows at a time
+        ours = [file_fingerprints(teacher) if accelerator.is_main_process else None]
+        ours = broadcast_object_list(ours)[0] if accelerator.num_processes > 1 else ours[0]
+        _check_fingerprints(ours, teacher.name, manifest.fingerprints, repr(manifest.teacher_name), where)
     else:
-        teacher = load_teacher(teacher or cfg.teacher or manifest.teacher_name, dtype="auto",
-                               device=accelerator.device)  # fmt: skip
-    check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher.name, manifest.fingerprints,
-                                repr(manifest.teacher_name), f"the cache at {cache_dir}")  # fmt: skip
+        check_teacher_matches_cache(teacher.model, teacher.tokenizer, teacher.name, manifest.fingerprints,
+                                    repr(manifest.teacher_name), where)  # fmt: skip
     asked = dataclasses.replace(cfg, teacher=teacher.name,
                                 train=dataclasses.replace(cfg.train, seq_len=manifest.config.seq_len))
     cfg = _log_resolved(asked, asked.resolved(residual_available=manifest.has_residuals))
     _check_temperature(cfg, manifest, cache_dir)
     source = CacheSource(cache_dir, manifest, accelerator.process_index, accelerator.num_processes, cfg.train)
     clone_layers = list(manifest.act_layers)
-    heldout = _heldout_set(cache_dir, manifest, cfg.train, heldout_ids, accelerator)
+    heldout = _heldout_set(cache_dir, manifest, cfg.train, heldout_ids, accelerator, source.document_mask)
     return run_training(cfg, source, teacher, out_dir, accelerator, progress=progress, resume=resume,
                         max_steps_this_run=max_steps_this_run, clone_layers=clone_layers,
                         teacher_ms=source.teacher_ms(cfg, accelerator.device), heldout=heldout)  # fmt: skip
 
 
+def _teacher(teacher: str | Teacher, tc: TrainConfig, accelerator: Accelerator) -> Teacher | FileTeacher:
+    """The teacher to train from. Under train.parallelism=fsdp2 a teacher with safetensors files stays in
+    them (each process reads its shards: `training.fsdp.build_sharded_student`); one without (a GGUF file,
+    .bin files) or a loaded one is held whole, on the CPU, until it is sharded. Otherwise the whole
+    teacher, on the training device."""
+    sharded = tc.parallelism == "fsdp2"
+    dtype = resolve_dtype("auto", accelerator.device)  # bfloat16 on accelerators, float32 on the CPU
+    if isinstance(teacher, Teacher):
+        if not sharded:
+            teacher.model.to(accelerator.device)
+        return teacher
+    if sharded and os.environ.get(WHOLE_TEACHER_ENV) != "1":
+        files = open_file_teacher(teacher, dtype)
+        if files is not None:
+            return files
+        log.info("teacher %s has no safetensors files to read shards from: every process loads it whole", teacher)
+    # A sharded student's teacher waits on the CPU: `shard_student` moves each process's shards.
+    return load_teacher(teacher, dtype=dtype, device="cpu" if sharded else accelerator.device)
+
+
 def _heldout_set(cache_dir: Location, manifest: Manifest, tc: TrainConfig, heldout_ids: torch.Tensor | None,
-                 accelerator: Accelerator) -> HeldoutSet | None:  # fmt: skip
+                 accelerator: Accelerator, document_mask: bool = False) -> HeldoutSet | None:  # fmt: skip
     """What the run evaluates on: the given token ids, else the first `train.eval_sequences` sequences of
-    the cache's held-out split (None without one, or while none of its shards is complete).
+    the cache's held-out split (None without one, or while none of its shards is complete). A
+    document-masked student (`document_mask`) is evaluated document-masked, which needs the sequences'
+    document starts: the cache's held-out split stores them, bare token ids do not (refused).
 
     Every rank evaluates its part of the same sequences, and all ranks or none evaluate (the sums are
     all-reduced): while a build still runs, a held-out shard may complete between two ranks' listings,
     so the ranks take the fewest complete sequences any of them sees."""
     if heldout_ids is not None:
+        if document_mask:
+            raise ConfigError(
+                f"the student is document-masked (train.document_mask), but the held-out text given for {cache_dir} "
+                "is token ids without their document starts; build the cache with cache.heldout_docs > 0 (its "
+                "held-out split carries them), or set heldout_docs=0 to train without held-out evaluation"
+            )
         return TensorHeldout(heldout_ids[: tc.eval_sequences])
     if manifest.heldout is None:
         return None
