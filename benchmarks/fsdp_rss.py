@@ -5,7 +5,8 @@ process loading the whole teacher first (``LRC_FSDP2_WHOLE_TEACHER=1``, the path
     python benchmarks/fsdp_rss.py --work /tmp/fsdp_rss [--processes 1,2,3] [--steps 2]
 
 Builds a small cache once (SmolLM2-135M, wiki-en, 12 sequences of 256 tokens, residual activations, hidden
-logit signal), then runs `lrc-train train` through torchrun (gloo, OMP_NUM_THREADS=1), one run at a time:
+logit signal), then runs `lrc-train train` through torchrun (gloo, OMP_NUM_THREADS=1), one run at a time,
+with the teacher given to `train_from_cache` by name (the command line loads it whole before training):
 PCA start with the head-scale fit, a few steps, the export. Every process records its own high-water
 resident memory (`getrusage(RUSAGE_SELF).ru_maxrss`) after the imports, after setup (teacher, student,
 PCA start, sharding), before the export and at the end, and the teacher bytes it holds in the student.
@@ -37,26 +38,40 @@ _PROBE = r"""
 import json, os, resource, sys
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-marks = {"imports": None}
+def now_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+marks = {}
+def mark(name):
+    marks[name] = peak_mib()
+    marks["now_" + name] = now_mib()
 import torch
 import lrc_offline.training.loop as loop
+import lrc_offline.training.trainer as trainer
 from lrc_offline.training.fsdp import teacher_bytes_held
-marks["imports"] = peak_mib()
-setup, finish = loop.setup, loop.finish
+mark("imports")
+setup, finish, teacher = loop.setup, loop.finish, trainer._teacher
+def timed_teacher(*args, **kwargs):
+    out = teacher(*args, **kwargs)
+    mark("teacher")
+    return out
 def timed_setup(*args, **kwargs):
     run = setup(*args, **kwargs)
-    marks["setup"] = peak_mib()
+    mark("setup")
     marks["teacher_bytes_held"] = teacher_bytes_held(run.student)
     return run
 def timed_finish(run):
-    marks["before_export"] = peak_mib()
+    mark("before_export")
     return finish(run)
-loop.setup, loop.finish = timed_setup, timed_finish
-from lrc_offline.cli.train import main
+loop.setup, loop.finish, trainer._teacher = timed_setup, timed_finish, timed_teacher
+import lrc_offline.cli.train as cli
+# The teacher by name, as `train_from_cache` loads it (the command line loads it whole itself first).
+cli._teacher_and_heldout = lambda cfg, cache: (None, None)
+main = cli.main
 out = sys.argv[1]
 if main(sys.argv[2:]):
     sys.exit("lrc-train failed")
-marks["end"] = peak_mib()
+mark("end")
 rank = int(os.environ.get("RANK", 0))
 with open(os.path.join(out, f"rss-rank{rank}.json"), "w") as f:
     json.dump(marks, f)
@@ -77,7 +92,7 @@ def _train(work: Path, cache: Path, name: str, processes: int, whole: bool, step
     out.mkdir(parents=True)
     probe = work / "probe.py"
     probe.write_text(_PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     env.pop("LRC_FSDP2_WHOLE_TEACHER", None)
     if whole:
         env["LRC_FSDP2_WHOLE_TEACHER"] = "1"
@@ -121,20 +136,22 @@ def _compare(a: dict, b: dict) -> dict:
 
 
 def _markdown(results: dict) -> str:
-    rows = ["| path | processes | per-process peak MiB: setup | before export | end (rank 0 exports) | teacher MiB held per process | losses vs whole path (max rel) | export equal |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| path | processes | resident after setup | peak: teacher loaded | setup (+ PCA start) | training | end (rank 0 exports) | teacher held | losses vs whole path (max rel) | export equal |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in results["runs"]:
         ranks = run["ranks"]
         fmt = lambda key: " / ".join(f"{r[key]:.0f}" for r in ranks)  # noqa: E731
         held = " / ".join(f"{r['teacher_bytes_held'] / 2**20:.0f}" for r in ranks)
         cmp = run.get("vs_whole", {})
-        rows.append(f"| {run['path']} | {run['processes']} | {fmt('setup')} | {fmt('before_export')} | {fmt('end')} | {held} | "
+        rows.append(f"| {run['path']} | {run['processes']} | {fmt('now_setup')} | {fmt('teacher')} | {fmt('setup')} | {fmt('before_export')} | {fmt('end')} | {held} | "
                     f"{cmp.get('max_loss_rel_diff', '-') if cmp else '-'} | {cmp.get('export_equal', '-') if cmp else '-'} |")  # fmt: skip
     lines = ["# FSDP2 training: peak host memory per process (SmolLM2-135M, fp32 on CPU)", "",
-             "`python benchmarks/fsdp_rss.py` (values per rank, rank 0 first; ru_maxrss high-water marks, MiB).", "",
+             "`python benchmarks/fsdp_rss.py`. MiB per process, rank 0 first: resident memory right after setup "
+             "(/proc/self/statm), and the high-water mark (ru_maxrss) once the teacher is loaded (per-rank: its "
+             "files opened and fingerprinted), after setup, after the training steps and at the end.", "",
              *rows, ""]  # fmt: skip
     for path, fit in results["fits"].items():
-        lines.append(f"- {path}: largest per-process peak before the export = {fit['constant_mib']:.0f} MiB + "
+        lines.append(f"- {path} (largest over the processes) = {fit['constant_mib']:.0f} MiB + "
                      f"{fit['share_mib']:.0f} MiB / N (least squares over N = {fit['processes']}; residual "
                      f"{fit['max_residual_mib']:.0f} MiB)")  # fmt: skip
     lines += ["", f"Imports alone (python, torch, transformers, lrc_offline): {results['imports_mib']:.0f} MiB per process.",
@@ -161,12 +178,13 @@ def main() -> None:
         runs += [whole, rank]
         print(json.dumps({k: v for k, v in rank.items() if k != "ranks"}), flush=True)
     fits = {}
-    for path in ("whole teacher per process", "per-rank reads"):
-        points = [(r["processes"], max(x["before_export"] for x in r["ranks"])) for r in runs if r["path"] == path]
-        constant, share = _fit(points)
-        residual = max(abs(p - constant - share / n) for n, p in points)
-        fits[path] = {"constant_mib": constant, "share_mib": share, "processes": [n for n, _ in points],
-                      "max_residual_mib": residual}  # fmt: skip
+    for key, what in (("now_setup", "resident after setup"), ("before_export", "peak before the export")):
+        for path in ("whole teacher per process", "per-rank reads"):
+            points = [(r["processes"], max(x[key] for x in r["ranks"])) for r in runs if r["path"] == path]
+            constant, share = _fit(points)
+            residual = max(abs(p - constant - share / n) for n, p in points)
+            fits[f"{path}, {what}"] = {"constant_mib": constant, "share_mib": share, "max_residual_mib": residual,
+                                       "processes": [n for n, _ in points]}  # fmt: skip
     held_one = next(r for r in runs if r["processes"] == min(counts) and r["path"] == "per-rank reads")
     results = {"cache": CACHE, "steps": args.steps, "runs": runs, "fits": fits,
                "imports_mib": max(x["imports"] for r in runs for x in r["ranks"]),

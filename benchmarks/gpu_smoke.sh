@@ -58,6 +58,30 @@ print("step, loss fsdp2, loss ddp (100-step schedule):", [(r["step"], round(r["l
                                                          for r in sharded if r["step"] in whole and "loss" in r])
 EOF
 
+log "FSDP2 teacher loading: per-rank reads of the safetensors (default) vs the whole teacher per process, 20 steps"
+rm -rf "$out/run_fsdp2_whole"
+LRC_FSDP2_WHOLE_TEACHER=1 .venv/bin/lrc-train train --cache "$out/cache" --out "$out/run_fsdp2_whole" --no-progress \
+    student.hidden_size=288 train.steps=20 train.batch_size=8 train.device=cuda train.mixed_precision=bf16 \
+    train.parallelism=fsdp2 > "$out/train_fsdp2_whole_summary.json"
+rm -rf "$out/run_fsdp2_torchrun"
+$py -m torch.distributed.run --nproc_per_node 1 -m lrc_offline.cli.train train --cache "$out/cache" \
+    --out "$out/run_fsdp2_torchrun" --no-progress student.hidden_size=288 train.steps=20 train.batch_size=8 \
+    train.device=cuda train.mixed_precision=bf16 train.parallelism=fsdp2 > "$out/train_fsdp2_torchrun_summary.json"
+$py - "$out" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+from safetensors.torch import load_file
+out = sys.argv[1]
+losses = {name: [json.loads(l).get("loss") for l in open(f"{out}/{name}/metrics.jsonl")]
+          for name in ("run_fsdp2", "run_fsdp2_whole", "run_fsdp2_torchrun")}
+ref = [x for x in losses["run_fsdp2_whole"] if x is not None]
+whole = load_file(f"{out}/run_fsdp2_whole/student/model.safetensors")
+for name in ("run_fsdp2", "run_fsdp2_torchrun"):
+    rel = max(abs(a - b) / abs(b) for a, b in zip([x for x in losses[name] if x is not None], ref))
+    mine = load_file(f"{out}/{name}/student/model.safetensors")
+    diff = max((mine[k].float() - whole[k].float()).abs().max().item() for k in whole)
+    print(f"{name} (per-rank teacher reads) vs whole teacher: max loss rel diff {rel:.2e}, export max abs diff {diff:.2e}")
+EOF
+
 log "step speed side by side (offline, online, plain) at 8x256 and 2x256 x grad_accum 4"
 $py benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 --rounds 3 \
     --out "$out/speed_train" 2>&1 | tail -12 | tee -a "$out/summary.txt"

@@ -121,17 +121,22 @@ def _set_local_device() -> None:
 def _teacher_and_heldout(cfg, cache: str):
     """The teacher (the config's, else the cache's) and, for a cache built before held-out splits, its
     held-out documents packed from the corpus (else None: training evaluates on the cache's held-out split,
-    reading nothing else)."""
+    reading nothing else). Under train.parallelism=fsdp2 the teacher is returned by name, never loaded
+    here: each process then reads only its own shards of the teacher's weights."""
     from ..cache import read_manifest
     from ..evaluation import heldout_sequences
     from ..storage import as_location
-    from ..teacher.load import load_teacher, resolve_device
+    from ..teacher.load import load_teacher, load_tokenizer, resolve_device
 
     location = as_location(cache, cfg.train.storage_options)
     manifest = read_manifest(location)
     _set_local_device()
-    teacher = load_teacher(cfg.teacher or manifest.teacher_name, dtype="auto",
-                           device=resolve_device(cfg.train.device))  # fmt: skip
+    name = cfg.teacher or manifest.teacher_name
+    if cfg.train.parallelism == "fsdp2":
+        teacher, tokenizer = name, None
+    else:
+        teacher = load_teacher(name, dtype="auto", device=resolve_device(cfg.train.device))
+        tokenizer = teacher.tokenizer
     built = manifest.config
     if manifest.heldout is not None:
         if cfg.heldout_docs:
@@ -147,7 +152,8 @@ def _teacher_and_heldout(cfg, cache: str):
     log.warning("the cache at %s has no held-out split (built before caches stored one): every process re-reads "
                 "the corpus %s for its last %d documents; rebuild the cache (cache.heldout_docs > 0) to evaluate "
                 "from the cache alone", location, corpus, docs)  # fmt: skip
-    ids = heldout_sequences(corpus, field, docs, teacher.tokenizer, built.seq_len, cfg.train.eval_sequences, **dataset)
+    tokenizer = tokenizer or load_tokenizer(name)
+    ids = heldout_sequences(corpus, field, docs, tokenizer, built.seq_len, cfg.train.eval_sequences, **dataset)
     return teacher, ids
 
 

@@ -35,7 +35,7 @@ Legend: D d_T, S d_S.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch.distributed.fsdp import FSDPModule

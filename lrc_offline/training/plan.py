@@ -245,11 +245,15 @@ def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], w
     return out
 
 
-def host_memory(geo: Geometry, processes_per_host: int, bf16: bool = True) -> dict[str, float]:
-    """GiB of host memory per host, by part: `teacher_load`, each process loading the whole teacher
-    (bf16 on a GPU machine) before moving it to its GPU or sharding it (its own term: loading only each
-    rank's share would make it fall as 1/N under fsdp2). The reader's prefetched shards come on top."""
-    teacher = (2 if bf16 else 4) * geo.teacher_params() * processes_per_host
+def host_memory(geo: Geometry, processes_per_host: int, bf16: bool = True, world: int = 1,
+                fsdp: bool = False) -> dict[str, float]:  # fmt: skip
+    """GiB of host memory per host, by part: `teacher_load`, the teacher's weights read into host memory
+    (bf16 on a GPU machine): under ddp each process loads the whole teacher before moving it to its GPU;
+    under fsdp2 each of the `world` processes reads only its own shard of a safetensors teacher
+    (`teacher/slices.py`), so a host holds processes_per_host / world of the teacher. The reader's
+    prefetched shards come on top."""
+    share = 1 / world if fsdp else 1.0
+    teacher = (2 if bf16 else 4) * geo.teacher_params() * processes_per_host * share
     return {"teacher_load": teacher / GIB, "total": teacher / GIB}
 
 
@@ -312,7 +316,6 @@ def plan(cfg: TrainJobConfig, geo: Geometry, seq_len: int, num_gpus: int, num_ho
     untied = cfg.student.head == "untied" or cfg.student.init != "random" or not geo.tied
     clone = cfg.loss.alpha > 0 or cfg.loss.alpha_schedule != "constant"
     coefficients = fit_activations(bf16)
-    host = host_memory(geo, num_gpus // num_hosts, bf16)
     tokens = num_gpus * tc.batch_size * tc.grad_accum * seq_len
     rows = []
     for parallelism, ckpt in modes:
@@ -323,7 +326,8 @@ def plan(cfg: TrainJobConfig, geo: Geometry, seq_len: int, num_gpus: int, num_ho
                            tc.generate_once, clone)  # fmt: skip
         row = {"parallelism": parallelism, "activation_checkpointing": ckpt, "num_gpus": num_gpus,
                "num_hosts": num_hosts, "micro_batch": tc.batch_size, "seq_len": seq_len, "grad_accum": tc.grad_accum,
-               "gpu_gib": gpu, "host_gib": host, "flops_per_step": flops, "tokens_per_step": tokens,
+               "gpu_gib": gpu, "host_gib": host_memory(geo, num_gpus // num_hosts, bf16, num_gpus, fsdp),
+               "flops_per_step": flops, "tokens_per_step": tokens,
                "tokens_per_s": tokens / (flops / (gpu_tflops * 1e12)) if gpu_tflops else None}  # fmt: skip
         row["configured"] = parallelism == tc.parallelism and ckpt == tc.activation_checkpointing
         rows.append(row)
@@ -353,6 +357,6 @@ def format_plan(rows: list[dict], geo: Geometry, d_S: int) -> str:
     lines += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
               + " |" for line in body]  # fmt: skip
     lines += [rule, "GiB/GPU: what one process holds on its GPU for a step (CUDA context and allocator slack on top); "
-              "host GiB: teacher_load, each process loading the whole teacher before moving or sharding it."]
+              "host GiB: teacher_load, the whole teacher per process under DDP, each process's shard of it under FSDP2."]
     return "\n".join(lines)
 
