@@ -82,6 +82,43 @@ for name in ("run_fsdp2", "run_fsdp2_torchrun"):
     print(f"{name} (per-rank teacher reads) vs whole teacher: max loss rel diff {rel:.2e}, export max abs diff {diff:.2e}")
 EOF
 
+ngpu=$($py -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ]; then
+    log "tensor-parallel cache build (run.tensor_parallel_size=$ngpu under torchrun) vs one process, bf16"
+    rm -rf "$out/cache_tp1" "$out/cache_tp"
+    common=(teacher=smollm2-135m corpus=wiki-en seq_len=256 max_sequences=64 sequences_per_shard=32 heldout_docs=50
+            run.compute_dtype=bfloat16 run.batch_size=16)
+    .venv/bin/lrc-cache build --out "$out/cache_tp1" --no-progress "${common[@]}" run.device=cuda 2>&1 | tail -1
+    # SmolLM2 has 9 heads and 3 KV heads: the largest size dividing both that fits the GPUs here
+    tp=$( [ "$ngpu" -ge 3 ] && echo 3 || echo 1 )
+    if [ "$tp" -gt 1 ]; then
+        $py -m torch.distributed.run --nproc_per_node "$tp" -m lrc_offline.cli.cache build --out "$out/cache_tp" \
+            --no-progress "${common[@]}" run.tensor_parallel_size=$tp 2>&1 | tail -1
+        $py - "$out" <<'EOF2' | tee -a "$out/summary.txt"
+import sys
+import torch
+from lrc_offline.cache import CacheReader, read_manifest
+out = sys.argv[1]
+a, b = read_manifest(f"{out}/cache_tp"), read_manifest(f"{out}/cache_tp1")
+print("manifest digests equal:", a.digest() == b.digest())
+worst = {}
+for i in range(CacheReader(f"{out}/cache_tp1").num_shards):
+    got, want = CacheReader(f"{out}/cache_tp").read_shard(i), CacheReader(f"{out}/cache_tp1").read_shard(i)
+    for name, value in want.items():
+        if value.is_floating_point():
+            diff = ((got[name].float() - value.float()).abs() / value.float().abs().clamp_min(1)).max().item()
+            worst[name] = max(worst.get(name, 0.0), diff)
+        else:
+            worst[name] = max(worst.get(name, 0.0), float((got[name] != value).float().mean()))
+print("per field, worst relative difference (floats, bf16) or share of differing entries (ints):", worst)
+EOF2
+    else
+        log "  SmolLM2's 9 heads / 3 KV heads need 3 GPUs for a tensor-parallel build; skipped"
+    fi
+else
+    log "tensor-parallel cache build: needs 2+ GPUs, skipped (tests/test_tensor_parallel_build.py runs it on CPU)"
+fi
+
 log "step speed side by side (offline, online, plain) at 8x256 and 2x256 x grad_accum 4"
 $py benchmarks/speed_train.py --teacher smollm2-135m --hidden-size 288 --configs 8x256x1,2x256x4 --rounds 3 \
     --out "$out/speed_train" 2>&1 | tail -12 | tee -a "$out/summary.txt"
