@@ -62,8 +62,9 @@ def measured_vs_planned(tmp_path: Path, cache: Path, teacher: str, processes: in
     gib = plan.memory(geo, cfg.student.hidden_size, tc.batch_size, seq_len, plan.fit_activations(bf16=False),
                       processes, fsdp, tc.activation_checkpointing, tc.grad_accum, tc.generate_once, bf16=False,
                       chunk_tokens=tc.loss_chunk_tokens)  # fmt: skip
-    # On a CPU the device is the host: a sharded run also keeps the whole teacher it loaded (the host term).
-    peak = (gib["total"] + (plan.host_memory(geo, 1, bf16=False)["teacher_load"] if fsdp else 0)) * plan.GIB
+    # On a CPU the device is the host; a sharded run reads only its shard of the teacher (per-rank loading),
+    # which the plan's teacher term already holds, so no host term comes on top.
+    peak = gib["total"] * plan.GIB
     flops = plan.step_flops(geo, cfg.student.hidden_size, tc.batch_size, seq_len, tc.grad_accum, POSITIONS, fsdp,
                             tc.activation_checkpointing, tc.generate_once, attention=False)  # fmt: skip
     return measured, peak, flops

@@ -233,7 +233,9 @@ def memory(geo: Geometry, d_S: int, batch: int, seq: int, c: dict[str, float], w
         generated = compute * generated_weights + copy_of_p * projections
     if fsdp:
         layer_teacher = compute * geo.d_T * geo.layer_matrix_width
-        gathered = layer_teacher + 4 * 7 * geo.d_T * d_S  # one layer's teacher weights and projections
+        # the largest unit all-gathered at a time: one layer's teacher weights and projections, or the
+        # embedding (vocab x d_T, gathered whole for E^S = E^T P_e and for the head's weights)
+        gathered = max(layer_teacher, compute * geo.vocab * geo.d_T) + 4 * 7 * geo.d_T * d_S
         teacher, states = teacher / world + gathered, states / world
     parts = {"teacher_weights": teacher, "trainable_states": states, "generated_weights": generated,
              "activations": acts, "logits": logits}  # fmt: skip
