@@ -103,6 +103,9 @@ RECIPE = {
     "kd": ("(iii) KD only, same start and schedule", PRODUCTION_CACHE, ["loss.alpha=0"]),
     "bf16": ("(ii) default recipe, bf16 every-layer cache",
              ["logprob_dtype=float16", "act_dtype=bfloat16", "act_layer_fraction=1.0", "act_positions=16"], []),
+    # The teacher saw each packed document alone; the student follows the cache (train.document_mask=auto),
+    # and its held-out CE is measured on the cache's document-masked held-out split.
+    "docmask": ("(iv) document-masked cache and student", [*PRODUCTION_CACHE, "document_mask=true"], []),
     "tied": ("(v) default recipe, tied head", PRODUCTION_CACHE, ["student.head=tied"]),
 }
 RISE_AFTER_STEP = 40
