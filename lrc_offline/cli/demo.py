@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("student_heldout_ppl", "teacher_heldout_ppl")
     print("\nsummary: " + ", ".join(f"{k} {result[k]:.2f}" for k in keys)
           + f", cache {result['cache']['bytes'] / 2**20:.1f} MiB ({result['cache']['bytes_per_token']:.0f} B/token;"
-          + f"; bf16 at every layer would take {result['cache']['bf16_every_layer']['bytes_per_token']:.0f},"
+          + f" bf16 at every layer would take {result['cache']['bf16_every_layer']['bytes_per_token']:.0f},"
           + " lrc-cache plan)"
           + f", training {result['train']['tokens_per_s'] or 0:.0f} tokens/s"
           + f", total {result['timings_s']['total'] / 60:.1f} min; details in {args.out}/summary.json")  # fmt: skip
