@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lrc_offline import losses
+from lrc_offline.batch import Batch
 from lrc_offline.cache import CacheMismatchError, CacheReader, read_manifest
 from lrc_offline.capture.build import build_cache
 from lrc_offline.capture.vllm_backend import BackendUnavailableError, VLLMCapture
@@ -23,6 +24,7 @@ from lrc_offline.config import (BuildRunConfig, CacheConfig, ConfigError, LossCo
                                 TrainJobConfig, apply_overrides)  # fmt: skip
 from lrc_offline.evaluation import evaluate_export, evaluate_export_from_cache
 from lrc_offline.online import teacher_batch
+from lrc_offline.student.init import calibrate_head_scale
 from lrc_offline.student.lrc import LRCStudent
 from lrc_offline.teacher.load import load_teacher
 from lrc_offline.teacher.tiny import TINY_FAMILIES, tiny_teacher
@@ -224,6 +226,25 @@ def test_heldout_of_a_masked_cache_is_evaluated_one_document_at_a_time(masked_ca
     kl = losses.kl_topk(logits, fields["topk_ids"], fields["topk_logprobs"], valid, 1.0)
     assert masked["ce"] == pytest.approx(float(ce), abs=1e-5) and masked["kl"] == pytest.approx(float(kl), abs=1e-5)
     assert abs(plain["ce"] - masked["ce"]) > 1e-3
+
+
+def test_pca_head_scale_is_fitted_on_the_masked_logits(masked_cache):
+    """The PCA start's head-scale fit of a document-masked student scores the logits it trains with: each
+    packed document alone."""
+    student = LRCStudent(load_teacher("tiny-random:llama").model, 32)
+    fields = CacheReader(masked_cache).read_shard(0)
+    ids, position_ids = fields["input_ids"][:4], fields["position_ids"][:4].long()
+    assert (position_ids == 0).sum(1).min() >= 2
+    with torch.no_grad():
+        alone, packed = _by_document(student, ids, position_ids), student(ids.long()).logits_BTV
+    assert (alone - packed).abs().max() > 1e-3
+    for document_mask, expected in ((True, alone), (False, packed)):
+        scored = []
+        calibrate_head_scale(student, [Batch(ids, position_ids=position_ids)], lambda logits, batch: (
+            scored.append(logits.detach().clone()) or logits.float().pow(2).mean()), document_mask=document_mask)
+        torch.testing.assert_close(scored[0], 0.25 * expected, rtol=1e-5, atol=1e-5)  # the grid's first c is 1/4
+        with torch.no_grad():
+            student.final_norm.fill_(1.0)
 
 
 def test_training_follows_the_cache_and_its_export_is_evaluated_masked(masked_cache, tmp_path):

@@ -173,13 +173,14 @@ def tied_head_rotation(basis_DS: torch.Tensor, g_final_D: torch.Tensor, embed_VD
 
 @torch.no_grad()
 def calibrate_head_scale(student: LRCStudent, batches: Iterable, score: Callable[..., torch.Tensor],
-                         pass_teacher_head: bool = False) -> float:  # fmt: skip
+                         pass_teacher_head: bool = False, document_mask: bool = False) -> float:  # fmt: skip
     """Multiply the student's final-norm weight by the c in [1/4, 2] that minimises `score`, the mean
     loss of logits [B, T, V] on a batch (the training objective's KD + CE), averaged over `batches`
     weighted by their tokens; return c. With `pass_teacher_head`, `score` also gets the teacher's head
     as the forward returned it (`teacher_head_VD=`): a sharded student holds it whole only there.
     A sharded student is called like a whole one (every process with the same batches) and scales its
-    own rows.
+    own rows. With `document_mask` each packed document is seen alone (the batches' `position_ids`, 0
+    starting a document), as a document-masked student trains.
 
     Logits are linear in c, so one student forward per batch scores a whole grid of c (log-spaced, 9%
     apart); a parabola through the best grid point and its neighbours (the losses are convex in c)
@@ -188,7 +189,8 @@ def calibrate_head_scale(student: LRCStudent, batches: Iterable, score: Callable
     log_grid = torch.linspace(math.log(0.25), math.log(2.0), 25, dtype=torch.float64)
     totals = torch.zeros(len(log_grid), dtype=torch.float64, device=student.final_norm.device)
     for batch in batches:
-        out = student(batch.input_ids.long())
+        positions = batch.position_ids.long() if document_mask else None
+        out = student(batch.input_ids.long(), position_ids_BT=positions, document_mask=document_mask)
         logits_BTV = out.logits_BTV.float()
         extra = {"teacher_head_VD": out.teacher_head_VD} if pass_teacher_head else {}
         for i, c in enumerate(log_grid.exp().tolist()):

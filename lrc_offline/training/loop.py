@@ -173,7 +173,7 @@ def _pca_start(student: LRCStudent, source: BatchSource, cfg: TrainJobConfig, ac
     num = head_scale_sequences(student, cfg)
     device = student.proj_embed.device  # a student to be sharded is still on the CPU
     batches = source.head_scale_batches(num, cfg.train.batch_size, device) if num else []
-    info.update(fit_head_scale(student, batches, cfg))
+    info.update(fit_head_scale(student, batches, cfg, source.document_mask))
     return info
 
 

@@ -121,15 +121,16 @@ def head_scale_sequences(student: LRCStudent, cfg: TrainJobConfig) -> int:
     return cfg.student.pca_calibrate_sequences
 
 
-def fit_head_scale(student: LRCStudent, batches: list[Batch], cfg: TrainJobConfig) -> dict:
+def fit_head_scale(student: LRCStudent, batches: list[Batch], cfg: TrainJobConfig, document_mask: bool = False) -> dict:
     """Fit the PCA-initialised student's head scale to the objective's KD + CE on `batches` (see
-    `student.init.calibrate_head_scale`); returns the record for the checkpoint's init info. No batches
+    `student.init.calibrate_head_scale`), each packed document seen alone under `document_mask` (the
+    student's masking as training resolved it); returns the record for the checkpoint's init info. No batches
     (see `head_scale_sequences`) keep the folded scale."""
     if not batches:
         return {"head_scale": 1.0}
     # The teacher's head as the forward returns it: a sharded student holds it whole only there.
     scale = calibrate_head_scale(student, batches, lambda logits, batch, teacher_head_VD: logit_loss(
-        logits, batch, cfg.loss, teacher_head_VD), pass_teacher_head=True)  # fmt: skip
+        logits, batch, cfg.loss, teacher_head_VD), pass_teacher_head=True, document_mask=document_mask)  # fmt: skip
     num = sum(len(batch.input_ids) for batch in batches)
     log.info("PCA init: head scale %.3f fitted on %d sequences", scale, num)
     return {"head_scale": scale, "head_scale_sequences": num}
