@@ -136,7 +136,7 @@ def test_auto_warmup_keeps_a_pca_start_gentle_and_long_runs_warm_up_over_2_perce
     job = apply_overrides(TrainJobConfig(), [f"student.init={init}", f"train.steps={steps}"])
     assert job.optim.warmup_steps is None
     ran = job.resolved(residual_available=True)
-    assert ran.optim.warmup_steps == warmup and ran.optim.lr == (1e-4 if init == "pca" else 1e-3)
+    assert ran.optim.warmup_steps == warmup and ran.optim.lr == (5e-5 if init == "pca" else 1e-3)
     assert ran.resolved(residual_available=True) == ran  # resolving twice changes nothing
     given = apply_overrides(job, ["optim.warmup_steps=0"]).resolved(residual_available=True)
     assert given.optim.warmup_steps == 0

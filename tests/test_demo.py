@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_and_reruns_from_the_cache(tmp_path):
     # the preset runs on the library's defaults, and the summary records what they resolved to
     ran = summary["config"]
     assert (ran["cache"]["act_dtype"], ran["cache"]["act_positions"]) == ("int4g", 16)
-    assert ran["train"]["optim"]["warmup_steps"] == 3 and ran["train"]["optim"]["lr"] == 1e-4
+    assert ran["train"]["optim"]["warmup_steps"] == 3 and ran["train"]["optim"]["lr"] == 5e-5
     reference = summary["cache"]["bf16_every_layer"]
     assert reference["bytes_per_token"] > summary["cache"]["bytes_per_token"]
     assert isinstance(summary["sample"]["continuation"], str)
