@@ -307,11 +307,28 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
             lines.append(f"(i) reaches it at steps {prod}: {ratio:.2f} of KD only's steps (mean over seeds).")
         elif prod:
             lines.append(f"(i) reaches it at steps {prod} (None: not within its run).")
+    lines += [line for key in RECIPE if key not in ("prod", "kd") for line in [against_prod(groups, key)] if line]
     text = "\n".join(lines) + "\n"
     (out / "recipe.md").write_text(text)
     plot_bands(bands, out / "recipe.png",
                title=f"{results.get('setup', {}).get('teacher', '')}: held-out CE, mean and range over seeds")
     return text
+
+
+def against_prod(groups: dict[str, list[dict]], key: str) -> str | None:
+    """`key`'s mean held-out CE against (i)'s at the last step every run of both reached, or None when
+    either has no run."""
+    import statistics
+
+    runs, prod = groups.get(key, []), groups.get("prod", [])
+    if not runs or not prod or not all(run["heldout"] for run in runs + prod):
+        return None
+    step = min(run["heldout"][-1][0] for run in runs + prod)
+    mine = statistics.mean(dict(run["heldout"])[step] for run in runs)
+    theirs = statistics.mean(dict(run["heldout"])[step] for run in prod)
+    return (f"{runs[0]['label']} at step {step}: {mine:.3f} (seeds {','.join(str(r['seed']) for r in runs)}) "
+            f"against (i)'s {theirs:.3f} (seeds {','.join(str(r['seed']) for r in prod)}): "
+            f"{100 * (mine - theirs) / theirs:+.1f}%.")
 
 
 def plot_bands(bands: dict[str, list[tuple[int, float, float, float]]], out_png: Path, title: str) -> None:

@@ -483,7 +483,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     eval_every: int = 0
-    """Evaluate held-out loss every N steps (0: only at the end)."""
+    """Evaluate held-out loss every N steps, each with a metrics line whatever log_every (0: only at the end)."""
     eval_sequences: int = 256
     """Held-out sequences per evaluation, at most: the first ones of the cache's held-out split
     (cache.heldout_sequences, 256 by default), or of the held-out documents packed from the corpus (online

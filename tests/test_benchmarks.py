@@ -102,3 +102,31 @@ def test_pca_pooling_smoke(tmp_path, monkeypatch):
     rotations = [ce for name, ce in full.items() if not name.endswith(", tied") and "to CE" not in name]
     assert len(rotations) == 6 and max(rotations) - min(rotations) < 1e-3  # d_S = d_T: all the teacher exactly
     assert [r.get("head_scale") for r in rows if r["variant"].endswith("untied (default)")][-1] == 1.0
+
+
+def test_recipe_smoke_and_table(tmp_path, monkeypatch):
+    _run("quality.py", [*TINY, "--recipe", "--heldout-docs", "3", "--sequences", "16", "--steps", "2",
+                        "--eval-every", "1", "--only", "prod,kd", "--out", str(tmp_path),
+                        "student.hidden_size=16", "train.checkpoint_every=1"], monkeypatch)  # fmt: skip
+    runs = json.loads((tmp_path / "recipe.json").read_text())["runs"]
+    assert set(runs) == {"prod-s0", "kd-s0"} and [s for s, _ in runs["prod-s0"]["heldout"]] == [0, 1, 2]
+    assert (tmp_path / "recipe.png").is_file()
+    # The table's numbers from hand-made curves, merged in: (i) rises 0.3 above its running minimum after
+    # step 40 and reaches KD only's mean final (4.5) at step 60 of KD only's 80; (ii) ends 2% above (i).
+    curves = {"prod-s0": ("prod", [[0, 6.0], [20, 5.0], [40, 4.8], [60, 4.5], [80, 4.4]]),
+              "prod-s1": ("prod", [[0, 6.0], [20, 5.0], [40, 4.6], [60, 4.9], [80, 4.4]]),
+              "kd-s0": ("kd", [[0, 6.0], [20, 5.2], [40, 5.0], [60, 8.0], [80, 4.4]]),
+              "kd-s1": ("kd", [[0, 6.0], [20, 5.5], [40, 5.0], [60, 4.8], [80, 4.6]]),
+              "bf16-s0": ("bf16", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.488]])}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
+                                                 "heldout": curve} for name, (key, curve) in curves.items()}}))
+    _run("quality.py", ["--recipe", "--out", str(tmp_path / "table"), "--merge", str(other)], monkeypatch)
+    table = (tmp_path / "table" / "recipe.md").read_text()
+    assert "| (prod), seed 1 | 80 | 4.400 | 0.300 | 80 |" in table  # rise 4.9 - 4.6; 4.5 first reached at 80
+    assert "| (prod), seed 0 | 80 | 4.400 | 0.000 | 60 |" in table
+    assert "| (kd), seed 0 | 80 | 4.400 | 3.000 | 80 |" in table  # the spike above the running minimum 5.0
+    assert "KD only's mean final held-out CE: 4.5000, after 80 steps." in table
+    assert "(i) reaches it at steps [60, 80]: 0.88 of KD only's steps (mean over seeds)." in table
+    assert "(bf16) at step 80: 4.488 (seeds 0) against (i)'s 4.400 (seeds 0,1): +2.0%." in table
+    assert "| (prod) (0,1) | 6.000 ±0.000 | 5.000 ±0.000 | 4.700 ±0.100 |" in table

@@ -393,7 +393,7 @@ def _checkpoint(run: Run, step_done: int) -> None:
 
 
 def train(run: Run, progress: bool = True) -> None:
-    """Steps `run.start_step` .. `run.end_step`: log every `log_every` steps, evaluate every
+    """Steps `run.start_step` .. `run.end_step`: log every `log_every` steps, evaluate (and log) every
     `eval_every`, checkpoint every `checkpoint_every` and at the last step."""
     tc = run.cfg.train
     bar = tqdm(total=tc.steps, initial=run.start_step, desc=run.source.name, unit="step",
@@ -405,7 +405,8 @@ def train(run: Run, progress: bool = True) -> None:
         window = (window[0], window[1] + _tokens_per_step(tc, run.accelerator.num_processes))
         bar.update(1)
         is_last = index + 1 == tc.steps
-        if (index + 1) % tc.log_every == 0 or is_last:
+        evaluates = run.heldout is not None and tc.eval_every and (index + 1) % tc.eval_every == 0
+        if (index + 1) % tc.log_every == 0 or is_last or evaluates:  # an evaluation step gets its line too
             record = _record(run, index, parts, grad_norm, alpha, window)
             if run.metrics is not None:
                 run.last_record = run.metrics.write(record)
