@@ -81,7 +81,8 @@ def _local_files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
-def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
+def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys, monkeypatch):
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
     url = f"s3://{bucket}/cache"
     args = ["--no-progress", f"format={fmt}", *SMALL]
     assert cache_main(["build", "--out", url, *args]) == 0
@@ -109,6 +110,14 @@ def test_build_inspect_verify_train_from_s3(bucket, tmp_path, fmt, capsys):
     if fmt == "zarr":
         derived = [k for k in _objects(bucket, "cache") if k.startswith(("pca/", "derived/"))]
         assert derived == ["derived/pca/second_moment-1024seq.safetensors"]
+    # the exported student on the bucket's held-out split, with the endpoint passed as on the other commands
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    capsys.readouterr()
+    options = json.dumps({"endpoint_url": endpoint})
+    assert train_main(["eval", "--student", str(run / "student"), "--cache", url, "--json", "--max-sequences", "2",
+                       "--storage-options", options]) == 0
+    assert json.loads(capsys.readouterr().out)["student_ce"] == pytest.approx(summary["heldout_ce"], abs=1e-4)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
 
     if fmt == "zarr":  # zarr itself opens a shard from the bucket, through its own fsspec store
         import zarr

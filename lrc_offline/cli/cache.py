@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from ..config import CacheConfig, load_config
-from .common import add_config_args, check_out_dir, dispatch, launcher_rank
+from .common import add_config_args, check_out_dir, dispatch, json_object, launcher_rank
 
 __all__ = ["main"]
 
@@ -113,19 +113,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        "basis); they are recomputed when next needed")  # fmt: skip
     for command in (inspect, verify, clean):
         command.add_argument("cache", help="cache directory or URL (s3://bucket/prefix, ...)")
-        command.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+        command.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
                              help='for a URL: fsspec options, e.g. \'{"profile": "research"}\' (no secrets)')  # fmt: skip
     return parser, sub.choices
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def _cache_config(args) -> CacheConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -35,6 +36,17 @@ class _HelpConfig(argparse.Action):
 
         sys.stdout.write(format_config_help(self.config_cls))
         parser.exit(0)
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a JSON object flag (--storage-options)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ..config import TrainJobConfig
-from .common import add_config_args, check_out_dir, dispatch
+from .common import add_config_args, check_out_dir, dispatch, json_object
 
 __all__ = ["main"]
 
@@ -66,6 +66,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     evaluate.add_argument("--seq-len", type=int, help="tokens per sequence (default: the cache's, else 256)")
     evaluate.add_argument("--max-sequences", type=int, help="held-out sequences to evaluate (default: a cache's "
                           "whole held-out split, else 32)")  # fmt: skip
+    evaluate.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
+                          help='fsspec options for a --cache on object storage, e.g. \'{"endpoint_url": "http://host:9000"}\' '
+                          "(credentials from the environment, never here)")  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     export = sub.add_parser("export", help="export a checkpoint as a plain Hugging Face model")
     export.add_argument("--checkpoint", required=True, help="a checkpoints/step-* directory")
@@ -198,6 +201,7 @@ def _sweep(args) -> int:
 def _eval(args) -> int:
     from ..cache import read_manifest
     from ..evaluation import evaluate_export, evaluate_export_from_cache, format_table
+    from ..storage import as_location, check_storage_options
     from ..teacher.load import load_teacher
 
     if not (Path(args.student) / "config.json").is_file():
@@ -210,9 +214,10 @@ def _eval(args) -> int:
     corpus, field, docs, seq_len = args.corpus, args.text_field, args.heldout_docs, args.seq_len
     dataset = {}
     if args.cache:
-        manifest = read_manifest(args.cache)
+        cache = as_location(args.cache, check_storage_options(args.storage_options, "--storage-options"))
+        manifest = read_manifest(cache)
         if manifest.heldout is not None and not args.corpus:
-            metrics = evaluate_export_from_cache(args.student, args.cache, args.max_sequences, args.teacher)
+            metrics = evaluate_export_from_cache(args.student, cache, args.max_sequences, args.teacher)
             print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
             return 0
         built = manifest.config
