@@ -305,6 +305,10 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
         if prod and all(s is not None for s in prod):
             ratio = statistics.mean(prod) / statistics.mean(kd_steps)
             lines.append(f"(i) reaches it at steps {prod}: {ratio:.2f} of KD only's steps (mean over seeds).")
+            own = [steps_to_reach(run["heldout"], kd_target) for run in groups["kd"]]
+            if all(s is not None for s in own):  # a noisy plateau: KD only itself touches its final early
+                lines.append(f"KD only's own curves first reach it at steps {own}: (i) takes "
+                             f"{statistics.mean(prod) / statistics.mean(own):.2f} of those (means over seeds).")
         elif prod:
             lines.append(f"(i) reaches it at steps {prod} (None: not within its run).")
     lines += [line for key in RECIPE if key not in ("prod", "kd") for line in [against_prod(groups, key)] if line]

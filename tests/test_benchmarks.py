@@ -116,7 +116,7 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     curves = {"prod-s0": ("prod", [[0, 6.0], [20, 5.0], [40, 4.8], [60, 4.5], [80, 4.4]]),
               "prod-s1": ("prod", [[0, 6.0], [20, 5.0], [40, 4.6], [60, 4.9], [80, 4.4]]),
               "kd-s0": ("kd", [[0, 6.0], [20, 5.2], [40, 5.0], [60, 8.0], [80, 4.4]]),
-              "kd-s1": ("kd", [[0, 6.0], [20, 5.5], [40, 5.0], [60, 4.8], [80, 4.6]]),
+              "kd-s1": ("kd", [[0, 6.0], [20, 5.5], [40, 4.5], [60, 4.8], [80, 4.6]]),
               "bf16-s0": ("bf16", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.488]])}
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
@@ -128,5 +128,6 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     assert "| (kd), seed 0 | 80 | 4.400 | 3.000 | 80 |" in table  # the spike above the running minimum 5.0
     assert "KD only's mean final held-out CE: 4.5000, after 80 steps." in table
     assert "(i) reaches it at steps [60, 80]: 0.88 of KD only's steps (mean over seeds)." in table
+    assert "KD only's own curves first reach it at steps [80, 40]: (i) takes 1.17 of those" in table
     assert "(bf16) at step 80: 4.488 (seeds 0) against (i)'s 4.400 (seeds 0,1): +2.0%." in table
     assert "| (prod) (0,1) | 6.000 ±0.000 | 5.000 ±0.000 | 4.700 ±0.100 |" in table
