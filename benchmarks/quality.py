@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated variant keys to run, in this order; keys: {','.join(VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results/quality")
     parser.add_argument("--table-only", action="store_true", help="rewrite quality.md and quality.png from quality.json and stop")
-    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON_OR_RUN",
                         help="first copy the variants of these quality.json files (runs made in parallel) into this one")
     parser.add_argument("--recipe", action="store_true",
                         help=f"the recipe protocol: variants {','.join(RECIPE)}, library defaults, the cache's held-out split")
@@ -212,8 +212,17 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
     out = Path(args.out)
     result_file = out / "recipe.json"
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    for other in args.merge:
-        for name, run in json.loads(Path(other).read_text()).get("runs", {}).items():
+    for other in map(Path, args.merge):
+        if other.is_dir():  # one run's folder, e.g. a run cut off before its last step
+            key, _, seed = other.name.rpartition("-s")
+            if key not in RECIPE or not seed.isdigit() or not (other / "metrics.jsonl").is_file():
+                parser.error(f"--merge {other}: a run folder is named <variant>-s<seed> and holds metrics.jsonl")
+            records = read_metrics(other / "metrics.jsonl")
+            results.setdefault("runs", {})[other.name] = {
+                "variant": key, "label": RECIPE[key][0], "seed": int(seed),
+                "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r]}  # fmt: skip
+            continue
+        for name, run in json.loads(other.read_text()).get("runs", {}).items():
             results.setdefault("runs", {})[name] = run
     if args.table_only or args.merge:
         print(write_recipe_outputs(results, out))
@@ -268,9 +277,13 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
+    every = [run for run in results.get("runs", {}).values() if run["heldout"]]
+    planned = results.get("setup", {}).get("steps") or max((run["heldout"][-1][0] for run in every), default=0)
+    # A run cut off before its last step is listed on its own, out of the means, the bands and the ratio.
     groups: dict[str, list[dict]] = {}
-    for run in results.get("runs", {}).values():
-        groups.setdefault(run["variant"], []).append(run)
+    partial: dict[str, list[dict]] = {}
+    for run in every:
+        (groups if run["heldout"][-1][0] >= planned else partial).setdefault(run["variant"], []).append(run)
     kd_finals = [run["heldout"][-1][1] for run in groups.get("kd", []) if run["heldout"]]
     kd_target = statistics.mean(kd_finals) if kd_finals else None
     kd_steps = [run["heldout"][-1][0] for run in groups.get("kd", []) if run["heldout"]]  # steps KD only ran
@@ -290,13 +303,18 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
                 cells.append("")
         bands[f"{label} ({len(runs)} seeds)"] = band
         lines.append(f"| {label} ({','.join(str(r['seed']) for r in runs)}) | " + " | ".join(cells) + " |")
+    for cut_runs in partial.values():
+        for run in cut_runs:
+            bands[f"{run['label']}, seed {run['seed']}, cut off at {run['heldout'][-1][0]}"] = [
+                (s, ce, ce, ce) for s, ce in run["heldout"]]  # fmt: skip
     lines += ["", "Cells: mean over seeds ± half the range (max - min) / 2.", "",
               f"| run | evaluated steps | final held-out CE | largest rise above running min after step {RISE_AFTER_STEP} "
               "| first step at or below KD only's mean final CE |", "|---|---|---|---|---|"]  # fmt: skip
     for name, run in sorted(results.get("runs", {}).items()):
         curve = run["heldout"]
         reach = steps_to_reach(curve, kd_target) if kd_target is not None and curve else None
-        lines.append(f"| {run['label']}, seed {run['seed']} | {curve[-1][0] if curve else 0} | "
+        cut = f" (cut off at {curve[-1][0]} of {planned})" if curve and curve[-1][0] < planned else ""
+        lines.append(f"| {run['label']}, seed {run['seed']}{cut} | {curve[-1][0] if curve else 0} | "
                      f"{curve[-1][1]:.3f} | {max_rise(curve):.3f} | {reach if reach is not None else '-'} |"
                      if curve else f"| {name} | 0 | | | |")  # fmt: skip
     if kd_target is not None:
@@ -312,6 +330,8 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
         elif prod:
             lines.append(f"(i) reaches it at steps {prod} (None: not within its run).")
     lines += [line for key in RECIPE if key not in ("prod", "kd") for line in [against_prod(groups, key)] if line]
+    lines += [line for key in RECIPE if key != "prod"
+              for line in [against_prod(partial, key, groups.get("prod", []), note=", cut off,")] if line]  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "recipe.md").write_text(text)
     plot_bands(bands, out / "recipe.png",
@@ -319,18 +339,20 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
     return text
 
 
-def against_prod(groups: dict[str, list[dict]], key: str) -> str | None:
-    """`key`'s mean held-out CE against (i)'s at the last step every run of both reached, or None when
-    either has no run."""
+def against_prod(groups: dict[str, list[dict]], key: str, prod: list[dict] | None = None, note: str = "") -> str | None:
+    """`key`'s mean held-out CE against (i)'s (the runs `prod`, else groups' own) at the last step every run
+    of both reached, or None when either has no run."""
     import statistics
 
-    runs, prod = groups.get(key, []), groups.get("prod", [])
-    if not runs or not prod or not all(run["heldout"] for run in runs + prod):
+    runs, prod = groups.get(key, []), groups.get("prod", []) if prod is None else prod
+    if not runs or not prod:
         return None
     step = min(run["heldout"][-1][0] for run in runs + prod)
+    if not all(step in dict(run["heldout"]) for run in runs + prod):
+        return None
     mine = statistics.mean(dict(run["heldout"])[step] for run in runs)
     theirs = statistics.mean(dict(run["heldout"])[step] for run in prod)
-    return (f"{runs[0]['label']} at step {step}: {mine:.3f} (seeds {','.join(str(r['seed']) for r in runs)}) "
+    return (f"{runs[0]['label']}{note} at step {step}: {mine:.3f} (seeds {','.join(str(r['seed']) for r in runs)}) "
             f"against (i)'s {theirs:.3f} (seeds {','.join(str(r['seed']) for r in prod)}): "
             f"{100 * (mine - theirs) / theirs:+.1f}%.")
 

@@ -121,7 +121,15 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
                                                  "heldout": curve} for name, (key, curve) in curves.items()}}))
-    _run("quality.py", ["--recipe", "--out", str(tmp_path / "table"), "--merge", str(other)], monkeypatch)
+    # Two runs cut off at step 40, merged from their folders: out of (i)'s means and ratio, listed apart.
+    cut = {"prod-s2": [[0, 6.0], [20, 5.5], [40, 5.2]], "docmask-s0": [[0, 6.0], [20, 5.1], [40, 4.935]]}
+    for name, curve in cut.items():
+        (tmp_path / "cut" / name).mkdir(parents=True)
+        (tmp_path / "cut" / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "heldout_ce": ce}) + "\n" + json.dumps({"step": s, "ce": 9.0}) + "\n"
+                    for s, ce in curve))  # fmt: skip
+    _run("quality.py", ["--recipe", "--out", str(tmp_path / "table"), "--merge", str(other),
+                        str(tmp_path / "cut" / "prod-s2"), str(tmp_path / "cut" / "docmask-s0")], monkeypatch)  # fmt: skip
     table = (tmp_path / "table" / "recipe.md").read_text()
     assert "| (prod), seed 1 | 80 | 4.400 | 0.300 | 80 |" in table  # rise 4.9 - 4.6; 4.5 first reached at 80
     assert "| (prod), seed 0 | 80 | 4.400 | 0.000 | 60 |" in table
@@ -131,3 +139,6 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     assert "KD only's own curves first reach it at steps [80, 40]: (i) takes 1.17 of those" in table
     assert "(bf16) at step 80: 4.488 (seeds 0) against (i)'s 4.400 (seeds 0,1): +2.0%." in table
     assert "| (prod) (0,1) | 6.000 ±0.000 | 5.000 ±0.000 | 4.700 ±0.100 |" in table
+    assert "| (i) default recipe, production cache, seed 2 (cut off at 40 of 80) | 40 | 5.200 | 0.000 | - |" in table
+    assert ("(iv) document-masked cache and student, cut off, at step 40: 4.935 (seeds 0) against (i)'s 4.700 "
+            "(seeds 0,1): +5.0%.") in table
