@@ -153,7 +153,7 @@ def _teacher_config_json(teacher: str, path: str | None) -> tuple[dict, str]:
     """The teacher's config.json as a dict, and where it was read: `path` (a file or a folder holding one),
     else `teacher`'s: a folder's, a Hub id's in the local Hugging Face cache (config.json alone suffices, no
     weights), a built-in teacher's (loaded; they are small), or a GGUF file's."""
-    from ..teacher.load import _HUB_ID, TeacherLoadError, hub_cache_dir, load_teacher
+    from ..teacher.load import HUB_ID, TeacherLoadError, hub_cache_dir, load_teacher
 
     if path is not None:
         file = Path(path).expanduser()
@@ -166,7 +166,7 @@ def _teacher_config_json(teacher: str, path: str | None) -> tuple[dict, str]:
         if not (folder / "config.json").is_file():
             raise TeacherLoadError(f"teacher directory {folder} has no config.json; pass --teacher-config PATH")
         return _read_json(folder / "config.json"), str(folder / "config.json")
-    hub_id = _HUB_ID.fullmatch(teacher) if not folder.exists() and folder.suffix != ".gguf" else None
+    hub_id = HUB_ID.fullmatch(teacher) if not folder.exists() and folder.suffix != ".gguf" else None
     if hub_id is not None:
         repo = hub_cache_dir() / ("models--" + hub_id["repo"].replace("/", "--"))
         revision = hub_id["revision"] or "main"

@@ -153,7 +153,8 @@ def _first_copy(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
+# A Hugging Face hub id, `owner/name` with an optional `@revision`.
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
@@ -282,7 +283,7 @@ def prepare_tensor_parallel(name: str, size: int, revision: str | None = None) -
     path = Path(name).expanduser()
     if name == "smollm2-135m":
         path = _smollm2_dir()
-    elif not path.exists() and (hub_id := _HUB_ID.fullmatch(name)) is not None:
+    elif not path.exists() and (hub_id := HUB_ID.fullmatch(name)) is not None:
         path = resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])[0]
     if path.is_dir() and (path / "config.json").is_file():
         _check_custom_code(path)
@@ -321,7 +322,7 @@ def load_tokenizer(name: str, revision: str | None = None):
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return _load_tokenizer(path, None)
-    if not path.exists() and (hub_id := _HUB_ID.fullmatch(name)) is not None:
+    if not path.exists() and (hub_id := HUB_ID.fullmatch(name)) is not None:
         return _load_tokenizer(resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])[0], None)
     return load_teacher(name, revision=revision).tokenizer  # built-in checkpoints and GGUF files
 
@@ -380,7 +381,7 @@ def load_teacher(name: str, dtype: str | torch.dtype = "float32", device: str | 
                 raise TeacherLoadError(f"teacher directory {path} has no config.json; is it a Hugging Face checkpoint?")
             model, tokenizer = _load_hf(path, dtype, tensor_parallel_size=parallel)
             source = path
-        elif (hub_id := _HUB_ID.fullmatch(name)) is not None:
+        elif (hub_id := HUB_ID.fullmatch(name)) is not None:
             source, commit = resolve_hub_id(hub_id["repo"], revision or hub_id["revision"])
             model, tokenizer = _load_hf(source, dtype, tensor_parallel_size=parallel)
             model.config._commit_hash = commit  # transformers' own record of the commit a config came from

@@ -103,7 +103,7 @@ def teacher_geometry(name: str | None, config_path: str | Path | None = None) ->
         path = teacher_load._smollm2_dir()
     if (path / "config.json").is_file():
         return Geometry.from_config(name, json.loads((path / "config.json").read_text()))
-    if (hub_id := teacher_load._HUB_ID.fullmatch(name)) is not None:
+    if (hub_id := teacher_load.HUB_ID.fullmatch(name)) is not None:
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(hub_id["repo"], "config.json", revision=hub_id["revision"],
