@@ -15,6 +15,11 @@ evaluated step, each run's largest rise above its running minimum after step 40,
 only's final held-out CE) and `recipe.png` (mean and min-max band per variant):
 
     python benchmarks/quality.py --recipe --only prod,kd --seeds 0,1,2 --out benchmarks/results/recipe
+
+Runs made in several output folders are brought together with `--merge` (their recipe.json files, or the
+folder of one run cut off before its last step, which is then listed apart from the means):
+
+    python benchmarks/quality.py --recipe --out benchmarks/results/recipe --merge DIR/recipe.json DIR/runs/tied-s0
 """
 
 from __future__ import annotations
@@ -147,7 +152,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quality")
     parser.add_argument("--table-only", action="store_true", help="rewrite quality.md and quality.png from quality.json and stop")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON_OR_RUN",
-                        help="first copy the variants of these quality.json files (runs made in parallel) into this one")
+                        help="first copy the variants of these quality.json files (runs made in parallel) into this one; "
+                             "--recipe: recipe.json files or run folders (<variant>-s<seed>, cut off or not)")
     parser.add_argument("--recipe", action="store_true",
                         help=f"the recipe protocol: variants {','.join(RECIPE)}, library defaults, the cache's held-out split")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (train.seed and student.seed) per variant")
