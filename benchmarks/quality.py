@@ -228,8 +228,11 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
                 "variant": key, "label": RECIPE[key][0], "seed": int(seed),
                 "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r]}  # fmt: skip
             continue
-        for name, run in json.loads(other.read_text()).get("runs", {}).items():
+        merged = json.loads(other.read_text())
+        for name, run in merged.get("runs", {}).items():
             results.setdefault("runs", {})[name] = run
+        if "setup" in merged:  # the protocol's settings (teacher, steps, ...), not one run's seeds or folder
+            results.setdefault("setup", {k: v for k, v in merged["setup"].items() if k not in ("only", "seeds", "out")})
     if args.table_only or args.merge:
         print(write_recipe_outputs(results, out))
         return

@@ -119,7 +119,8 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
               "kd-s1": ("kd", [[0, 6.0], [20, 5.5], [40, 4.5], [60, 4.8], [80, 4.6]]),
               "bf16-s0": ("bf16", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.488]])}
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
+    other.write_text(json.dumps({"setup": {"teacher": "tiny", "steps": 80, "only": "prod", "seeds": "0,1"},
+                                 "runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
                                                  "heldout": curve} for name, (key, curve) in curves.items()}}))
     # Two runs cut off at step 40, merged from their folders: out of (i)'s means and ratio, listed apart.
     cut = {"prod-s2": [[0, 6.0], [20, 5.5], [40, 5.2]], "docmask-s0": [[0, 6.0], [20, 5.1], [40, 4.935]]}
@@ -131,6 +132,7 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     _run("quality.py", ["--recipe", "--out", str(tmp_path / "table"), "--merge", str(other),
                         str(tmp_path / "cut" / "prod-s2"), str(tmp_path / "cut" / "docmask-s0")], monkeypatch)  # fmt: skip
     table = (tmp_path / "table" / "recipe.md").read_text()
+    assert json.loads((tmp_path / "table" / "recipe.json").read_text())["setup"] == {"teacher": "tiny", "steps": 80}
     assert "| (prod), seed 1 | 80 | 4.400 | 0.300 | 80 |" in table  # rise 4.9 - 4.6; 4.5 first reached at 80
     assert "| (prod), seed 0 | 80 | 4.400 | 0.000 | 60 |" in table
     assert "| (kd), seed 0 | 80 | 4.400 | 3.000 | 80 |" in table  # the spike above the running minimum 5.0
