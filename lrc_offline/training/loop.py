@@ -355,7 +355,7 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: tuple[float, int]) -> dict:
     """The metrics line of step `index + 1`: parts averaged over processes, rates, coverage."""
-    tc, accelerator = run.cfg.train, run.accelerator
+    accelerator = run.accelerator
     names = sorted(parts)
     values = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
     tokens = _tokens_at(run, index + 1)
@@ -364,10 +364,16 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
               **run.source.counters(),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
-    is_last = index + 1 == tc.steps
-    if run.heldout is not None and (is_last or (tc.eval_every and (index + 1) % tc.eval_every == 0)):
+    if _evaluates(run, index):
         record.update(_evaluate(run))
     return record
+
+
+def _evaluates(run: Run, index: int) -> bool:
+    """Whether step `index + 1` evaluates the held-out set: every `eval_every` steps and at the last."""
+    tc = run.cfg.train
+    step = index + 1
+    return run.heldout is not None and (step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0))
 
 
 def _tokens_per_step(tc: TrainConfig, num_processes: int) -> int:
@@ -405,8 +411,7 @@ def train(run: Run, progress: bool = True) -> None:
         window = (window[0], window[1] + _tokens_per_step(tc, run.accelerator.num_processes))
         bar.update(1)
         is_last = index + 1 == tc.steps
-        evaluates = run.heldout is not None and tc.eval_every and (index + 1) % tc.eval_every == 0
-        if (index + 1) % tc.log_every == 0 or is_last or evaluates:  # an evaluation step gets its line too
+        if (index + 1) % tc.log_every == 0 or is_last or _evaluates(run, index):  # an evaluation gets its line
             record = _record(run, index, parts, grad_norm, alpha, window)
             if run.metrics is not None:
                 run.last_record = run.metrics.write(record)
