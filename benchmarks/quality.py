@@ -223,10 +223,8 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
             key, _, seed = other.name.rpartition("-s")
             if key not in RECIPE or not seed.isdigit() or not (other / "metrics.jsonl").is_file():
                 parser.error(f"--merge {other}: a run folder is named <variant>-s<seed> and holds metrics.jsonl")
-            records = read_metrics(other / "metrics.jsonl")
             results.setdefault("runs", {})[other.name] = {
-                "variant": key, "label": RECIPE[key][0], "seed": int(seed),
-                "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r]}  # fmt: skip
+                "variant": key, "label": RECIPE[key][0], "seed": int(seed), "heldout": heldout_curve(other)}  # fmt: skip
             continue
         merged = json.loads(other.read_text())
         for name, run in merged.get("runs", {}).items():
@@ -259,14 +257,17 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
             cfg = apply_overrides(base_train, [*train_overrides, f"train.seed={seed}", f"student.seed={seed}"])
             start = time.perf_counter()
             train_from_cache(cfg, cache, run, resume="auto", teacher=teacher, progress=False)
-            records = read_metrics(run / "metrics.jsonl")
             results.setdefault("runs", {})[f"{key}-s{seed}"] = {
-                "variant": key, "label": label, "seed": seed,
-                "heldout": [(r["step"], r["heldout_ce"]) for r in records if "heldout_ce" in r],
+                "variant": key, "label": label, "seed": seed, "heldout": heldout_curve(run),
                 "seconds_this_session": time.perf_counter() - start,
             }  # fmt: skip
             print(label, "seed", seed, results["runs"][f"{key}-s{seed}"]["heldout"], flush=True)
             write_recipe_outputs(results, out)
+
+
+def heldout_curve(run: Path) -> list[tuple[int, float]]:
+    """(step, held-out CE) of every evaluation in a run folder's metrics.jsonl."""
+    return [(r["step"], r["heldout_ce"]) for r in read_metrics(run / "metrics.jsonl") if "heldout_ce" in r]
 
 
 def max_rise(curve: list[tuple[int, float]], after: int = RISE_AFTER_STEP) -> float:
@@ -293,9 +294,9 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
     partial: dict[str, list[dict]] = {}
     for run in every:
         (groups if run["heldout"][-1][0] >= planned else partial).setdefault(run["variant"], []).append(run)
-    kd_finals = [run["heldout"][-1][1] for run in groups.get("kd", []) if run["heldout"]]
+    kd_finals = [run["heldout"][-1][1] for run in groups.get("kd", [])]
     kd_target = statistics.mean(kd_finals) if kd_finals else None
-    kd_steps = [run["heldout"][-1][0] for run in groups.get("kd", []) if run["heldout"]]  # steps KD only ran
+    kd_steps = [run["heldout"][-1][0] for run in groups.get("kd", [])]  # steps KD only ran
     steps = sorted({step for runs in groups.values() for run in runs for step, _ in run["heldout"]})
     lines = ["| variant (seeds) | " + " | ".join(f"{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     bands = {}
