@@ -101,7 +101,9 @@ VARIANTS = {
 
 
 # The recipe protocol (issue 26): key -> (label, cache overrides, training overrides). The production cache
-# is written out explicitly so that the protocol does not move with the library's defaults.
+# is written out explicitly so that the protocol does not move with the library's defaults, and so is the
+# head: (i)-(iv) ran with the untied head, the default under PCA when they were measured; (v) ties it.
+RECIPE_HEAD = "student.head=untied"
 PRODUCTION_CACHE = ["logprob_dtype=float16", "act_dtype=int4g", "act_layer_fraction=0.25", "act_positions=16"]
 RECIPE = {
     "prod": ("(i) default recipe, production cache", PRODUCTION_CACHE, []),
@@ -242,9 +244,9 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("merge", "table_only")}
     teacher = load_teacher(args.teacher)
     base_train = apply_overrides(TrainJobConfig(teacher=args.teacher), [
-        "student.hidden_size=288", "train.batch_size=8", f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
-        "train.log_every=5", f"train.eval_every={args.eval_every}", "train.eval_sequences=64",
-        "train.checkpoint_every=40", "train.keep_checkpoints=1", *args.overrides])  # fmt: skip
+        "student.hidden_size=288", RECIPE_HEAD, "train.batch_size=8", f"train.seq_len={args.seq_len}",
+        f"train.steps={args.steps}", "train.log_every=5", f"train.eval_every={args.eval_every}",
+        "train.eval_sequences=64", "train.checkpoint_every=40", "train.keep_checkpoints=1", *args.overrides])  # fmt: skip
     base_cache = CacheConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs,
                              seq_len=args.seq_len, max_sequences=args.sequences, sequences_per_shard=64)  # fmt: skip
     for key in wanted:
