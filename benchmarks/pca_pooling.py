@@ -108,7 +108,7 @@ def main() -> None:
                 init_pca(student, basis)
             batches = cache_head_scale_batches(reader, head_scale_sequences(student, cfg), 8, "cpu")
             info = fit_head_scale(student, batches, cfg)
-            report(size, f"head scale fitted to KD + CE, {'untied (default)' if untie else 'tied'}", student, **info)
+            report(size, f"head scale fitted to KD + CE, {'untied' if untie else 'tied'}", student, **info)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

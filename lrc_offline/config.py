@@ -305,12 +305,12 @@ class StudentConfig:
     auto: pca where residual activations are at hand, else random. On SmolLM2 the PCA start reached every
     held-out loss first (benchmarks/README.md)."""
     head: str = "auto"
-    """Output head: auto (with pca init untied, whose start was 0.09 nats of held-out CE ahead of the tied
-    one on SmolLM2 at d_S 288, benchmarks/tied_head.py; else tied exactly when the teacher's is), tied (the
-    head is the student's embedding E^S, as in the paper: needs a teacher with a tied head; with pca init
-    the basis is rotated and the final-norm weight fitted so that the head comes closest to the untied
-    one) or untied (its own W_lm P_lm: vocab x d_S more parameters in the export; with pca init it folds
-    in the teacher's final-norm weight)."""
+    """Output head: auto (tied exactly when the teacher's is; on SmolLM2 at d_S 288 the tied PCA start
+    ended 480 steps level with the untied one, seeds 0 and 1: docs/pca.md), tied (the head is the
+    student's embedding E^S, as in the paper: needs a teacher with a tied head; with pca init the basis is
+    rotated and the final-norm weight fitted so that the head comes closest to the untied one) or untied
+    (its own W_lm P_lm: vocab x d_S more parameters in the export; with pca init it folds in the teacher's
+    final-norm weight)."""
     pca_exclude_sink: bool = False
     """PCA init: leave document-start (attention-sink) positions out of the second moment."""
     pca_sequences: int = 1024
@@ -601,16 +601,16 @@ class TrainJobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def resolved(self, residual_available: bool) -> "TrainJobConfig":
-        """This config with every `auto` training choice made: init (pca when `residual_available`), the
-        head (untied under pca), the learning rate and the warmup. The resolved config is what runs and is
-        saved."""
+        """This config with every `auto` training choice made from the data at hand: init (pca when
+        `residual_available`), the learning rate and the warmup. The resolved config is what runs and is
+        saved; `student.head=auto` is made by the teacher it is built from (the export's `lrc_config.json`
+        records `tied`)."""
         init = self.student.init
         if init == "auto":
             init = "pca" if residual_available else "random"
-        head = "untied" if init == "pca" and self.student.head == "auto" else self.student.head
         return dataclasses.replace(
             self,
-            student=dataclasses.replace(self.student, init=init, head=head),
+            student=dataclasses.replace(self.student, init=init),
             optim=self.optim.resolved(init, self.train.steps),
         )
 

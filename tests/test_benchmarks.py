@@ -101,7 +101,7 @@ def test_pca_pooling_smoke(tmp_path, monkeypatch):
     full = {r["variant"]: r["heldout_ce"] for r in rows if r["hidden_size"] == 64}
     rotations = [ce for name, ce in full.items() if not name.endswith(", tied") and "to CE" not in name]
     assert len(rotations) == 6 and max(rotations) - min(rotations) < 1e-3  # d_S = d_T: all the teacher exactly
-    assert [r.get("head_scale") for r in rows if r["variant"].endswith("untied (default)")][-1] == 1.0
+    assert [r.get("head_scale") for r in rows if r["variant"].endswith("KD + CE, untied")][-1] == 1.0
 
 
 def test_recipe_smoke_and_table(tmp_path, monkeypatch):

@@ -214,7 +214,7 @@ def test_auto_init_is_pca_with_residual_activations_and_random_without(residual_
                 logit_only, progress=False)  # fmt: skip
     job = TrainJobConfig(student=StudentConfig(hidden_size=32), train=TrainConfig(steps=1, batch_size=4))
     assert (job.student.init, job.student.head, job.optim.lr) == ("auto", "auto", None)
-    for cache, expected in ((residual_cache, ("pca", "untied", 5e-5)), (logit_only, ("random", "auto", 1e-3))):
+    for cache, expected in ((residual_cache, ("pca", "auto", 5e-5)), (logit_only, ("random", "auto", 1e-3))):
         train_from_cache(job, cache, tmp_path / expected[0], progress=False)
         saved = json.loads((tmp_path / expected[0] / "config.json").read_text())  # the resolved config is saved
         assert (saved["student"]["init"], saved["student"]["head"], saved["optim"]["lr"]) == expected

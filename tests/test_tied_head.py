@@ -3,6 +3,7 @@ reproduced at full size, the export, the config and a training run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -128,6 +129,14 @@ def test_a_tied_head_needs_a_teacher_with_a_tied_head():
     assert build_student(tiny_teacher("llama"), StudentConfig(hidden_size=32, head="tied")).tied
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_auto_head_is_tied_exactly_when_the_teachers_is(family):
+    teacher = tiny_teacher(family)
+    student = build_student(teacher, StudentConfig(hidden_size=32))
+    assert student.tied == teacher.config.tie_word_embeddings == (family == "llama")
+    assert not build_student(teacher, StudentConfig(hidden_size=32, head="untied")).tied
+
+
 @pytest.fixture(scope="module")
 def residual_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("tied") / "cache"
@@ -147,6 +156,10 @@ def test_training_with_a_tied_pca_head_keeps_it_tied(residual_cache, tmp_path):
     assert info["init"]["kind"] == "pca" and info["init"]["head_scale_sequences"] == 8
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["hidden_size"] == 32
+    auto = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, head="auto"))
+    assert auto.resolved(residual_available=True).student == dataclasses.replace(cfg.student, head="auto")
+    train_from_cache(auto, residual_cache, tmp_path / "auto", progress=False)  # the PCA start's default head
+    assert json.loads((tmp_path / "auto" / "student" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_tied_head_benchmark_smoke(tmp_path, monkeypatch):

@@ -315,7 +315,7 @@ def plan(cfg: TrainJobConfig, geo: Geometry, seq_len: int, num_gpus: int, num_ho
     tc, d_S = cfg.train, cfg.student.hidden_size
     if d_S > geo.d_T:
         raise ConfigError(f"student.hidden_size={d_S} exceeds the teacher's hidden size {geo.d_T}; pick a smaller one")
-    untied = cfg.student.head == "untied" or cfg.student.init != "random" or not geo.tied
+    untied = cfg.student.head == "untied" or not geo.tied
     clone = cfg.loss.alpha > 0 or cfg.loss.alpha_schedule != "constant"
     coefficients = fit_activations(bf16)
     tokens = num_gpus * tc.batch_size * tc.grad_accum * seq_len

@@ -113,8 +113,8 @@ def resolve_document_mask(tc: TrainConfig, manifest: Manifest, cache_dir) -> boo
 def _log_resolved(asked: TrainJobConfig, resolved: TrainJobConfig) -> TrainJobConfig:
     if asked != resolved:
         s = resolved.student
-        log.info("auto settings: student.init=%s, student.head=%s, optim.lr=%g%s", s.init, s.head, resolved.optim.lr,
-                 " (the untied head adds vocab x d_S parameters to the export)" if s.head == "untied" else "")  # fmt: skip
+        log.info("auto settings: student.init=%s, student.head=%s%s, optim.lr=%g", s.init, s.head,
+                 " (tied exactly when the teacher's is)" if s.head == "auto" else "", resolved.optim.lr)  # fmt: skip
     return resolved
 
 
