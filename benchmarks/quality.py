@@ -370,25 +370,32 @@ def against_prod(groups: dict[str, list[dict]], key: str, prod: list[dict] | Non
 
 
 def plot_bands(bands: dict[str, list[tuple[int, float, float, float]]], out_png: Path, title: str) -> None:
-    """One line per variant (mean over seeds) with its min-max band shaded."""
+    """One line per variant (mean over seeds) with its min-max band shaded: the whole run, and beside it
+    its second half on its own scale, where the variants sit within a few hundredths of a nat."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for label, rows in bands.items():
-        if not rows:
-            continue
-        steps, mean, low, high = zip(*rows)
-        line = ax.plot(steps, mean, ".-", label=label)[0]
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("optimizer step (8 x 64 tokens)")
-    ax.set_ylabel("held-out CE (nats)")
-    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (whole, late) = plt.subplots(1, 2, figsize=(13, 4.8))
+    last = max((rows[-1][0] for rows in bands.values() if rows), default=0)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, rows) in enumerate(bands.items()):
+        colour = colours[index % len(colours)]
+        for ax, part in ((whole, rows), (late, [row for row in rows if row[0] >= last / 2])):
+            if not part:
+                continue
+            steps, mean, low, high = zip(*part)
+            ax.plot(steps, mean, ".-", label=label, color=colour)
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+    whole.set_ylim(top=min(8.0, whole.get_ylim()[1]))
+    whole.set_title(title)
+    late.set_title(f"steps {last // 2}-{last}")
+    for ax in (whole, late):
+        ax.set_xlabel("optimizer step (8 x 64 tokens)")
+        ax.set_ylabel("held-out CE (nats)")
+        ax.grid(alpha=0.3)
+    whole.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
