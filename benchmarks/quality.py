@@ -101,9 +101,10 @@ VARIANTS = {
 
 
 # The recipe protocol (issue 26): key -> (label, cache overrides, training overrides). The production cache
-# is written out explicitly so that the protocol does not move with the library's defaults, and so is the
-# head: (i)-(iv) ran with the untied head, the default under PCA when they were measured; (v) ties it.
-RECIPE_HEAD = "student.head=untied"
+# is written out explicitly so that the protocol does not move with the library's defaults, and so are the
+# head and the spike guard: (i)-(v) ran with the untied head and every step taken, the defaults when they
+# were measured; (v) ties the head, (vi) skips the steps of gradient spikes (optim.skip_spikes).
+RECIPE_PINNED = ["student.head=untied", "optim.skip_spikes=0"]
 PRODUCTION_CACHE = ["logprob_dtype=float16", "act_dtype=int4g", "act_layer_fraction=0.25", "act_positions=16"]
 RECIPE = {
     "prod": ("(i) default recipe, production cache", PRODUCTION_CACHE, []),
@@ -114,6 +115,8 @@ RECIPE = {
     # and its held-out CE is measured on the cache's document-masked held-out split.
     "docmask": ("(iv) document-masked cache and student", [*PRODUCTION_CACHE, "document_mask=true"], []),
     "tied": ("(v) default recipe, tied head", PRODUCTION_CACHE, ["student.head=tied"]),
+    "skip": ("(vi) default recipe, spike steps skipped", PRODUCTION_CACHE,
+             ["optim.skip_spikes=4", "optim.spike_window=50"]),
 }
 RISE_AFTER_STEP = 40
 
@@ -244,7 +247,7 @@ def run_recipe(parser: argparse.ArgumentParser, args) -> None:
     results["setup"] = {k: v for k, v in vars(args).items() if k not in ("merge", "table_only")}
     teacher = load_teacher(args.teacher)
     base_train = apply_overrides(TrainJobConfig(teacher=args.teacher), [
-        "student.hidden_size=288", RECIPE_HEAD, "train.batch_size=8", f"train.seq_len={args.seq_len}",
+        "student.hidden_size=288", *RECIPE_PINNED, "train.batch_size=8", f"train.seq_len={args.seq_len}",
         f"train.steps={args.steps}", "train.log_every=5", f"train.eval_every={args.eval_every}",
         "train.eval_sequences=64", "train.checkpoint_every=40", "train.keep_checkpoints=1", *args.overrides])  # fmt: skip
     base_cache = CacheConfig(teacher=args.teacher, corpus=args.corpus, heldout_docs=args.heldout_docs,

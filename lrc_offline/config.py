@@ -440,6 +440,14 @@ class OptimConfig:
     """Final learning rate as a fraction of the peak, in [0, 1]."""
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold (0 disables)."""
+    skip_spikes: float = 4.0
+    """Skip an optimizer step whose gradient norm (before clipping) exceeds this multiple of the median of
+    the last `spike_window` steps' norms, and any step whose norm is not finite; 0 disables. A clip below
+    the typical norm scales every step to the same norm, so a spike's step is as long as any other, in
+    the direction of the few parameters that produced it (`lrc_offline.training.spikes`). Skipped steps
+    are counted in the metrics (`skipped_steps`)."""
+    spike_window: int = 50
+    """How many recent steps' gradient norms `skip_spikes` takes the median over (>= 10)."""
 
     def __post_init__(self) -> None:
         if self.lr is not None:
@@ -447,6 +455,11 @@ class OptimConfig:
         if self.warmup_steps is not None:
             _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        if self.skip_spikes and not self.skip_spikes > 1:
+            raise ConfigError(f"optim.skip_spikes={self.skip_spikes} must be > 1 (a multiple of the median gradient "
+                              "norm), or 0 to take every step")
+        if self.spike_window < 10:
+            raise ConfigError(f"optim.spike_window={self.spike_window} must be >= 10")
         _check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")

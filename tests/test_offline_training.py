@@ -206,6 +206,27 @@ def test_killed_run_resumes_with_same_losses_and_no_repeated_sequence(caches, tm
         train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False)
 
 
+def test_a_run_that_skips_spikes_resumes_with_the_same_skips(caches, tmp_path):
+    """A guard tight enough to skip ordinary steps: the resumed run skips the same steps as the whole one."""
+    cfg = _job(24, checkpoint_every=14)
+    cfg.optim.skip_spikes, cfg.optim.spike_window = 1.05, 10
+    train_from_cache(cfg, caches["residual"], tmp_path / "full", progress=False)
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    skipped = [r["skipped_steps"] for r in full]
+    assert skipped[:10] == [0] * 10 and 0 < skipped[-1] < 14, skipped  # skips after ten steps, not every step
+    train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False, max_steps_this_run=17)
+    state = json.loads((ckpt.latest_checkpoint(tmp_path / "b") / "state.json").read_text())
+    assert state["extra"]["spike_guard"]["seen"] == 14 and len(state["extra"]["spike_guard"]["norms"]) == 10
+    train_from_cache(cfg, caches["residual"], tmp_path / "b", progress=False)
+    resumed = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in resumed] == skipped
+    for a, b in zip(full, resumed):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    exported = json.loads((tmp_path / "b" / "student" / "lrc_config.json").read_text())
+    assert "spike_guard" not in json.dumps(exported)  # the guard's window is the checkpoint's, not the model's
+
+
 def test_reader_state_resumes_exactly_and_refuses_a_mismatch(caches):
     dataset = CacheDataset(caches["residual"], seed=5, num_epochs=2)
     stream = iter(dataset)

@@ -68,7 +68,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.device", "train.mixed_precision", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.on_corrupt_shard", "train.report_to", "train.tracker_project", "export.dtype",
                      "train.compile", "train.loss_chunk_tokens", "train.generate_once", "train.storage_options",
-                     "train.activation_checkpointing", "optim.warmup_steps")  # fmt: skip
+                     "train.activation_checkpointing", "optim.warmup_steps", "optim.skip_spikes",
+                     "optim.spike_window")  # fmt: skip
 """Config fields a resumed run may change; any other change would make the resumed run a different run."""
 
 

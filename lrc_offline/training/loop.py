@@ -43,6 +43,7 @@ from .objective import lrc_loss
 from .optim import build_optimizer
 from .pca import fit_head_scale, head_scale_sequences
 from .reader import batch_to_device
+from .spikes import SpikeGuard, optimizer_step
 
 __all__ = ["BatchSource", "Run", "make_accelerator", "setup", "train", "finish", "run_training"]
 
@@ -125,6 +126,8 @@ class Run:
     clone_sequences: int = 0
     """Sequences of this process and run that the clone loss saw (its coverage of the data)."""
     seen_sequences: int = 0
+    spike_guard: SpikeGuard | None = None
+    """Skips the steps of gradient spikes (`optim.skip_spikes`), or None."""
     last_record: dict = dataclasses.field(default_factory=dict)
     last_heldout: dict | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -242,11 +245,15 @@ def setup(
         shard_student(student, accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, tc.steps)
     start_step = start_tokens = 0
+    guard = (SpikeGuard(cfg.optim.skip_spikes, cfg.optim.spike_window, accelerator.device)
+             if cfg.optim.skip_spikes else None)  # fmt: skip
     if resumed_from is not None:
         state = read_checkpoint_state(resumed_from)
         check_resumable(state, to_dict(cfg), resumed_from)
         load_checkpoint(resumed_from, student, optimizer, scheduler)
         init_info = state["extra"].get("init", init_info)
+        if guard is not None and "spike_guard" in state["extra"]:  # a checkpoint from before the guard has none
+            guard.load_state_dict(state["extra"]["spike_guard"])
         saved = state["reader"]
         if len(saved) == accelerator.num_processes:
             source.load_state_dict(saved[accelerator.process_index])
@@ -267,6 +274,7 @@ def setup(
               clone_layers, teacher_ms, heldout, {"trainer": source.name, **source.summary(), "init": init_info},
               start_step, end_step, resumed_from, teacher_model=teacher.model, teacher_files=files)  # fmt: skip
     run.start_tokens = start_tokens
+    run.spike_guard = guard
     run.metrics = _open_metrics(run)
     _initial_heldout(run)
     run.batches = source.batches(tc.batch_size)
@@ -287,8 +295,10 @@ def _next_batch(run: Run, alpha: float) -> Batch:
 def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
     """Optimizer step `index` (0-based): generate the student's weights (once, with train.generate_once),
     micro-batches (loss, backward), the backward of the generation (gradients synchronised once), clip,
-    step. Returns the loss parts averaged over micro-batches, the gradient norm before clipping and the
-    clone weight used. Reads nothing back to the host: the caller does, at log steps."""
+    step (or skip the step of a gradient spike, `optim.skip_spikes`). Returns the loss parts averaged over
+    micro-batches, the gradient norm before clipping and the clone weight used. Reads nothing back to the
+    host but, with the spike guard and an optimizer that is not fused (the CPU's), its one flag: the
+    caller reads the rest at log steps."""
     cfg, accelerator, num_micro = run.cfg, run.accelerator, run.cfg.train.grad_accum
     alpha = cfg.loss.alpha_at(index, cfg.train.steps)
     chunk_tokens = cfg.train.loss_chunk_tokens or None
@@ -321,7 +331,8 @@ def step(run: Run, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, f
         grad_norm = clip_grad_norm(run.model, max_norm)
     else:
         grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
-    run.optimizer.step()
+    # the schedule and the data go on past a skipped step; the weights and AdamW's moments do not move
+    optimizer_step(run.optimizer, run.spike_guard.check(grad_norm) if run.spike_guard is not None else None)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return parts_sum, grad_norm, alpha
@@ -363,6 +374,7 @@ def _record(run: Run, index: int, parts: dict, grad_norm, alpha: float, window: 
               "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0], "alpha": alpha,
               "clone_coverage": run.clone_sequences / max(run.seen_sequences, 1), "epoch": run.source.epoch(),
               **run.source.counters(),
+              **({"skipped_steps": run.spike_guard.skipped} if run.spike_guard is not None else {}),
               "tokens_per_s": window[1] / max(time.perf_counter() - window[0], 1e-9)}  # fmt: skip
     if _evaluates(run, index):
         record.update(_evaluate(run))
@@ -390,9 +402,10 @@ def _tokens_at(run: Run, step_done: int) -> int:
 def _checkpoint(run: Run, step_done: int) -> None:
     state = run.source.state_dict()
     states = gather_object([state]) if run.accelerator.num_processes > 1 else [state]
+    extra = run.extra if run.spike_guard is None else {**run.extra, "spike_guard": run.spike_guard.state_dict()}
     if _sharded(run) or run.accelerator.is_main_process:  # every rank writes its shards of a sharded student
         save_checkpoint(run.out_dir, step_done, run.student, run.optimizer, run.scheduler, states,
-                        to_dict(run.cfg), run.extra, tokens=_tokens_at(run, step_done))  # fmt: skip
+                        to_dict(run.cfg), extra, tokens=_tokens_at(run, step_done))  # fmt: skip
     if run.cfg.train.keep_checkpoints and run.accelerator.is_main_process:
         rotate_checkpoints(run.out_dir, run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
