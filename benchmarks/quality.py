@@ -117,8 +117,12 @@ RECIPE = {
     "tied": ("(v) default recipe, tied head", PRODUCTION_CACHE, ["student.head=tied"]),
     "skip": ("(vi) default recipe, spike steps skipped", PRODUCTION_CACHE,
              ["optim.skip_spikes=4", "optim.spike_window=50"]),
+    "kd-skip": ("(vi-kd) KD only, spike steps skipped", PRODUCTION_CACHE,
+                ["loss.alpha=0", "optim.skip_spikes=4", "optim.spike_window=50"]),
 }
 RISE_AFTER_STEP = 40
+REACH_PAIRS = [("prod", "kd"), ("skip", "kd-skip")]
+"""(LRC variant, its KD-only baseline at the same schedule) whose steps-to-reach ratio recipe.md reports."""
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -334,17 +338,9 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
                      if curve else f"| {name} | 0 | | | |")  # fmt: skip
     if kd_target is not None:
         lines += ["", f"KD only's mean final held-out CE: {kd_target:.4f}, after {statistics.mean(kd_steps):.0f} steps."]
-        prod = [steps_to_reach(run["heldout"], kd_target) for run in groups.get("prod", [])]
-        if prod and all(s is not None for s in prod):
-            ratio = statistics.mean(prod) / statistics.mean(kd_steps)
-            lines.append(f"(i) reaches it at steps {prod}: {ratio:.2f} of KD only's steps (mean over seeds).")
-            own = [steps_to_reach(run["heldout"], kd_target) for run in groups["kd"]]
-            if all(s is not None for s in own):  # a noisy plateau: KD only itself touches its final early
-                lines.append(f"KD only's own curves first reach it at steps {own}: (i) takes "
-                             f"{statistics.mean(prod) / statistics.mean(own):.2f} of those (means over seeds).")
-        elif prod:
-            lines.append(f"(i) reaches it at steps {prod} (None: not within its run).")
-    lines += [line for key in RECIPE if key not in ("prod", "kd") for line in [against_prod(groups, key)] if line]
+    for lrc, kd in REACH_PAIRS:
+        lines += reach_ratio(groups, lrc, kd)
+    lines += [line for key in RECIPE if key != "prod" and not key.startswith("kd") for line in [against_prod(groups, key)] if line]
     lines += [line for key in RECIPE if key != "prod"
               for line in [against_prod(partial, key, groups.get("prod", []), note=", cut off,")] if line]  # fmt: skip
     text = "\n".join(lines) + "\n"
@@ -352,6 +348,28 @@ def write_recipe_outputs(results: dict, out: Path) -> str:
     plot_bands(bands, out / "recipe.png",
                title=f"{results.get('setup', {}).get('teacher', '')}: held-out CE, mean and range over seeds")
     return text
+
+
+def reach_ratio(groups: dict[str, list[dict]], lrc: str, kd: str) -> list[str]:
+    """How many of KD only's (`kd`'s) steps the LRC variant `lrc` takes to reach KD only's mean final
+    held-out CE (means over seeds), when both have finished runs."""
+    import statistics
+
+    if not groups.get(lrc) or not groups.get(kd):
+        return []
+    target = statistics.mean(run["heldout"][-1][1] for run in groups[kd])
+    kd_steps = statistics.mean(run["heldout"][-1][0] for run in groups[kd])
+    reach = [steps_to_reach(run["heldout"], target) for run in groups[lrc]]
+    name, kd_name = groups[lrc][0]["label"].split(" ")[0], groups[kd][0]["label"].split(" ")[0]
+    if not all(s is not None for s in reach):
+        return [f"{name} reaches {kd_name}'s mean final CE {target:.4f} at steps {reach} (None: not within its run)."]
+    lines = [f"{name} reaches {kd_name}'s mean final CE {target:.4f} at steps {reach}: "
+             f"{statistics.mean(reach) / kd_steps:.2f} of {kd_name}'s {kd_steps:.0f} steps (mean over seeds)."]
+    own = [steps_to_reach(run["heldout"], target) for run in groups[kd]]
+    if all(s is not None for s in own):  # a noisy plateau: KD only itself touches its final early
+        lines.append(f"{kd_name}'s own curves first reach it at steps {own}: {name} takes "
+                     f"{statistics.mean(reach) / statistics.mean(own):.2f} of those (means over seeds).")
+    return lines
 
 
 def against_prod(groups: dict[str, list[dict]], key: str, prod: list[dict] | None = None, note: str = "") -> str | None:
