@@ -117,7 +117,9 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
               "prod-s1": ("prod", [[0, 6.0], [20, 5.0], [40, 4.6], [60, 4.9], [80, 4.4]]),
               "kd-s0": ("kd", [[0, 6.0], [20, 5.2], [40, 5.0], [60, 8.0], [80, 4.4]]),
               "kd-s1": ("kd", [[0, 6.0], [20, 5.5], [40, 4.5], [60, 4.8], [80, 4.6]]),
-              "bf16-s0": ("bf16", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.488]])}
+              "bf16-s0": ("bf16", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.488]]),
+              "skip-s0": ("skip", [[0, 6.0], [20, 5.0], [40, 4.7], [60, 4.6], [80, 4.5]]),
+              "kd-skip-s0": ("kd-skip", [[0, 6.0], [20, 5.2], [40, 4.9], [60, 4.8], [80, 4.7]])}
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"setup": {"teacher": "tiny", "steps": 80, "only": "prod", "seeds": "0,1"},
                                  "runs": {name: {"variant": key, "label": f"({key})", "seed": int(name[-1]),
@@ -137,8 +139,11 @@ def test_recipe_smoke_and_table(tmp_path, monkeypatch):
     assert "| (prod), seed 0 | 80 | 4.400 | 0.000 | 60 |" in table
     assert "| (kd), seed 0 | 80 | 4.400 | 3.000 | 80 |" in table  # the spike above the running minimum 5.0
     assert "KD only's mean final held-out CE: 4.5000, after 80 steps." in table
-    assert "(i) reaches it at steps [60, 80]: 0.88 of KD only's steps (mean over seeds)." in table
-    assert "KD only's own curves first reach it at steps [80, 40]: (i) takes 1.17 of those" in table
+    assert "(prod) reaches (kd)'s mean final CE 4.5000 at steps [60, 80]: 0.88 of (kd)'s 80 steps (mean over seeds)." in table
+    assert "(kd)'s own curves first reach it at steps [80, 40]: (prod) takes 1.17 of those" in table
+    # the spike-skipping pair against its own KD-only baseline (final 4.7): reached at 40 of 80 steps
+    assert "(skip) reaches (kd-skip)'s mean final CE 4.7000 at steps [40]: 0.50 of (kd-skip)'s 80 steps" in table
+    assert "(kd-skip) at step" not in table  # a KD-only baseline is not compared with (i)
     assert "(bf16) at step 80: 4.488 (seeds 0) against (i)'s 4.400 (seeds 0,1): +2.0%." in table
     assert "| (prod) (0,1) | 6.000 ±0.000 | 5.000 ±0.000 | 4.700 ±0.100 |" in table
     assert "| (i) default recipe, production cache, seed 2 (cut off at 40 of 80) | 40 | 5.200 | 0.000 | - |" in table
