@@ -73,6 +73,22 @@ RETRIES = 5
 """Attempts of one remote operation before its error is reported (backoff 0.5, 1, 2, 4 s, jittered)."""
 
 
+def _local_files(base: Path, root: Path) -> dict[str, int]:
+    """Every file under the folder `base`, as its path relative to `root` -> bytes, sorted. Other workers
+    rename their temporaries into place while this lists: an entry gone between the listing and its size
+    was not there (`os.walk` likewise skips a folder gone before it is read)."""
+    found = {}
+    for folder, _, names in os.walk(base, followlinks=True):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                if path.is_file():
+                    found[path.relative_to(root).as_posix()] = path.stat().st_size
+            except FileNotFoundError:
+                continue
+    return dict(sorted(found.items()))
+
+
 class StorageError(OSError):
     """A location that cannot be reached or used: unknown protocol, missing package, missing bucket,
     refused credentials, or an error that persisted through retries. The message names the object."""
@@ -341,8 +357,7 @@ class Location:
                 return {rel: base.stat().st_size}
             if not base.is_dir():
                 return {}
-            root = self._path("")
-            return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(base.rglob("*")) if p.is_file()}
+            return _local_files(base, self._path(""))
         key = self._key(rel)
         try:
             found = self._remote(lambda: self.fs.find(key, detail=True), rel, "listing")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +123,44 @@ def test_another_hosts_temporary_is_removed_only_once_untouched_for_the_age_limi
     os.utime(foreign_dir / "fresh-chunk", (old, old))
     assert remove_stale_temporaries(folder, max_age_s=2 * 3600) == 1
     assert list(folder.iterdir()) == []
+
+
+def test_a_listing_taken_while_other_workers_rename_their_temporaries_fails_on_none(tmp_path):
+    """A worker lists the cache (which index parts exist, a shard's files) while others rename their
+    temporaries into place and remove shard folders: an entry gone between the listing and its size is
+    left out, never an error, and every file that stayed is listed with its size."""
+    from lrc_offline.storage import Location
+
+    root = tmp_path / "index"
+    root.mkdir()
+    for u in range(20):
+        (root / f"part-{u:06d}.json").write_bytes(b"{}")
+    stop = threading.Event()
+
+    def rename_into_place() -> None:
+        n = 0
+        while not stop.is_set():
+            temp = root / f"{TMP_PREFIX}part-x.tokens@host.1.{n:08x}"
+            temp.write_bytes(b"x" * 8)
+            temp.rename(root / "part-x.tokens")
+            folder = root / f"{TMP_PREFIX}shard.zarr@host.1.{n:08x}"
+            folder.mkdir()
+            (folder / "chunk").write_bytes(b"y")
+            shutil.rmtree(folder)
+            n += 1
+
+    worker = threading.Thread(target=rename_into_place, daemon=True)
+    worker.start()
+    try:
+        for _ in range(3000):
+            listed = Location(root).files()
+            assert {f"part-{u:06d}.json" for u in range(20)} <= set(listed)
+            final = {name: size for name, size in listed.items() if not name.startswith(TMP_PREFIX)}
+            assert all(size == (8 if name == "part-x.tokens" else 2) for name, size in final.items())
+            assert list(listed) == sorted(listed)
+    finally:
+        stop.set()
+        worker.join()
 
 
 @pytest.mark.parametrize("override, field", [("act_layers=[99]", "act_layers"), ("topk=100000", "topk")])

@@ -70,7 +70,16 @@ def test_a_reloaded_guard_decides_as_the_continued_one():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_skipped_step_moves_neither_the_weights_nor_the_moments(fused):
+def test_a_skipped_step_moves_neither_the_weights_nor_the_moments(fused, monkeypatch):
+    """Fused (CUDA's default, here on the CPU kernel): the flag reaches the optimizer as `found_inf`, never
+    read back to the host; otherwise one read of the flag a step."""
+    reads = []
+    original = torch.Tensor.__bool__
+
+    def spied_bool(self):
+        reads.append(self)
+        return original(self)
+
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -80,7 +89,9 @@ def test_a_skipped_step_moves_neither_the_weights_nor_the_moments(fused):
         grads = [torch.randn_like(p) for p in params]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        optimizer_step(optimizer, torch.tensor(flags))
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "__bool__", spied_bool)
+            optimizer_step(optimizer, torch.tensor(flags))
         if not flags:  # the reference takes only the steps that were not skipped
             for p, g in zip(reference, grads):
                 p.grad = g.clone()
@@ -88,6 +99,7 @@ def test_a_skipped_step_moves_neither_the_weights_nor_the_moments(fused):
         for p, q in zip(params, reference):
             assert torch.equal(p.detach(), q.detach())
     assert not hasattr(optimizer, "found_inf")
+    assert len(reads) == (0 if fused else 6)
     for p, q in zip(params, reference):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(optimizer.state[p][key], plain.state[q][key]), key

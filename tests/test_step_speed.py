@@ -287,10 +287,13 @@ def test_loop_levers_keep_the_losses(cache, tmp_path):
     _assert_runs_close(runs["fused"], runs["old"])
 
 
-def test_step_reads_nothing_back_to_the_host(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("skip_spikes", [0.0, 4.0])
+def test_step_reads_nothing_back_to_the_host(cache, tmp_path, monkeypatch, skip_spikes):
     """No `.item()`, `bool()`, `float()`, `int()` or `.tolist()` of a tensor inside lrc_offline's code
     during `step` (each would wait for the device on CUDA); the log step's `_record` reads the parts.
-    The cache reader's own reads are of host tensors, before the batch is copied to the device."""
+    The cache reader's own reads are of host tensors, before the batch is copied to the device. With the
+    spike guard on, the CPU's optimizer (not fused) reads the guard's flag once a step; a fused one (CUDA)
+    takes it on the device (`test_spikes.py`)."""
     calls = []
 
     def spy(patch: pytest.MonkeyPatch, name: str) -> None:
@@ -314,8 +317,12 @@ def test_step_reads_nothing_back_to_the_host(cache, tmp_path, monkeypatch):
             return original_step(run, index)
 
     monkeypatch.setattr(loop, "step", spied_step)
-    train_from_cache(_job(steps=2), cache, tmp_path / "run", progress=False)
-    assert calls == []
+    job = _job(steps=2)
+    job.optim.skip_spikes = skip_spikes
+    train_from_cache(job, cache, tmp_path / "run", progress=False)
+    guard = [call for call in calls if call.startswith("__bool__") and os.path.join("training", "spikes.py") in call]
+    assert len(guard) == (2 if skip_spikes else 0)
+    assert [call for call in calls if call not in guard] == []
 
 
 @pytest.mark.parametrize("chunk", [0, 8])
