@@ -25,6 +25,7 @@ import logging
 import random
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,10 +83,11 @@ def _local_files(base: Path, root: Path) -> dict[str, int]:
         for name in names:
             path = Path(folder, name)
             try:
-                if path.is_file():
-                    found[path.relative_to(root).as_posix()] = path.stat().st_size
+                info = path.stat()
             except FileNotFoundError:
                 continue
+            if stat.S_ISREG(info.st_mode):
+                found[path.relative_to(root).as_posix()] = info.st_size
     return dict(sorted(found.items()))
 
 
